@@ -1,0 +1,95 @@
+// vq_lookup arithmetic, shared by the CPU executor (csrc/cpu/vq_cpu.cpp) and the CUDA executor
+// (csrc/cuda/vq_cuda.cu). Torch-free: callers convert their storage type to float.
+//
+// The search ranks codes by a per-code affine function of one dot product,
+//     score_j = bias_j + scale * <x, c'_j>,
+// which is the only quantity the fused GEMM epilogue needs:
+//   l2:     c' = c,        bias = |c|^2,  scale = -2   (|x - c|^2 minus the row constant |x|^2)
+//   cosine: c' = c / |c|,  bias = 0,      scale = -1   (argmax of the normalised dot; |x| is a row
+//                                                       constant, so x is never normalised here)
+// A code with a non-finite entry (or an overflowing |c|^2) gets bias = +inf and can never win:
+// comparisons are strict '<', so +inf and NaN scores are never selected. Once a winner is known,
+// its distance is recomputed exactly from the original row and code (vq_exact_distance).
+#pragma once
+
+#include "common.h"
+
+namespace fourm_fast {
+namespace kernels {
+
+enum class VqMetric : int { L2 = 0, Cosine = 1 };
+
+// F.normalize's epsilon, which 4M's cosine codebooks go through.
+constexpr float kVqNormEps = 1e-12f;
+
+FF_INLINE float vq_score_scale(VqMetric metric) { return metric == VqMetric::L2 ? -2.0f : -1.0f; }
+
+FF_INLINE float vq_score(float bias, float scale, float dot) { return fmaf(scale, dot, bias); }
+
+// Total order used by every reduction: smaller score first, then smaller index. A candidate with
+// index < 0 (no code yet) always loses to a real code with a comparable score.
+FF_INLINE bool vq_better(float score, int64_t index, float best_score, int64_t best_index) {
+  if (index < 0) return false;
+  if (best_index < 0) return score < positive_infinity_f32();
+  return score < best_score || (score == best_score && index < best_index);
+}
+
+// Per-code preparation: given |c|^2 and whether every entry is finite, the code's bias and the factor
+// its entries are multiplied by before the dot product (1 for l2, 1/max(|c|, eps) for cosine).
+struct VqCodePrep {
+  float bias;
+  float multiplier;
+};
+
+FF_INLINE VqCodePrep vq_prepare_code(float sum_sq, bool all_finite, VqMetric metric) {
+  VqCodePrep p;
+  if (!all_finite || !is_finite_f32(sum_sq)) {
+    p.bias = positive_infinity_f32();
+    p.multiplier = 0.0f;
+    return p;
+  }
+  if (metric == VqMetric::L2) {
+    p.bias = sum_sq;
+    p.multiplier = 1.0f;
+  } else {
+    const float norm = sqrtf(sum_sq);
+    p.bias = 0.0f;
+    p.multiplier = 1.0f / (norm > kVqNormEps ? norm : kVqNormEps);
+  }
+  return p;
+}
+
+// Exact distance between row x and code c, both of length D, accumulated in fp32 in index order.
+//   l2:     sum_d (x_d - c_d)^2                               (squared Euclidean distance)
+//   cosine: 1 - <x, c> / (max(|x|, eps) * max(|c|, eps))      (cosine distance, in [0, 2])
+// LoadX/LoadC map d -> float. Callers check the row with vq_row_is_finite first.
+template <class LoadX, class LoadC>
+FF_INLINE float vq_exact_distance(int64_t D, LoadX load_x, LoadC load_c, VqMetric metric) {
+  float acc = 0.0f, xx = 0.0f, cc = 0.0f;
+  for (int64_t d = 0; d < D; ++d) {
+    const float xv = load_x(d);
+    const float cv = load_c(d);
+    if (metric == VqMetric::L2) {
+      const float diff = xv - cv;
+      acc = fmaf(diff, diff, acc);
+    } else {
+      acc = fmaf(xv, cv, acc);
+      xx = fmaf(xv, xv, xx);
+      cc = fmaf(cv, cv, cc);
+    }
+  }
+  if (metric == VqMetric::L2) return acc;
+  const float nx = sqrtf(xx), nc = sqrtf(cc);
+  return 1.0f - acc / ((nx > kVqNormEps ? nx : kVqNormEps) * (nc > kVqNormEps ? nc : kVqNormEps));
+}
+
+// True when every entry of the row is finite (a row with NaN/inf maps to index -1).
+template <class LoadX>
+FF_INLINE bool vq_row_is_finite(int64_t D, LoadX load_x) {
+  bool finite = true;
+  for (int64_t d = 0; d < D; ++d) finite = finite && is_finite_f32(load_x(d));
+  return finite;
+}
+
+}  // namespace kernels
+}  // namespace fourm_fast

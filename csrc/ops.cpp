@@ -1,0 +1,79 @@
+// Operator schemas of the fourm_fast namespace and the _C Python module whose import runs every
+// static registration. Kernels register themselves per backend (csrc/cpu/, csrc/cuda/).
+#include <Python.h>
+#include <torch/library.h>
+
+#include <ATen/core/dispatch/Dispatcher.h>
+
+#include "cpu/vq_cpu.h"
+
+#ifndef FOURM_FAST_CUDA_ARCHS
+#define FOURM_FAST_CUDA_ARCHS ""
+#endif
+#ifndef FOURM_FAST_NO_CUDA_REASON
+#define FOURM_FAST_NO_CUDA_REASON "CUDA was not requested"
+#endif
+#ifndef FOURM_FAST_VERSION
+#define FOURM_FAST_VERSION "0+unknown"
+#endif
+
+TORCH_LIBRARY(fourm_fast, m) {
+  m.def("vq_lookup(Tensor x, Tensor codebook, str metric=\"l2\") -> (Tensor indices, Tensor distance)");
+}
+
+#ifndef FOURM_FAST_WITH_CUDA
+namespace {
+// Without compiled CUDA kernels a CUDA tensor must meet a clear error, never the generic
+// "no kernel registered for CUDA" message or a crash.
+void cuda_kernels_missing(const c10::OperatorHandle& op, torch::jit::Stack*) {
+  TORCH_CHECK(false, op.schema().name(),
+              ": got CUDA tensors, but this fourm_fast build has no CUDA kernels (",
+              FOURM_FAST_NO_CUDA_REASON,
+              "). Rebuild with a CUDA build of torch and nvcc on PATH (FOURM_FAST_CUDA=1 "
+              "pip install --no-build-isolation -e .), or move the inputs to the CPU.");
+}
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fourm_fast, CUDA, m) {
+  m.impl("vq_lookup", torch::CppFunction::makeFromBoxedFunction<&cuda_kernels_missing>());
+}
+#endif
+
+namespace {
+
+PyObject* build_info(PyObject*, PyObject*) {
+#ifdef FOURM_FAST_WITH_CUDA
+  PyObject* cuda = Py_True;
+#else
+  PyObject* cuda = Py_False;
+#endif
+  return Py_BuildValue("{s:s,s:O,s:s,s:s,s:s}", "version", FOURM_FAST_VERSION, "cuda_compiled", cuda,
+                       "cuda_archs", FOURM_FAST_CUDA_ARCHS, "no_cuda_reason",
+                       FOURM_FAST_NO_CUDA_REASON, "cpu_kernel", fourm_fast::vq_cpu_isa_in_use());
+}
+
+PyObject* set_cpu_isa(PyObject*, PyObject* arg) {
+  const long isa = PyLong_AsLong(arg);
+  if (isa == -1 && PyErr_Occurred()) return nullptr;
+  try {
+    fourm_fast::set_vq_cpu_isa(static_cast<int>(isa));
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_ValueError, e.what());
+    return nullptr;
+  }
+  Py_RETURN_NONE;
+}
+
+PyMethodDef kMethods[] = {
+    {"build_info", build_info, METH_NOARGS, "Build-time facts: version, CUDA kernels and archs."},
+    {"_set_cpu_isa", set_cpu_isa, METH_O,
+     "Force the CPU micro-kernel: 0 auto, 1 generic, 2 avx2+fma (for tests and benchmarks)."},
+    {nullptr, nullptr, 0, nullptr}};
+
+PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_C",
+                       "fourm_fast native operators (registered in torch.ops.fourm_fast).", -1,
+                       kMethods};
+
+}  // namespace
+
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&kModule); }
