@@ -1,0 +1,8 @@
+"""Typed Python API over torch.ops.fourm_fast (each op also has fake and autograd rules)."""
+from .._extension import extension as _extension
+
+_extension()  # raise a clear ImportError here, not an obscure one inside torch.ops
+
+from .vq import vq_dequantize, vq_lookup  # noqa: E402
+
+__all__ = ["vq_lookup", "vq_dequantize"]

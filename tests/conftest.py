@@ -1,0 +1,23 @@
+import pytest
+import torch
+
+from fourm_fast._extension import extension
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+_ISA_CODES = {"auto": 0, "generic": 1, "avx2": 2}
+
+
+@pytest.fixture(params=["auto", "generic"])
+def cpu_isa(request):
+    """Run a CPU test with the default micro-kernel and again with the portable one."""
+    extension()._set_cpu_isa(_ISA_CODES[request.param])
+    try:
+        yield request.param
+    finally:
+        extension()._set_cpu_isa(0)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
