@@ -1,0 +1,183 @@
+"""One timing utility and one results writer for every benchmark in bench/.
+
+CPU: repeated runs after warm-up, median and p20/p80 of wall time. CUDA: CUDA events around each
+run, warm-up, an L2 flush before every run, median and p20/p80. Results append as JSON lines to
+bench/results/<name>.jsonl with the machine, device, git sha, versions and date.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+# FOURM_FAST_RESULTS_DIR redirects the JSONL files (bench/device_check.sh points it at $OUT).
+RESULTS_DIR = Path(os.environ.get("FOURM_FAST_RESULTS_DIR") or Path(__file__).resolve().parent / "results")
+
+
+@dataclass
+class Timing:
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+    runs: int
+
+
+def _quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    pos = q * (len(ordered) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def _summarise(samples_ms: list[float]) -> Timing:
+    return Timing(statistics.median(samples_ms), _quantile(samples_ms, 0.2), _quantile(samples_ms, 0.8), len(samples_ms))
+
+
+def time_cpu(fn: Callable[[], object], repeats: int = 5, warmup: int = 1, max_seconds: float | None = None) -> Timing:
+    """Median of `repeats` wall-clock runs after `warmup` runs; stops early past max_seconds."""
+    for _ in range(warmup):
+        fn()
+    samples = []
+    start = time.perf_counter()
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1e3)
+        if max_seconds is not None and time.perf_counter() - start > max_seconds:
+            break
+    return _summarise(samples)
+
+
+_L2_FLUSH: torch.Tensor | None = None
+
+
+def time_cuda(fn: Callable[[], object], repeats: int = 20, warmup: int = 3) -> Timing:
+    """CUDA-event timing of fn on the current stream, flushing L2 (256 MiB write) before each run."""
+    global _L2_FLUSH
+    if _L2_FLUSH is None:
+        _L2_FLUSH = torch.empty(256 * 1024 * 1024 // 4, dtype=torch.float32, device="cuda")
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
+    for s, e in zip(starts, ends):
+        _L2_FLUSH.zero_()
+        s.record()
+        fn()
+        e.record()
+    torch.cuda.synchronize()
+    return _summarise([s.elapsed_time(e) for s, e in zip(starts, ends)])
+
+
+def time_fn(fn: Callable[[], object], device: str, repeats: int, warmup: int = 1, max_seconds: float | None = None) -> Timing:
+    if device.startswith("cuda"):
+        return time_cuda(fn, repeats=repeats, warmup=warmup)
+    return time_cpu(fn, repeats=repeats, warmup=warmup, max_seconds=max_seconds)
+
+
+def _read_vm_hwm_kib() -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def peak_memory_mib(fn: Callable[[], object], device: str) -> float | None:
+    """Extra memory one call of fn needs at its peak, in MiB.
+
+    CUDA: torch's max_memory_allocated above the starting allocation. CPU (Linux): the rise of the
+    process's peak resident set, after resetting the high-water mark through /proc/self/clear_refs.
+    """
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return None
+    base = _read_vm_hwm_kib()
+    fn()
+    peak = _read_vm_hwm_kib()
+    if base is None or peak is None:
+        return None
+    return max(0, peak - base) / 1024
+
+
+def git_sha() -> str:
+    try:
+        root = Path(__file__).resolve().parent.parent
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True).stdout.strip()
+        return sha + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def environment(device: str) -> dict:
+    """Where a row was measured."""
+    import fourm_fast
+
+    env = {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "git_sha": git_sha(),
+        "host": platform.node(),
+        "cpu": _cpu_name(),
+        "cpu_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "fourm_fast": fourm_fast.__version__,
+        "device": device,
+    }
+    if device.startswith("cuda"):
+        env["device_name"] = torch.cuda.get_device_name()
+        env["cuda"] = torch.version.cuda
+    else:
+        env["device_name"] = env["cpu"]
+    return env
+
+
+def append_results(name: str, rows: list[dict], env: dict) -> Path:
+    """Append rows (each merged with env) to bench/results/<name>.jsonl; returns the path."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / f"{name}.jsonl"
+    with path.open("a") as fh:
+        for row in rows:
+            fh.write(json.dumps({**env, **row}, sort_keys=True) + "\n")
+    return path
+
+
+def timing_dict(t: Timing) -> dict:
+    return {k: round(v, 4) if isinstance(v, float) else v for k, v in asdict(t).items()}
+
+
+def set_threads(threads: int | None) -> None:
+    if threads:
+        torch.set_num_threads(threads)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
