@@ -5,7 +5,7 @@
 
 #include <ATen/core/dispatch/Dispatcher.h>
 
-#include "cpu/vq_cpu.h"
+#include "cpu/cpu_isa.h"
 
 #ifndef FOURM_FAST_CUDA_ARCHS
 #define FOURM_FAST_CUDA_ARCHS ""
@@ -19,6 +19,9 @@
 
 TORCH_LIBRARY(fourm_fast, m) {
   m.def("vq_lookup(Tensor x, Tensor codebook, str metric=\"l2\") -> (Tensor indices, Tensor distance)");
+  m.def(
+      "sample_tokens(Tensor logits, Tensor? uncond_logits, Tensor temperature, Tensor top_k, Tensor top_p, "
+      "Tensor min_p, Tensor cfg_scale, Tensor seed, Tensor offset) -> (Tensor tokens, Tensor probs)");
 }
 
 #ifndef FOURM_FAST_WITH_CUDA
@@ -36,6 +39,7 @@ void cuda_kernels_missing(const c10::OperatorHandle& op, torch::jit::Stack*) {
 
 TORCH_LIBRARY_IMPL(fourm_fast, CUDA, m) {
   m.impl("vq_lookup", torch::CppFunction::makeFromBoxedFunction<&cuda_kernels_missing>());
+  m.impl("sample_tokens", torch::CppFunction::makeFromBoxedFunction<&cuda_kernels_missing>());
 }
 #endif
 
@@ -49,14 +53,14 @@ PyObject* build_info(PyObject*, PyObject*) {
 #endif
   return Py_BuildValue("{s:s,s:O,s:s,s:s,s:s}", "version", FOURM_FAST_VERSION, "cuda_compiled", cuda,
                        "cuda_archs", FOURM_FAST_CUDA_ARCHS, "no_cuda_reason",
-                       FOURM_FAST_NO_CUDA_REASON, "cpu_kernel", fourm_fast::vq_cpu_isa_in_use());
+                       FOURM_FAST_NO_CUDA_REASON, "cpu_kernel", fourm_fast::cpu_isa_in_use());
 }
 
 PyObject* set_cpu_isa(PyObject*, PyObject* arg) {
   const long isa = PyLong_AsLong(arg);
   if (isa == -1 && PyErr_Occurred()) return nullptr;
   try {
-    fourm_fast::set_vq_cpu_isa(static_cast<int>(isa));
+    fourm_fast::set_cpu_isa(static_cast<int>(isa));
   } catch (const std::exception& e) {
     PyErr_SetString(PyExc_ValueError, e.what());
     return nullptr;

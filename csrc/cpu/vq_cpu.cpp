@@ -7,7 +7,6 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <atomic>
 #include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -17,7 +16,7 @@
 
 #include "../kernels/vq_math.h"
 #include "../vq_checks.h"
-#include "vq_cpu.h"
+#include "cpu_isa.h"
 
 namespace fourm_fast {
 namespace {
@@ -123,20 +122,11 @@ __attribute__((target("avx2,fma"))) void panel_avx2(const float* a, const float*
   fold_row_avx2(best[5], _mm256_fmadd_ps(vs, c50, bias0), _mm256_fmadd_ps(vs, c51, bias1), i0, i1);
 }
 
-bool cpu_has_avx2_fma() {
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-}
 #endif
-
-// 0 = auto, 1 = generic, 2 = avx2 (tests force each to check both against the reference).
-std::atomic<int> g_isa_override{0};
 
 PanelKernel select_kernel() {
 #ifdef FF_HAVE_X86
-  const int isa = g_isa_override.load();
-  if (isa == 1) return panel_generic;
-  if (cpu_has_avx2_fma()) return panel_avx2;
-  TORCH_CHECK(isa != 2, "vq_lookup: the avx2 CPU kernel was requested but this CPU lacks AVX2/FMA");
+  if (cpu_isa_allows_avx2()) return panel_avx2;
 #endif
   return panel_generic;
 }
@@ -281,19 +271,6 @@ std::tuple<at::Tensor, at::Tensor> vq_lookup_cpu(const at::Tensor& x, const at::
 }
 
 }  // namespace
-
-void set_vq_cpu_isa(int isa) {
-  TORCH_CHECK_VALUE(isa >= 0 && isa <= 2, "vq_lookup: unknown CPU ISA code ", isa);
-  g_isa_override.store(isa);
-}
-
-const char* vq_cpu_isa_in_use() {
-#ifdef FF_HAVE_X86
-  return select_kernel() == panel_avx2 ? "avx2+fma" : "generic";
-#else
-  return "generic";
-#endif
-}
 
 TORCH_LIBRARY_IMPL(fourm_fast, CPU, m) { m.impl("vq_lookup", &vq_lookup_cpu); }
 

@@ -1,6 +1,7 @@
 // Thin wrappers over the sm_80+ PTX instructions the CUDA kernels use: asynchronous global->shared
 // copies (cp.async), shared->register matrix loads (ldmatrix) and the 16x8x16 tensor-core MMA with
-// fp32 accumulators. Callers guard their use with __CUDA_ARCH__ >= 800.
+// fp32 accumulators. ldmatrix and mma need sm80+ (callers guard them); cp.async degrades to a
+// synchronous copy below sm80.
 #pragma once
 
 #include <cstdint>
@@ -15,12 +16,18 @@ __device__ __forceinline__ uint32_t smem_address(const void* ptr) {
 // Copies 16 bytes global -> shared without staging through registers. When `valid` is false the
 // source is not read (src-size 0) and the 16 destination bytes are zero-filled, which is how the
 // kernels pad partial row tiles. `gmem` must still be a mapped address; callers pass the base.
+// Below sm80 it is a plain synchronous copy (commit / wait then do nothing; the callers'
+// __syncthreads publishes the data), so the SIMT kernel stays correct there.
 __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool valid) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   const int src_bytes = valid ? 16 : 0;
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_address(smem)),
                "l"(gmem), "r"(src_bytes)
                : "memory");
+#else
+  uint4 v = make_uint4(0u, 0u, 0u, 0u);
+  if (valid) v = *static_cast<const uint4*>(gmem);
+  *static_cast<uint4*>(smem) = v;
 #endif
 }
 

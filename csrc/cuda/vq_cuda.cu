@@ -2,23 +2,28 @@
 // score (csrc/kernels/vq_math.h) and folds it into a running per-row argmin held in registers, so
 // the N x K distance matrix never exists. Semantics match csrc/cpu/vq_cpu.cpp.
 //
-// Four launches, all on the current stream:
+// Three kernels, all on the current stream:
 //  1. prepare: one thread per code (K rounded up to a tile) computes |c|^2 and the finite flag in
 //     index order (the CPU's order, so the biases agree bit for bit), then writes the prepared code
-//     c' = c * multiplier, zero-padded in D, and bias[K_pad]; padding codes get bias +inf.
-//  2. search (one of two kernels), grid (row tiles, code splits), 256 threads, 3-stage cp.async
-//     pipeline over the flattened (code tile, D chunk) sequence of the block's code range:
-//     - tensor cores (bf16/fp16, sm80+): 128 rows x 128 codes per tile, D streamed in chunks of 32.
-//       8 warps as 2 (rows) x 4 (codes); each warp owns 64 rows x 32 codes = 4 x 4 mma.m16n8k16
-//       tiles (fp32 accumulators), fed by ldmatrix from smem rows padded to 40 elements (80 bytes,
-//       so the 8 row addresses of an ldmatrix phase hit 8 distinct 16-byte bank groups). The
-//       epilogue reads the accumulators straight from registers (the mma fragment layout is fixed
-//       by PTX): each thread owns 8 rows x 8 codes of a tile. Smem: 3 x 20,992 B dynamic + 4 KiB.
-//     - SIMT fp32 (also the pre-sm80 fallback for bf16/fp16, on fp32 copies): 128 x 128 tiles, D
-//       chunks of 16; threads as 16 x 16, each an 8 x 8 micro-tile (rows ty*4+i and 64+ty*4+i,
-//       codes tx*4+j and 64+tx*4+j) read as float4 from smem. x is staged transposed and padded
-//       (x^T [D_pad][N_pad]) and c' is written transposed ([D_pad][K_pad]) by the prepare kernel,
-//       so every copy is an aligned, unpredicated 16-byte cp.async. Smem: 3 x 16,896 B dynamic.
+//     c' = c * multiplier and bias[K_pad]; padding codes and padding dims are zero, padding codes
+//     get bias +inf. c' is stored tile-major: one contiguous block per (code tile, D chunk), in the
+//     order the search streams it, so each pipeline step copies one contiguous run.
+//  2. search, grid (row tiles of 128, code splits), 256 threads, a 3-stage cp.async pipeline over
+//     the (code tile, D chunk) steps of the block's code range:
+//     - tensor cores (bf16/fp16, sm80+): tiles of 128 rows x 128 codes, D in chunks of 32. 8 warps
+//       as 2 (rows) x 4 (codes); a warp owns 64 rows x 32 codes = 4 x 4 mma.m16n8k16 tiles with
+//       fp32 accumulators, fed by ldmatrix from smem rows whose pitch is 16 bytes past a multiple
+//       of 64 (the 8 row addresses of an ldmatrix phase hit 8 distinct 16-byte bank groups). The
+//       x tile stays resident in smem for the whole code loop when two blocks still fit per SM
+//       (D <= 288 on H100, D <= 160 on A100), which halves the L2 traffic; otherwise x is streamed
+//       with the codes. The epilogue reads the accumulators straight from registers (the mma
+//       fragment layout is fixed by PTX): each thread owns 8 rows x 8 codes of a tile.
+//       Smem: codes 3 x 10,752 B + x (resident 256 * (D_pad + 8) B, streamed 3 x 10,240 B) + 4 KiB.
+//     - SIMT fp32 (also the pre-sm80 fallback for bf16/fp16, on fp32 copies): tiles of 128 x 128,
+//       D in chunks of 16; threads as 16 x 16, each an 8 x 8 micro-tile (rows ty*4+i and
+//       64+ty*4+i, codes tx*4+j and 64+tx*4+j) read as float4 from smem. x is staged transposed
+//       and zero-padded (x^T [D_pad][N_pad]) so every copy is an aligned, unpredicated 16-byte
+//       cp.async. Smem: 3 x 16,896 B.
 //     Every thread scans its codes in increasing index order with a strict '<', so it keeps the
 //     smallest of tied indices; merges across threads (shuffles, then smem across warps for the
 //     mma kernel) use vq_better. Each block writes one (score, index) candidate per row and split.
@@ -48,7 +53,7 @@ namespace {
 using kernels::VqMetric;
 
 // ---------------------------------------------------------------------------------------------
-// Tiling constants shared by both search kernels.
+// Tiling constants.
 constexpr int kThreads = 256;
 constexpr int kTileRows = 128;   // rows of x per block
 constexpr int kTileCodes = 128;  // codes per tile; a block loops over all tiles of its split
@@ -56,24 +61,26 @@ constexpr int kStages = 3;       // cp.async pipeline depth
 constexpr int kMinBlocksPerSm = 2;
 
 // Tensor-core kernel.
-constexpr int kMmaChunk = 32;              // D elements per pipeline step
-constexpr int kMmaLd = kMmaChunk + 8;      // smem row pitch in elements (80 bytes, see top)
-constexpr int kMmaWarpsN = 4;              // warps along the codes of a tile (2 along rows)
-constexpr int kMmaWarpRows = 64;           // rows per warp: 4 m16 tiles
-constexpr int kMmaWarpCodes = 32;          // codes per warp: 4 n8 tiles
-constexpr int kMmaRowsPerThread = 8;       // 4 m16 tiles x {group, group + 8}
-constexpr int kMmaStageBytes = 2 * kTileRows * kMmaLd * 2 + kTileCodes * 4;
-constexpr int kMmaSmemBytes = kStages * kMmaStageBytes;
+constexpr int kMmaChunk = 32;          // D elements per pipeline step
+constexpr int kMmaLd = kMmaChunk + 8;  // pitch (elements) of streamed smem rows: 80 bytes
+constexpr int kMmaWarpsN = 4;          // warps along the codes of a tile (2 along the rows)
+constexpr int kMmaWarpRows = 64;       // rows per warp: 4 m16 tiles
+constexpr int kMmaWarpCodes = 32;      // codes per warp: 4 n8 tiles
+constexpr int kMmaRowsPerThread = 8;   // 4 m16 tiles x {group, group + 8}
+constexpr int kMmaTileBytes = kTileRows * kMmaLd * 2;          // one streamed 128 x 32 tile
+constexpr int kMmaCodeStageBytes = kMmaTileBytes + kTileCodes * 4;  // codes + their biases
+constexpr int kMmaStaticSmemBytes = kMmaWarpsN * kTileRows * 8;     // red_score + red_index
 
 // SIMT kernel.
 constexpr int kSimtChunk = 16;
 constexpr int kSimtStageFloats = 2 * kSimtChunk * kTileRows + kTileCodes;
 constexpr int kSimtSmemBytes = kStages * kSimtStageFloats * 4;
 
-static_assert(kTileRows == kTileCodes, "the loaders share one segment mapping for x and codes");
-static_assert(kTileRows * kMmaChunk / 8 == 2 * kThreads, "mma loader: 2 segments per thread");
-static_assert(kSimtChunk * kTileRows / 4 == 2 * kThreads, "simt loader: 2 segments per thread");
-static_assert(kMmaStageBytes % 16 == 0 && (kSimtStageFloats * 4) % 16 == 0, "stage alignment");
+static_assert(kTileRows * kMmaChunk / 8 == 2 * kThreads, "mma copies: 2 segments per thread");
+static_assert(kSimtChunk * kTileRows / 4 == 2 * kThreads, "simt copies: 2 segments per thread");
+static_assert(kTileRows == kTileCodes, "the simt copies share one segment mapping");
+static_assert(kMmaTileBytes % 16 == 0 && kMmaCodeStageBytes % 16 == 0, "16-byte aligned stages");
+static_assert((kSimtStageFloats * 4) % 16 == 0, "16-byte aligned stages");
 static_assert(kThreads / 32 == 2 * kMmaWarpsN, "mma warp grid is 2 x kMmaWarpsN");
 
 int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
@@ -82,50 +89,81 @@ int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 // Arguments of a search kernel. Layouts differ per kernel (see the top comment).
 struct VqSearchArgs {
   const void* x;       // mma: rows [n][x_ld] in the input dtype; simt: x^T [d_pad][x_ld] fp32
-  const void* codes;   // mma: [k_pad][d_pad] in the input dtype; simt: [d_pad][k_pad] fp32
+  const void* codes;   // tile-major prepared codebook (see tiled_code_offset)
   const float* bias;   // [k_pad], +inf for padding and non-finite codes
   float* part_score;   // [splits][n]: best score of the split for each row
   int32_t* part_index; // [splits][n]: its code index, -1 when nothing was selected
   int64_t n;
   int64_t x_ld;        // mma: elements per row of x (multiple of 8, >= D); simt: padded N
   int64_t d_pad;       // D rounded up to the kernel's chunk
-  int64_t k_pad;       // K rounded up to kTileCodes
   int num_chunks;      // d_pad / chunk
   int num_tiles;       // k_pad / kTileCodes
   int tiles_per_split;
   float scale;         // vq_score_scale(metric)
 };
 
-// The block's code tiles [begin, begin + steps / num_chunks), as pipeline steps.
-struct TileRange {
-  int begin;
-  int steps;
-};
-
-__device__ __forceinline__ TileRange split_tiles(const VqSearchArgs& a) {
-  const int begin = static_cast<int>(blockIdx.y) * a.tiles_per_split;
-  const int end = min(a.num_tiles, begin + a.tiles_per_split);
-  return {begin, max(end - begin, 0) * a.num_chunks};
+// Offset of element (code j, dim d) in the tile-major prepared codebook: blocks of kTileCodes codes
+// x kChunk dims ordered (tile, chunk), so pipeline step s of a tile range reads block
+// tile * num_chunks + chunk, one contiguous run. Inside a block: code-major ([code][dim], the mma
+// B operand) or dim-major ([dim][code], the SIMT float4 reads).
+template <int kChunk, bool kDimMajor>
+__device__ __forceinline__ int64_t tiled_code_offset(int64_t j, int64_t d, int64_t num_chunks) {
+  const int64_t block = (j / kTileCodes) * num_chunks + d / kChunk;
+  const int64_t r = j % kTileCodes, dd = d % kChunk;
+  return block * (kTileCodes * kChunk) + (kDimMajor ? dd * kTileCodes + r : r * kChunk + dd);
 }
 
-// Multi-stage cp.async pipeline over `steps` steps. load(step, stage) issues the copies of one
-// step into a stage buffer; consume(step, stage) reads it. Group g holds the copies of step g, so
-// waiting until kStages - 2 groups are pending means step `it` has landed; the barrier then also
-// guarantees every thread is done with stage (it - 1) % kStages, which the next load overwrites.
+// Position of one pipeline step: code tile, D chunk, block of the tile-major codebook, and the
+// stage buffer that holds it. Advanced step by step (no divisions in the loop).
+struct StepCursor {
+  int tile;
+  int chunk;
+  int stage;
+  int64_t block;
+
+  __device__ __forceinline__ void advance(int num_chunks) {
+    ++block;
+    if (++chunk == num_chunks) {
+      chunk = 0;
+      ++tile;
+    }
+    if (++stage == kStages) stage = 0;
+  }
+};
+
+// Multi-stage cp.async pipeline over the steps of this block's code tiles (blockIdx.y picks the
+// split). load(cursor) issues the copies of one step; consume(cursor) reads them. Group g holds the
+// copies of step g (the x copies a caller issues before this call join group 0), so waiting until
+// kStages - 2 groups are pending means step `it` has landed; the barrier then also guarantees that
+// every thread is done with the stage of step it - 1, which this iteration's load overwrites.
 template <class Load, class Consume>
-__device__ __forceinline__ void run_pipeline(int steps, Load&& load, Consume&& consume) {
+__device__ __forceinline__ void run_pipeline(const VqSearchArgs& a, Load&& load,
+                                             Consume&& consume) {
+  const int first_tile = static_cast<int>(blockIdx.y) * a.tiles_per_split;
+  const int last_tile = min(a.num_tiles, first_tile + a.tiles_per_split);
+  const int steps = max(last_tile - first_tile, 0) * a.num_chunks;
+  const StepCursor start{first_tile, 0, 0, static_cast<int64_t>(first_tile) * a.num_chunks};
+
+  StepCursor next_load = start;
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
-    if (s < steps) load(s, s);
+    if (s < steps) {
+      load(next_load);
+      next_load.advance(a.num_chunks);
+    }
     cuda_ptx::cp_async_commit();
   }
+  StepCursor current = start;
   for (int it = 0; it < steps; ++it) {
     cuda_ptx::cp_async_wait<kStages - 2>();
     __syncthreads();
-    const int next = it + kStages - 1;
-    if (next < steps) load(next, next % kStages);
+    if (it + kStages - 1 < steps) {
+      load(next_load);
+      next_load.advance(a.num_chunks);
+    }
     cuda_ptx::cp_async_commit();  // possibly empty: keeps the group count in step with `it`
-    consume(it, it % kStages);
+    consume(current);
+    current.advance(a.num_chunks);
   }
   cuda_ptx::cp_async_wait<0>();
 }
@@ -139,11 +177,11 @@ __device__ __forceinline__ void merge_candidate(float score, int32_t index, floa
   }
 }
 
-// Merges the candidates of the lanes that differ only in the bits of `lane_bits`.
-template <int kLaneBits>
+// Merges the candidates of lanes whose ids differ only below bit log2(kMaxOffset) + 1.
+template <int kMaxOffset>
 __device__ __forceinline__ void merge_across_lanes(float& best_score, int32_t& best_index) {
 #pragma unroll
-  for (int offset = 1; offset <= kLaneBits; offset <<= 1) {
+  for (int offset = 1; offset <= kMaxOffset; offset <<= 1) {
     const float other_score = __shfl_xor_sync(0xffffffffu, best_score, offset);
     const int32_t other_index = __shfl_xor_sync(0xffffffffu, best_index, offset);
     merge_candidate(other_score, other_index, best_score, best_index);
@@ -158,19 +196,27 @@ __device__ __forceinline__ void write_partial(const VqSearchArgs& a, int64_t row
   a.part_index[at] = index;
 }
 
+// Copies the biases of `tile` (kTileCodes floats) into smem; warp 0 issues them.
+__device__ __forceinline__ void copy_tile_bias(const VqSearchArgs& a, int tile, float* dst) {
+  const int tid = threadIdx.x;
+  if (tid < kTileCodes / 4) {
+    cuda_ptx::cp_async_16(dst + tid * 4, a.bias + static_cast<int64_t>(tile) * kTileCodes + tid * 4,
+                          true);
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Prepare kernel: one thread per (padded) code.
-template <typename scalar_t, typename out_t, bool kDimMajor>
+template <typename scalar_t, typename out_t, int kChunk, bool kDimMajor>
 __global__ void vq_prepare_codes_kernel(const scalar_t* __restrict__ codebook, int64_t cs0,
                                         int64_t cs1, int64_t K, int64_t D, int64_t k_pad,
                                         int64_t d_pad, VqMetric metric, out_t* __restrict__ out,
                                         float* __restrict__ bias) {
   const int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (j >= k_pad) return;
-  // kDimMajor: out is [d_pad][k_pad] (neighbouring threads write neighbouring addresses);
-  // otherwise [k_pad][d_pad], the row-per-code layout the mma B operand wants.
+  const int64_t num_chunks = d_pad / kChunk;
   const auto store = [&](int64_t d, float v) {
-    out[kDimMajor ? d * k_pad + j : j * d_pad + d] = static_cast<out_t>(v);
+    out[tiled_code_offset<kChunk, kDimMajor>(j, d, num_chunks)] = static_cast<out_t>(v);
   };
   if (j >= K) {
     bias[j] = kernels::positive_infinity_f32();
@@ -196,48 +242,67 @@ __global__ void vq_prepare_codes_kernel(const scalar_t* __restrict__ codebook, i
 
 // ---------------------------------------------------------------------------------------------
 // Tensor-core search kernel (bf16 / fp16 operands, fp32 accumulation).
-struct MmaStage {
-  uint16_t* x;      // [kTileRows][kMmaLd]
-  uint16_t* codes;  // [kTileCodes][kMmaLd]
-  float* bias;      // [kTileCodes]
+//
+// Dynamic smem: [x region][kStages x (codes tile, tile biases)]. The x region is the whole
+// 128 x d_pad row tile (pitch d_pad + 8) when resident, else kStages streamed 128 x 32 tiles.
+template <bool kResidentX>
+struct MmaSmem {
+  unsigned char* base;
+  int64_t d_pad;
+
+  __device__ __forceinline__ int x_region_bytes() const {
+    return kResidentX ? static_cast<int>(kTileRows * (d_pad + 8) * 2) : kStages * kMmaTileBytes;
+  }
+  __device__ __forceinline__ int x_pitch() const {
+    return kResidentX ? static_cast<int>(d_pad + 8) : kMmaLd;
+  }
+  // Start of the x columns of `cursor`'s chunk.
+  __device__ __forceinline__ uint16_t* x(const StepCursor& cursor) const {
+    uint16_t* region = reinterpret_cast<uint16_t*>(base);
+    return kResidentX ? region + cursor.chunk * kMmaChunk
+                      : region + cursor.stage * (kMmaTileBytes / 2);
+  }
+  __device__ __forceinline__ uint16_t* codes(int stage) const {
+    return reinterpret_cast<uint16_t*>(base + x_region_bytes() + stage * kMmaCodeStageBytes);
+  }
+  __device__ __forceinline__ float* bias(int stage) const {
+    return reinterpret_cast<float*>(codes(stage) + kTileRows * kMmaLd);
+  }
 };
 
-__device__ __forceinline__ MmaStage mma_stage(unsigned char* smem, int stage) {
-  unsigned char* base = smem + stage * kMmaStageBytes;
-  MmaStage s;
-  s.x = reinterpret_cast<uint16_t*>(base);
-  s.codes = s.x + kTileRows * kMmaLd;
-  s.bias = reinterpret_cast<float*>(s.codes + kTileCodes * kMmaLd);
-  return s;
-}
-
-// Copies step `step` (code tile, D chunk) into `st`: 128 rows x 32 elements of x and of the codes
-// as 16-byte segments (rows past n and D past x_ld are zero-filled), and the tile's 128 biases.
-__device__ __forceinline__ void mma_load_step(const VqSearchArgs& a, const MmaStage& st,
-                                              int64_t row0, int tile, int chunk) {
-  const int tid = threadIdx.x;
+// Copies chunk `chunk` of the block's 128 rows of x (32 elements a row, as 4 x 16 bytes) to
+// dst[r * pitch + 8 * part]. Rows past n and dims past x_ld are zero-filled; x_ld is a multiple of
+// 8, so a 16-byte segment is entirely inside or entirely outside the row.
+__device__ __forceinline__ void mma_copy_x_chunk(const VqSearchArgs& a, int64_t row0, int chunk,
+                                                 uint16_t* dst, int pitch) {
   const uint16_t* x = static_cast<const uint16_t*>(a.x);
-  const uint16_t* codes = static_cast<const uint16_t*>(a.codes);
-  const int64_t code0 = static_cast<int64_t>(tile) * kTileCodes;
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
-    const int seg = tid + i * kThreads;
-    const int r = seg >> 2;               // row (of x) and code (of the codebook) in the tile
-    const int part = seg & 3;             // which 8 elements of the 32-element chunk
+    const int seg = static_cast<int>(threadIdx.x) + i * kThreads;
+    const int r = seg >> 2, part = seg & 3;
     const int64_t d = static_cast<int64_t>(chunk) * kMmaChunk + part * 8;
-    const int64_t grow = row0 + r;
-    const bool valid = grow < a.n && d < a.x_ld;  // x_ld % 8 == 0: a segment is all in or all out
-    cuda_ptx::cp_async_16(st.x + r * kMmaLd + part * 8, valid ? x + grow * a.x_ld + d : x, valid);
-    cuda_ptx::cp_async_16(st.codes + r * kMmaLd + part * 8, codes + (code0 + r) * a.d_pad + d,
-                          true);
+    const int64_t row = row0 + r;
+    const bool valid = row < a.n && d < a.x_ld;
+    cuda_ptx::cp_async_16(dst + r * pitch + part * 8, valid ? x + row * a.x_ld + d : x, valid);
   }
-  if (tid < kTileCodes / 4) cuda_ptx::cp_async_16(st.bias + tid * 4, a.bias + code0 + tid * 4, true);
 }
 
-// acc[mi][ni] += x rows (warp_m*64 + mi*16 .. +16) . codes (warp_n*32 + ni*8 .. +8) over the chunk.
+// Copies codebook block `block` (128 codes x 32 dims, contiguous) into a [128][kMmaLd] tile.
+__device__ __forceinline__ void mma_copy_codes(const VqSearchArgs& a, int64_t block,
+                                               uint16_t* dst) {
+  const uint16_t* src = static_cast<const uint16_t*>(a.codes) + block * (kTileCodes * kMmaChunk);
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int seg = static_cast<int>(threadIdx.x) + i * kThreads;
+    cuda_ptx::cp_async_16(dst + (seg >> 2) * kMmaLd + (seg & 3) * 8, src + seg * 8, true);
+  }
+}
+
+// acc[mi][ni] += x rows (warp_m*64 + mi*16 .. +16) . codes (warp_n*32 + ni*8 .. +8) over one chunk.
+// xs points at the chunk's first column of row 0 (row pitch x_pitch), cs at a [128][kMmaLd] tile.
 template <bool kBf16>
-__device__ __forceinline__ void mma_chunk(const MmaStage& st, int warp_m, int warp_n, int lane,
-                                          float (&acc)[4][4][4]) {
+__device__ __forceinline__ void mma_chunk(const uint16_t* xs, int x_pitch, const uint16_t* cs,
+                                          int warp_m, int warp_n, int lane, float (&acc)[4][4][4]) {
 #pragma unroll
   for (int kk = 0; kk < kMmaChunk; kk += 16) {
     // B fragments, two n8 tiles per ldmatrix.x4: lanes 0-7 / 8-15 address codes 0-7 at k 0 / 8,
@@ -246,9 +311,8 @@ __device__ __forceinline__ void mma_chunk(const MmaStage& st, int warp_m, int wa
 #pragma unroll
     for (int p = 0; p < 2; ++p) {
       const int code = warp_n * kMmaWarpCodes + p * 16 + (lane & 7) + ((lane >> 4) << 3);
-      const int k = kk + ((lane >> 3) & 1) * 8;
       uint32_t r[4];
-      cuda_ptx::ldmatrix_x4(r, st.codes + code * kMmaLd + k);
+      cuda_ptx::ldmatrix_x4(r, cs + code * kMmaLd + kk + ((lane >> 3) & 1) * 8);
       b[2 * p][0] = r[0];
       b[2 * p][1] = r[1];
       b[2 * p + 1][0] = r[2];
@@ -259,7 +323,7 @@ __device__ __forceinline__ void mma_chunk(const MmaStage& st, int warp_m, int wa
     for (int mi = 0; mi < 4; ++mi) {
       const int row = warp_m * kMmaWarpRows + mi * 16 + (lane & 15);
       uint32_t af[4];
-      cuda_ptx::ldmatrix_x4(af, st.x + row * kMmaLd + kk + (lane >> 4) * 8);
+      cuda_ptx::ldmatrix_x4(af, xs + row * x_pitch + kk + (lane >> 4) * 8);
 #pragma unroll
       for (int ni = 0; ni < 4; ++ni) cuda_ptx::mma_16x8x16<kBf16>(acc[mi][ni], af, b[ni]);
     }
@@ -275,7 +339,9 @@ __device__ __forceinline__ void mma_fold_tile(const float (&acc)[4][4][4], const
   const int col0 = warp_n * kMmaWarpCodes + 2 * quad;
   float2 bias[4];
 #pragma unroll
-  for (int ni = 0; ni < 4; ++ni) bias[ni] = *reinterpret_cast<const float2*>(tile_bias + col0 + ni * 8);
+  for (int ni = 0; ni < 4; ++ni) {
+    bias[ni] = *reinterpret_cast<const float2*>(tile_bias + col0 + ni * 8);
+  }
   const int32_t index0 = tile * kTileCodes + col0;
 #pragma unroll
   for (int mi = 0; mi < 4; ++mi) {
@@ -288,7 +354,7 @@ __device__ __forceinline__ void mma_fold_tile(const float (&acc)[4][4][4], const
         for (int e = 0; e < 2; ++e) {
           const float s = kernels::vq_score(e == 0 ? bias[ni].x : bias[ni].y, scale,
                                             acc[mi][ni][2 * h + e]);
-          if (s < best_score[slot]) {  // strict: NaN / +inf never win, first tie kept
+          if (s < best_score[slot]) {  // strict: NaN / +inf never win, the first tie is kept
             best_score[slot] = s;
             best_index[slot] = index0 + ni * 8 + e;
           }
@@ -298,7 +364,7 @@ __device__ __forceinline__ void mma_fold_tile(const float (&acc)[4][4][4], const
   }
 }
 
-template <bool kBf16>
+template <bool kBf16, bool kResidentX>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     vq_search_mma_kernel(const VqSearchArgs a) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
@@ -310,7 +376,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
   const int warp_m = warp / kMmaWarpsN, warp_n = warp % kMmaWarpsN;
   const int group = lane >> 2, quad = lane & 3;
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kTileRows;
-  const TileRange range = split_tiles(a);
+  const MmaSmem<kResidentX> sm{smem, a.d_pad};
 
   float acc[4][4][4];
   float best_score[kMmaRowsPerThread];
@@ -321,16 +387,23 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     best_index[s] = -1;
   }
 
+  if constexpr (kResidentX) {
+    // The whole row tile, once; these copies join the pipeline's first group.
+    for (int chunk = 0; chunk < a.num_chunks; ++chunk) {
+      mma_copy_x_chunk(a, row0, chunk, reinterpret_cast<uint16_t*>(smem) + chunk * kMmaChunk,
+                       sm.x_pitch());
+    }
+  }
+
   run_pipeline(
-      range.steps,
-      [&](int step, int stage) {
-        const int t = step / a.num_chunks;
-        mma_load_step(a, mma_stage(smem, stage), row0, range.begin + t, step - t * a.num_chunks);
+      a,
+      [&](const StepCursor& c) {
+        if constexpr (!kResidentX) mma_copy_x_chunk(a, row0, c.chunk, sm.x(c), kMmaLd);
+        mma_copy_codes(a, c.block, sm.codes(c.stage));
+        if (c.chunk == a.num_chunks - 1) copy_tile_bias(a, c.tile, sm.bias(c.stage));
       },
-      [&](int step, int stage) {
-        const int t = step / a.num_chunks;
-        const int chunk = step - t * a.num_chunks;
-        if (chunk == 0) {
+      [&](const StepCursor& c) {
+        if (c.chunk == 0) {
 #pragma unroll
           for (int mi = 0; mi < 4; ++mi)
 #pragma unroll
@@ -338,10 +411,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
 #pragma unroll
               for (int e = 0; e < 4; ++e) acc[mi][ni][e] = 0.0f;
         }
-        const MmaStage st = mma_stage(smem, stage);
-        mma_chunk<kBf16>(st, warp_m, warp_n, lane, acc);
-        if (chunk == a.num_chunks - 1) {
-          mma_fold_tile(acc, st.bias, range.begin + t, warp_n, quad, a.scale, best_score,
+        mma_chunk<kBf16>(sm.x(c), sm.x_pitch(), sm.codes(c.stage), warp_m, warp_n, lane, acc);
+        if (c.chunk == a.num_chunks - 1) {
+          mma_fold_tile(acc, sm.bias(c.stage), c.tile, warp_n, quad, a.scale, best_score,
                         best_index);
         }
       });
@@ -362,7 +434,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     float score = red_score[0][tid];
     int32_t index = red_index[0][tid];
 #pragma unroll
-    for (int w = 1; w < kMmaWarpsN; ++w) merge_candidate(red_score[w][tid], red_index[w][tid], score, index);
+    for (int w = 1; w < kMmaWarpsN; ++w) {
+      merge_candidate(red_score[w][tid], red_index[w][tid], score, index);
+    }
     write_partial(a, row0 + tid, score, index);
   }
 #else
@@ -374,8 +448,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
 // ---------------------------------------------------------------------------------------------
 // SIMT fp32 search kernel.
 struct SimtStage {
-  float* x;      // [kSimtChunk][kTileRows]  (d-major)
-  float* codes;  // [kSimtChunk][kTileCodes] (d-major)
+  float* x;      // [kSimtChunk][kTileRows]  (dim-major)
+  float* codes;  // [kSimtChunk][kTileCodes] (dim-major)
   float* bias;   // [kTileCodes]
 };
 
@@ -384,24 +458,19 @@ __device__ __forceinline__ SimtStage simt_stage(unsigned char* smem, int stage) 
   return {base, base + kSimtChunk * kTileRows, base + 2 * kSimtChunk * kTileRows};
 }
 
-// Both operands are padded in every direction, so the copies need no predicates.
-__device__ __forceinline__ void simt_load_step(const VqSearchArgs& a, const SimtStage& st,
-                                               int64_t row0, int tile, int chunk) {
-  const int tid = threadIdx.x;
+// Both operands are padded in every direction, so the copies need no predicates. A segment is 4
+// consecutive rows (x^T) or codes of one dim; segment s lands at offset 4 * s of the stage tile.
+__device__ __forceinline__ void simt_copy_step(const VqSearchArgs& a, const SimtStage& st,
+                                               int64_t row0, const StepCursor& c) {
   const float* xt = static_cast<const float*>(a.x);
-  const float* codes = static_cast<const float*>(a.codes);
-  const int64_t code0 = static_cast<int64_t>(tile) * kTileCodes;
+  const float* codes = static_cast<const float*>(a.codes) + c.block * (kTileCodes * kSimtChunk);
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
-    const int seg = tid + i * kThreads;
-    const int dk = seg >> 5;    // d within the chunk
-    const int part = seg & 31;  // which 4 rows / codes of the 128
-    const int64_t d = static_cast<int64_t>(chunk) * kSimtChunk + dk;
-    cuda_ptx::cp_async_16(st.x + dk * kTileRows + part * 4, xt + d * a.x_ld + row0 + part * 4, true);
-    cuda_ptx::cp_async_16(st.codes + dk * kTileCodes + part * 4, codes + d * a.k_pad + code0 + part * 4,
-                          true);
+    const int seg = static_cast<int>(threadIdx.x) + i * kThreads;
+    const int64_t d = static_cast<int64_t>(c.chunk) * kSimtChunk + (seg >> 5);
+    cuda_ptx::cp_async_16(st.x + seg * 4, xt + d * a.x_ld + row0 + (seg & 31) * 4, true);
+    cuda_ptx::cp_async_16(st.codes + seg * 4, codes + seg * 4, true);
   }
-  if (tid < kTileCodes / 4) cuda_ptx::cp_async_16(st.bias + tid * 4, a.bias + code0 + tid * 4, true);
 }
 
 // Reads 4 + 4 floats at offsets `lo` and 64 + `lo` of a 128-float smem row.
@@ -412,7 +481,7 @@ __device__ __forceinline__ void load_split_quad(const float* row, int lo, float 
   v[4] = q.x; v[5] = q.y; v[6] = q.z; v[7] = q.w;
 }
 
-// Thread (ty, tx) micro-tile slot i -> row / code offset within the 128-wide tile.
+// Micro-tile slot i of thread coordinate `owner` (ty for rows, tx for codes) -> offset in the tile.
 __device__ __forceinline__ int split_quad_offset(int owner, int i) {
   return (i < 4 ? 0 : 64) + owner * 4 + (i & 3);
 }
@@ -422,7 +491,6 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
   extern __shared__ __align__(16) unsigned char smem[];
   const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kTileRows;
-  const TileRange range = split_tiles(a);
 
   float acc[8][8];
   float best_score[8];
@@ -434,21 +502,20 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
   }
 
   run_pipeline(
-      range.steps,
-      [&](int step, int stage) {
-        const int t = step / a.num_chunks;
-        simt_load_step(a, simt_stage(smem, stage), row0, range.begin + t, step - t * a.num_chunks);
+      a,
+      [&](const StepCursor& c) {
+        const SimtStage st = simt_stage(smem, c.stage);
+        simt_copy_step(a, st, row0, c);
+        if (c.chunk == a.num_chunks - 1) copy_tile_bias(a, c.tile, st.bias);
       },
-      [&](int step, int stage) {
-        const int t = step / a.num_chunks;
-        const int chunk = step - t * a.num_chunks;
-        if (chunk == 0) {
+      [&](const StepCursor& c) {
+        if (c.chunk == 0) {
 #pragma unroll
           for (int i = 0; i < 8; ++i)
 #pragma unroll
             for (int j = 0; j < 8; ++j) acc[i][j] = 0.0f;
         }
-        const SimtStage st = simt_stage(smem, stage);
+        const SimtStage st = simt_stage(smem, c.stage);
         // Ascending d with one fmaf per term: the same order and rounding as the CPU micro-kernel.
 #pragma unroll
         for (int k = 0; k < kSimtChunk; ++k) {
@@ -460,10 +527,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
 #pragma unroll
             for (int j = 0; j < 8; ++j) acc[i][j] = fmaf(xv[i], cv[j], acc[i][j]);
         }
-        if (chunk == a.num_chunks - 1) {
+        if (c.chunk == a.num_chunks - 1) {
           float bias[8];
           load_split_quad(st.bias, tx * 4, bias);
-          const int32_t index0 = (range.begin + t) * kTileCodes;
+          const int32_t index0 = c.tile * kTileCodes;
 #pragma unroll
           for (int i = 0; i < 8; ++i) {
 #pragma unroll
@@ -483,7 +550,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
   for (int i = 0; i < 8; ++i) merge_across_lanes<8>(best_score[i], best_index[i]);
   if (tx == 0) {
 #pragma unroll
-    for (int i = 0; i < 8; ++i) write_partial(a, row0 + split_quad_offset(ty, i), best_score[i], best_index[i]);
+    for (int i = 0; i < 8; ++i) {
+      write_partial(a, row0 + split_quad_offset(ty, i), best_score[i], best_index[i]);
+    }
   }
 }
 
@@ -524,25 +593,25 @@ __global__ void vq_finalize_kernel(const scalar_t* __restrict__ x, int64_t xs0, 
 // ---------------------------------------------------------------------------------------------
 // Host side.
 
-// Splits the code tiles over blockIdx.y when the row tiles alone would not fill the GPU.
-void plan_splits(int64_t row_blocks, VqSearchArgs& args, int& splits) {
+// Shapes of one search: paddings, chunk counts and the code split. The caller sets the pointers.
+VqSearchArgs plan_search(int64_t n, int64_t D, int64_t K, int chunk, VqMetric metric) {
+  VqSearchArgs args{};
+  args.n = n;
+  args.d_pad = round_up(D, chunk);
+  args.num_chunks = static_cast<int>(args.d_pad / chunk);
+  args.num_tiles = static_cast<int>(round_up(K, kTileCodes) / kTileCodes);
+  args.scale = kernels::vq_score_scale(metric);
+  // Split the code tiles over blockIdx.y when the row tiles alone would not fill the GPU.
+  const int64_t row_blocks = (n + kTileRows - 1) / kTileRows;
   const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const int64_t wanted = (kMinBlocksPerSm * sms + row_blocks - 1) / row_blocks;
-  const int64_t first = std::clamp<int64_t>(wanted, 1, args.num_tiles);
-  args.tiles_per_split = static_cast<int>((args.num_tiles + first - 1) / first);
-  splits = (args.num_tiles + args.tiles_per_split - 1) / args.tiles_per_split;  // none empty
+  const int64_t splits = std::clamp<int64_t>(wanted, 1, args.num_tiles);
+  args.tiles_per_split = static_cast<int>((args.num_tiles + splits - 1) / splits);
+  return args;
 }
 
-template <typename scalar_t, typename out_t, bool kDimMajor>
-void launch_prepare(const at::Tensor& codebook, VqMetric metric, int64_t k_pad, int64_t d_pad,
-                    at::Tensor& prepared, at::Tensor& bias, cudaStream_t stream) {
-  constexpr int kPrepThreads = 256;
-  const int64_t blocks = (k_pad + kPrepThreads - 1) / kPrepThreads;
-  vq_prepare_codes_kernel<scalar_t, out_t, kDimMajor><<<blocks, kPrepThreads, 0, stream>>>(
-      codebook.const_data_ptr<scalar_t>(), codebook.stride(0), codebook.stride(1),
-      codebook.size(0), codebook.size(1), k_pad, d_pad, metric,
-      reinterpret_cast<out_t*>(prepared.data_ptr()), bias.data_ptr<float>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+int num_splits(const VqSearchArgs& args) {
+  return (args.num_tiles + args.tiles_per_split - 1) / args.tiles_per_split;  // none empty
 }
 
 struct Partials {
@@ -551,19 +620,35 @@ struct Partials {
   int splits = 0;
 };
 
-// Allocates the partial outputs, fills in the grid-related args and returns the grid.
-dim3 plan_search(int64_t n, const at::Tensor& like, VqSearchArgs& args, Partials& partials) {
-  const int64_t row_blocks = (n + kTileRows - 1) / kTileRows;
-  plan_splits(row_blocks, args, partials.splits);
-  partials.score = at::empty({partials.splits, n}, like.options().dtype(at::kFloat));
-  partials.index = at::empty({partials.splits, n}, like.options().dtype(at::kInt));
+// Allocates the per-split candidates, points args at them and returns the grid.
+dim3 attach_partials(const at::Tensor& like, VqSearchArgs& args, Partials& partials) {
+  partials.splits = num_splits(args);
+  partials.score = at::empty({partials.splits, args.n}, like.options().dtype(at::kFloat));
+  partials.index = at::empty({partials.splits, args.n}, like.options().dtype(at::kInt));
   args.part_score = partials.score.data_ptr<float>();
   args.part_index = partials.index.data_ptr<int32_t>();
-  args.n = n;
+  const int64_t row_blocks = (args.n + kTileRows - 1) / kTileRows;
   return dim3(static_cast<unsigned>(row_blocks), static_cast<unsigned>(partials.splits));
 }
 
-// x as [n][x_ld] rows the mma loader can copy in aligned 16-byte pieces: x2 itself when it
+// Prepared codebook (tile-major, see tiled_code_offset) and biases.
+template <typename scalar_t, typename out_t, int kChunk, bool kDimMajor>
+void prepare_codes(const at::Tensor& codebook, VqMetric metric, const VqSearchArgs& args,
+                   at::Tensor& prepared, at::Tensor& bias, cudaStream_t stream) {
+  const int64_t k_pad = static_cast<int64_t>(args.num_tiles) * kTileCodes;
+  prepared = at::empty({k_pad * args.d_pad},
+                       codebook.options().dtype(c10::CppTypeToScalarType<out_t>::value));
+  bias = at::empty({k_pad}, codebook.options().dtype(at::kFloat));
+  constexpr int kPrepThreads = 256;
+  const int64_t blocks = (k_pad + kPrepThreads - 1) / kPrepThreads;
+  vq_prepare_codes_kernel<scalar_t, out_t, kChunk, kDimMajor><<<blocks, kPrepThreads, 0, stream>>>(
+      codebook.const_data_ptr<scalar_t>(), codebook.stride(0), codebook.stride(1),
+      codebook.size(0), codebook.size(1), k_pad, args.d_pad, metric,
+      prepared.data_ptr<out_t>(), bias.data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// x as [n][x_ld] rows the mma copies can read in aligned 16-byte pieces: x2 itself when it
 // already is, otherwise a zero-padded contiguous copy (O(N*D)).
 at::Tensor mma_row_operand(const at::Tensor& x2) {
   const int64_t D = x2.size(1);
@@ -575,35 +660,44 @@ at::Tensor mma_row_operand(const at::Tensor& x2) {
   return padded;
 }
 
+template <bool kBf16, bool kResidentX>
+void launch_mma_search(const VqSearchArgs& args, dim3 grid, int smem_bytes, cudaStream_t stream) {
+  const auto kernel = vq_search_mma_kernel<kBf16, kResidentX>;
+  C10_CUDA_CHECK(
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes));
+  kernel<<<grid, kThreads, smem_bytes, stream>>>(args);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 template <typename scalar_t>
 Partials search_tensor_cores(const at::Tensor& x2, const at::Tensor& codebook, VqMetric metric,
                              cudaStream_t stream) {
   constexpr bool kBf16 = std::is_same_v<scalar_t, c10::BFloat16>;
-  const int64_t n = x2.size(0), D = x2.size(1), K = codebook.size(0);
-  VqSearchArgs args{};
-  args.d_pad = round_up(D, kMmaChunk);
-  args.k_pad = round_up(K, kTileCodes);
-  args.num_chunks = static_cast<int>(args.d_pad / kMmaChunk);
-  args.num_tiles = static_cast<int>(args.k_pad / kTileCodes);
-  args.scale = kernels::vq_score_scale(metric);
-
-  at::Tensor prepared = at::empty({args.k_pad, args.d_pad}, codebook.options());
-  at::Tensor bias = at::empty({args.k_pad}, codebook.options().dtype(at::kFloat));
-  launch_prepare<scalar_t, scalar_t, false>(codebook, metric, args.k_pad, args.d_pad, prepared,
-                                            bias, stream);
+  VqSearchArgs args = plan_search(x2.size(0), x2.size(1), codebook.size(0), kMmaChunk, metric);
+  at::Tensor prepared, bias;
+  prepare_codes<scalar_t, scalar_t, kMmaChunk, false>(codebook, metric, args, prepared, bias,
+                                                      stream);
   const at::Tensor rows = mma_row_operand(x2);
   args.x = rows.const_data_ptr();
   args.x_ld = rows.size(1);
   args.codes = prepared.const_data_ptr();
   args.bias = bias.const_data_ptr<float>();
-
   Partials partials;
-  const dim3 grid = plan_search(n, x2, args, partials);
-  const auto kernel = vq_search_mma_kernel<kBf16>;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      kMmaSmemBytes));
-  kernel<<<grid, kThreads, kMmaSmemBytes, stream>>>(args);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const dim3 grid = attach_partials(x2, args, partials);
+
+  // Keep the x tile resident when two blocks still fit per SM (1 KiB: the per-block reserve).
+  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  const int64_t resident_bytes = kTileRows * (args.d_pad + 8) * 2 + kStages * kMmaCodeStageBytes;
+  const int64_t resident_per_sm = kMinBlocksPerSm * (resident_bytes + kMmaStaticSmemBytes + 1024);
+  const bool resident = resident_per_sm <= static_cast<int64_t>(prop->sharedMemPerMultiprocessor) &&
+                        resident_bytes + kMmaStaticSmemBytes <=
+                            static_cast<int64_t>(prop->sharedMemPerBlockOptin);
+  if (resident) {
+    launch_mma_search<kBf16, true>(args, grid, static_cast<int>(resident_bytes), stream);
+  } else {
+    launch_mma_search<kBf16, false>(args, grid, kStages * (kMmaTileBytes + kMmaCodeStageBytes),
+                                    stream);
+  }
   return partials;
 }
 
@@ -611,30 +705,20 @@ Partials search_tensor_cores(const at::Tensor& x2, const at::Tensor& codebook, V
 template <typename scalar_t>
 Partials search_simt(const at::Tensor& x2, const at::Tensor& codebook, VqMetric metric,
                      cudaStream_t stream) {
-  const int64_t n = x2.size(0), D = x2.size(1), K = codebook.size(0);
-  VqSearchArgs args{};
-  args.d_pad = round_up(D, kSimtChunk);
-  args.k_pad = round_up(K, kTileCodes);
-  args.num_chunks = static_cast<int>(args.d_pad / kSimtChunk);
-  args.num_tiles = static_cast<int>(args.k_pad / kTileCodes);
-  args.scale = kernels::vq_score_scale(metric);
-
-  const at::TensorOptions f32 = codebook.options().dtype(at::kFloat);
-  at::Tensor prepared = at::empty({args.d_pad, args.k_pad}, f32);
-  at::Tensor bias = at::empty({args.k_pad}, f32);
-  launch_prepare<scalar_t, float, true>(codebook, metric, args.k_pad, args.d_pad, prepared, bias,
-                                        stream);
+  const int64_t n = x2.size(0), D = x2.size(1);
+  VqSearchArgs args = plan_search(n, D, codebook.size(0), kSimtChunk, metric);
+  at::Tensor prepared, bias;
+  prepare_codes<scalar_t, float, kSimtChunk, true>(codebook, metric, args, prepared, bias, stream);
   // x^T, zero-padded to [d_pad][n rounded up to a row tile]: O(N*D), cheap next to the search.
   const int64_t n_pad = round_up(n, kTileRows);
-  at::Tensor xt = at::zeros({args.d_pad, n_pad}, f32);
+  at::Tensor xt = at::zeros({args.d_pad, n_pad}, x2.options().dtype(at::kFloat));
   xt.narrow(0, 0, D).narrow(1, 0, n).copy_(x2.t());
   args.x = xt.const_data_ptr();
   args.x_ld = n_pad;
   args.codes = prepared.const_data_ptr();
   args.bias = bias.const_data_ptr<float>();
-
   Partials partials;
-  const dim3 grid = plan_search(n, x2, args, partials);
+  const dim3 grid = attach_partials(x2, args, partials);
   C10_CUDA_CHECK(cudaFuncSetAttribute(vq_search_simt_kernel,
                                       cudaFuncAttributeMaxDynamicSharedMemorySize, kSimtSmemBytes));
   vq_search_simt_kernel<<<grid, kThreads, kSimtSmemBytes, stream>>>(args);
@@ -646,11 +730,14 @@ template <typename scalar_t>
 void vq_lookup_cuda_typed(const at::Tensor& x2, const at::Tensor& codebook, VqMetric metric,
                           at::Tensor& indices, at::Tensor& distance) {
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  constexpr bool kHalfWidth = !std::is_same_v<scalar_t, float>;
-  const bool tensor_cores = kHalfWidth && at::cuda::getCurrentDeviceProperties()->major >= 8;
-  const Partials partials = tensor_cores
-                                ? search_tensor_cores<scalar_t>(x2, codebook, metric, stream)
-                                : search_simt<scalar_t>(x2, codebook, metric, stream);
+  Partials partials;
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    partials = search_simt<float>(x2, codebook, metric, stream);
+  } else if (at::cuda::getCurrentDeviceProperties()->major >= 8) {
+    partials = search_tensor_cores<scalar_t>(x2, codebook, metric, stream);
+  } else {
+    partials = search_simt<scalar_t>(x2, codebook, metric, stream);
+  }
   const int64_t n = x2.size(0);
   constexpr int kFinalizeThreads = 256;
   const int64_t blocks = (n + kFinalizeThreads - 1) / kFinalizeThreads;

@@ -11,7 +11,9 @@
 #define FF_INLINE __host__ __device__ __forceinline__
 #else
 #define FF_HOST_DEVICE
-#define FF_INLINE inline
+// static: a CPU file compiled twice with different ISA flags (csrc/cpu/*_avx2.cpp) must keep its
+// own copy instead of letting the linker merge it with the baseline one.
+#define FF_INLINE static inline
 #endif
 
 namespace fourm_fast {

@@ -1,0 +1,16 @@
+// Which CPU micro-kernels may run: detection of AVX2+FMA and a process-wide override that tests and
+// benchmarks set through fourm_fast._C._set_cpu_isa.
+#pragma once
+
+namespace fourm_fast {
+
+// 0 = fastest this CPU supports, 1 = portable kernels only, 2 = require AVX2+FMA.
+void set_cpu_isa(int isa);
+
+// True when the AVX2+FMA kernels may run (CPU support and no override to portable).
+bool cpu_isa_allows_avx2();
+
+// "avx2+fma" or "generic": what the CPU kernels use now.
+const char* cpu_isa_in_use();
+
+}  // namespace fourm_fast

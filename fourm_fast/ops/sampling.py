@@ -1,0 +1,139 @@
+"""Token sampling for generation steps: CFG, top-k / top-p / min-p, temperature, Philox draws."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+_SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
+ParamLike = float | int | Tensor
+
+
+def _param(value: ParamLike, name: str, R: int, device: torch.device) -> Tensor:
+    if isinstance(value, Tensor):
+        if value.dim() not in (0, 1) or (value.dim() == 1 and value.shape[0] != R):
+            raise ValueError(f"sample_tokens: {name} must be a scalar or have one value per row ({R}), got shape {tuple(value.shape)}")
+        return value.to(device=device, dtype=torch.float32)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"sample_tokens: {name} must be a number or a tensor, got {type(value).__name__}")
+    return torch.full((), float(value), dtype=torch.float32, device=device)
+
+
+def _counter(value: int | Tensor, name: str, device: torch.device) -> Tensor:
+    if isinstance(value, Tensor):
+        if value.numel() != 1 or value.dtype.is_floating_point:
+            raise TypeError(f"sample_tokens: {name} must be an integer scalar or a 0-d integer tensor")
+        return value.to(device=device, dtype=torch.int64).reshape(())
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"sample_tokens: {name} must be an int or a 0-d integer tensor, got {type(value).__name__}")
+    if not -(2**63) <= value < 2**64:
+        raise ValueError(f"sample_tokens: {name} must fit in 64 bits")
+    if value >= 2**63:
+        value -= 2**64  # same 64 bits, as int64
+    return torch.full((), value, dtype=torch.int64, device=device)
+
+
+def sample_tokens(
+    logits: Tensor,
+    *,
+    temperature: ParamLike = 1.0,
+    top_k: ParamLike = 0,
+    top_p: ParamLike = 1.0,
+    min_p: ParamLike = 0.0,
+    uncond_logits: Tensor | None = None,
+    cfg_scale: ParamLike = 1.0,
+    seed: int | Tensor = 0,
+    offset: int | Tensor = 0,
+) -> tuple[Tensor, Tensor]:
+    """Draw one token per row (4M's sampling step, fused).
+
+    Args:
+        logits: ``(R, V)`` float32 / bfloat16 / float16; finite or -inf (masked).
+        temperature: ``>= 0``; 0 means argmax with probability 1.
+        top_k: 0 (off), a count ``>= 1``, or a fraction of V in (0, 1) as in 4M (a Python float
+            fraction is resolved in double precision like 4M; a tensor fraction in float32).
+        top_p: in (0, 1]; 1 is off. Keeps the highest tokens until their mass reaches p.
+        min_p: in [0, 1]; keeps tokens with ``p >= min_p * p_max``; 0 is off.
+        uncond_logits: ``(R, V)`` like logits; enables guidance ``u + cfg_scale (c - u)``.
+        cfg_scale: guidance scale (1 = the conditional logits).
+        seed, offset: Philox key and stream offset (ints, or 0-d int tensors for CUDA graphs).
+            Every parameter above may also be a ``(R,)`` tensor of per-row values.
+
+    Returns:
+        tokens: ``(R,)`` int64.
+        probs: ``(R,)`` float32, the drawn token's probability under the filtered, tempered
+            distribution (MaskGIT's confidence).
+
+    Top-k, then top-p (on the top-k survivors), then min-p filter the guided logits; the draw is
+    Gumbel-max with Philox(seed, offset, row, token) noise, so a seed gives the same tokens on the
+    CPU and on CUDA. NaN logits, rows without a finite logit and bad parameters raise ValueError.
+    """
+    if not isinstance(logits, Tensor) or logits.dim() != 2:
+        raise ValueError(f"sample_tokens: logits must be a 2-D (R, V) tensor, got {getattr(logits, 'shape', type(logits))}")
+    R, dev = logits.shape[0], logits.device
+    if isinstance(top_k, float) and 0.0 < top_k < 1.0:
+        # 4M's fraction rule in Python's double precision: 0.01 * 1000 is 10 here, while the same
+        # fraction rounded to the op's float32 parameters would give 9.
+        top_k = max(min(int(top_k * logits.shape[1]), logits.shape[1]), 0)
+    return torch.ops.fourm_fast.sample_tokens.default(
+        logits,
+        uncond_logits,
+        _param(temperature, "temperature", R, dev),
+        _param(top_k, "top_k", R, dev),
+        _param(top_p, "top_p", R, dev),
+        _param(min_p, "min_p", R, dev),
+        _param(cfg_scale, "cfg_scale", R, dev),
+        _counter(seed, "seed", dev),
+        _counter(offset, "offset", dev),
+    )
+
+
+@torch.library.register_fake("fourm_fast::sample_tokens")
+def _sample_tokens_fake(logits, uncond_logits, temperature, top_k, top_p, min_p, cfg_scale, seed, offset):
+    torch._check_value(logits.dim() == 2, lambda: f"sample_tokens: logits must be 2-D (R, V), got {tuple(logits.shape)}")
+    torch._check_value(logits.shape[1] >= 1, lambda: "sample_tokens: the vocabulary is empty (V = 0)")
+    torch._check_type(logits.dtype in _SUPPORTED, lambda: f"sample_tokens: logits must be float32, bfloat16 or float16, got {logits.dtype}")
+    if uncond_logits is not None:
+        torch._check_value(uncond_logits.shape == logits.shape, lambda: "sample_tokens: uncond_logits must match logits' shape")
+        torch._check_type(uncond_logits.dtype == logits.dtype, lambda: "sample_tokens: uncond_logits must have the logits' dtype")
+    for name, t in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p), ("min_p", min_p), ("cfg_scale", cfg_scale)):
+        torch._check_type(t.dtype == torch.float32, lambda: f"sample_tokens: {name} must be a float32 tensor")
+    R = logits.shape[0]
+    return logits.new_empty((R,), dtype=torch.int64), logits.new_empty((R,), dtype=torch.float32)
+
+
+def select_positions(confidence: Tensor, candidates: Tensor, num_select: Tensor) -> Tensor:
+    """Mask of the ``num_select[b]`` most confident candidates of each row (MaskGIT's step).
+
+    Args:
+        confidence: ``(B, N)`` float; NaN among candidates raises (eager mode).
+        candidates: ``(B, N)`` bool, positions that may be chosen.
+        num_select: ``(B,)`` integer counts ``>= 0``; a count above the row's number of
+            candidates selects them all.
+
+    Returns:
+        ``(B, N)`` bool, True at the chosen positions; equal confidences go to the lower index.
+    """
+    if confidence.dim() != 2 or candidates.shape != confidence.shape:
+        raise ValueError(f"select_positions: confidence and candidates must both be (B, N), got {tuple(confidence.shape)} and {tuple(candidates.shape)}")
+    if candidates.dtype != torch.bool:
+        raise TypeError(f"select_positions: candidates must be bool, got {candidates.dtype}")
+    if not confidence.dtype.is_floating_point:
+        raise TypeError(f"select_positions: confidence must be floating point, got {confidence.dtype}")
+    num_select = torch.as_tensor(num_select, device=confidence.device)
+    if num_select.dim() == 0:
+        num_select = num_select.expand(confidence.shape[0])
+    if num_select.shape != (confidence.shape[0],) or num_select.dtype.is_floating_point or num_select.dtype == torch.bool:
+        raise ValueError(f"select_positions: num_select must be integer counts of shape ({confidence.shape[0]},), got {num_select.dtype} {tuple(num_select.shape)}")
+    if not torch.compiler.is_compiling():
+        if bool((num_select < 0).any()):
+            raise ValueError("select_positions: num_select must be >= 0")
+        if bool((torch.isnan(confidence) & candidates).any()):
+            raise ValueError("select_positions: NaN confidence at a candidate position")
+    B, N = confidence.shape
+    # Candidates first, then by confidence descending; stable sorts keep the lower index first.
+    conf = confidence.float().masked_fill(~candidates, 0.0)
+    order = torch.sort(conf, dim=1, descending=True, stable=True).indices
+    cand_sorted = torch.gather(candidates, 1, order).to(torch.uint8)
+    order = torch.gather(order, 1, torch.sort(cand_sorted, dim=1, descending=True, stable=True).indices)
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(N, device=order.device).expand(B, N))
+    return (rank < num_select[:, None]) & candidates
