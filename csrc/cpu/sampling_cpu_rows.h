@@ -24,6 +24,7 @@ using namespace kernels;
 
 struct RowScratch {
   std::vector<float> g;
+  std::vector<float> e;  // per-token exp weights before fixed-point conversion
   std::vector<uint32_t> keys;
   std::vector<uint64_t> weights;
 };
@@ -79,15 +80,22 @@ inline float filter_cut(const float* g, int64_t V, float m, const SampleParams& 
   }
   if (p.top_p < 1.0f) {
     const int bits = mass_scale_bits(V);
+    s.e.resize(static_cast<size_t>(V));
+    float* e = s.e.data();
+    for (int64_t t = 0; t < V; ++t) {  // branch-free: vectorises
+      const float gt = g[t];
+      const bool cand = (gt >= cut) & (gt != -positive_infinity_f32());
+      const float et = ff_exp(ff_sub(gt, m));
+      e[t] = cand ? et : -1.0f;
+    }
     uint64_t total = 0;
     int64_t n = 0;
     for (int64_t t = 0; t < V; ++t) {
-      if (g[t] >= cut && g[t] != -positive_infinity_f32()) {
-        const uint64_t q = mass_weight(ff_exp(ff_sub(g[t], m)), bits);
-        keys[n] = ordered_key(g[t]);
-        weights[n++] = q;
-        total += q;
-      }
+      if (e[t] < 0.0f) continue;
+      const uint64_t q = mass_weight(e[t], bits);
+      keys[n] = ordered_key(g[t]);
+      weights[n++] = q;
+      total += q;
     }
     const uint32_t key = threshold_select(keys, weights, n, top_p_budget(p.top_p, total));
     cut = std::max(cut, key_to_float(key));
@@ -105,13 +113,20 @@ inline RowResult draw_row(const float* g, int64_t V, float m, const SampleParams
     }
   }
   const int bits = mass_scale_bits(V);
+  s.e.resize(static_cast<size_t>(V));
   s.weights.resize(static_cast<size_t>(V));
+  float* e = s.e.data();
   uint64_t* w = s.weights.data();
+  const float temperature = p.temperature;
+  for (int64_t t = 0; t < V; ++t) {  // branch-free (& not &&, both arms computed): vectorises
+    const float gt = g[t];
+    const bool kept = (gt >= cut) & (gt != -positive_infinity_f32()) & (ff_sub(gt, m) >= gap);
+    const float et = ff_exp(tempered(gt, m, temperature));
+    e[t] = kept ? et : 0.0f;
+  }
   uint64_t total = 0;
   for (int64_t t = 0; t < V; ++t) {
-    const float gt = g[t];
-    const bool kept = gt >= cut && gt != -positive_infinity_f32() && ff_sub(gt, m) >= gap;
-    const uint64_t q = kept ? mass_weight(ff_exp(tempered(gt, m, p.temperature)), bits) : 0;
+    const uint64_t q = mass_weight(e[t], bits);
     w[t] = q;
     total += q;
   }

@@ -43,12 +43,16 @@ FF_INLINE float bits_float(uint32_t u) {
 
 // e^x to about 2 ulp. Results below the smallest normal float (x < -87.33) are 0 and x > 88.72
 // gives +inf, so no subnormal arithmetic (flushed differently by different targets) is involved.
+// Written without branches (selects only) so the CPU loops that call it vectorise.
 FF_INLINE float ff_exp(float x) {
-  if (!(x > -87.33654f)) return x != x ? x : 0.0f;  // NaN stays NaN
-  if (x > 88.72283f) return positive_infinity_f32();
+  const float lo = -87.33654f, hi = 88.72283f;
+  const bool under = !(x > lo);  // also true for NaN
+  const bool over = x > hi;
+  float xc = under ? lo : x;
+  xc = over ? hi : xc;
   // x = n ln2 + r, |r| <= ln2/2, with ln2 split in two so n*ln2_hi is exact (Cody and Waite).
-  const float n = floorf(ff_add(ff_mul(x, 1.44269502f), 0.5f));
-  float r = fmaf(-n, 0.693145751953125f, x);
+  const float n = floorf(ff_add(ff_mul(xc, 1.44269502f), 0.5f));
+  float r = fmaf(-n, 0.693145751953125f, xc);
   r = fmaf(-n, 1.428606765330187e-06f, r);
   // Taylor series of e^r to degree 7: truncation below 3e-9 relative on |r| <= 0.347.
   float p = 1.98412698e-04f;
@@ -61,10 +65,13 @@ FF_INLINE float ff_exp(float x) {
   p = fmaf(p, r, 1.0f);
   // Scale by 2^n in two steps so n = -126 or 128 needs no subnormal or overflowing power.
   const int ni = static_cast<int>(n);
-  const int n1 = ni / 2, n2 = ni - n1;
+  const int n1 = ni >> 1, n2 = ni - n1;
   const float s1 = bits_float(static_cast<uint32_t>(n1 + 127) << 23);
   const float s2 = bits_float(static_cast<uint32_t>(n2 + 127) << 23);
-  return ff_mul(ff_mul(p, s1), s2);
+  float result = ff_mul(ff_mul(p, s1), s2);
+  result = over ? positive_infinity_f32() : result;
+  result = under ? 0.0f : result;
+  return x != x ? x : result;
 }
 
 // Natural log of a positive normal float to about 2 ulp (0 -> -inf; negative or NaN -> NaN;
