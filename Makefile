@@ -29,9 +29,11 @@ test: build
 demo: build
 	$(VENV)/bin/fourm-fast info
 	$(PY) bench/bench_vq.py --quick
+	$(PY) bench/bench_sampling.py --quick
 
 bench: build
 	$(PY) bench/bench_vq.py
+	$(PY) bench/bench_sampling.py
 
 device-check:
 	bash bench/device_check.sh

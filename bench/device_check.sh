@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one script to run when an issue is lent a GPU machine (shared/DESIGN.md section 7).
 # Budget: under 6 minutes on an H100/H200 with 16 cores. Everything it measures lands in $OUT:
-#   build.log  info.txt  tests.log  sanitizer.log  bench.log  vq.jsonl
+#   build.log  info.txt  tests.log  sanitizer.log  bench.log  vq.jsonl  sampling.jsonl
 # Commit the JSONL rows it returns into bench/results/.
 #
 # Without a GPU (no nvidia-smi or no visible device) it dry-runs: same build for sm_90 only, the
@@ -47,10 +47,12 @@ fi
 stamp "benchmarks"
 if [ "$gpu" = 1 ]; then
   export FOURM_FAST_RESULTS_DIR="$OUT"
-  { timeout 150 $PY bench/bench_vq.py --device cuda --dtype float32 --max-baseline-gib 24 &&
-    timeout 120 $PY bench/bench_vq.py --device cuda --dtype bfloat16 --max-baseline-gib 24; } >"$OUT/bench.log" 2>&1 || status=1
+  { timeout 120 $PY bench/bench_vq.py --device cuda --dtype float32 --max-baseline-gib 24 &&
+    timeout 90 $PY bench/bench_vq.py --device cuda --dtype bfloat16 --max-baseline-gib 24 &&
+    timeout 90 $PY bench/bench_sampling.py --device cuda; } >"$OUT/bench.log" 2>&1 || status=1
 else
-  timeout 300 $PY bench/bench_vq.py --quick --no-save >"$OUT/bench.log" 2>&1 || status=1
+  { timeout 300 $PY bench/bench_vq.py --quick --no-save &&
+    timeout 300 $PY bench/bench_sampling.py --quick --no-save; } >"$OUT/bench.log" 2>&1 || status=1
 fi
 cat "$OUT/bench.log"
 stamp "done, status $status"

@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from fourm_fast.ops import vq_lookup
+from fourm_fast.ops import sample_tokens, vq_lookup
 
 
 def main() -> int:
@@ -26,6 +26,17 @@ def main() -> int:
                 status = "ok" if agree >= 0.95 else "MISMATCH"
                 failures += status != "ok"
                 print(f"vq_lookup {str(dtype):15} {metric:6} N={N:4} K={K:5} D={D:4}: agree {agree:.3f} {status}")
+    for dtype in (torch.float32, torch.bfloat16):
+        for V in (1, 97, 1031, 30000):
+            logits = (torch.randn(37, V) * 2).to(dtype)
+            uncond = (torch.randn(37, V) * 2).to(dtype)
+            for kw in (dict(), dict(top_k=5, top_p=0.9, min_p=0.01, temperature=0.7), dict(uncond_logits=uncond, cfg_scale=2.0, top_p=0.5)):
+                g = sample_tokens(logits.cuda(), **{k: v.cuda() if torch.is_tensor(v) else v for k, v in kw.items()}, seed=1)
+                torch.cuda.synchronize()
+                c = sample_tokens(logits, **kw, seed=1)
+                same = torch.equal(g[0].cpu(), c[0]) and torch.equal(g[1].cpu(), c[1])
+                failures += not same
+                print(f"sample_tokens {str(dtype):15} V={V:6} {sorted(kw)}: {'ok' if same else 'MISMATCH'}")
     return 1 if failures else 0
 
 
