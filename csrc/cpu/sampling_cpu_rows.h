@@ -63,8 +63,10 @@ int32_t load_row(const scalar_t* cond, int64_t cs1, const scalar_t* uncond, int6
   return kSampleOk;
 }
 
-// The kept set is {t : g[t] >= cut, g[t] finite, g[t] - m >= gap}; returns cut.
-inline float filter_cut(const float* g, int64_t V, float m, const SampleParams& p, RowScratch& s) {
+// The kept set is {t : g[t] >= cut, g[t] finite, g[t] - m >= gap}; returns cut. When top-p ran,
+// s.e[t] holds exp(g[t] - m) for every finite g[t] >= the top-k cut (and *e_valid is set).
+inline float filter_cut(const float* g, int64_t V, float m, const SampleParams& p, RowScratch& s, bool* e_valid) {
+  *e_valid = false;
   float cut = -positive_infinity_f32();
   const int64_t k = effective_top_k(p.top_k, V);
   s.keys.resize(static_cast<size_t>(V));
@@ -99,13 +101,15 @@ inline float filter_cut(const float* g, int64_t V, float m, const SampleParams& 
     }
     const uint32_t key = threshold_select(keys, weights, n, top_p_budget(p.top_p, total));
     cut = std::max(cut, key_to_float(key));
+    *e_valid = true;
   }
   return cut;
 }
 
 inline RowResult draw_row(const float* g, int64_t V, float m, const SampleParams& p, uint64_t seed,
                           uint64_t offset, uint32_t row, RowScratch& s) {
-  const float cut = filter_cut(g, V, m, p, s);
+  bool e_valid = false;
+  const float cut = filter_cut(g, V, m, p, s, &e_valid);
   const float gap = min_p_logit_gap(p.min_p);
   if (p.temperature == 0.0f) {
     for (int64_t t = 0; t < V; ++t) {
@@ -118,11 +122,20 @@ inline RowResult draw_row(const float* g, int64_t V, float m, const SampleParams
   float* e = s.e.data();
   uint64_t* w = s.weights.data();
   const float temperature = p.temperature;
-  for (int64_t t = 0; t < V; ++t) {  // branch-free (& not &&, both arms computed): vectorises
-    const float gt = g[t];
-    const bool kept = (gt >= cut) & (gt != -positive_infinity_f32()) & (ff_sub(gt, m) >= gap);
-    const float et = ff_exp(tempered(gt, m, temperature));
-    e[t] = kept ? et : 0.0f;
+  if (e_valid && temperature == 1.0f) {
+    // (g - m) / 1 == g - m exactly: reuse the top-p pass's exp values.
+    for (int64_t t = 0; t < V; ++t) {
+      const float gt = g[t];
+      const bool kept = (gt >= cut) & (gt != -positive_infinity_f32()) & (ff_sub(gt, m) >= gap);
+      e[t] = kept ? e[t] : 0.0f;
+    }
+  } else {
+    for (int64_t t = 0; t < V; ++t) {  // branch-free (& not &&, both arms computed): vectorises
+      const float gt = g[t];
+      const bool kept = (gt >= cut) & (gt != -positive_infinity_f32()) & (ff_sub(gt, m) >= gap);
+      const float et = ff_exp(tempered(gt, m, temperature));
+      e[t] = kept ? et : 0.0f;
+    }
   }
   uint64_t total = 0;
   for (int64_t t = 0; t < V; ++t) {
