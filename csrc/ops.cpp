@@ -22,6 +22,13 @@ TORCH_LIBRARY(fourm_fast, m) {
   m.def(
       "sample_tokens(Tensor logits, Tensor? uncond_logits, Tensor temperature, Tensor top_k, Tensor top_p, "
       "Tensor min_p, Tensor cfg_scale, Tensor seed, Tensor offset) -> (Tensor tokens, Tensor probs)");
+  m.def(
+      "masked_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor k_valid, Tensor? q_segment, Tensor? k_segment, "
+      "Tensor? q_limit, Tensor? k_rank, float scale) -> (Tensor out, Tensor lse)");
+  m.def(
+      "masked_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor k_valid, "
+      "Tensor? q_segment, Tensor? k_segment, Tensor? q_limit, Tensor? k_rank, float scale) "
+      "-> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
 }
 
 #ifndef FOURM_FAST_WITH_CUDA
@@ -40,6 +47,8 @@ void cuda_kernels_missing(const c10::OperatorHandle& op, torch::jit::Stack*) {
 TORCH_LIBRARY_IMPL(fourm_fast, CUDA, m) {
   m.impl("vq_lookup", torch::CppFunction::makeFromBoxedFunction<&cuda_kernels_missing>());
   m.impl("sample_tokens", torch::CppFunction::makeFromBoxedFunction<&cuda_kernels_missing>());
+  m.impl("masked_attention_fwd", torch::CppFunction::makeFromBoxedFunction<&cuda_kernels_missing>());
+  m.impl("masked_attention_bwd", torch::CppFunction::makeFromBoxedFunction<&cuda_kernels_missing>());
 }
 #endif
 

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 DATA = Path(__file__).resolve().parent / "data"
-_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": None, "BOOL": np.bool_, "I64": np.int64, "I32": np.int32}
+_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": None, "BOOL": np.bool_, "I64": np.int64, "I32": np.int32, "I16": np.int16, "U8": np.uint8, "I8": np.int8}
 
 
 def load_safetensors(name: str) -> dict[str, torch.Tensor]:

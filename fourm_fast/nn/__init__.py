@@ -1,4 +1,5 @@
 """nn.Modules built on fourm_fast's ops."""
+from .attention import Attention, CrossAttention
 from .vector_quantizer import VectorQuantizer, VQOutput
 
-__all__ = ["VectorQuantizer", "VQOutput"]
+__all__ = ["Attention", "CrossAttention", "VectorQuantizer", "VQOutput"]

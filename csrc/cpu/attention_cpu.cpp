@@ -1,0 +1,254 @@
+// CPU executor of masked_attention (forward and backward). Work is split over (batch, head) pairs
+// with at::parallel_for; each pair walks query tiles of kTileQ rows. For a query tile, the key
+// range is narrowed to the key tiles the metadata says may be visible (tokens of a modality are
+// contiguous in 4M's layout, so decoder tiles touch one modality's keys), the tile's scores are a
+// BLAS product (kTileQ x keys, never N x N), the mask is applied from per-token metadata, and the
+// rest follows flash attention's algebra: logsumexp saved in the forward pass, probabilities
+// recomputed in the backward pass.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <vector>
+
+#include "../attention_checks.h"
+#include "../kernels/attention_math.h"
+
+namespace fourm_fast {
+namespace {
+
+using kernels::AttnKeyMeta;
+using kernels::AttnQueryMeta;
+using kernels::AttnTileBounds;
+
+constexpr int64_t kTileQ = 128;
+constexpr int64_t kTileK = 64;
+
+// Metadata of the whole batch as contiguous CPU arrays, plus per-tile bounds of the keys.
+struct MetaView {
+  const bool* valid = nullptr;
+  const int32_t* qseg = nullptr;
+  const int32_t* kseg = nullptr;
+  const int32_t* qlim = nullptr;
+  const int32_t* krank = nullptr;
+  bool has_segments = false, has_ranks = false;
+  int64_t Nq = 0, Nk = 0, key_tiles = 0;
+  std::vector<AttnTileBounds> key_bounds;  // [B][key_tiles]
+  std::vector<at::Tensor> keep_alive;
+
+  AttnQueryMeta query(int64_t b, int64_t i) const {
+    return {has_segments ? qseg[b * Nq + i] : 0, has_ranks ? qlim[b * Nq + i] : 0};
+  }
+  AttnKeyMeta key(int64_t b, int64_t j) const {
+    return {valid[b * Nk + j], has_segments ? kseg[b * Nk + j] : 0, has_ranks ? krank[b * Nk + j] : 0};
+  }
+  bool visible(int64_t b, int64_t i, int64_t j) const {
+    return kernels::attn_visible(query(b, i), key(b, j), has_segments, has_ranks);
+  }
+
+  // [jlo, jhi): the keys of every tile that may be visible to queries [i0, i1) (empty: jlo == jhi).
+  void key_range(int64_t b, int64_t i0, int64_t i1, int64_t* jlo, int64_t* jhi) const {
+    AttnTileBounds qb{INT32_MAX, INT32_MIN, 0, INT32_MIN, true};
+    for (int64_t i = i0; i < i1; ++i) {
+      const AttnQueryMeta m = query(b, i);
+      qb.seg_min = std::min(qb.seg_min, m.segment);
+      qb.seg_max = std::max(qb.seg_max, m.segment);
+      qb.limit_max = std::max(qb.limit_max, m.limit);
+    }
+    *jlo = Nk;
+    *jhi = 0;
+    for (int64_t t = 0; t < key_tiles; ++t) {
+      if (!kernels::attn_tiles_may_meet(qb, key_bounds[b * key_tiles + t], has_segments, has_ranks)) continue;
+      *jlo = std::min(*jlo, t * kTileK);
+      *jhi = std::max(*jhi, std::min(Nk, (t + 1) * kTileK));
+    }
+    if (*jhi <= *jlo) *jlo = *jhi = 0;
+  }
+};
+
+MetaView make_meta(const AttnInputs& in) {
+  MetaView m;
+  m.Nq = in.Nq;
+  m.Nk = in.Nk;
+  m.has_segments = in.has_segments;
+  m.has_ranks = in.has_ranks;
+  auto keep = [&](const at::Tensor& t) {
+    m.keep_alive.push_back(t.contiguous());
+    return m.keep_alive.back();
+  };
+  m.valid = keep(in.k_valid).const_data_ptr<bool>();
+  if (in.has_segments) {
+    m.qseg = keep(in.q_segment).const_data_ptr<int32_t>();
+    m.kseg = keep(in.k_segment).const_data_ptr<int32_t>();
+  }
+  if (in.has_ranks) {
+    m.qlim = keep(in.q_limit).const_data_ptr<int32_t>();
+    m.krank = keep(in.k_rank).const_data_ptr<int32_t>();
+  }
+  m.key_tiles = (in.Nk + kTileK - 1) / kTileK;
+  m.key_bounds.resize(static_cast<size_t>(in.B * m.key_tiles));
+  for (int64_t b = 0; b < in.B; ++b) {
+    for (int64_t t = 0; t < m.key_tiles; ++t) {
+      AttnTileBounds kb{INT32_MAX, INT32_MIN, INT32_MAX, 0, false};
+      for (int64_t j = t * kTileK; j < std::min(in.Nk, (t + 1) * kTileK); ++j) {
+        const AttnKeyMeta km = m.key(b, j);
+        if (!km.valid) continue;
+        kb.any_valid = true;
+        kb.seg_min = std::min(kb.seg_min, km.segment);
+        kb.seg_max = std::max(kb.seg_max, km.segment);
+        kb.rank_min = std::min(kb.rank_min, km.rank);
+      }
+      m.key_bounds[b * m.key_tiles + t] = kb;
+    }
+  }
+  return m;
+}
+
+// Scores of one query tile against keys [jlo, jhi) -> in place: probabilities exp(s*scale - lse)
+// of visible keys, 0 elsewhere. With lse == nullptr (forward) it computes and returns the lse.
+void tile_probabilities(const MetaView& meta, int64_t b, int64_t i0, int64_t jlo, at::Tensor& scores, float scale,
+                        float* lse_rows, bool compute_lse) {
+  const int64_t tq = scores.size(0), nk = scores.size(1);
+  float* s = scores.data_ptr<float>();
+  for (int64_t r = 0; r < tq; ++r) {
+    float* row = s + r * nk;
+    const int64_t i = i0 + r;
+    if (compute_lse) {
+      float mx = -INFINITY;
+      for (int64_t c = 0; c < nk; ++c) {
+        const bool vis = meta.visible(b, i, jlo + c);
+        row[c] = vis ? row[c] * scale : -INFINITY;
+        mx = std::max(mx, row[c]);
+      }
+      float sum = 0.0f;
+      if (mx != -INFINITY) {
+        for (int64_t c = 0; c < nk; ++c) {
+          row[c] = row[c] == -INFINITY ? 0.0f : std::exp(row[c] - mx);
+          sum += row[c];
+        }
+      } else {
+        for (int64_t c = 0; c < nk; ++c) row[c] = 0.0f;
+      }
+      lse_rows[r] = kernels::attn_lse(mx, sum);
+    } else {
+      const float lse = lse_rows[r];
+      for (int64_t c = 0; c < nk; ++c) {
+        row[c] = meta.visible(b, i, jlo + c) ? kernels::attn_prob(row[c] * scale, lse) : 0.0f;
+      }
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> masked_attention_fwd_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_valid,
+    const std::optional<at::Tensor>& q_segment, const std::optional<at::Tensor>& k_segment,
+    const std::optional<at::Tensor>& q_limit, const std::optional<at::Tensor>& k_rank, double scale_d) {
+  const AttnInputs in = check_attention_inputs(q, k, v, k_valid, q_segment, k_segment, q_limit, k_rank);
+  TORCH_CHECK_VALUE(q.device().is_cpu(), "masked_attention (CPU): inputs must be CPU tensors");
+  // The ATen calls below are implementation, not graph: inputs are detached (parallel_for workers
+  // would not inherit a dispatch guard).
+  const float scale = static_cast<float>(scale_d);
+  const at::Tensor qf = q.detach().to(at::kFloat).contiguous(), kf = k.detach().to(at::kFloat).contiguous(),
+                   vf = v.detach().to(at::kFloat).contiguous();
+  at::Tensor out = at::empty({in.B, in.H, in.Nq, in.D}, q.options().dtype(at::kFloat));
+  at::Tensor lse = at::empty({in.B, in.H, in.Nq}, q.options().dtype(at::kFloat));
+  if (out.numel() == 0 && lse.numel() == 0) return {out.to(q.scalar_type()), lse};
+  const MetaView meta = make_meta(in);
+  at::parallel_for(0, in.B * in.H, 1, [&](int64_t bh0, int64_t bh1) {
+    for (int64_t bh = bh0; bh < bh1; ++bh) {
+      const int64_t b = bh / in.H, h = bh % in.H;
+      const at::Tensor Q = qf[b][h], K = kf[b][h], V = vf[b][h];
+      at::Tensor O = out[b][h];
+      float* L = lse[b][h].data_ptr<float>();
+      for (int64_t i0 = 0; i0 < in.Nq; i0 += kTileQ) {
+        const int64_t tq = std::min(kTileQ, in.Nq - i0);
+        int64_t jlo, jhi;
+        meta.key_range(b, i0, i0 + tq, &jlo, &jhi);
+        at::Tensor o_tile = O.narrow(0, i0, tq);
+        if (jhi == jlo) {  // no query of the tile sees any key
+          o_tile.zero_();
+          for (int64_t r = 0; r < tq; ++r) L[i0 + r] = -INFINITY;
+          continue;
+        }
+        at::Tensor P = at::mm(Q.narrow(0, i0, tq), K.narrow(0, jlo, jhi - jlo).t());
+        tile_probabilities(meta, b, i0, jlo, P, scale, L + i0, /*compute_lse=*/true);
+        // Rows were exp(s - max); normalise by their sums: exp(s - lse) = exp(s - max) / sum.
+        at::Tensor sums = P.sum(1, /*keepdim=*/true);
+        at::Tensor inv = at::where(sums > 0, sums.reciprocal(), at::zeros_like(sums));
+        at::mm_out(o_tile, P, V.narrow(0, jlo, jhi - jlo));
+        o_tile.mul_(inv);
+      }
+    }
+  });
+  return {out.to(q.scalar_type()), lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_attention_bwd_cpu(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const at::Tensor& k_valid, const std::optional<at::Tensor>& q_segment,
+    const std::optional<at::Tensor>& k_segment, const std::optional<at::Tensor>& q_limit,
+    const std::optional<at::Tensor>& k_rank, double scale_d) {
+  const AttnInputs in = check_attention_inputs(q, k, v, k_valid, q_segment, k_segment, q_limit, k_rank);
+  TORCH_CHECK_VALUE(q.device().is_cpu(), "masked_attention (CPU): inputs must be CPU tensors");
+  // The ATen calls below are implementation, not graph: inputs are detached (parallel_for workers
+  // would not inherit a dispatch guard).
+  TORCH_CHECK_VALUE(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(),
+                    "masked_attention backward: grad_out and out must have q's shape ", q.sizes());
+  TORCH_CHECK_VALUE(lse.dim() == 3 && lse.size(0) == in.B && lse.size(1) == in.H && lse.size(2) == in.Nq &&
+                        lse.scalar_type() == at::kFloat,
+                    "masked_attention backward: lse must be float32 (B, H, Nq)");
+  const float scale = static_cast<float>(scale_d);
+  const at::Tensor qf = q.detach().to(at::kFloat).contiguous(), kf = k.detach().to(at::kFloat).contiguous(),
+                   vf = v.detach().to(at::kFloat).contiguous(), of = out.detach().to(at::kFloat).contiguous(),
+                   gf = grad_out.detach().to(at::kFloat).contiguous(), lf = lse.contiguous();
+  at::Tensor dq = at::zeros({in.B, in.H, in.Nq, in.D}, q.options().dtype(at::kFloat));
+  at::Tensor dk = at::zeros({in.B, in.H, in.Nk, in.D}, q.options().dtype(at::kFloat));
+  at::Tensor dv = at::zeros({in.B, in.H, in.Nk, in.D}, q.options().dtype(at::kFloat));
+  const MetaView meta = make_meta(in);
+  at::parallel_for(0, in.B * in.H, 1, [&](int64_t bh0, int64_t bh1) {
+    for (int64_t bh = bh0; bh < bh1; ++bh) {
+      const int64_t b = bh / in.H, h = bh % in.H;
+      const at::Tensor Q = qf[b][h], K = kf[b][h], V = vf[b][h], O = of[b][h], G = gf[b][h];
+      at::Tensor dQ = dq[b][h], dK = dk[b][h], dV = dv[b][h];
+      const float* L = lf[b][h].const_data_ptr<float>();
+      for (int64_t i0 = 0; i0 < in.Nq; i0 += kTileQ) {
+        const int64_t tq = std::min(kTileQ, in.Nq - i0);
+        int64_t jlo, jhi;
+        meta.key_range(b, i0, i0 + tq, &jlo, &jhi);
+        if (jhi == jlo) continue;  // invisible rows: zero gradients
+        const int64_t nk = jhi - jlo;
+        const at::Tensor q_t = Q.narrow(0, i0, tq), g_t = G.narrow(0, i0, tq), o_t = O.narrow(0, i0, tq);
+        const at::Tensor k_r = K.narrow(0, jlo, nk), v_r = V.narrow(0, jlo, nk);
+        at::Tensor P = at::mm(q_t, k_r.t());
+        std::vector<float> lse_rows(L + i0, L + i0 + tq);
+        tile_probabilities(meta, b, i0, jlo, P, scale, lse_rows.data(), /*compute_lse=*/false);
+        at::Tensor dV_r = dV.narrow(0, jlo, nk);
+        dV_r.addmm_(P.t(), g_t);
+        at::Tensor dS = at::mm(g_t, v_r.t());                  // dP
+        const at::Tensor delta = (g_t * o_t).sum(1, true);     // (tq, 1)
+        {
+          float* ds = dS.data_ptr<float>();
+          const float* p = P.const_data_ptr<float>();
+          const float* dl = delta.const_data_ptr<float>();
+          for (int64_t r = 0; r < tq; ++r) {
+            for (int64_t c = 0; c < nk; ++c) ds[r * nk + c] = kernels::attn_dscore(p[r * nk + c], ds[r * nk + c], dl[r]);
+          }
+        }
+        dQ.narrow(0, i0, tq).addmm_(dS, k_r, /*beta=*/1, /*alpha=*/scale);
+        dK.narrow(0, jlo, nk).addmm_(dS.t(), q_t, /*beta=*/1, /*alpha=*/scale);
+      }
+    }
+  });
+  const auto st = q.scalar_type();
+  return {dq.to(st), dk.to(st), dv.to(st)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fourm_fast, CPU, m) {
+  m.impl("masked_attention_fwd", &masked_attention_fwd_cpu);
+  m.impl("masked_attention_bwd", &masked_attention_bwd_cpu);
+}
+
+}  // namespace fourm_fast

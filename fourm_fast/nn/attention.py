@@ -1,0 +1,66 @@
+"""Attention modules on masked_attention, with 4M's parameter names (qkv/proj; q/kv/proj) and no
+biases by default, as 4M's released models."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..ops.attention import masked_attention
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention of ``x (B, N, dim)``; the mask comes from per-token metadata.
+
+    ``forward(x, k_valid=None, segment=None, limit=None, rank=None)``: k_valid ``(B, N)`` bool
+    (default: all valid); segment ``(B, N)`` int32 restricts attention to equal segments; limit
+    and rank ``(B, N)`` int32 make key j visible to query i iff rank[j] <= limit[i].
+    """
+
+    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, proj_bias: bool = False,
+                 backend: str | None = None):
+        super().__init__()
+        if dim % num_heads != 0:
+            raise ValueError(f"Attention: dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.backend = backend
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim, bias=proj_bias)
+
+    def forward(self, x: Tensor, k_valid: Tensor | None = None, segment: Tensor | None = None,
+                limit: Tensor | None = None, rank: Tensor | None = None) -> Tensor:
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        if k_valid is None:
+            k_valid = torch.ones(B, N, dtype=torch.bool, device=x.device)
+        out = masked_attention(qkv[0], qkv[1], qkv[2], k_valid, segment, segment, limit, rank, backend=self.backend)
+        return self.proj(out.transpose(1, 2).reshape(B, N, C))
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention of ``x (B, Nq, dim)`` over ``context (B, Nk, dim)``.
+
+    ``forward(x, context, context_valid=None)``: context_valid ``(B, Nk)`` bool masks padding of
+    the encoder output (4M's decoder cross-attention).
+    """
+
+    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, proj_bias: bool = False,
+                 backend: str | None = None):
+        super().__init__()
+        if dim % num_heads != 0:
+            raise ValueError(f"CrossAttention: dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.backend = backend
+        self.q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim, bias=proj_bias)
+
+    def forward(self, x: Tensor, context: Tensor, context_valid: Tensor | None = None) -> Tensor:
+        B, Nq, C = x.shape
+        Nk = context.shape[1]
+        h = self.num_heads
+        q = self.q(x).reshape(B, Nq, h, C // h).transpose(1, 2)
+        kv = self.kv(context).reshape(B, Nk, 2, h, C // h).permute(2, 0, 3, 1, 4)
+        if context_valid is None:
+            context_valid = torch.ones(B, Nk, dtype=torch.bool, device=x.device)
+        out = masked_attention(q, kv[0], kv[1], context_valid, backend=self.backend)
+        return self.proj(out.transpose(1, 2).reshape(B, Nq, C))

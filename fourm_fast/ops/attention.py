@@ -1,0 +1,188 @@
+"""Masked attention from O(N) per-token metadata, with a backend dispatcher.
+
+Backends, in priority order: ``fourm_fast`` (this library's kernels), ``flash_attn`` (varlen,
+only for patterns it can express, when installed) and ``sdpa_dense`` (PyTorch SDPA with a dense
+bool mask built from the metadata). ``backend=`` or FOURM_FAST_ATTENTION_BACKEND picks one; when
+none fits, the error lists every backend with its reasons.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..reference.attention import visible_mask
+
+_SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@dataclass
+class AttentionInputs:
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    k_valid: Tensor
+    q_segment: Tensor | None
+    k_segment: Tensor | None
+    q_limit: Tensor | None
+    k_rank: Tensor | None
+    scale: float
+
+
+def _has_cuda_kernel(op: str) -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"fourm_fast::{op}", "CUDA")
+
+
+class Backend:
+    name = "?"
+
+    def not_supported_reasons(self, a: AttentionInputs) -> list[str]:
+        raise NotImplementedError
+
+    def __call__(self, a: AttentionInputs) -> Tensor:
+        raise NotImplementedError
+
+
+class FourmFastBackend(Backend):
+    name = "fourm_fast"
+
+    def not_supported_reasons(self, a):
+        reasons = []
+        if a.q.device.type == "cuda":
+            from .._extension import extension
+
+            if not extension().build_info()["cuda_compiled"]:
+                reasons.append("this build has no CUDA kernels")
+            elif not _has_cuda_kernel("masked_attention_fwd"):
+                reasons.append("the CUDA masked_attention kernel is not implemented in this build")
+        elif a.q.device.type != "cpu":
+            reasons.append(f"device {a.q.device.type} is not supported")
+        return reasons
+
+    def __call__(self, a):
+        out, _ = torch.ops.fourm_fast.masked_attention_fwd.default(
+            a.q, a.k, a.v, a.k_valid, a.q_segment, a.k_segment, a.q_limit, a.k_rank, a.scale)
+        return out
+
+
+class SdpaDenseBackend(Backend):
+    """PyTorch SDPA with a (B, 1, Nq, Nk) bool mask: materialises the N x N mask."""
+
+    name = "sdpa_dense"
+
+    def not_supported_reasons(self, a):
+        return []
+
+    def __call__(self, a):
+        vis = visible_mask(a.k_valid, a.q.shape[2], a.q_segment, a.k_segment, a.q_limit, a.k_rank)[:, None]
+        out = F.scaled_dot_product_attention(a.q, a.k, a.v, attn_mask=vis, scale=a.scale)
+        # SDPA returns NaN for queries that see nothing; the op's contract is zeros.
+        return out.masked_fill(~vis.any(-1, keepdim=True), 0.0)
+
+
+class FlashAttnBackend(Backend):
+    name = "flash_attn"
+
+    def not_supported_reasons(self, a):
+        reasons = []
+        try:
+            import flash_attn  # noqa: F401
+        except ImportError:
+            reasons.append("flash-attn is not installed")
+        if a.q.device.type != "cuda":
+            reasons.append("flash-attn runs on CUDA only")
+        if a.q.dtype not in (torch.float16, torch.bfloat16):
+            reasons.append("flash-attn needs float16 or bfloat16")
+        if a.q_segment is not None or a.q_limit is not None:
+            reasons.append("segment/rank masks are not expressible as flash-attn varlen sequences")
+        reasons.append("the flash-attn varlen path is not wired up yet")
+        return reasons
+
+    def __call__(self, a):
+        raise NotImplementedError
+
+
+BACKENDS: dict[str, Backend] = {b.name: b for b in (FourmFastBackend(), FlashAttnBackend(), SdpaDenseBackend())}
+
+
+def select_backend(a: AttentionInputs, backend: str | None = None) -> Backend:
+    """The first backend that supports the inputs; with `backend` (or the environment override
+    FOURM_FAST_ATTENTION_BACKEND) only that one, raising with its reasons if it cannot run."""
+    wanted = backend or os.environ.get("FOURM_FAST_ATTENTION_BACKEND") or None
+    if wanted is not None and wanted not in BACKENDS:
+        raise ValueError(f"masked_attention: unknown backend {wanted!r}; choose from {sorted(BACKENDS)}")
+    order = [BACKENDS[wanted]] if wanted else list(BACKENDS.values())
+    rejected = []
+    for b in order:
+        reasons = b.not_supported_reasons(a)
+        if not reasons:
+            return b
+        rejected.append(f"  {b.name}: " + "; ".join(reasons))
+    raise RuntimeError("masked_attention: no backend can run these inputs:\n" + "\n".join(rejected))
+
+
+def masked_attention(q: Tensor, k: Tensor, v: Tensor, k_valid: Tensor, q_segment: Tensor | None = None,
+                     k_segment: Tensor | None = None, q_limit: Tensor | None = None, k_rank: Tensor | None = None,
+                     scale: float | None = None, backend: str | None = None) -> Tensor:
+    """Attention whose mask is computed on the fly from per-token metadata.
+
+    Args:
+        q: ``(B, H, Nq, d)``; k, v: ``(B, H, Nk, d)``; float32 / bfloat16 / float16, strided views ok.
+        k_valid: ``(B, Nk)`` bool, False for padding keys.
+        q_segment, k_segment: ``(B, Nq)``, ``(B, Nk)`` int32 or None: attend within a segment only.
+        q_limit, k_rank: ``(B, Nq)``, ``(B, Nk)`` int32 or None: key j visible iff k_rank[j] <= q_limit[i].
+        scale: score scale, default ``d ** -0.5``.
+        backend: "fourm_fast", "flash_attn", "sdpa_dense" or None (first that fits).
+
+    Returns:
+        ``(B, H, Nq, d)`` in q's dtype. A query that sees no key outputs zeros (zero gradients).
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    a = AttentionInputs(q, k, v, k_valid, q_segment, k_segment, q_limit, k_rank, scale)
+    return select_backend(a, backend)(a)
+
+
+def _fake_checks(q, k, v, k_valid):
+    torch._check_value(q.dim() == 4 and k.dim() == 4 and v.dim() == 4, lambda: "masked_attention: q, k, v must be 4-D (B, H, N, d)")
+    torch._check_type(q.dtype in _SUPPORTED, lambda: f"masked_attention: q must be float32, bfloat16 or float16, got {q.dtype}")
+    torch._check_type(k.dtype == q.dtype and v.dtype == q.dtype, lambda: "masked_attention: q, k, v must share a dtype")
+    torch._check_value(k.shape[:2] == q.shape[:2] and v.shape[:3] == k.shape[:3], lambda: "masked_attention: mismatched B/H/N")
+    torch._check_value(k.shape[3] == q.shape[3] and v.shape[3] == q.shape[3], lambda: "masked_attention: head dims differ")
+    torch._check_type(k_valid.dtype == torch.bool, lambda: "masked_attention: k_valid must be bool")
+
+
+@torch.library.register_fake("fourm_fast::masked_attention_fwd")
+def _fwd_fake(q, k, v, k_valid, q_segment, k_segment, q_limit, k_rank, scale):
+    _fake_checks(q, k, v, k_valid)
+    B, H, Nq, _ = q.shape
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((B, H, Nq), dtype=torch.float32)
+
+
+@torch.library.register_fake("fourm_fast::masked_attention_bwd")
+def _bwd_fake(grad_out, q, k, v, out, lse, k_valid, q_segment, k_segment, q_limit, k_rank, scale):
+    _fake_checks(q, k, v, k_valid)
+    c = torch.contiguous_format
+    return torch.empty_like(q, memory_format=c), torch.empty_like(k, memory_format=c), torch.empty_like(v, memory_format=c)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, k_valid, q_segment, k_segment, q_limit, k_rank, scale = inputs
+    out, lse = output
+    ctx.scale = scale
+    ctx.save_for_backward(q, k, v, out, lse, k_valid, q_segment, k_segment, q_limit, k_rank)
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, k_valid, q_segment, k_segment, q_limit, k_rank = ctx.saved_tensors
+    if grad_out is None:
+        return (None,) * 9
+    dq, dk, dv = torch.ops.fourm_fast.masked_attention_bwd.default(
+        grad_out.contiguous(), q, k, v, out, lse, k_valid, q_segment, k_segment, q_limit, k_rank, ctx.scale)
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+torch.library.register_autograd("fourm_fast::masked_attention_fwd", _backward, setup_context=_setup_context)

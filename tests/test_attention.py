@@ -1,0 +1,208 @@
+"""masked_attention on the CPU: float64 reference parity (outputs and gradients), 4M's decoder rule,
+hostile shapes, low precision, dispatcher, opcheck and torch.compile."""
+import itertools
+import math
+
+import pytest
+import torch
+
+from fourm_fast.ops import masked_attention
+from fourm_fast.ops.attention import select_backend, AttentionInputs
+from fourm_fast.reference.attention import decoder_metadata_4m, masked_attention_reference, visible_mask
+from parity import load_json, load_safetensors
+
+
+def _metadata(B, Nq, Nk, kind, gen):
+    k_valid = torch.rand(B, Nk, generator=gen) > 0.2
+    meta = dict(q_segment=None, k_segment=None, q_limit=None, k_rank=None)
+    if kind in ("segments", "both"):
+        meta["q_segment"] = torch.randint(0, 4, (B, Nq), generator=gen, dtype=torch.int32)
+        meta["k_segment"] = torch.randint(0, 3, (B, Nk), generator=gen, dtype=torch.int32)  # segment 3: empty
+    if kind in ("ranks", "both"):
+        meta["k_rank"] = torch.arange(Nk, dtype=torch.int32).expand(B, Nk).contiguous()
+        meta["q_limit"] = torch.randint(-1, Nk, (B, Nq), generator=gen, dtype=torch.int32)
+    return k_valid, meta
+
+
+def _check(q, k, v, k_valid, meta, atol):
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    out = masked_attention(q, k, v, k_valid, **meta)
+    ref_in = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = masked_attention_reference(*ref_in, k_valid, **meta)
+    torch.testing.assert_close(out.double(), ref, atol=atol, rtol=atol)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    ref_grads = torch.autograd.grad(ref, ref_in, g.double())
+    for name, a, b in zip("qkv", grads, ref_grads):
+        torch.testing.assert_close(a.double(), b, atol=atol * 10, rtol=atol * 10, msg=lambda m: f"d{name}: {m}")
+    return out
+
+
+@pytest.mark.parametrize("kind", ["padding", "segments", "ranks", "both"])
+@pytest.mark.parametrize("B,H,Nq,Nk,d", [(1, 1, 1, 1, 16), (2, 3, 17, 128, 32), (1, 12, 128, 17, 64),
+                                          (2, 1, 257, 257, 16), (1, 3, 128, 128, 128), (3, 3, 1, 257, 64)])
+def test_matches_float64_reference(B, H, Nq, Nk, d, kind):
+    gen = torch.Generator().manual_seed(B * 1000 + Nq + Nk + d)
+    q, k, v = (torch.randn(B, H, n, d, generator=gen) for n in (Nq, Nk, Nk))
+    k_valid, meta = _metadata(B, Nq, Nk, kind, gen)
+    _check(q, k, v, k_valid, meta, atol=2e-5)
+
+
+def test_queries_that_see_nothing_get_zeros_and_zero_grads():
+    B, H, N, d = 2, 3, 40, 16
+    q, k, v = (torch.randn(B, H, N, d, requires_grad=True) for _ in range(3))
+    k_valid = torch.ones(B, N, dtype=torch.bool)
+    k_valid[1] = False  # the whole second sample is padding
+    q_seg = torch.zeros(B, N, dtype=torch.int32)
+    q_seg[0, :5] = 9  # segment with no keys
+    k_seg = torch.zeros(B, N, dtype=torch.int32)
+    out = masked_attention(q, k, v, k_valid, q_seg, k_seg)
+    assert (out[1] == 0).all() and (out[0, :, :5] == 0).all()
+    out.sum().backward()
+    for t in (q, k, v):
+        assert torch.isfinite(t.grad).all()
+    assert (q.grad[1] == 0).all() and (q.grad[0, :, :5] == 0).all()
+    assert (k.grad[1] == 0).all() and (v.grad[1] == 0).all()
+
+
+def test_non_contiguous_views():
+    B, N, H, d = 2, 33, 3, 32
+    x = torch.randn(B, N, 3, H, d)
+    q, k, v = (x[:, :, i].transpose(1, 2) for i in range(3))  # (B, H, N, d) strided views
+    gen = torch.Generator().manual_seed(5)
+    k_valid, meta = _metadata(B, N, N, "both", gen)
+    _check(q, k, v, k_valid, meta, atol=2e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_error_bound(dtype):
+    # FlashAttention's rule: |out - ref| <= 2 |naive_lowprec - ref| + eps, naive_lowprec being the
+    # reference computed eagerly in the low-precision dtype.
+    gen = torch.Generator().manual_seed(3)
+    B, H, N, d = 2, 3, 130, 64
+    q, k, v = (torch.randn(B, H, N, d, generator=gen).to(dtype) for _ in range(3))
+    k_valid, meta = _metadata(B, N, N, "both", gen)
+    out = masked_attention(q, k, v, k_valid, **meta)
+    assert out.dtype == dtype
+    ref = masked_attention_reference(q, k, v, k_valid, **meta)
+    naive = masked_attention_reference(q, k, v, k_valid, **meta, dtype=dtype)
+    eps = 1e-3
+    assert ((out.double() - ref).abs() <= 2 * (naive.double() - ref).abs().max() + eps).all()
+
+
+PARITY = load_safetensors("decoder_mask.safetensors")
+CASES = load_json("decoder_mask.json")["cases"]
+
+
+@pytest.mark.parametrize("case,flags", [(c, f) for c in CASES for f in ("causal0_sep1", "causal0_sep0", "causal1_sep1", "causal1_sep0")])
+def test_4m_decoder_rule_from_metadata(case, flags):
+    dam = PARITY[f"{case}.decoder_attention_mask"]
+    mod = PARITY[f"{case}.mod_mask"]
+    expected_blocked = PARITY[f"{case}.out.{flags}"]
+    causal, sep = flags == "causal1_sep1" or flags == "causal1_sep0", flags.endswith("sep1")
+    k_valid, q_seg, k_seg, q_lim, k_rank = decoder_metadata_4m(dam, mod, causal=causal, sep=sep)
+    vis = visible_mask(k_valid, dam.shape[1], q_seg, k_seg, q_lim, k_rank)
+    assert torch.equal(vis, ~expected_blocked)
+    # The op sees the same sets: with q = k = 0 and v = identity, out[i, j] = 1/|visible(i)| or 0.
+    B, M = dam.shape
+    q = torch.zeros(B, 1, M, M)
+    v = torch.eye(M).expand(B, 1, M, M).contiguous()
+    out = masked_attention(q, q.clone(), v, k_valid, q_seg, k_seg, q_lim, k_rank)
+    assert torch.equal(out[:, 0] > 0, ~expected_blocked)
+
+
+def test_bad_inputs_raise_clear_errors():
+    q = torch.randn(2, 3, 5, 8)
+    kv = torch.ones(2, 5, dtype=torch.bool)
+    with pytest.raises(ValueError, match="head counts differ"):
+        masked_attention(q, torch.randn(2, 4, 5, 8), torch.randn(2, 4, 5, 8), kv)
+    with pytest.raises(ValueError, match="batch sizes differ"):
+        masked_attention(q, torch.randn(3, 3, 5, 8), torch.randn(3, 3, 5, 8), kv)
+    with pytest.raises(ValueError, match="head dims differ"):
+        masked_attention(q, torch.randn(2, 3, 5, 4), torch.randn(2, 3, 5, 4), kv)
+    with pytest.raises(ValueError, match="k_valid must have shape"):
+        masked_attention(q, q, q, torch.ones(2, 6, dtype=torch.bool))
+    with pytest.raises(TypeError, match="k_valid must be bool"):
+        masked_attention(q, q, q, torch.ones(2, 5))
+    seg = torch.zeros(2, 5, dtype=torch.int32)
+    with pytest.raises(ValueError, match="both q_segment and k_segment"):
+        masked_attention(q, q, q, kv, q_segment=seg)
+    with pytest.raises(TypeError, match="q_segment must be int32"):
+        masked_attention(q, q, q, kv, q_segment=seg.long(), k_segment=seg)
+    with pytest.raises(ValueError, match="k_rank must have shape"):
+        masked_attention(q, q, q, kv, q_limit=seg, k_rank=torch.zeros(2, 4, dtype=torch.int32))
+    with pytest.raises(TypeError, match="share a dtype"):
+        masked_attention(q, q.half(), q, kv)
+    with pytest.raises(TypeError, match="float32, bfloat16 or float16"):
+        masked_attention(q.double(), q.double(), q.double(), kv)
+    with pytest.raises(ValueError, match="4-D"):
+        masked_attention(q[0], q[0], q[0], kv)
+
+
+def test_dispatcher_backends_agree_and_explain():
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 3, 20, 16, generator=gen) for _ in range(3))
+    k_valid, meta = _metadata(2, 20, 20, "both", gen)
+    own = masked_attention(q, k, v, k_valid, **meta, backend="fourm_fast")
+    sdpa = masked_attention(q, k, v, k_valid, **meta, backend="sdpa_dense")
+    torch.testing.assert_close(own, sdpa, atol=1e-5, rtol=1e-5)
+    a = AttentionInputs(q, k, v, k_valid, *meta.values(), 0.25)
+    assert select_backend(a).name == "fourm_fast"
+    with pytest.raises(RuntimeError, match="flash_attn: .*not installed|flash_attn: .*CUDA only"):
+        masked_attention(q, k, v, k_valid, backend="flash_attn")
+    with pytest.raises(ValueError, match="unknown backend"):
+        masked_attention(q, k, v, k_valid, backend="nope")
+
+
+def test_opcheck_and_compile():
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(2, 3, 19, 16, generator=gen, requires_grad=True) for _ in range(3))
+    k_valid, meta = _metadata(2, 19, 19, "both", gen)
+    args = (q, k, v, k_valid, meta["q_segment"], meta["k_segment"], meta["q_limit"], meta["k_rank"], 0.25)
+    torch.library.opcheck(torch.ops.fourm_fast.masked_attention_fwd.default, args)
+    torch.library.opcheck(torch.ops.fourm_fast.masked_attention_fwd.default, (q, k, v, k_valid, None, None, None, None, 0.5))
+    torch._dynamo.reset()
+
+    @torch.compile(fullgraph=True)
+    def f(q, k, v):
+        return masked_attention(q, k, v, k_valid, **meta).square().sum()
+
+    loss = f(q, k, v)
+    grads = torch.autograd.grad(loss, (q, k, v))
+    eager = masked_attention(q, k, v, k_valid, **meta).square().sum()
+    eager_grads = torch.autograd.grad(eager, (q, k, v))
+    torch.testing.assert_close(loss, eager)
+    for g, e in zip(grads, eager_grads):
+        torch.testing.assert_close(g, e)
+
+
+# nn modules -------------------------------------------------------------------------------------
+
+def test_attention_modules_match_4m_style_eager():
+    from fourm_fast.nn import Attention, CrossAttention
+    from fourm_fast.reference.attention import attention_4m_dense
+
+    torch.manual_seed(0)
+    B, N, M, C, H = 2, 13, 7, 48, 4
+    x, ctx = torch.randn(B, N, C), torch.randn(B, M, C)
+    attn = Attention(C, H)
+    assert attn.qkv.bias is None and attn.proj.bias is None
+    seg = torch.tensor([[0] * 6 + [1] * 7, [0] * 13], dtype=torch.int32)
+    rank = torch.arange(N, dtype=torch.int32).expand(B, N).contiguous()
+    out = attn(x, segment=seg, limit=rank, rank=rank)  # causal within segments
+    qkv = attn.qkv(x).reshape(B, N, 3, H, C // H).permute(2, 0, 3, 1, 4)
+    allowed = (seg[:, :, None] == seg[:, None, :]) & (rank[:, None, :] <= rank[:, :, None])
+    additive = torch.zeros(B, 1, N, N).masked_fill(~allowed[:, None], float("-inf"))
+    ref = attn.proj(attention_4m_dense(*qkv, additive, (C // H) ** -0.5).transpose(1, 2).reshape(B, N, C))
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+    cross = CrossAttention(C, H)
+    valid = torch.tensor([[True] * 7, [True] * 4 + [False] * 3])
+    out = cross(x, ctx, valid)
+    q = cross.q(x).reshape(B, N, H, C // H).transpose(1, 2)
+    kv = cross.kv(ctx).reshape(B, M, 2, H, C // H).permute(2, 0, 3, 1, 4)
+    additive = torch.zeros(B, 1, 1, M).masked_fill(~valid[:, None, None], float("-inf"))
+    ref = cross.proj(attention_4m_dense(q, kv[0], kv[1], additive, (C // H) ** -0.5).transpose(1, 2).reshape(B, N, C))
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    out.sum().backward()
+    assert cross.q.weight.grad is not None and torch.isfinite(cross.kv.weight.grad).all()
