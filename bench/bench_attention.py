@@ -1,0 +1,118 @@
+#!/usr/bin/env python
+"""masked_attention side by side with the attention users would otherwise run, at 4M shapes.
+
+Methods: fourm_fast (metadata mask, tiles, no N x N); 4M's eager attention with an additive dense
+mask; SDPA with a dense bool mask; FlexAttention with a block mask (where it runs). Patterns:
+the encoder (padding only) and the decoder self-attention of a realistic modality mix (five
+image modalities, bidirectional within each, plus a causal caption). Forward and forward+backward.
+
+  python bench/bench_attention.py [--quick] [--device cuda]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from bench.utils import append_results, environment, peak_memory_mib, set_threads, time_fn, timing_dict  # noqa: E402
+from fourm_fast.ops import masked_attention  # noqa: E402
+from fourm_fast.reference.attention import attention_4m_dense, visible_mask  # noqa: E402
+
+
+def decoder_layout(B: int, N: int, device):
+    """Five image modalities (bidirectional) + a caption (causal), contiguous, as 4M lays them out."""
+    caption = N // 6
+    img = (N - caption) // 5
+    sizes = [img] * 4 + [N - caption - 4 * img, caption]
+    seg = torch.cat([torch.full((s,), i, dtype=torch.int32) for i, s in enumerate(sizes)])
+    pos = torch.arange(N, dtype=torch.int32)
+    start = torch.cat([torch.full((s,), sum(sizes[:i]), dtype=torch.int32) for i, s in enumerate(sizes)])
+    end = torch.cat([torch.full((s,), sum(sizes[: i + 1]) - 1, dtype=torch.int32) for i, s in enumerate(sizes)])
+    limit = torch.where(seg == 5, pos, end)  # causal inside the caption, whole modality elsewhere
+    expand = lambda t: t.expand(B, N).contiguous().to(device)  # noqa: E731
+    return dict(q_segment=expand(seg), k_segment=expand(seg), q_limit=expand(limit), k_rank=expand(pos)), start
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--dtype", default=None, help="default float32 on CPU, bfloat16 on CUDA")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--no-save", action="store_true")
+    args = ap.parse_args(argv)
+    set_threads(args.threads)
+    device = args.device
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device == "cuda" else "float32"))
+    repeats = args.repeats or (20 if device == "cuda" else 5)
+    env = environment(device)
+    H, d = 12, 64
+    Ns = (128,) if args.quick else (128, 256)
+    print(f"# masked_attention benchmark on {env['device_name']}, B={args.batch} H={H} d={d} {dtype}, sha {env['git_sha']}")
+    print(f"{'pattern':<8} {'N':>4} {'pass':<8} {'method':<18} {'median ms':>10} {'vs ours':>8} {'GFLOP/s':>9} {'peak MiB':>9}")
+    rows = []
+    for N in Ns:
+        for pattern in ("encoder", "decoder"):
+            B = args.batch
+            gen = torch.Generator().manual_seed(0)
+            q, k, v = (torch.randn(B, H, N, d, generator=gen).to(device=device, dtype=dtype) for _ in range(3))
+            k_valid = torch.ones(B, N, dtype=torch.bool, device=device)
+            k_valid[:, N - N // 8 :] = False  # some padding
+            meta = decoder_layout(B, N, device)[0] if pattern == "decoder" else {}
+            vis = visible_mask(k_valid, N, **{k_: v_ for k_, v_ in meta.items()})[:, None]
+            additive = torch.zeros(vis.shape, dtype=dtype, device=device).masked_fill(~vis, float("-inf"))
+            scale = d**-0.5
+            methods = {
+                "fourm_fast": lambda q, k, v: masked_attention(q, k, v, k_valid, **meta, backend="fourm_fast"),
+                "4m_eager_dense": lambda q, k, v: attention_4m_dense(q, k, v, additive, scale).nan_to_num(0.0),
+                "sdpa_bool_mask": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=vis, scale=scale),
+            }
+            try:
+                from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+                vis_b = vis[:, 0]
+                block = create_block_mask(lambda b, h, qi, ki: vis_b[b, qi, ki], B, None, N, N, device=device)
+                flex = torch.compile(flex_attention)
+                methods["flex_attention"] = lambda q, k, v: flex(q, k, v, block_mask=block, scale=scale)
+            except Exception as exc:  # noqa: BLE001  (report why the baseline is absent)
+                print(f"# flex_attention skipped: {type(exc).__name__}: {str(exc)[:120]}")
+            flops_fwd = 4.0 * B * H * N * N * d
+            for pas in ("fwd", "fwd+bwd"):
+                ours = None
+                for name, fn in methods.items():
+                    qq, kk, vv = (t.detach().requires_grad_(pas == "fwd+bwd") for t in (q, k, v))
+
+                    def run():
+                        out = fn(qq, kk, vv)
+                        if pas == "fwd+bwd":
+                            out.float().sum().backward()
+
+                    try:
+                        t = time_fn(run, device, repeats=repeats, warmup=1)
+                        mem = peak_memory_mib(run, device)
+                    except Exception as exc:  # noqa: BLE001
+                        print(f"{pattern:<8} {N:>4} {pas:<8} {name:<18} failed: {type(exc).__name__}: {str(exc)[:100]}")
+                        continue
+                    ours = t.median_ms if name == "fourm_fast" else ours
+                    flops = flops_fwd * (3.5 if pas == "fwd+bwd" else 1.0)
+                    gflops = flops / (t.median_ms * 1e-3) / 1e9
+                    rows.append({"op": "masked_attention", "pattern": pattern, "N": N, "B": B, "H": H, "d": d,
+                                 "pass": pas, "dtype": str(dtype).split(".")[-1], "method": name, **timing_dict(t),
+                                 "time_vs_ours": round(t.median_ms / ours, 3), "gflops": round(gflops, 2),
+                                 "peak_mib": None if mem is None else round(mem, 1)})
+                    mem_s = "n/a" if mem is None else f"{mem:.0f}"
+                    print(f"{pattern:<8} {N:>4} {pas:<8} {name:<18} {t.median_ms:>10.2f} {t.median_ms / ours:>7.2f}x {gflops:>9.1f} {mem_s:>9}", flush=True)
+    if not args.no_save:
+        print(f"# appended {len(rows)} rows to {append_results('attention', rows, env)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
