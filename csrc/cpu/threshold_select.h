@@ -2,7 +2,7 @@
 // in csrc/kernels/sampling_math.h): the smallest present key v such that the total weight of keys
 // strictly greater than v is <= budget. The answer is defined by the keys alone, so the CPU may
 // use its own digit layout (11, 11, 10 bits: the first digit holds sign, exponent and two mantissa
-// bits, which already splits real logits finely) while the GPU uses 8-bit digits. Integer weights
+// bits, which already splits real logits finely); the GPU happens to use the same layout. Integer weights
 // make the result independent of visiting order.
 #pragma once
 

@@ -92,9 +92,17 @@ FF_INLINE int mass_scale_bits(int64_t V) {
   return 52 - log2v;
 }
 
+// floor(w * 2^bits) for w = ff_exp(...) in [0, 1], formed with integer shifts of w's significand
+// (no float -> double -> uint64 conversions, which are slow on the GPU's conversion unit). Exact:
+// w * 2^bits is a 24-bit integer scaled by a power of two, and the shift floors it.
 FF_INLINE uint64_t mass_weight(float w, int bits) {
-  // w in [0, 1]; the scaling by a power of two is exact, the truncation deterministic.
-  return static_cast<uint64_t>(static_cast<double>(w) * static_cast<double>(uint64_t{1} << bits));
+  const uint32_t u = float_bits(w);
+  const uint32_t biased = (u >> 23) & 0xffu;
+  const uint64_t frac = u & 0x7fffffu;
+  const uint64_t mant = biased != 0u ? (frac | 0x800000u) : frac;
+  const int shift = (biased != 0u ? static_cast<int>(biased) - 150 : -149) + bits;
+  if (shift >= 0) return mant << shift;
+  return shift > -64 ? (mant >> -shift) : uint64_t{0};
 }
 
 // floor(p * Q): weights strictly above the cut may total at most this.
