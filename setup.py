@@ -31,11 +31,18 @@ class CMakeExtension(Extension):
         super().__init__(name, sources=[])
 
 
+def _tool(name: str) -> str | None:
+    """The tool installed next to this Python (pip's cmake/ninja in a venv that is not activated)
+    before the one on PATH, which may be an older system copy."""
+    beside = Path(sys.executable).parent / name
+    return str(beside) if beside.exists() else shutil.which(name)
+
+
 class CMakeBuild(build_ext):
     def build_extension(self, ext: Extension) -> None:
-        cmake = shutil.which("cmake")
-        if cmake is None:
-            raise RuntimeError("fourm_fast: cmake >= 3.26 is needed (pip install 'cmake>=4')")
+        cmake, ninja = _tool("cmake"), _tool("ninja")
+        if cmake is None or ninja is None:
+            raise RuntimeError("fourm_fast: cmake >= 3.26 and ninja are needed (pip install 'cmake>=4' ninja)")
         env = os.environ.copy()
         if "CUDA_HOME" not in env and Path("/usr/local/cuda/bin/nvcc").exists():
             env["CUDA_HOME"] = "/usr/local/cuda"
@@ -47,6 +54,7 @@ class CMakeBuild(build_ext):
         configure = [
             cmake, "-S", str(ROOT), "-B", str(build_dir), "-G", "Ninja",
             f"-DPython3_EXECUTABLE={sys.executable}",
+            f"-DCMAKE_MAKE_PROGRAM={ninja}",
             f"-DFOURM_FAST_CUDA={cuda_flag}",
             f"-DFOURM_FAST_CUDA_ARCHS={archs}",
             f"-DFOURM_FAST_VERSION={_version()}",
