@@ -1,7 +1,7 @@
 // CPU executor of vq_lookup: a register-blocked GEMM (6 rows x 16 codes per micro-kernel call,
 // fp32 FMA) whose epilogue turns dot products into scores (csrc/kernels/vq_math.h) and folds them
 // into a running per-lane argmin, so the N x K distance matrix never exists. Rows are processed in
-// blocks sized for L1 and spread over threads with at::parallel_for.
+// blocks sized for L2 and spread over threads with at::parallel_for.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -26,7 +26,10 @@ using kernels::VqMetric;
 constexpr int kMr = 6;      // rows per micro-kernel
 constexpr int kNr = 16;     // codes per micro-kernel (two 8-lane vectors)
 constexpr int kLanes = 8;   // the running argmin keeps one candidate per lane
-constexpr int64_t kL1Floats = 4096;  // 16 KiB of packed rows per block
+// Packed rows per block: up to 96 KiB, so they stay in L2 while every code panel streams past them
+// once. For D = 256 that is 16 row panels per trip through the codebook (a 16 KiB-only budget gave
+// 2 and made the search L3-bound).
+constexpr int64_t kRowBlockFloats = 24576;
 
 // Best candidate per lane for one row. Lane l sees codes l, l+8, l+16, ... in increasing order,
 // and a strict '<' keeps the first of equal scores, so each lane holds its smallest tied index.
@@ -186,7 +189,7 @@ void vq_lookup_cpu_impl(const at::Tensor& x2, const at::Tensor& codebook, VqMetr
   const float scale = kernels::vq_score_scale(metric);
   const PanelKernel kernel = select_kernel();
 
-  const int64_t panels_per_block = std::max<int64_t>(1, std::min<int64_t>(32, kL1Floats / (kMr * D)));
+  const int64_t panels_per_block = std::max<int64_t>(1, std::min<int64_t>(32, kRowBlockFloats / (kMr * D)));
   const int64_t rows_per_block = panels_per_block * kMr;
   const int64_t num_blocks = (N + rows_per_block - 1) / rows_per_block;
 
