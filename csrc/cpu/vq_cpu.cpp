@@ -239,17 +239,8 @@ void vq_lookup_cpu_impl(const at::Tensor& x2, const at::Tensor& codebook, VqMetr
             bi = best[i].index[l];
           }
         }
-        const scalar_t* xr = x + row * xs0;
-        const auto load_x = [&](int64_t d) { return static_cast<float>(xr[d * xs1]); };
-        if (bi < 0 || !kernels::vq_row_is_finite(D, load_x)) {
-          out_index[row] = -1;
-          out_distance[row] = kernels::quiet_nan_f32();
-          continue;
-        }
-        const scalar_t* cr = cb + bi * cs0;
-        out_index[row] = bi;
-        out_distance[row] = kernels::vq_exact_distance(
-            D, load_x, [&](int64_t d) { return static_cast<float>(cr[d * cs1]); }, metric);
+        kernels::vq_finalize_row(x + row * xs0, xs1, cb, cs0, cs1, D, bi, metric, out_index + row,
+                                 out_distance + row);
       }
     }
   });

@@ -577,17 +577,8 @@ __global__ void vq_finalize_kernel(const scalar_t* __restrict__ x, int64_t xs0, 
       best_index = index;
     }
   }
-  const scalar_t* xr = x + row * xs0;
-  const auto load_x = [&](int64_t d) { return static_cast<float>(xr[d * xs1]); };
-  if (best_index < 0 || !kernels::vq_row_is_finite(D, load_x)) {
-    out_index[row] = -1;
-    out_distance[row] = kernels::quiet_nan_f32();
-    return;
-  }
-  const scalar_t* cr = codebook + best_index * cs0;
-  const auto load_c = [&](int64_t d) { return static_cast<float>(cr[d * cs1]); };
-  out_index[row] = best_index;
-  out_distance[row] = kernels::vq_exact_distance(D, load_x, load_c, metric);
+  kernels::vq_finalize_row(x + row * xs0, xs1, codebook, cs0, cs1, D, best_index, metric, out_index + row,
+                           out_distance + row);
 }
 
 // ---------------------------------------------------------------------------------------------

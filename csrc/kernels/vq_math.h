@@ -91,5 +91,22 @@ FF_INLINE bool vq_row_is_finite(int64_t D, LoadX load_x) {
   return finite;
 }
 
+// The last step of both executors for one row: index -1 and distance NaN when no code won or the
+// row holds NaN/inf, else the winner and its exact distance from the original (strided) inputs.
+template <typename scalar_t>
+FF_INLINE void vq_finalize_row(const scalar_t* xr, int64_t xs1, const scalar_t* codebook, int64_t cs0,
+                               int64_t cs1, int64_t D, int64_t best_index, VqMetric metric,
+                               int64_t* out_index, float* out_distance) {
+  const auto load_x = [&](int64_t d) { return static_cast<float>(xr[d * xs1]); };
+  if (best_index < 0 || !vq_row_is_finite(D, load_x)) {
+    *out_index = -1;
+    *out_distance = quiet_nan_f32();
+    return;
+  }
+  const scalar_t* cr = codebook + best_index * cs0;
+  *out_index = best_index;
+  *out_distance = vq_exact_distance(D, load_x, [&](int64_t d) { return static_cast<float>(cr[d * cs1]); }, metric);
+}
+
 }  // namespace kernels
 }  // namespace fourm_fast
