@@ -28,8 +28,8 @@ test: build
 
 demo: build
 	$(VENV)/bin/fourm-fast info
-	$(PY) bench/bench_vq.py --quick
-	$(PY) bench/bench_sampling.py --quick
+	$(PY) bench/bench_vq.py --quick --no-save
+	$(PY) bench/bench_sampling.py --quick --no-save
 
 bench: build
 	$(PY) bench/bench_vq.py
