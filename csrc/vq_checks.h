@@ -2,10 +2,11 @@
 // errors for the same bad input.
 #pragma once
 
-#include <ATen/core/Tensor.h>
+#include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
 #include <string_view>
+#include <utility>
 
 #include "kernels/vq_math.h"
 
@@ -38,6 +39,12 @@ inline void check_vq_inputs(const at::Tensor& x, const at::Tensor& codebook) {
                     "vq_lookup: x and codebook must be on the same device, got ", x.device(),
                     " and ", codebook.device());
   TORCH_CHECK_VALUE(codebook.size(0) <= INT32_MAX, "vq_lookup: at most 2^31-1 codes are supported");
+}
+
+// Outputs of vq_lookup for x (..., D): int64 indices and float32 distances of shape x.shape[:-1].
+inline std::pair<at::Tensor, at::Tensor> vq_empty_outputs(const at::Tensor& x) {
+  const auto out_shape = x.sizes().slice(0, x.dim() - 1);
+  return {at::empty(out_shape, x.options().dtype(at::kLong)), at::empty(out_shape, x.options().dtype(at::kFloat))};
 }
 
 }  // namespace fourm_fast

@@ -252,9 +252,7 @@ std::tuple<at::Tensor, at::Tensor> vq_lookup_cpu(const at::Tensor& x, const at::
   TORCH_CHECK_VALUE(x.device().is_cpu(), "vq_lookup (CPU): x must be a CPU tensor, got ", x.device());
   const VqMetric metric = parse_vq_metric(std::string_view(metric_name.data(), metric_name.size()));
   const int64_t D = codebook.size(1);
-  const auto out_shape = x.sizes().slice(0, x.dim() - 1);
-  at::Tensor indices = at::empty(out_shape, x.options().dtype(at::kLong));
-  at::Tensor distance = at::empty(out_shape, x.options().dtype(at::kFloat));
+  auto [indices, distance] = vq_empty_outputs(x);
   if (indices.numel() == 0) return {indices, distance};
   const at::Tensor x2 = x.reshape({-1, D});
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "vq_lookup_cpu", [&] {

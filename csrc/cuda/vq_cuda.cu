@@ -753,9 +753,7 @@ std::tuple<at::Tensor, at::Tensor> vq_lookup_cuda(const at::Tensor& x, const at:
   const c10::cuda::CUDAGuard device_guard(x.device());
 
   const int64_t D = codebook.size(1);
-  const auto out_shape = x.sizes().slice(0, x.dim() - 1);
-  at::Tensor indices = at::empty(out_shape, x.options().dtype(at::kLong));
-  at::Tensor distance = at::empty(out_shape, x.options().dtype(at::kFloat));
+  auto [indices, distance] = vq_empty_outputs(x);
   if (indices.numel() == 0) return {indices, distance};
   const at::Tensor x2 = x.reshape({-1, D});
 
