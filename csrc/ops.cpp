@@ -29,6 +29,20 @@ TORCH_LIBRARY(fourm_fast, m) {
       "masked_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor k_valid, "
       "Tensor? q_segment, Tensor? k_segment, Tensor? q_limit, Tensor? k_rank, float scale) "
       "-> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
+  m.def(
+      "sample_budgets(int batch_size, Tensor alpha_in, Tensor alpha_tg, Tensor? weights, Tensor size, "
+      "Tensor is_image, int in_lo, int in_hi, int tg_lo, int tg_hi, int seed, int offset) "
+      "-> (Tensor component, Tensor input, Tensor target)");
+  m.def(
+      "token_layout(Tensor input_budget, Tensor target_budget, Tensor seq_input, Tensor seq_target, Tensor size, "
+      "Tensor is_image, int num_encoder, int num_decoder, int seed, int offset) "
+      "-> (Tensor enc_index, Tensor enc_modality, Tensor enc_position, Tensor enc_valid, Tensor dec_index, "
+      "Tensor dec_modality, Tensor dec_position, Tensor dec_valid, Tensor dec_segment, Tensor dec_rank, "
+      "Tensor dec_limit)");
+  m.def(
+      "span_mask(Tensor lengths, Tensor input_budget, Tensor target_budget, Tensor keep_mode, int max_tokens, "
+      "int modality, int seed, int offset) -> (Tensor source, Tensor num_input, Tensor num_target, "
+      "Tensor top_sentinel)");
 }
 
 #ifndef FOURM_FAST_WITH_CUDA
@@ -49,6 +63,9 @@ TORCH_LIBRARY_IMPL(fourm_fast, CUDA, m) {
   m.impl("sample_tokens", torch::CppFunction::makeFromBoxedFunction<&cuda_kernels_missing>());
   m.impl("masked_attention_fwd", torch::CppFunction::makeFromBoxedFunction<&cuda_kernels_missing>());
   m.impl("masked_attention_bwd", torch::CppFunction::makeFromBoxedFunction<&cuda_kernels_missing>());
+  m.impl("sample_budgets", torch::CppFunction::makeFromBoxedFunction<&cuda_kernels_missing>());
+  m.impl("token_layout", torch::CppFunction::makeFromBoxedFunction<&cuda_kernels_missing>());
+  m.impl("span_mask", torch::CppFunction::makeFromBoxedFunction<&cuda_kernels_missing>());
 }
 #endif
 

@@ -120,12 +120,31 @@ def test_low_precision_logits_are_read_exactly():
         assert torch.equal(t_low, t_f32) and torch.equal(p_low, p_f32)
 
 
-def test_cpu_kernels_agree_bitwise():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("strided", [False, True])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(),
+        dict(top_k=100),
+        dict(top_p=0.9),
+        dict(top_k=100, top_p=0.9, min_p=0.01, temperature=0.8),
+        dict(cfg_scale=1.7, top_p=0.9),
+    ],
+    ids=["plain", "top_k", "top_p", "all_filters", "cfg"],
+)
+def test_cpu_kernels_agree_bitwise(dtype, strided, kw):
+    """The AVX2 row loops (vectorised load, fixed-point weights, block walk) equal the portable ones."""
     from fourm_fast._extension import extension
 
-    logits = torch.randn(64, 3001) * 2
-    uncond = logits + torch.randn(64, 3001)
-    kw = dict(uncond_logits=uncond, cfg_scale=1.7, top_k=100, top_p=0.9, min_p=0.01, temperature=0.8, seed=9)
+    gen = torch.Generator().manual_seed(3)
+    V = 3001  # odd: exercises the vector loops' scalar tails
+    logits = (torch.randn(64, 2 * V, generator=gen) * 2).to(dtype)
+    logits[5, ::3] = float("-inf")
+    logits = logits[:, ::2] if strided else logits[:, :V]
+    kw = dict(kw, seed=9)
+    if "cfg_scale" in kw:
+        kw["uncond_logits"] = logits + torch.randn(logits.shape, generator=gen).to(dtype)
     try:
         extension()._set_cpu_isa(1)
         generic = sample_tokens(logits, **kw)

@@ -45,12 +45,24 @@ inline uint32_t threshold_select(uint32_t* keys, uint64_t* weights, int64_t n, u
     prefix |= static_cast<uint32_t>(chosen) << shift;
     mask |= digit_mask << shift;
     above = chosen_above;
-    int64_t kept = 0;  // later digits only look inside the chosen bucket
-    for (int64_t i = 0; i < n; ++i) {
-      if ((keys[i] & mask) != prefix) continue;
-      keys[kept] = keys[i];
-      if (weights) weights[kept] = weights[i];
-      ++kept;
+    if (level == 2) break;
+    // Later digits only look inside the chosen bucket. Branch-free compaction: matches are rare and
+    // scattered, so a branch would mispredict on most of them.
+    int64_t kept = 0;
+    if (weights) {
+      for (int64_t i = 0; i < n; ++i) {
+        const uint32_t key = keys[i];
+        const uint64_t w = weights[i];
+        keys[kept] = key;
+        weights[kept] = w;
+        kept += (key & mask) == prefix;
+      }
+    } else {
+      for (int64_t i = 0; i < n; ++i) {
+        const uint32_t key = keys[i];
+        keys[kept] = key;
+        kept += (key & mask) == prefix;
+      }
     }
     n = kept;
   }

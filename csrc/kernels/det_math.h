@@ -14,11 +14,13 @@
 #define FF_ADD(a, b) __fadd_rn((a), (b))
 #define FF_SUB(a, b) __fsub_rn((a), (b))
 #define FF_DIV(a, b) __fdiv_rn((a), (b))
+#define FF_SQRT(a) __fsqrt_rn(a)
 #else
 #define FF_MUL(a, b) ((a) * (b))
 #define FF_ADD(a, b) ((a) + (b))
 #define FF_SUB(a, b) ((a) - (b))
 #define FF_DIV(a, b) ((a) / (b))
+#define FF_SQRT(a) sqrtf(a)
 #endif
 
 namespace fourm_fast {
@@ -28,6 +30,9 @@ FF_INLINE float ff_mul(float a, float b) { return FF_MUL(a, b); }
 FF_INLINE float ff_add(float a, float b) { return FF_ADD(a, b); }
 FF_INLINE float ff_sub(float a, float b) { return FF_SUB(a, b); }
 FF_INLINE float ff_div(float a, float b) { return FF_DIV(a, b); }
+// IEEE square root is correctly rounded on both targets (sqrtss on the host; nvcc's default
+// -prec-sqrt=true, made explicit here).
+FF_INLINE float ff_sqrt(float a) { return FF_SQRT(a); }
 
 FF_INLINE uint32_t float_bits(float v) {
   uint32_t u;

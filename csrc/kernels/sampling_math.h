@@ -101,8 +101,12 @@ FF_INLINE uint64_t mass_weight(float w, int bits) {
   const uint64_t frac = u & 0x7fffffu;
   const uint64_t mant = biased != 0u ? (frac | 0x800000u) : frac;
   const int shift = (biased != 0u ? static_cast<int>(biased) - 150 : -149) + bits;
-  if (shift >= 0) return mant << shift;
-  return shift > -64 ? (mant >> -shift) : uint64_t{0};
+  // Branch-free so CPU loops vectorise: w <= 1 keeps shift <= 29, and a right shift of 64 or more
+  // gives 0.
+  const uint64_t left = mant << (shift > 0 ? shift : 0);
+  const int rs = shift < 0 ? -shift : 0;
+  const uint64_t right = rs < 64 ? (mant >> rs) : uint64_t{0};
+  return shift >= 0 ? left : right;
 }
 
 // floor(p * Q): weights strictly above the cut may total at most this.

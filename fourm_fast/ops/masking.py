@@ -1,0 +1,119 @@
+"""The token-budget sampler's native ops: budgets, the gather layout, span masking.
+
+These are the building blocks; ``fourm_fast.masking.TokenBudgetSampler`` is the user-facing API.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+KEEP_MODES = {"random": 0, "all": 1, "binary": 2}
+SPAN_PAD = -(2**31)  # source code of a padding slot in span_mask's output (sentinel s is -s)
+
+
+class Layout(NamedTuple):
+    """Per sample: encoder slots (inputs) and decoder slots (targets), ready to gather.
+
+    ``*_index`` index the concatenated per-sample token buffer (see TokenLayout.offsets);
+    ``*_position`` is the position inside the modality; decoder self-attention metadata for
+    ``masked_attention``: ``q_segment = k_segment = dec_segment``, ``k_rank = dec_rank``,
+    ``q_limit = dec_limit``, ``k_valid = dec_valid``.
+    """
+
+    enc_index: Tensor
+    enc_modality: Tensor
+    enc_position: Tensor
+    enc_valid: Tensor
+    dec_index: Tensor
+    dec_modality: Tensor
+    dec_position: Tensor
+    dec_valid: Tensor
+    dec_segment: Tensor
+    dec_rank: Tensor
+    dec_limit: Tensor
+
+
+def sample_budgets(
+    batch_size: int,
+    alpha_in: Tensor,
+    alpha_tg: Tensor,
+    weights: Tensor | None,
+    size: Tensor,
+    is_image: Tensor,
+    input_range: tuple[int, int],
+    target_range: tuple[int, int],
+    seed: int,
+    offset: int = 0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per sample: mixture component, input and target budgets ``[B, M]`` (int32), as 4M draws them."""
+    return torch.ops.fourm_fast.sample_budgets.default(
+        batch_size, alpha_in, alpha_tg, weights, size, is_image,
+        input_range[0], input_range[1], target_range[0], target_range[1], seed, offset,
+    )
+
+
+def token_layout(
+    input_budget: Tensor,
+    target_budget: Tensor,
+    seq_input: Tensor,
+    seq_target: Tensor,
+    size: Tensor,
+    is_image: Tensor,
+    num_encoder: int,
+    num_decoder: int,
+    seed: int,
+    offset: int = 0,
+) -> Layout:
+    """Choose image tokens (uniform, disjoint) and lay out encoder / decoder slots per sample."""
+    return Layout(*torch.ops.fourm_fast.token_layout.default(
+        input_budget, target_budget, seq_input, seq_target, size, is_image, num_encoder, num_decoder, seed, offset,
+    ))
+
+
+def span_mask(
+    lengths: Tensor,
+    input_budget: Tensor,
+    target_budget: Tensor,
+    keep_mode: Tensor,
+    max_tokens: int,
+    modality: int,
+    seed: int,
+    offset: int = 0,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """4M's span masking of one sequence modality for a batch (CPU).
+
+    Returns ``source [B, 2 (max_tokens + 1)]`` (token index j >= 0, sentinel s as -s, SPAN_PAD),
+    the input and target lengths, and the highest sentinel number each sample used.
+    """
+    return torch.ops.fourm_fast.span_mask.default(
+        lengths, input_budget, target_budget, keep_mode, max_tokens, modality, seed, offset,
+    )
+
+
+@torch.library.register_fake("fourm_fast::sample_budgets")
+def _sample_budgets_fake(batch_size, alpha_in, alpha_tg, weights, size, is_image, in_lo, in_hi, tg_lo, tg_hi, seed, offset):
+    M = size.shape[0]
+    opts = dict(dtype=torch.int32, device=size.device)
+    return size.new_empty((batch_size,), **opts), size.new_empty((batch_size, M), **opts), size.new_empty((batch_size, M), **opts)
+
+
+@torch.library.register_fake("fourm_fast::token_layout")
+def _token_layout_fake(input_budget, target_budget, seq_input, seq_target, size, is_image, num_encoder, num_decoder, seed, offset):
+    B = input_budget.shape[0]
+
+    def make(n, dtype):
+        return input_budget.new_empty((B, n), dtype=dtype)
+
+    i32, i64, b8 = torch.int32, torch.int64, torch.bool
+    return (make(num_encoder, i64), make(num_encoder, i32), make(num_encoder, i32), make(num_encoder, b8),
+            make(num_decoder, i64), make(num_decoder, i32), make(num_decoder, i32), make(num_decoder, b8),
+            make(num_decoder, i32), make(num_decoder, i32), make(num_decoder, i32))
+
+
+@torch.library.register_fake("fourm_fast::span_mask")
+def _span_mask_fake(lengths, input_budget, target_budget, keep_mode, max_tokens, modality, seed, offset):
+    B = lengths.shape[0]
+    return (lengths.new_empty((B, 2 * (max_tokens + 1))), lengths.new_empty((B,)), lengths.new_empty((B,)),
+            lengths.new_empty((B,)))
