@@ -8,6 +8,7 @@ import sys
 
 import torch
 
+from fourm_fast.masking import ModalitySpec, TokenBudgetSampler
 from fourm_fast.ops import sample_tokens, vq_lookup
 
 
@@ -37,6 +38,16 @@ def main() -> int:
                 same = torch.equal(g[0].cpu(), c[0]) and torch.equal(g[1].cpu(), c[1])
                 failures += not same
                 print(f"sample_tokens {str(dtype):15} V={V:6} {sorted(kw)}: {'ok' if same else 'MISMATCH'}")
+    specs = [ModalitySpec("a", "image", 7), ModalitySpec("b", "sequence", 5), ModalitySpec("c", "image", 196)]
+    alphas = {"a": [0.5, 0.01], "b": [1.0, 0.0], "c": [0.3, 2.0]}
+    for B in (1, 33, 1000):
+        cpu = TokenBudgetSampler(specs, (3, 40), (1, 30), alphas, alphas).sample(B, seed=5)
+        gpu = TokenBudgetSampler(specs, (3, 40), (1, 30), alphas, alphas, device="cuda").sample(B, seed=5)
+        torch.cuda.synchronize()
+        same = all(torch.equal(x, y.cpu()) for x, y in zip(cpu.slots, gpu.slots))
+        same = same and torch.equal(cpu.budgets.input, gpu.budgets.input.cpu())
+        failures += not same
+        print(f"token sampler B={B:5}: {'ok' if same else 'MISMATCH'}")
     return 1 if failures else 0
 
 

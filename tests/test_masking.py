@@ -142,6 +142,7 @@ def _reference_budget_stats(sampler, n, seed):
     return torch.tensor(rows_in, dtype=torch.float64), torch.tensor(rows_tg, dtype=torch.float64)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", ["fourm7_128", "ranges_weights_small_alpha"])
 def test_budget_statistics_match_4m(config):
     """Mean, variance and zero-input fraction of every modality's counts, 1e5 samples of the op

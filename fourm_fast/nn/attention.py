@@ -8,6 +8,26 @@ from torch import Tensor, nn
 from ..ops.attention import masked_attention
 
 
+class LayerNorm(nn.Module):
+    """LayerNorm whose bias can be a fixed zero buffer, as 4M's (the state dicts keep the key)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, bias: bool = False):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(dim))
+        else:
+            self.register_buffer("bias", torch.zeros(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.nn.functional.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
+
+
+def _head_norm(head_dim: int) -> LayerNorm:
+    return LayerNorm(head_dim, eps=1e-6, bias=False)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention of ``x (B, N, dim)``; the mask comes from per-token metadata.
 
@@ -17,7 +37,7 @@ class Attention(nn.Module):
     """
 
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, proj_bias: bool = False,
-                 backend: str | None = None):
+                 backend: str | None = None, qk_norm: bool = False):
         super().__init__()
         if dim % num_heads != 0:
             raise ValueError(f"Attention: dim {dim} is not divisible by num_heads {num_heads}")
@@ -25,14 +45,20 @@ class Attention(nn.Module):
         self.backend = backend
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
+        # 4M's QKNorm variants: LayerNorm (eps 1e-6, no bias) of each head's queries and keys
+        self.q_norm = _head_norm(dim // num_heads) if qk_norm else None
+        self.k_norm = _head_norm(dim // num_heads) if qk_norm else None
 
     def forward(self, x: Tensor, k_valid: Tensor | None = None, segment: Tensor | None = None,
                 limit: Tensor | None = None, rank: Tensor | None = None) -> Tensor:
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k = qkv[0], qkv[1]
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         if k_valid is None:
             k_valid = torch.ones(B, N, dtype=torch.bool, device=x.device)
-        out = masked_attention(qkv[0], qkv[1], qkv[2], k_valid, segment, segment, limit, rank, backend=self.backend)
+        out = masked_attention(q, k, qkv[2], k_valid, segment, segment, limit, rank, backend=self.backend)
         return self.proj(out.transpose(1, 2).reshape(B, N, C))
 
 
@@ -44,7 +70,7 @@ class CrossAttention(nn.Module):
     """
 
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, proj_bias: bool = False,
-                 backend: str | None = None):
+                 backend: str | None = None, qk_norm: bool = False):
         super().__init__()
         if dim % num_heads != 0:
             raise ValueError(f"CrossAttention: dim {dim} is not divisible by num_heads {num_heads}")
@@ -53,6 +79,8 @@ class CrossAttention(nn.Module):
         self.q = nn.Linear(dim, dim, bias=qkv_bias)
         self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
+        self.q_norm = _head_norm(dim // num_heads) if qk_norm else None
+        self.k_norm = _head_norm(dim // num_heads) if qk_norm else None
 
     def forward(self, x: Tensor, context: Tensor, context_valid: Tensor | None = None) -> Tensor:
         B, Nq, C = x.shape
@@ -60,7 +88,10 @@ class CrossAttention(nn.Module):
         h = self.num_heads
         q = self.q(x).reshape(B, Nq, h, C // h).transpose(1, 2)
         kv = self.kv(context).reshape(B, Nk, 2, h, C // h).permute(2, 0, 3, 1, 4)
+        k = kv[0]
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         if context_valid is None:
             context_valid = torch.ones(B, Nk, dtype=torch.bool, device=x.device)
-        out = masked_attention(q, kv[0], kv[1], context_valid, backend=self.backend)
+        out = masked_attention(q, k, kv[1], context_valid, backend=self.backend)
         return self.proj(out.transpose(1, 2).reshape(B, Nq, C))

@@ -4,7 +4,9 @@ from .._extension import extension as _extension
 _extension()  # raise a clear ImportError here, not an obscure one inside torch.ops
 
 from .attention import masked_attention  # noqa: E402
+from .masking import sample_budgets, span_mask, token_layout  # noqa: E402
 from .sampling import sample_tokens, select_positions  # noqa: E402
 from .vq import vq_dequantize, vq_lookup  # noqa: E402
 
-__all__ = ["vq_lookup", "vq_dequantize", "sample_tokens", "select_positions", "masked_attention"]
+__all__ = ["vq_lookup", "vq_dequantize", "sample_tokens", "select_positions", "masked_attention",
+           "sample_budgets", "token_layout", "span_mask"]

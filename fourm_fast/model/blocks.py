@@ -1,0 +1,61 @@
+"""Pre-norm encoder and decoder blocks with 4M's structure and parameter names."""
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..nn import Attention, CrossAttention, LayerNorm
+from .config import FourMConfig
+
+
+class Mlp(nn.Module):
+    """fc2(act(fc1 x)), or SwiGLU fc2(act(fc1 x) * fc3 x) when gated."""
+
+    def __init__(self, cfg: FourMConfig):
+        super().__init__()
+        h = cfg.mlp_hidden
+        self.gated = cfg.gated_mlp
+        self.act = F.silu if cfg.act == "silu" else F.gelu
+        self.fc1 = nn.Linear(cfg.dim, h, bias=cfg.mlp_bias)
+        self.fc2 = nn.Linear(h, cfg.dim, bias=cfg.mlp_bias)
+        if self.gated:
+            self.fc3 = nn.Linear(cfg.dim, h, bias=cfg.mlp_bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.act(self.fc1(x))
+        return self.fc2(h * self.fc3(x) if self.gated else h)
+
+
+def _norm(cfg: FourMConfig) -> LayerNorm:
+    return LayerNorm(cfg.dim, eps=1e-6, bias=cfg.norm_bias)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: FourMConfig):
+        super().__init__()
+        self.norm1 = _norm(cfg)
+        self.attn = Attention(cfg.dim, cfg.num_heads, cfg.qkv_bias, cfg.proj_bias, qk_norm=cfg.qk_norm)
+        self.norm2 = _norm(cfg)
+        self.mlp = Mlp(cfg)
+
+    def forward(self, x: Tensor, valid: Tensor) -> Tensor:
+        x = x + self.attn(self.norm1(x), k_valid=valid)
+        return x + self.mlp(self.norm2(x))
+
+
+class DecoderBlock(nn.Module):
+    def __init__(self, cfg: FourMConfig):
+        super().__init__()
+        self.norm1 = _norm(cfg)
+        self.self_attn = Attention(cfg.dim, cfg.num_heads, cfg.qkv_bias, cfg.proj_bias, qk_norm=cfg.qk_norm)
+        self.query_norm = _norm(cfg)
+        self.context_norm = _norm(cfg)
+        self.cross_attn = CrossAttention(cfg.dim, cfg.num_heads, cfg.qkv_bias, cfg.proj_bias, qk_norm=cfg.qk_norm)
+        self.norm2 = _norm(cfg)
+        self.mlp = Mlp(cfg)
+
+    def forward(self, y: Tensor, context: Tensor, dec_valid: Tensor, segment: Tensor | None, limit: Tensor | None,
+                rank: Tensor | None, context_valid: Tensor) -> Tensor:
+        y = y + self.self_attn(self.norm1(y), k_valid=dec_valid, segment=segment, limit=limit, rank=rank)
+        y = y + self.cross_attn(self.query_norm(y), self.context_norm(context), context_valid)
+        return y + self.mlp(self.norm2(y))

@@ -1,0 +1,202 @@
+"""FourM: 4M's encoder-decoder on fourm_fast's ops.
+
+Structure and parameter names follow ml-4m's FourM (fourm/models/fm.py), so its state dicts load
+unchanged: per-modality encoder/decoder embeddings (token, modality and fixed sin-cos position
+embeddings, tied output heads), pre-norm encoder blocks, decoder blocks (self-attention,
+cross-attention over a projection of the encoder output plus its embeddings, MLP), a mask token.
+
+Differences in how, not what: the inputs arrive as gathered slots (FourMBatch) instead of being
+selected by argsort inside the model; attention masks are O(N) metadata for masked_attention
+instead of dense B x N x N tensors; the loss slices the valid decoder slots by modality with
+host-known counts and computes logits chunk by chunk (no B x N x V tensor, no host sync).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from .batch import FourMBatch
+from .blocks import Block, DecoderBlock, _norm
+from .config import FourMConfig
+from .embeddings import DecoderEmbedding, EncoderEmbedding
+
+LOSS_CHUNK = 8192  # decoder rows per logits chunk in the loss
+
+
+def _chunk_ce_sum(y: Tensor, weight: Tensor, targets: Tensor) -> Tensor:
+    return F.cross_entropy(y @ weight.t(), targets, reduction="sum")
+
+
+class FourM(nn.Module):
+    def __init__(self, cfg: FourMConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.modalities = [m.name for m in cfg.modalities]
+        self.encoder_embeddings = nn.ModuleDict({n: EncoderEmbedding(cfg.modality(n), cfg.dim) for n in cfg.domains_in})
+        self.decoder_embeddings = nn.ModuleDict({n: DecoderEmbedding(cfg.modality(n), cfg.dim) for n in cfg.domains_out})
+        for n in set(cfg.domains_in) & set(cfg.domains_out):  # 4M shares modality embeddings
+            self.decoder_embeddings[n].mod_emb = self.encoder_embeddings[n].mod_emb
+        self.encoder = nn.ModuleList([Block(cfg) for _ in range(cfg.encoder_depth)])
+        self.encoder_norm = _norm(cfg)
+        self.decoder_proj_context = nn.Linear(cfg.dim, cfg.dim)
+        self.decoder = nn.ModuleList([DecoderBlock(cfg) for _ in range(cfg.decoder_depth)])
+        self.decoder_norm = _norm(cfg)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.dim))
+        self.register_tokens = nn.Parameter(torch.zeros(1, cfg.num_register_tokens, cfg.dim)) if cfg.num_register_tokens else None
+        # Per modality id: where its positions start in the concatenated position tables (fixed
+        # buffers, not saved) and where its vocabulary starts in the concatenated token tables.
+        self._build_tables()
+        self.init_weights()
+
+    # ---- construction ------------------------------------------------------------------------
+    def _build_tables(self):
+        M = len(self.modalities)
+        for side, embs in (("enc", self.encoder_embeddings), ("dec", self.decoder_embeddings)):
+            pos_off, vocab_off, tables = [0] * M, [0] * M, []
+            p = v = 0
+            for i, name in enumerate(self.modalities):
+                if name in embs:
+                    pos_off[i], vocab_off[i] = p, v
+                    tables.append(embs[name].pos_emb[0])
+                    p += embs[name].pos_emb.shape[1]
+                    v += embs[name].token_emb.num_embeddings
+            table = torch.cat(tables) if tables else torch.zeros(0, self.cfg.dim)
+            self.register_buffer(f"_{side}_pos_table", table, persistent=False)
+            self.register_buffer(f"_{side}_pos_offset", torch.tensor(pos_off), persistent=False)
+            self.register_buffer(f"_{side}_vocab_offset", torch.tensor(vocab_off), persistent=False)
+
+    def init_weights(self, std: float = 0.02):
+        """4M's (MAE-style) init: xavier-uniform linears (q, k, v treated separately), N(0, 0.02)
+        embeddings and modality/mask tokens, unit LayerNorms."""
+        for name, mod in self.named_modules():
+            if isinstance(mod, nn.Linear):
+                if name.endswith("qkv") or name.endswith(".kv"):
+                    parts = 3 if name.endswith("qkv") else 2
+                    bound = math.sqrt(6.0 / (mod.weight.shape[0] // parts + mod.weight.shape[1]))
+                    nn.init.uniform_(mod.weight, -bound, bound)
+                elif not name.endswith("to_logits"):  # tied to token_emb, initialised there
+                    nn.init.xavier_uniform_(mod.weight)
+                if mod.bias is not None:
+                    nn.init.zeros_(mod.bias)
+            elif isinstance(mod, nn.Embedding):
+                nn.init.normal_(mod.weight, std=std)
+        for emb in (*self.encoder_embeddings.values(), *self.decoder_embeddings.values()):
+            nn.init.normal_(emb.mod_emb, std=std)
+        nn.init.normal_(self.mask_token, std=std)
+        if self.register_tokens is not None:
+            nn.init.normal_(self.register_tokens, std=std)
+
+    # ---- embeddings --------------------------------------------------------------------------
+    def _mod_emb(self, embs: nn.ModuleDict) -> Tensor:
+        rows = [embs[n].mod_emb[0, 0] if n in embs else self.mask_token.new_zeros(self.cfg.dim) for n in self.modalities]
+        return torch.stack(rows)
+
+    def _token_table(self, embs: nn.ModuleDict) -> Tensor:
+        return torch.cat([embs[n].token_emb.weight for n in self.modalities if n in embs])
+
+    def embed_encoder(self, b: FourMBatch) -> tuple[Tensor, Tensor]:
+        mod = b.enc_modality.long()
+        ids = b.enc_ids.long() + self._enc_vocab_offset[mod]
+        x = F.embedding(ids, self._token_table(self.encoder_embeddings))
+        emb = self._enc_pos_table[self._enc_pos_offset[mod] + b.enc_position.long()] + self._mod_emb(self.encoder_embeddings)[mod]
+        keep = b.enc_valid[..., None]
+        return torch.where(keep, x, 0.0), torch.where(keep, emb, 0.0)
+
+    def embed_decoder(self, b: FourMBatch) -> tuple[Tensor, Tensor]:
+        mod = b.dec_modality.long()
+        is_seq = torch.tensor([self.cfg.modality(n).kind == "sequence" for n in self.modalities], device=mod.device)[mod]
+        ids = b.dec_ids.long() + self._dec_vocab_offset[mod]
+        tok = F.embedding(ids, self._token_table(self.decoder_embeddings))
+        y = torch.where(is_seq[..., None], tok, self.mask_token.to(tok.dtype))  # images: the mask token
+        emb = self._dec_pos_table[self._dec_pos_offset[mod] + b.dec_position.long()] + self._mod_emb(self.decoder_embeddings)[mod]
+        keep = b.dec_valid[..., None]
+        return torch.where(keep, y, 0.0), torch.where(keep, emb, 0.0)
+
+    # ---- trunk -------------------------------------------------------------------------------
+    def forward_hidden(self, b: FourMBatch) -> Tensor:
+        """Decoder output after decoder_norm, [B, Nd, dim]."""
+        x, enc_emb = self.embed_encoder(b)
+        enc_valid = b.enc_valid
+        if self.register_tokens is not None:
+            B = x.shape[0]
+            reg = self.register_tokens.expand(B, -1, -1)
+            x = torch.cat([reg, x], 1)
+            enc_emb = torch.cat([torch.zeros_like(reg), enc_emb], 1)
+            enc_valid = torch.cat([enc_valid.new_ones(B, reg.shape[1]), enc_valid], 1)
+        x = x + enc_emb
+        for blk in self.encoder:
+            x = blk(x, enc_valid)
+        x = self.encoder_norm(x)
+        context = self.decoder_proj_context(x) + enc_emb
+        y, dec_emb = self.embed_decoder(b)
+        y = y + dec_emb
+        for blk in self.decoder:
+            y = blk(y, context, b.dec_valid, b.dec_segment, b.dec_limit, b.dec_rank, enc_valid)
+        return self.decoder_norm(y)
+
+    def modality_losses(self, b: FourMBatch, y: Tensor) -> dict[str, tuple[Tensor, int]]:
+        """Per decoder modality: (sum of cross-entropy over its valid targets, count)."""
+        flat = y.reshape(-1, y.shape[-1])
+        targets = b.dec_targets.reshape(-1).long()
+        out = {}
+        start = 0
+        for i, name in enumerate(self.modalities):
+            n = b.dec_counts[i]
+            rows = b.dec_order[start:start + n]
+            start += n
+            if name not in self.decoder_embeddings:
+                if n:
+                    raise ValueError(f"decoder targets of modality {name!r}, which the model does not decode")
+                continue
+            weight = self.decoder_embeddings[name].to_logits.weight
+            total = flat.new_zeros(())
+            for c in range(0, n, LOSS_CHUNK):
+                idx = rows[c:c + LOSS_CHUNK]
+                yc, tc = flat.index_select(0, idx), targets.index_select(0, idx)
+                if torch.is_grad_enabled():  # recompute the chunk's logits in backward
+                    total = total + checkpoint(_chunk_ce_sum, yc, weight, tc, use_reentrant=False)
+                else:
+                    total = total + _chunk_ce_sum(yc, weight, tc)
+            out[name] = (total, n)
+        return out
+
+    def forward(self, b: FourMBatch, loss_type: str = "mod") -> tuple[Tensor, dict[str, Tensor]]:
+        """(loss, per-modality mean losses). "mod": mean over decoder modalities of each one's mean
+        cross-entropy (a modality without targets counts as 0, as in 4M); "token": mean over all
+        target tokens."""
+        if loss_type not in ("mod", "token"):
+            raise ValueError(f"loss_type must be 'mod' or 'token', got {loss_type!r}")
+        y = self.forward_hidden(b)
+        parts = self.modality_losses(b, y)
+        per_mod = {n: s / max(c, 1) for n, (s, c) in parts.items()}
+        if loss_type == "mod":
+            loss = sum(per_mod.values()) / max(len(per_mod), 1)
+        else:
+            loss = sum(s for s, _ in parts.values()) / max(sum(c for _, c in parts.values()), 1)
+        return loss, per_mod
+
+    def logits(self, b: FourMBatch, y: Tensor | None = None) -> dict[str, Tensor]:
+        """[B, Nd, V] logits of every decoder slot under each output head (4M's return_logits)."""
+        y = self.forward_hidden(b) if y is None else y
+        return {n: e.to_logits(y) for n, e in self.decoder_embeddings.items()}
+
+    # ---- ml-4m compatibility -----------------------------------------------------------------
+    @classmethod
+    def from_ml4m(cls, path_or_state_dict, config: dict) -> "FourM":
+        from .ml4m import load_ml4m
+        return load_ml4m(cls, path_or_state_dict, config)
+
+    def forward_ml4m(self, mod_dict: dict, num_encoder_tokens: int, num_decoder_tokens: int, loss_type: str = "mod",
+                     return_logits: bool = False):
+        """A batch in ml-4m's format, as ml-4m's FourM.forward takes it: returns (loss,
+        per-modality losses), or with return_logits the per-modality [B, Nd, V] logits."""
+        from .ml4m import batch_from_ml4m, ml4m_losses
+        b = batch_from_ml4m(self, mod_dict, num_encoder_tokens, num_decoder_tokens)
+        y = self.forward_hidden(b)
+        if return_logits:
+            return self.logits(b, y)
+        return ml4m_losses(self, b, y, [n for n in mod_dict if n in self.decoder_embeddings], loss_type)

@@ -1,0 +1,191 @@
+"""ml-4m compatibility: load its checkpoints, read its batch format, compute its losses."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .batch import FourMBatch, decoder_order
+from .config import FourMConfig, ModalityConfig
+
+# ml-4m checkpoint-config keys this loader understands (others are refused, so nothing is ignored
+# silently).
+ML4M_KEYS = {
+    "domains_in", "domains_out", "image_size", "patch_size", "dim", "encoder_depth", "decoder_depth", "num_heads",
+    "mlp_ratio", "qkv_bias", "proj_bias", "mlp_bias", "norm_bias", "act_layer", "gated_mlp", "qk_norm",
+    "decoder_causal_mask", "decoder_sep_mask", "num_register_tokens", "share_modality_embeddings",
+    "modality_kinds",  # fourm_fast extension: {name: "image" | "sequence"} where the name does not tell
+}
+_ACTS = {"SiLU": "silu", "GELU": "gelu", "silu": "silu", "gelu": "gelu"}
+
+
+def _read_state_dict(path_or_state_dict) -> dict[str, Tensor]:
+    if isinstance(path_or_state_dict, dict):
+        sd = dict(path_or_state_dict)
+    else:
+        path = Path(path_or_state_dict)
+        if not path.exists():
+            raise FileNotFoundError(f"ml-4m checkpoint {path} does not exist")
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            sd = load_file(str(path))
+        else:
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+            sd = obj.get("model", obj) if isinstance(obj, dict) else obj
+        if not isinstance(sd, dict):
+            raise ValueError(f"{path}: expected a state dict (or a dict with 'model'), got {type(sd).__name__}")
+    return {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
+
+
+def _kind(name: str, kinds: dict) -> str:
+    if name in kinds:
+        return kinds[name]
+    # ml-4m names image-like token modalities tok_<name>@<size>; the rest it tokenizes as text
+    return "image" if name.startswith("tok_") else "sequence"
+
+
+def config_from_ml4m(config: dict, sd: dict[str, Tensor]) -> FourMConfig:
+    unknown = sorted(set(config) - ML4M_KEYS)
+    if unknown:
+        raise ValueError(f"from_ml4m: unknown config keys {unknown} (known: {sorted(ML4M_KEYS)})")
+    missing = [k for k in ("domains_in", "domains_out", "dim", "encoder_depth", "decoder_depth", "num_heads") if k not in config]
+    if missing:
+        raise ValueError(f"from_ml4m: config lacks {missing}")
+    dim = int(config["dim"])
+    kinds = dict(config.get("modality_kinds", {}))
+    names = sorted(set(config["domains_in"]) | set(config["domains_out"]))  # ml-4m's all_domains order
+    mods = []
+    for n in names:
+        side = "encoder" if n in config["domains_in"] else "decoder"
+        key = f"{side}_embeddings.{n}.token_emb.weight"
+        pos_key = f"{side}_embeddings.{n}.pos_emb"
+        if key not in sd or pos_key not in sd:
+            raise KeyError(f"from_ml4m: the checkpoint has no {key} / {pos_key} for modality {n!r}")
+        vocab = sd[key].shape[0]
+        positions = sd[pos_key].shape[1]
+        kind = _kind(n, kinds)
+        if kind == "image":
+            grid = math.isqrt(positions)
+            if grid * grid != positions:
+                raise ValueError(f"from_ml4m: {n} is an image modality but its pos_emb has {positions} rows (not a square)")
+            mods.append(ModalityConfig(n, "image", vocab, grid=grid))
+        else:
+            mods.append(ModalityConfig(n, "sequence", vocab, max_length=positions, max_sincos_pos_emb=max(512, positions)))
+    act = config.get("act_layer", "SiLU")
+    if act not in _ACTS:
+        raise ValueError(f"from_ml4m: act_layer {act!r} is not supported (SiLU or GELU)")
+    return FourMConfig(
+        dim=dim, encoder_depth=int(config["encoder_depth"]), decoder_depth=int(config["decoder_depth"]),
+        num_heads=int(config["num_heads"]), mlp_ratio=float(config.get("mlp_ratio", 4.0)),
+        qkv_bias=bool(config.get("qkv_bias", False)), proj_bias=bool(config.get("proj_bias", False)),
+        mlp_bias=bool(config.get("mlp_bias", False)), norm_bias=bool(config.get("norm_bias", False)),
+        gated_mlp=bool(config.get("gated_mlp", True)), act=_ACTS[act], qk_norm=bool(config.get("qk_norm", False)),
+        decoder_causal_mask=bool(config.get("decoder_causal_mask", False)),
+        decoder_sep_mask=bool(config.get("decoder_sep_mask", True)),
+        num_register_tokens=int(config.get("num_register_tokens", 0)), modalities=tuple(mods),
+        domains_in=tuple(config["domains_in"]), domains_out=tuple(config["domains_out"]))
+
+
+def load_ml4m(cls, path_or_state_dict, config: dict):
+    sd = _read_state_dict(path_or_state_dict)
+    cfg = config_from_ml4m(config, sd)
+    model = cls(cfg)
+    share = bool(config.get("share_modality_embeddings", True))
+    shared = set(cfg.domains_in) & set(cfg.domains_out)
+    if not share:
+        for n in shared:
+            model.decoder_embeddings[n].mod_emb = nn.Parameter(model.decoder_embeddings[n].mod_emb.detach().clone())
+    # Tied tensors may be stored once: decoder heads share token_emb, decoder mod_emb the encoder's.
+    for n in cfg.domains_out:
+        head, tok = f"decoder_embeddings.{n}.to_logits.weight", f"decoder_embeddings.{n}.token_emb.weight"
+        if head in sd and tok in sd and not torch.equal(sd[head], sd[tok]):
+            model.decoder_embeddings[n].to_logits.weight = nn.Parameter(sd[head].clone())  # untied checkpoint
+        sd.setdefault(head, sd.get(tok))
+        if share and n in shared:
+            sd.setdefault(f"decoder_embeddings.{n}.mod_emb", sd.get(f"encoder_embeddings.{n}.mod_emb"))
+    sd = {k: v for k, v in sd.items() if v is not None}
+    own = model.state_dict()
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    bad_shapes = sorted(k for k in set(own) & set(sd) if own[k].shape != sd[k].shape)
+    if missing or unexpected or bad_shapes:
+        detail = "; ".join(f"{what}: {keys[:8]}{' ...' if len(keys) > 8 else ''}"
+                           for what, keys in (("missing", missing), ("unexpected", unexpected),
+                                              ("shape mismatch", [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in bad_shapes]))
+                           if keys)
+        raise ValueError(f"from_ml4m: the checkpoint does not match the config ({detail})")
+    model.load_state_dict(sd)
+    model._build_tables()  # position tables from the loaded buffers
+    return model
+
+
+def batch_from_ml4m(model, mod_dict: dict, num_encoder_tokens: int, num_decoder_tokens: int) -> FourMBatch:
+    """4M's token selection, done once with a stable sort: valid tokens in concatenation order,
+    then padding; decoder metadata from 4M's compressed decoder_attention_mask (cumsum rule)."""
+    cfg: FourMConfig = model.cfg
+    index = {n: i for i, n in enumerate(model.modalities)}
+    unknown = [n for n in mod_dict if n not in index]
+    if unknown:
+        raise ValueError(f"forward_ml4m: modalities {unknown} are not in the model ({model.modalities})")
+    first = next(iter(mod_dict.values()))["tensor"]
+    B, device = first.shape[0], first.device
+    enc = {k: [] for k in ("ids", "mask", "mod", "pos")}
+    dec = {k: [] for k in ("ids", "tgt", "valid", "mod", "pos", "dam")}
+    for name, d in mod_dict.items():
+        m = cfg.modality(name)
+        t = d["tensor"].reshape(B, -1).long()
+        L = t.shape[1]
+        mod_col = torch.full((B, L), index[name], dtype=torch.long, device=device)
+        if name in model.encoder_embeddings:
+            im = d["input_mask"].reshape(B, -1).bool()
+            pos = torch.arange(L, device=device).expand(B, L) if m.kind == "image" else ((~im).long().cumsum(1) - 1).clamp(min=0)
+            for k, v in (("ids", t), ("mask", im), ("mod", mod_col), ("pos", pos)):
+                enc[k].append(v)
+        if name in model.decoder_embeddings:
+            tm = d["target_mask"].reshape(B, -1).bool()
+            dam = d["decoder_attention_mask"].reshape(B, -1).long()
+            if m.kind == "image":
+                parts = (t, t, ~tm, mod_col, torch.arange(L, device=device).expand(B, L), dam)
+            else:
+                pos = (~tm).long().cumsum(1) - 1
+                pos = torch.where(tm | (pos >= m.max_length), 0, pos)
+                parts = (t[:, :-1], t[:, 1:], ~(tm[:, 1:] | tm[:, :-1]), mod_col[:, :-1], pos[:, :-1], dam[:, :-1])
+            for k, v in zip(("ids", "tgt", "valid", "mod", "pos", "dam"), parts):
+                dec[k].append(v)
+    if not enc["ids"] or not dec["ids"]:
+        raise ValueError("forward_ml4m: the batch needs at least one encoder and one decoder modality of the model")
+    e = {k: torch.cat(v, 1) for k, v in enc.items()}
+    order = torch.sort(e["mask"].to(torch.uint8), dim=1, stable=True).indices[:, :num_encoder_tokens]
+    e = {k: v.gather(1, order) for k, v in e.items()}
+    dd = {k: torch.cat(v, 1) for k, v in dec.items()}
+    order = torch.sort((~dd["valid"]).to(torch.uint8), dim=1, stable=True).indices[:, :num_decoder_tokens]
+    dd = {k: v.gather(1, order) for k, v in dd.items()}
+    n = dd["ids"].shape[1]
+    position = torch.arange(n, device=device, dtype=torch.int32).expand(B, n)
+    if cfg.decoder_causal_mask:
+        limit = position
+    else:
+        limit = (dd["dam"].cumsum(1) - 1).to(torch.int32)
+    valid = dd["valid"]
+    limit = torch.where(valid, limit, torch.full_like(limit, -1))
+    segment = dd["mod"].to(torch.int32) if cfg.decoder_sep_mask else None
+    dec_order, counts = decoder_order(dd["mod"], valid, len(model.modalities))
+    return FourMBatch(e["ids"], e["mod"], e["pos"], ~e["mask"], dd["ids"], dd["tgt"], dd["mod"], dd["pos"], valid,
+                      segment, position.contiguous(), limit.contiguous(), dec_order, counts)
+
+
+def ml4m_losses(model, b: FourMBatch, y: Tensor, mods: list[str], loss_type: str):
+    """ml-4m's losses: "mod" averages the per-modality mean cross-entropies; "token" weights each
+    modality's mean by its logits.numel() (targets x vocabulary), as ml-4m's forward_token_loss does."""
+    if loss_type not in ("mod", "modality", "token"):
+        raise ValueError(f"loss_type must be 'mod' or 'token', got {loss_type!r}")
+    parts = model.modality_losses(b, y)
+    per_mod = {n: parts[n][0] / parts[n][1] if parts[n][1] else y.new_zeros(()) for n in mods}
+    if loss_type == "token":
+        weights = {n: parts[n][1] * model.decoder_embeddings[n].to_logits.weight.shape[0] for n in mods}
+        loss = sum(per_mod[n] * weights[n] for n in mods) / sum(weights.values())
+    else:
+        loss = sum(per_mod.values()) / len(per_mod)
+    return loss, per_mod

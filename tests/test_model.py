@@ -1,0 +1,156 @@
+"""FourM: parity with the reference 4M (shared/parity/fourm_tiny_A*), native path, errors."""
+import json
+
+import pytest
+import torch
+from parity import DATA, load_safetensors
+
+from fourm_fast.masking import ModalitySpec, TokenBudgetSampler, to_ml4m_batch
+from fourm_fast.model import FourM, FourMConfig, ModalityConfig, batch_from_layout, preset
+from fourm_fast.model.ml4m import batch_from_ml4m
+
+META = json.loads((DATA / "fourm_tiny_A.json").read_text())
+
+
+def ml4m_config():
+    m = META["model"]
+    return dict(domains_in=META["in_domains"], domains_out=META["out_domains"], image_size=224, patch_size=16,
+                dim=m["dim"], encoder_depth=m["encoder_depth"], decoder_depth=m["decoder_depth"],
+                num_heads=m["num_heads"], mlp_ratio=m["mlp_ratio"], qkv_bias=False, proj_bias=False, mlp_bias=False,
+                norm_bias=False, act_layer="SiLU", gated_mlp=True, qk_norm=False, decoder_causal_mask=False,
+                decoder_sep_mask=True, num_register_tokens=0, share_modality_embeddings=True)
+
+
+@pytest.fixture(scope="module")
+def tiny_a():
+    sd = load_safetensors("fourm_tiny_A.safetensors")  # tied tensors stored once: the loader fills them
+    io = load_safetensors("fourm_tiny_A_io.safetensors")
+    model = FourM.from_ml4m(sd, ml4m_config()).eval()
+    mod_dict = {name: {f: io[f"{name}.{f}"] for f in ("tensor", "input_mask", "target_mask", "decoder_attention_mask")}
+                for name in META["inputs"]["mod_dict_order"]}
+    return model, mod_dict, io
+
+
+@pytest.mark.parametrize("loss_type", ["mod", "token"])
+def test_losses_match_reference_4m(tiny_a, loss_type):
+    model, mod_dict, io = tiny_a
+    with torch.no_grad():
+        loss, per_mod = model.forward_ml4m(mod_dict, META["num_encoder_tokens"], META["num_decoder_tokens"], loss_type)
+    prefix = "mod_loss" if loss_type == "mod" else "token_mod_loss"
+    assert abs(loss.item() - io[f"out.loss_{loss_type}"].item()) <= 1e-5
+    assert list(per_mod) == META["inputs"]["mod_dict_order"]
+    for name, value in per_mod.items():
+        assert abs(value.item() - io[f"out.{prefix}.{name}"].item()) <= 1e-5, name
+
+
+def test_logits_match_reference_4m(tiny_a):
+    model, mod_dict, io = tiny_a
+    with torch.no_grad():
+        logits = model.forward_ml4m(mod_dict, 128, 128, return_logits=True)
+        b = batch_from_ml4m(model, mod_dict, 128, 128)
+    for name in META["out_domains"]:
+        rows = b.dec_valid & (b.dec_modality == model.modalities.index(name))
+        ours = logits[name][rows]
+        ref = io[f"out.logits_valid.{name}"]
+        assert ours.shape == ref.shape, name
+        torch.testing.assert_close(ours, ref, rtol=0, atol=1e-4, msg=name)
+        assert torch.equal(b.dec_targets[rows], io[f"out.target_ids_valid.{name}"]), name
+        batch_index = torch.arange(rows.shape[0])[:, None].expand_as(rows)[rows]
+        assert torch.equal(batch_index, io[f"out.valid_batch_index.{name}"]), name
+
+
+def test_encoder_selection_matches_reference(tiny_a):
+    model, mod_dict, io = tiny_a
+    b = batch_from_ml4m(model, mod_dict, 128, 128)
+    with torch.no_grad():
+        x, emb = model.embed_encoder(b)
+    torch.testing.assert_close(x, io["inter.encoder_tokens"], rtol=0, atol=1e-6)
+    torch.testing.assert_close(emb, io["inter.encoder_emb"], rtol=0, atol=1e-6)
+    assert torch.equal(~b.enc_valid, io["inter.encoder_mask"][:, 0])
+
+
+def tiny_model(**overrides):
+    mods = (ModalityConfig("rgb", "image", 64, grid=4), ModalityConfig("depth", "image", 32, grid=4),
+            ModalityConfig("caption", "sequence", 50, max_length=12))
+    cfg = FourMConfig(dim=32, encoder_depth=2, decoder_depth=2, num_heads=2, modalities=mods,
+                      domains_in=("caption", "depth", "rgb"), domains_out=("caption", "depth", "rgb"), **overrides)
+    torch.manual_seed(0)
+    return FourM(cfg)
+
+
+def sampled_batch(B=6, seed=3):
+    specs = [ModalitySpec("caption", "sequence", 12), ModalitySpec("depth", "image", 16), ModalitySpec("rgb", "image", 16)]
+    alphas = {"caption": [0.5], "depth": [0.5], "rgb": [0.5]}
+    sampler = TokenBudgetSampler(specs, 12, 10, alphas, alphas)
+    g = torch.Generator().manual_seed(seed)
+    lengths = {"caption": torch.randint(2, 12, (B,), generator=g)}
+    layout = sampler.sample(B, seed=seed, lengths=lengths)
+    tokens = {"rgb": torch.randint(0, 64, (B, 16), generator=g), "depth": torch.randint(0, 32, (B, 16), generator=g),
+              "caption": torch.randint(5, 40, (B, 12), generator=g)}
+    sentinels = list(range(40, 50))
+    return layout, tokens, sentinels
+
+
+def test_native_path_equals_ml4m_path():
+    """The sampler's gather layout and the same draw in ml-4m's format give the same losses."""
+    model = tiny_model().eval()
+    layout, tokens, sentinels = sampled_batch()
+    buffer = layout.build_buffer(tokens, sentinels, pad_id=0)
+    native = batch_from_layout(layout, buffer, model.modalities)
+    ml4m = to_ml4m_batch(layout, tokens, sentinels, pad_id=0)
+    with torch.no_grad():
+        loss_n, per_n = model(native, "mod")
+        loss_m, per_m = model.forward_ml4m(dict(sorted(ml4m.items())), 12, 10, "mod")
+    torch.testing.assert_close(loss_n, loss_m, rtol=1e-6, atol=1e-6)
+    for name in per_m:
+        torch.testing.assert_close(per_n[name], per_m[name], rtol=1e-6, atol=1e-6)
+
+
+def test_training_step_has_gradients_everywhere_used():
+    model = tiny_model()
+    layout, tokens, sentinels = sampled_batch()
+    batch = batch_from_layout(layout, layout.build_buffer(tokens, sentinels), model.modalities)
+    loss, _ = model(batch, "token")
+    loss.backward()
+    assert torch.isfinite(loss)
+    for name, p in model.named_parameters():
+        if name.endswith("register_tokens"):
+            continue
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    assert model.encoder[0].attn.qkv.weight.grad.abs().sum() > 0
+    assert model.decoder_embeddings["rgb"].token_emb.weight.grad.abs().sum() > 0  # through the tied head
+
+
+def test_presets_have_4m_sizes():
+    mods = (ModalityConfig("rgb", "image", 1024),)
+    for name, (dim, depth, heads) in {"tiny": (384, 6, 6), "B": (768, 12, 12), "L": (1024, 24, 16), "XL": (2048, 24, 32)}.items():
+        cfg = preset(name, mods)
+        assert (cfg.dim, cfg.encoder_depth, cfg.decoder_depth, cfg.num_heads) == (dim, depth, depth, heads)
+        assert cfg.mlp_hidden == int(2 * 4 * dim / 3)
+    with pytest.raises(ValueError, match="unknown preset"):
+        preset("huge", mods)
+
+
+def test_from_ml4m_errors_name_the_problem():
+    sd = load_safetensors("fourm_tiny_A.safetensors")
+    with pytest.raises(ValueError, match="unknown config keys \\['dropout'\\]"):
+        FourM.from_ml4m(sd, {**ml4m_config(), "dropout": 0.1})
+    with pytest.raises(ValueError, match="shape mismatch"):
+        FourM.from_ml4m(sd, {**ml4m_config(), "mlp_ratio": 2})
+    bad = dict(sd)
+    del bad["encoder.0.attn.qkv.weight"]
+    with pytest.raises(ValueError, match="missing: \\['encoder.0.attn.qkv.weight'\\]"):
+        FourM.from_ml4m(bad, ml4m_config())
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        FourM.from_ml4m("/nonexistent/ckpt.safetensors", ml4m_config())
+    with pytest.raises(ValueError, match="act_layer"):
+        FourM.from_ml4m(sd, {**ml4m_config(), "act_layer": "ReLU"})
+
+
+def test_reduced_vocabulary_checkpoints_load():
+    """Vocabulary sizes come from the weights (the parity model uses 1024-code image vocabularies)."""
+    sd = load_safetensors("fourm_tiny_A.safetensors")
+    model = FourM.from_ml4m(sd, ml4m_config())
+    assert model.cfg.modality("tok_rgb@224").vocab_size == 1024
+    assert model.cfg.modality("caption").vocab_size == 30000
+    assert model.cfg.modality("caption").kind == "sequence" and model.cfg.modality("tok_rgb@224").grid == 14
