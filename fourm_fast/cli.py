@@ -17,6 +17,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p_info = sub.add_parser("info", help="versions, compiled kernels, GPUs, optional backends")
     p_info.set_defaults(func=_cmd_info)
+    p_train = sub.add_parser("train", help="train FourM from a YAML config (see configs/tiny.yaml)")
+    from .train import add_arguments, run
+
+    add_arguments(p_train)
+    p_train.set_defaults(func=run)
     return parser
 
 

@@ -164,19 +164,26 @@ class FourM(nn.Module):
             out[name] = (total, n)
         return out
 
-    def forward(self, b: FourMBatch, loss_type: str = "mod") -> tuple[Tensor, dict[str, Tensor]]:
+    def forward(self, b: FourMBatch, loss_type: str = "mod", counts: list[int] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         """(loss, per-modality mean losses). "mod": mean over decoder modalities of each one's mean
         cross-entropy (a modality without targets counts as 0, as in 4M); "token": mean over all
-        target tokens."""
+        target tokens.
+
+        counts: per-modality target counts of the batch the means are over, when ``b`` is a slice
+        of it (a process's share, an accumulation step): the slices' losses then add up exactly to
+        the whole batch's loss. Default: ``b.dec_counts``.
+        """
         if loss_type not in ("mod", "token"):
             raise ValueError(f"loss_type must be 'mod' or 'token', got {loss_type!r}")
+        counts = b.dec_counts if counts is None else counts
         y = self.forward_hidden(b)
         parts = self.modality_losses(b, y)
-        per_mod = {n: s / max(c, 1) for n, (s, c) in parts.items()}
+        index = {n: i for i, n in enumerate(self.modalities)}
+        per_mod = {n: s / max(counts[index[n]], 1) for n, (s, _) in parts.items()}
         if loss_type == "mod":
             loss = sum(per_mod.values()) / max(len(per_mod), 1)
         else:
-            loss = sum(s for s, _ in parts.values()) / max(sum(c for _, c in parts.values()), 1)
+            loss = sum(s for s, _ in parts.values()) / max(sum(counts[index[n]] for n in parts), 1)
         return loss, per_mod
 
     def logits(self, b: FourMBatch, y: Tensor | None = None) -> dict[str, Tensor]:

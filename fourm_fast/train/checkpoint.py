@@ -1,0 +1,127 @@
+"""Checkpoints: ``DIR/checkpoints/step-NNNNNNN/{model.safetensors, state.pt}``.
+
+model.safetensors holds the full (unsharded) model weights, each tied tensor once (the aliases are
+in its metadata); state.pt the optimizer, scheduler, step, RNG and data-source state plus the model
+config. A checkpoint is written into a temporary folder and renamed into place, so a crash never
+leaves a half-written ``step-*`` folder; the oldest beyond ``keep`` are deleted afterwards.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+MODEL_FILE = "model.safetensors"
+STATE_FILE = "state.pt"
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def tied_aliases(model: nn.Module) -> dict[str, str]:
+    """alias -> canonical name for parameters that are the same tensor (tied heads, shared mod_emb)."""
+    seen: dict[int, str] = {}
+    aliases = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            aliases[name] = seen[id(p)]
+        else:
+            seen[id(p)] = name
+    return aliases
+
+
+def _full(model):
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def checkpoint_dirs(root: Path) -> list[Path]:
+    if not root.exists():
+        return []
+    dirs = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and p.name[5:].isdigit()]
+    return sorted(dirs, key=lambda p: int(p.name[5:]))
+
+
+def save_checkpoint(root: Path, step: int, model: nn.Module, inner: nn.Module, optimizer, scheduler, extra: dict,
+                    keep: int, is_writer: bool) -> Path | None:
+    """Every process must call this (sharded models gather their weights); one writes."""
+    sd = get_model_state_dict(model, options=_full(model))
+    osd = get_optimizer_state_dict(model, optimizer, options=_full(model))
+    if not is_writer:
+        return None
+    aliases = tied_aliases(inner)
+    tensors = {k: v.detach().contiguous() for k, v in sd.items() if k not in aliases}
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:07d}"
+    tmp = root / f".{final.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    save_file(tensors, str(tmp / MODEL_FILE), metadata={"fourm_fast_aliases": json.dumps(aliases)})
+    state = {"step": step, "optimizer": osd, "scheduler": scheduler.state_dict(), **extra}
+    torch.save(state, tmp / STATE_FILE)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in checkpoint_dirs(root)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    dirs = [d for d in checkpoint_dirs(root) if (d / MODEL_FILE).exists() and (d / STATE_FILE).exists()]
+    return dirs[-1] if dirs else None
+
+
+def load_checkpoint(path: Path, model: nn.Module, inner: nn.Module, optimizer, scheduler, model_config: dict) -> dict:
+    """Restore model, optimizer and scheduler; returns the rest of state.pt. Raises CheckpointError
+    naming the file and what does not match."""
+    mfile, sfile = path / MODEL_FILE, path / STATE_FILE
+    for f in (mfile, sfile):
+        if not f.exists():
+            raise CheckpointError(f"checkpoint {path}: {f.name} is missing")
+    try:
+        state = torch.load(sfile, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means a corrupt file
+        raise CheckpointError(f"checkpoint file {sfile} is corrupt or unreadable: {type(e).__name__}: {e}") from None
+    if not isinstance(state, dict) or "step" not in state:
+        raise CheckpointError(f"checkpoint file {sfile} is not a fourm_fast training state")
+    saved_cfg = state.get("model_config")
+    if saved_cfg != model_config:
+        diff = sorted(k for k in set(saved_cfg or {}) | set(model_config) if (saved_cfg or {}).get(k) != model_config.get(k))
+        raise CheckpointError(f"checkpoint {sfile} was written for another model: config keys {diff} differ")
+    try:
+        tensors = load_file(str(mfile))
+        from safetensors import safe_open
+        with safe_open(str(mfile), "pt") as f:
+            aliases = json.loads((f.metadata() or {}).get("fourm_fast_aliases", "{}"))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"checkpoint file {mfile} is corrupt or unreadable: {e}") from None
+    for alias, canonical in aliases.items():
+        if canonical in tensors:
+            tensors[alias] = tensors[canonical]
+    own = inner.state_dict()
+    missing = sorted(set(own) - set(tensors))
+    unexpected = sorted(set(tensors) - set(own))
+    shapes = sorted(f"{k} {tuple(tensors[k].shape)} vs {tuple(own[k].shape)}" for k in set(own) & set(tensors)
+                    if own[k].shape != tensors[k].shape)
+    if missing or unexpected or shapes:
+        raise CheckpointError(f"checkpoint file {mfile} does not match the model: missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}, shapes {shapes[:5]}")
+    set_model_state_dict(model, tensors, options=StateDictOptions(full_state_dict=True))
+    set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+    scheduler.load_state_dict(state["scheduler"])
+    return state

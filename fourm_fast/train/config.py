@@ -1,0 +1,137 @@
+"""Training configuration: a YAML file plus ``key.sub=value`` overrides, checked against the schema."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEFAULTS: dict[str, Any] = {
+    "model": {"preset": "tiny", "overrides": {}},
+    "modalities": [
+        {"name": "rgb", "kind": "image", "vocab_size": 1024, "grid": 14},
+        {"name": "depth", "kind": "image", "vocab_size": 1024, "grid": 14},
+        {"name": "caption", "kind": "sequence", "vocab_size": 1000, "max_length": 64},
+    ],
+    "data": {
+        "source": "synthetic",
+        "num_input_tokens": 128,
+        "num_target_tokens": 128,
+        "alphas_in": 0.5,     # one number for every modality, or {name: [per-component values]}
+        "alphas_tg": 0.5,
+        "weights": None,
+        "num_sentinels": 100,  # synthetic sequences: sentinel ids are the last ids of the vocabulary
+    },
+    "train": {
+        "steps": 100,
+        "batch_size": 8,       # global, across processes and accumulation steps
+        "grad_accum": 1,
+        "lr": 1e-4,
+        "min_lr": 1e-6,
+        "warmup_steps": 10,
+        "weight_decay": 0.05,
+        "betas": [0.9, 0.95],
+        "clip_grad": 3.0,
+        "loss_type": "mod",
+        "precision": "auto",   # auto: bf16 autocast on GPU, fp32 on CPU; or fp32 / bf16
+        "compile": False,
+        "seed": 0,
+        "device": "auto",      # auto: cuda when available
+        "stop_after": None,    # stop (with a checkpoint) after this step; the schedule still spans steps
+    },
+    "log": {"every": 1, "tensorboard": True, "progress": True, "peak_tflops": None},
+    "checkpoint": {"every": 50, "keep": 3},
+    "distributed": {"strategy": "ddp"},  # ddp | fsdp2 (used under torchrun)
+    "out": "runs/tiny",
+}
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _merge(base: dict, extra: dict, where: str) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in extra.items():
+        if k not in out:
+            raise ConfigError(f"unknown config key {where}{k!r} (known: {sorted(out)})")
+        if isinstance(out[k], dict) and k != "overrides" and isinstance(v, dict):
+            out[k] = _merge(out[k], v, f"{where}{k}.")
+        else:
+            out[k] = v
+    return out
+
+
+def _parse_value(text: str):
+    value = yaml.safe_load(text)
+    if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
+
+
+def apply_override(cfg: dict, item: str) -> dict:
+    """``train.lr=3e-4`` style: the value is parsed as YAML."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key.sub=value")
+    key, value = item.split("=", 1)
+    parts = key.strip().split(".")
+    node = cfg
+    for i, p in enumerate(parts[:-1]):
+        if not isinstance(node, dict) or p not in node:
+            raise ConfigError(f"override {item!r}: unknown key {'.'.join(parts[:i + 1])!r}")
+        node = node[p]
+    last = parts[-1]
+    if not isinstance(node, dict) or (last not in node and not key.startswith("model.overrides.")):
+        raise ConfigError(f"override {item!r}: unknown key {key!r}")
+    node[last] = _parse_value(value)
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> dict:
+    cfg = copy.deepcopy(DEFAULTS)
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+        cfg = _merge(cfg, loaded, "")
+    for item in overrides or []:
+        cfg = apply_override(cfg, item)
+    validate(cfg)
+    return cfg
+
+
+_FLOAT_KEYS = ("lr", "min_lr", "weight_decay", "clip_grad")
+
+
+def validate(cfg: dict) -> None:
+    t = cfg["train"]
+    for k in _FLOAT_KEYS:
+        try:
+            t[k] = float(t[k])
+        except (TypeError, ValueError):
+            raise ConfigError(f"train.{k} must be a number, got {t[k]!r}") from None
+    if t["loss_type"] not in ("mod", "token"):
+        raise ConfigError(f"train.loss_type must be 'mod' or 'token', got {t['loss_type']!r}")
+    if t["precision"] not in ("auto", "fp32", "bf16"):
+        raise ConfigError(f"train.precision must be auto, fp32 or bf16, got {t['precision']!r}")
+    for k in ("steps", "batch_size", "grad_accum"):
+        if not isinstance(t[k], int) or t[k] < 1:
+            raise ConfigError(f"train.{k} must be a positive int, got {t[k]!r}")
+    if t["batch_size"] % t["grad_accum"]:
+        raise ConfigError(f"train.batch_size {t['batch_size']} is not divisible by train.grad_accum {t['grad_accum']}")
+    if cfg["distributed"]["strategy"] not in ("ddp", "fsdp2"):
+        raise ConfigError(f"distributed.strategy must be ddp or fsdp2, got {cfg['distributed']['strategy']!r}")
+    if cfg["data"]["source"] != "synthetic":
+        raise ConfigError(f"data.source {cfg['data']['source']!r} is not available yet (synthetic only)")
+    if not cfg["modalities"]:
+        raise ConfigError("modalities: at least one modality is needed")

@@ -1,0 +1,114 @@
+"""Progress line, metrics.csv, TensorBoard, and the analytic FLOP count behind MFU."""
+from __future__ import annotations
+
+import csv
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ..model import FourMConfig
+
+# Dense bf16 tensor-core peaks (TFLOP/s) for MFU on GPUs; CPUs get a measured sgemm rate instead.
+GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "RTX 4090": 165.0}
+
+
+def flops_per_step(cfg: FourMConfig, batch: int, n_enc: int, n_dec: int, vocab_tokens: float) -> float:
+    """Training FLOPs of one step (forward + backward = 3x forward), counting matmuls only:
+    projections and MLPs 2 * params per token, attention 4 * N * dim per token per layer (scores and
+    weighted sum), cross-attention over the encoder tokens, the output heads on the targets.
+    vocab_tokens: sum over target tokens of their vocabulary size (the heads' work)."""
+    d, h = cfg.dim, cfg.mlp_hidden
+    mlp = (3 if cfg.gated_mlp else 2) * d * h
+    enc_layer = 4 * d * d + mlp
+    dec_layer = 4 * d * d + 4 * d * d + mlp  # self (qkv + proj) and cross (q, kv, proj)
+    fwd = 2 * batch * (n_enc * enc_layer * cfg.encoder_depth + n_dec * dec_layer * cfg.decoder_depth + n_enc * d * d)
+    fwd += 4 * batch * d * (n_enc * n_enc * cfg.encoder_depth + (n_dec * n_dec + n_dec * n_enc) * cfg.decoder_depth)
+    fwd += 2 * d * vocab_tokens
+    return 3.0 * fwd
+
+
+def measured_cpu_tflops() -> float:
+    """What this machine's CPU sustains on a 1024^3 fp32 matmul (the MFU denominator on CPU)."""
+    a = torch.randn(1024, 1024)
+    b = torch.randn(1024, 1024)
+    a @ b
+    t = time.perf_counter()
+    for _ in range(4):
+        a @ b
+    return 4 * 2 * 1024**3 / (time.perf_counter() - t) / 1e12
+
+
+def peak_tflops(device: torch.device, override: float | None) -> tuple[float, str]:
+    if override:
+        return float(override), "configured"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, value in GPU_PEAK_TFLOPS.items():
+            if key in name:
+                return value, f"{name} bf16 dense peak"
+        return 0.0, f"unknown peak for {name}"
+    return measured_cpu_tflops(), "measured CPU sgemm"
+
+
+class MetricsLog:
+    """metrics.csv (one row per logged step) and, when available, TensorBoard scalars."""
+
+    FIELDS = ["step", "loss", "lr", "grad_norm", "tokens_per_s", "step_time_s", "mfu"]
+
+    def __init__(self, out: Path, modalities: list[str], tensorboard: bool, resume: bool):
+        out.mkdir(parents=True, exist_ok=True)
+        self.path = out / "metrics.csv"
+        self.fields = self.FIELDS + [f"loss_{m}" for m in modalities]
+        keep_rows = resume and self.path.exists()
+        self._file = self.path.open("a" if keep_rows else "w", newline="")
+        self._csv = csv.DictWriter(self._file, fieldnames=self.fields)
+        if not keep_rows:
+            self._csv.writeheader()
+        self._tb = None
+        self.tb_note = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self._tb = SummaryWriter(str(out / "tensorboard"))
+            except ImportError:
+                self.tb_note = "TensorBoard logging off: the tensorboard package is not installed"
+
+    def write(self, row: dict) -> None:
+        self._csv.writerow({k: row.get(k, "") for k in self.fields})
+        self._file.flush()
+        if self._tb is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self._tb.add_scalar(k, v, row["step"])
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+class Progress:
+    """One status line: a bar on a terminal (rewritten in place), plain lines otherwise."""
+
+    def __init__(self, total: int, enabled: bool, stream=None):
+        self.total = total
+        self.enabled = enabled
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+
+    def update(self, step: int, loss: float, tokens_per_s: float, mfu: float | None) -> None:
+        if not self.enabled:
+            return
+        frac = step / self.total
+        bar = "#" * int(24 * frac) + "-" * (24 - int(24 * frac))
+        mfu_s = f" mfu {100 * mfu:5.1f}%" if mfu is not None else ""
+        line = f"[{bar}] step {step}/{self.total} loss {loss:.4f} {tokens_per_s:,.0f} tok/s{mfu_s}"
+        if self.tty:
+            self.stream.write("\r" + line + (" " * 4))
+            if step == self.total:
+                self.stream.write("\n")
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()

@@ -1,0 +1,226 @@
+"""The training loop: AdamW + cosine schedule with warmup, gradient clipping and accumulation, bf16
+autocast on GPU, optional torch.compile, DDP or FSDP2 under torchrun, exact resume.
+
+Every process builds the same global batch and trains on its slice; each slice's loss is
+normalised by the global batch's per-modality target counts (known on the host, no sync), so the
+gradients the processes average are exactly the gradient of the global batch's loss: N processes
+and one process with the same global batch take the same steps, up to float summation order.
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+import signal
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ..model import FourM, ModalityConfig, preset
+from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from .metrics import MetricsLog, Progress, flops_per_step, peak_tflops
+from .synthetic import SyntheticSource, slice_batch
+
+
+def build_model_config(cfg: dict):
+    mods = tuple(ModalityConfig(**m) for m in cfg["modalities"])
+    return preset(cfg["model"]["preset"], mods, **cfg["model"].get("overrides", {}))
+
+
+def cosine_factor(step: int, total: int, warmup: int, lr: float, min_lr: float) -> float:
+    """LR multiplier: linear warmup to lr, then cosine down to min_lr at the last step."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return (min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))) / lr
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float):
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        flat = name.endswith(("mod_emb", "mask_token", "register_tokens")) or p.dim() < 2
+        (no_decay if flat else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class _Distributed:
+    def __init__(self):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.active = self.world > 1
+
+    def init(self, device_kind: str):
+        if self.active and not dist.is_initialized():
+            dist.init_process_group("nccl" if device_kind == "cuda" else "gloo")
+
+    def close(self):
+        if self.active and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class _StopFlag:
+    """SIGTERM / SIGINT: finish the current step, save a checkpoint, exit cleanly."""
+
+    def __init__(self):
+        self.signal = None
+        self._old = {}
+
+    def __enter__(self):
+        for s in (signal.SIGTERM, signal.SIGINT):
+            self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, _frame):
+        self.signal = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def _wrap(model, strategy: str, device: torch.device, world: int):
+    if world == 1:
+        return model
+    if strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    mesh = init_device_mesh(device.type, (world,))
+    for blk in (*model.encoder, *model.decoder):
+        fully_shard(blk, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def train(cfg: dict, resume: bool = False, log=print) -> dict:
+    d = _Distributed()
+    tc = cfg["train"]
+    want = tc["device"]
+    device_kind = ("cuda" if torch.cuda.is_available() else "cpu") if want == "auto" else want
+    d.init(device_kind)
+    device = torch.device(device_kind, d.local_rank) if device_kind == "cuda" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    writer = d.rank == 0
+    B, accum = tc["batch_size"], tc["grad_accum"]
+    if B % (d.world * accum):
+        raise ValueError(f"train.batch_size {B} must be divisible by processes x grad_accum = {d.world * accum}")
+    per_rank, micro = B // d.world, B // (d.world * accum)
+
+    torch.manual_seed(tc["seed"])
+    model_cfg = build_model_config(cfg)
+    inner = FourM(model_cfg).to(device)
+    model = _wrap(inner, cfg["distributed"]["strategy"], device, d.world)
+    if tc["compile"]:
+        inner.forward_hidden = torch.compile(inner.forward_hidden)
+    fused = device.type in ("cuda", "cpu")
+    optimizer = torch.optim.AdamW(_param_groups(inner, tc["weight_decay"]), lr=tc["lr"], betas=tuple(tc["betas"]),
+                                  fused=fused)
+    total = tc["steps"]
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: cosine_factor(s, total, tc["warmup_steps"], tc["lr"], tc["min_lr"]))
+    source = SyntheticSource(model_cfg, cfg["data"], tc["seed"])
+    out = Path(cfg["out"])
+    ckpt_root = out / "checkpoints"
+    model_cfg_dict = model_cfg.to_dict()
+
+    start = 0
+    if resume:
+        path = latest_checkpoint(ckpt_root)
+        if path is None:
+            raise CheckpointError(f"--resume: no complete checkpoint in {ckpt_root}")
+        state = load_checkpoint(path, model, inner, optimizer, scheduler, model_cfg_dict)
+        start = state["step"]
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
+        if device.type == "cuda" and state["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(state["rng"]["cuda"])
+        if writer:
+            log(f"resumed from {path} at step {start}")
+    if start >= total:
+        raise CheckpointError(f"--resume: the checkpoint is at step {start}, the run has {total} steps; raise --steps")
+
+    precision = tc["precision"]
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else nullcontext
+    peak, peak_note = peak_tflops(device, cfg["log"].get("peak_tflops"))
+    metrics = MetricsLog(out, list(inner.decoder_embeddings), cfg["log"]["tensorboard"], resume) if writer else None
+    if writer and metrics.tb_note:
+        log(metrics.tb_note)
+    progress = Progress(total, writer and cfg["log"]["progress"])
+    n_enc, n_dec = source.num_encoder, source.num_decoder
+    vocab = {i: m.vocab_size for i, m in enumerate(model_cfg.modalities)}
+    if writer:
+        n_params = sum(p.numel() for p in inner.parameters())
+        log(f"training {cfg['model']['preset']} ({n_params / 1e6:.1f}M parameters) on {device} x{d.world}, "
+            f"batch {B} ({accum} accumulation steps), {n_enc}/{n_dec} tokens, out {out}; MFU vs {peak:.2f} TFLOP/s ({peak_note})")
+
+    last = {}
+    steps_done = start
+    with _StopFlag() as stop:
+        for step in range(start, total):
+            t0 = time.perf_counter()
+            gb, _ = source.global_batch(B, step)
+            counts = gb.dec_counts
+            loss_sum = torch.zeros((), device=device)
+            mod_sums = {n: torch.zeros((), device=device) for n in inner.decoder_embeddings}
+            for a in range(accum):
+                lo = d.rank * per_rank + a * micro
+                mb = slice_batch(gb, lo, lo + micro, len(inner.modalities)).to(device, non_blocking=True)
+                sync = a == accum - 1 or not hasattr(model, "no_sync")
+                with (nullcontext() if sync else model.no_sync()), autocast():
+                    loss, per_mod = model(mb, tc["loss_type"], counts)
+                (loss * d.world).backward()
+                loss_sum += loss.detach()
+                for n, v in per_mod.items():
+                    mod_sums[n] += v.detach()
+            grad_norm = torch.nn.utils.clip_grad_norm_(inner.parameters(), tc["clip_grad"])
+            if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
+                grad_norm = grad_norm.full_tensor()
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            steps_done = step + 1
+            if steps_done % cfg["log"]["every"] == 0 or steps_done == total or stop.signal:
+                stats = torch.stack([loss_sum, *mod_sums.values()])
+                if d.active:
+                    dist.all_reduce(stats)
+                stats = stats.tolist()
+                dt = time.perf_counter() - t0
+                vocab_tokens = sum(c * vocab[i] for i, c in enumerate(counts))
+                flops = flops_per_step(model_cfg, B, n_enc, n_dec, vocab_tokens)
+                mfu = flops / dt / (peak * 1e12) if peak else None
+                row = {"step": steps_done, "loss": stats[0], "lr": scheduler.get_last_lr()[0],
+                       "grad_norm": float(grad_norm), "tokens_per_s": B * (n_enc + n_dec) / dt,
+                       "step_time_s": dt, "mfu": mfu,
+                       **{f"loss_{n}": v for n, v in zip(mod_sums, stats[1:])}}
+                last = row
+                if writer:
+                    metrics.write(row)
+                    progress.update(steps_done, row["loss"], row["tokens_per_s"], mfu)
+            every = cfg["checkpoint"]["every"]
+            if tc["stop_after"] is not None and steps_done >= tc["stop_after"] and not stop.signal:
+                stop.signal = f"stop_after={tc['stop_after']}"
+            if (every and steps_done % every == 0) or steps_done == total or stop.signal:
+                extra = {"model_config": model_cfg_dict, "config": cfg, "data_state": {"next_step": steps_done},
+                         "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                                 "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}}
+                path = save_checkpoint(ckpt_root, steps_done, model, inner, optimizer, scheduler, extra,
+                                       cfg["checkpoint"]["keep"], writer)
+                if writer and (stop.signal or steps_done == total):
+                    log(f"checkpoint {path}")
+            if stop.signal:
+                if writer:
+                    log(f"{stop.signal}: saved step {steps_done} and stopped; continue with --resume")
+                break
+    if writer:
+        metrics.close()
+    d.close()
+    return {"steps": steps_done, "out": str(out), "last": last, "stopped_by": stop.signal, "rank": d.rank}

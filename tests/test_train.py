@@ -1,0 +1,152 @@
+"""Trainer: exact resume, signals, checkpoint errors, config errors, DDP / FSDP2 on 2 CPU processes."""
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fourm_fast.train.checkpoint import CheckpointError
+from fourm_fast.train.config import ConfigError, load_config
+from fourm_fast.train.trainer import train
+
+ROOT = Path(__file__).resolve().parent.parent
+SMALL = [
+    "model.overrides={dim: 32, encoder_depth: 1, decoder_depth: 1, num_heads: 2}",
+    "modalities=[{name: rgb, kind: image, vocab_size: 64, grid: 4}, {name: depth, kind: image, vocab_size: 32, grid: 4},"
+    " {name: caption, kind: sequence, vocab_size: 60, max_length: 12}]",
+    "data.num_input_tokens=12", "data.num_target_tokens=10", "data.num_sentinels=12",
+    "train.batch_size=4", "train.warmup_steps=2", "train.lr=1e-3", "log.tensorboard=false", "log.progress=false",
+    "checkpoint.every=2",
+]
+
+
+def small_cfg(tmp_path, *extra):
+    return load_config(None, SMALL + [f"out={tmp_path}"] + list(extra))
+
+
+def rows(out) -> list[dict]:
+    with open(Path(out) / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_resume_continues_bit_exactly(tmp_path):
+    straight = train(small_cfg(tmp_path / "a", "train.steps=6"), log=lambda m: None)
+    assert straight["steps"] == 6
+    half = train(small_cfg(tmp_path / "b", "train.steps=6", "train.stop_after=3"), log=lambda m: None)
+    assert half["steps"] == 3 and half["stopped_by"] == "stop_after=3"
+    resumed = train(small_cfg(tmp_path / "b", "train.steps=6"), resume=True, log=lambda m: None)
+    assert resumed["steps"] == 6
+    a, b = rows(tmp_path / "a"), rows(tmp_path / "b")
+    assert [r["step"] for r in b] == [str(s) for s in range(1, 7)]
+    for ra, rb in zip(a, b):
+        for k in ("loss", "lr", "grad_norm", "loss_rgb", "loss_caption"):
+            assert ra[k] == rb[k], (ra["step"], k)  # the same float, digit for digit
+
+
+def test_checkpoints_keep_last_k_and_are_complete(tmp_path):
+    train(small_cfg(tmp_path, "train.steps=8", "checkpoint.keep=2"), log=lambda m: None)
+    ckpts = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert ckpts == ["step-0000006", "step-0000008"]
+    for c in ckpts:
+        assert {p.name for p in (tmp_path / "checkpoints" / c).iterdir()} == {"model.safetensors", "state.pt"}
+
+
+def test_corrupt_or_mismatched_checkpoints_raise_clear_errors(tmp_path):
+    train(small_cfg(tmp_path, "train.steps=2"), log=lambda m: None)
+    state = tmp_path / "checkpoints" / "step-0000002" / "state.pt"
+    with pytest.raises(CheckpointError, match="was written for another model: config keys \\['dim'"):
+        train(small_cfg(tmp_path, "train.steps=4", "model.overrides={dim: 16, encoder_depth: 1, decoder_depth: 1, num_heads: 2}"),
+              resume=True, log=lambda m: None)
+    state.write_bytes(state.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match=f"{state}.* corrupt"):
+        train(small_cfg(tmp_path, "train.steps=4"), resume=True, log=lambda m: None)
+    with pytest.raises(CheckpointError, match="no complete checkpoint"):
+        train(small_cfg(tmp_path / "empty", "train.steps=4"), resume=True, log=lambda m: None)
+
+
+def test_config_errors():
+    with pytest.raises(ConfigError, match="unknown key 'train.lrr'"):
+        load_config(None, ["train.lrr=1"])
+    with pytest.raises(ConfigError, match="loss_type must be"):
+        load_config(None, ["train.loss_type=sum"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config("/nonexistent.yaml")
+    with pytest.raises(ConfigError, match="not divisible"):
+        load_config(None, ["train.batch_size=6", "train.grad_accum=4"])
+    cfg = load_config(ROOT / "configs" / "tiny.yaml")
+    assert cfg["model"]["preset"] == "tiny" and cfg["train"]["batch_size"] == 8
+
+
+def test_grad_accumulation_equals_one_big_batch(tmp_path):
+    one = train(small_cfg(tmp_path / "a", "train.steps=3"), log=lambda m: None)
+    acc = train(small_cfg(tmp_path / "b", "train.steps=3", "train.grad_accum=2"), log=lambda m: None)
+    for ra, rb in zip(rows(tmp_path / "a"), rows(tmp_path / "b")):
+        assert abs(float(ra["loss"]) - float(rb["loss"])) <= 1e-5 * abs(float(ra["loss"]))
+    assert one["steps"] == acc["steps"] == 3
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    cmd = [sys.executable, "-m", "fourm_fast", "train", "--steps", "100000", "--out", str(tmp_path), *SMALL,
+           "checkpoint.every=0"]
+    proc = subprocess.Popen(cmd, env=_env(), stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((tmp_path / "metrics.csv").exists() and len(rows(tmp_path)) >= 2):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "SIGTERM: saved step" in err
+    assert any((tmp_path / "checkpoints").iterdir())
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(out, strategy, extra=()):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}", "-m",
+           "fourm_fast.train", "--steps", "3", "--out", str(out), *SMALL, f"distributed.strategy={strategy}", *extra]
+    res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-4000:]
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_two_processes_match_one(tmp_path, strategy):
+    """2 processes x half the batch (gloo, CPU) take the steps one process takes with the whole batch."""
+    single = tmp_path / "single"
+    train(small_cfg(single, "train.steps=3"), log=lambda m: None)
+    _torchrun(tmp_path / strategy, strategy)
+    for ra, rb in zip(rows(single), rows(tmp_path / strategy)):
+        for k in ("loss", "loss_rgb", "loss_caption", "grad_norm"):
+            assert abs(float(ra[k]) - float(rb[k])) <= 1e-5 * max(1.0, abs(float(ra[k]))), (strategy, ra["step"], k)
+    assert len(rows(tmp_path / strategy)) == 3
+
+
+def test_cli_runs_the_shipped_config_with_overrides(tmp_path):
+    cmd = [sys.executable, "-m", "fourm_fast", "train", "--config", str(ROOT / "configs" / "tiny.yaml"), "--steps", "2",
+           "--out", str(tmp_path), *SMALL]
+    res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "done: 2 steps" in res.stderr
+    header = (tmp_path / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert header[:5] == ["step", "loss", "lr", "grad_norm", "tokens_per_s"]
+    bad = subprocess.run([sys.executable, "-m", "fourm_fast", "train", "train.nope=1"], env=_env(), capture_output=True,
+                         text=True, timeout=120)
+    assert bad.returncode == 2 and "unknown key 'train.nope'" in bad.stderr
+    assert torch.__version__  # the environment under test
