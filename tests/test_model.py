@@ -154,3 +154,14 @@ def test_reduced_vocabulary_checkpoints_load():
     assert model.cfg.modality("tok_rgb@224").vocab_size == 1024
     assert model.cfg.modality("caption").vocab_size == 30000
     assert model.cfg.modality("caption").kind == "sequence" and model.cfg.modality("tok_rgb@224").grid == 14
+
+
+@pytest.mark.parametrize("loss_type", ["mod", "token"])
+def test_eager_4m_restatement_matches_reference(tiny_a, loss_type):
+    """fourm_fast/reference/fourm.py (the bench_train baseline) reproduces the reference vectors too."""
+    from fourm_fast.reference.fourm import forward_4m_eager
+
+    model, mod_dict, io = tiny_a
+    with torch.no_grad():
+        loss, per_mod = forward_4m_eager(model, mod_dict, 128, 128, loss_type)
+    assert abs(loss.item() - io[f"out.loss_{loss_type}"].item()) <= 1e-5

@@ -25,6 +25,7 @@ from .config import FourMConfig
 from .embeddings import DecoderEmbedding, EncoderEmbedding
 
 LOSS_CHUNK = 8192  # decoder rows per logits chunk in the loss
+RECOMPUTE_ELEMENTS = 1 << 24  # chunks with more logits than this are recomputed in backward, not stored
 
 
 def _chunk_ce_sum(y: Tensor, weight: Tensor, targets: Tensor) -> Tensor:
@@ -95,13 +96,21 @@ class FourM(nn.Module):
         rows = [embs[n].mod_emb[0, 0] if n in embs else self.mask_token.new_zeros(self.cfg.dim) for n in self.modalities]
         return torch.stack(rows)
 
-    def _token_table(self, embs: nn.ModuleDict) -> Tensor:
-        return torch.cat([embs[n].token_emb.weight for n in self.modalities if n in embs])
+    def _lookup(self, embs: nn.ModuleDict, ids: Tensor, mod: Tensor) -> Tensor:
+        """Token embeddings of mixed-modality ids: one small lookup per modality, merged by where
+        (cheaper than concatenating the vocabulary tables every step; no data-dependent shapes)."""
+        out = None
+        for i, name in enumerate(self.modalities):
+            if name not in embs:
+                continue
+            table = embs[name].token_emb.weight
+            x = F.embedding(ids.clamp(0, table.shape[0] - 1), table)
+            out = x if out is None else torch.where((mod == i)[..., None], x, out)
+        return out
 
     def embed_encoder(self, b: FourMBatch) -> tuple[Tensor, Tensor]:
         mod = b.enc_modality.long()
-        ids = b.enc_ids.long() + self._enc_vocab_offset[mod]
-        x = F.embedding(ids, self._token_table(self.encoder_embeddings))
+        x = self._lookup(self.encoder_embeddings, b.enc_ids.long(), mod)
         emb = self._enc_pos_table[self._enc_pos_offset[mod] + b.enc_position.long()] + self._mod_emb(self.encoder_embeddings)[mod]
         keep = b.enc_valid[..., None]
         return torch.where(keep, x, 0.0), torch.where(keep, emb, 0.0)
@@ -109,8 +118,7 @@ class FourM(nn.Module):
     def embed_decoder(self, b: FourMBatch) -> tuple[Tensor, Tensor]:
         mod = b.dec_modality.long()
         is_seq = torch.tensor([self.cfg.modality(n).kind == "sequence" for n in self.modalities], device=mod.device)[mod]
-        ids = b.dec_ids.long() + self._dec_vocab_offset[mod]
-        tok = F.embedding(ids, self._token_table(self.decoder_embeddings))
+        tok = self._lookup(self.decoder_embeddings, b.dec_ids.long(), mod)
         y = torch.where(is_seq[..., None], tok, self.mask_token.to(tok.dtype))  # images: the mask token
         emb = self._dec_pos_table[self._dec_pos_offset[mod] + b.dec_position.long()] + self._mod_emb(self.decoder_embeddings)[mod]
         keep = b.dec_valid[..., None]
@@ -157,7 +165,7 @@ class FourM(nn.Module):
             for c in range(0, n, LOSS_CHUNK):
                 idx = rows[c:c + LOSS_CHUNK]
                 yc, tc = flat.index_select(0, idx), targets.index_select(0, idx)
-                if torch.is_grad_enabled():  # recompute the chunk's logits in backward
+                if torch.is_grad_enabled() and idx.numel() * weight.shape[0] > RECOMPUTE_ELEMENTS:
                     total = total + checkpoint(_chunk_ce_sum, yc, weight, tc, use_reentrant=False)
                 else:
                     total = total + _chunk_ce_sum(yc, weight, tc)

@@ -1,0 +1,116 @@
+#!/usr/bin/env python
+"""One training step of FourM side by side with 4M's model restated eagerly, same weights, same batch.
+
+Methods (forward + backward + AdamW step on the same sampled batch):
+  fourm_fast     FourM on the sampler's gather layout: masked_attention from O(N) metadata, loss on
+                 host-counted slices with chunked logits
+  4m_eager       fourm_fast/reference/fourm.py: ml-4m's FourM.forward restated (argsort selection,
+                 dense B x N x N masks, eager attention, boolean indexing for the loss), fed the same
+                 draw in ml-4m's batch format
+Reported: median step time, tokens/s (encoder + decoder slots x batch), ratio, and MFU against a
+measured sgemm rate (CPU) or the bf16 dense peak (GPU).
+
+  python bench/bench_train.py                        # tiny preset, CPU
+  python bench/bench_train.py --device cuda --preset B --batch 128
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from contextlib import nullcontext
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from bench.utils import append_results, environment, set_threads, time_fn, timing_dict  # noqa: E402
+from fourm_fast.masking import to_ml4m_batch  # noqa: E402
+from fourm_fast.model import FourM, ModalityConfig, batch_from_layout, preset  # noqa: E402
+from fourm_fast.reference.fourm import forward_4m_eager  # noqa: E402
+from fourm_fast.train.metrics import flops_per_step, peak_tflops  # noqa: E402
+from fourm_fast.train.synthetic import SyntheticSource  # noqa: E402
+
+MODALITIES = [dict(name="rgb", kind="image", vocab_size=8192, grid=14),
+              dict(name="depth", kind="image", vocab_size=8192, grid=14),
+              dict(name="normal", kind="image", vocab_size=8192, grid=14),
+              dict(name="semseg", kind="image", vocab_size=4096, grid=14),
+              dict(name="caption", kind="sequence", vocab_size=30000, max_length=256)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--tokens", type=int, default=128, help="input = target tokens per sample")
+    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--quick", action="store_true", help="a reduced model (dim 192, 2 + 2 blocks) for a smoke run")
+    ap.add_argument("--no-save", action="store_true")
+    args = ap.parse_args(argv)
+    set_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no GPU is visible")
+    mods = tuple(ModalityConfig(**m) for m in MODALITIES)
+    overrides = dict(dim=192, encoder_depth=2, decoder_depth=2, num_heads=3) if args.quick else {}
+    cfg = preset(args.preset, mods, **overrides)
+    torch.manual_seed(0)
+    model = FourM(cfg).to(device)
+    data = dict(num_input_tokens=args.tokens, num_target_tokens=args.tokens, alphas_in=0.5, alphas_tg=0.5,
+                weights=None, num_sentinels=200)
+    source = SyntheticSource(cfg, data, seed=0)
+    B = args.batch
+    native, extra = source.global_batch(B, 0)
+    layout = extra["layout"]
+    tokens, lengths = source._tokens(B, 0)
+    sent = {n: [0] + ids for n, ids in source.sentinel_ids.items()}
+    ml4m = to_ml4m_batch(layout, tokens, sent["caption"], 0)
+    ml4m = {n: {k: v.to(device) for k, v in d.items()} for n, d in sorted(ml4m.items())}
+    native = native.to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else nullcontext
+
+    def step(fn):
+        def run():
+            with autocast():
+                loss, _ = fn()
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return run
+
+    methods = {
+        "fourm_fast": step(lambda: model(native, "mod")),
+        "4m_eager": step(lambda: forward_4m_eager(model, ml4m, args.tokens, args.tokens, "mod")),
+    }
+    repeats = args.repeats or (20 if device.type == "cuda" else 5)
+    env = environment(args.device)
+    peak, peak_note = peak_tflops(device, None)
+    vocab = {i: m.vocab_size for i, m in enumerate(cfg.modalities)}
+    flops = flops_per_step(cfg, B, args.tokens, args.tokens, sum(c * vocab[i] for i, c in enumerate(native.dec_counts)))
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"# train step on {env['device_name']} ({torch.get_num_threads()} CPU threads): preset {args.preset}"
+          f"{' (quick)' if args.quick else ''}, {n_params / 1e6:.1f}M params, batch {B}, {args.tokens}/{args.tokens} tokens, "
+          f"MFU vs {peak:.3f} TFLOP/s ({peak_note}), sha {env['git_sha']}")
+    print(f"{'method':<12} {'median ms':>10} {'p20-p80 ms':>19} {'vs ours':>8} {'tokens/s':>10} {'MFU':>6}")
+    rows, ours = [], None
+    for name, fn in methods.items():
+        t = time_fn(fn, args.device, repeats=repeats, warmup=1)
+        ours = t.median_ms if name == "fourm_fast" else ours
+        tps = B * 2 * args.tokens / (t.median_ms * 1e-3)
+        mfu = flops / (t.median_ms * 1e-3) / (peak * 1e12) if peak else None
+        rows.append({"op": "train_step", "method": name, "preset": args.preset, "quick": args.quick, "batch": B,
+                     "tokens": args.tokens, "params_m": round(n_params / 1e6, 2), **timing_dict(t),
+                     "time_vs_ours": round(t.median_ms / ours, 3), "tokens_per_s": round(tps, 1),
+                     "mfu": round(mfu, 4) if mfu else None, "mfu_peak_note": peak_note})
+        mfu_s = f"{100 * mfu:5.1f}%" if mfu else "  n/a"
+        print(f"{name:<12} {t.median_ms:>10.1f} {t.p20_ms:>9.1f}-{t.p80_ms:<9.1f} {t.median_ms / ours:>7.2f}x {tps:>10.0f} {mfu_s}", flush=True)
+    if not args.no_save:
+        print(f"# appended {len(rows)} rows to {append_results('train', rows, env)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
