@@ -48,7 +48,47 @@ def main() -> int:
         same = same and torch.equal(cpu.budgets.input, gpu.budgets.input.cpu())
         failures += not same
         print(f"token sampler B={B:5}: {'ok' if same else 'MISMATCH'}")
+    failures += attention_cases()
     return 1 if failures else 0
+
+
+def attention_cases() -> int:
+    """masked_attention forward + backward on small odd shapes: every kernel (bounds, delta, the
+    tensor-core fwd / dq / dkdv tiers 32, 64, 128, the SIMT fwd / dq / dkdv incl. d > 128), with
+    partial tiles, skipped tiles and rows that see nothing, compared with the CPU executor."""
+    failures = 0
+    tol = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}  # catches garbage, not ulps
+    gen = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for B, H, Nq, Nk, d in ((1, 1, 1, 1, 16), (2, 3, 67, 33, 64), (1, 2, 70, 130, 20), (2, 1, 33, 65, 128),
+                                (1, 1, 17, 19, 160)):
+            q, k, v, g = (torch.randn(B, H, n, d, generator=gen).to(dtype) for n in (Nq, Nk, Nk, Nq))
+            k_valid = torch.rand(B, Nk, generator=gen) > 0.2
+            q_seg = torch.randint(0, 3, (B, Nq), generator=gen, dtype=torch.int32).sort(dim=1).values
+            k_seg = torch.randint(0, 2, (B, Nk), generator=gen, dtype=torch.int32).sort(dim=1).values
+            q_lim = torch.randint(-1, Nk, (B, Nq), generator=gen, dtype=torch.int32)
+            k_rank = torch.arange(Nk, dtype=torch.int32).expand(B, Nk).contiguous()
+            meta = [q_seg, k_seg, q_lim, k_rank]
+            scale = d**-0.5
+
+            def run(device):
+                x = [t.to(device) for t in (q, k, v, g, k_valid, *meta)]
+                out, lse = torch.ops.fourm_fast.masked_attention_fwd(*x[:3], *x[4:], scale)
+                grads = torch.ops.fourm_fast.masked_attention_bwd(x[3], *x[:3], out, lse, *x[4:], scale)
+                return [t.cpu().float() for t in (out, lse, *grads)]
+
+            gpu = run("cuda")
+            torch.cuda.synchronize()
+            cpu = run("cpu")
+            same_empty = torch.equal(torch.isneginf(gpu[1]), torch.isneginf(cpu[1]))
+            rel = [((a - c).abs() / (1 + c.abs())).nan_to_num(0.0, posinf=0.0) for a, c in zip(gpu, cpu)]
+            worst = max(r.max().item() for r in rel)
+            finite = all(torch.isfinite(t).all() for i, t in enumerate(gpu) if i != 1)
+            ok = same_empty and finite and worst <= tol[dtype]
+            failures += not ok
+            print(f"masked_attention {str(dtype):15} B={B} H={H} Nq={Nq:4} Nk={Nk:4} d={d:4}: "
+                  f"worst rel err {worst:.2e} {'ok' if ok else 'MISMATCH'}")
+    return failures
 
 
 if __name__ == "__main__":

@@ -1,0 +1,40 @@
+"""WordPiece text tokenizer: 4M's special-token layout, round trips of captions and box text."""
+import pytest
+
+pytest.importorskip("tokenizers", reason="the tokenizers package is in requirements.txt")
+
+from fourm_fast.data import make_sample, text_to_boxes  # noqa: E402
+from fourm_fast.data.synthetic import SHAPES  # noqa: E402
+from fourm_fast.tokenizers import TextTokenizer, train_wordpiece  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tok():
+    texts = [make_sample(0, i, 8)["caption"] for i in range(300)]
+    return train_wordpiece(texts, vocab_size=4400, num_sentinels=200, class_names=SHAPES)
+
+
+def test_special_token_layout(tok):
+    t = tok.tk
+    assert [t.token_to_id(s) for s in ("[PAD]", "[UNK]", "[SOS]", "[EOS]")] == [0, 1, 2, 3]
+    assert tok.sentinel_ids[:3] == [4, 5, 6] and tok.sentinel_ids[-1] == 203
+    assert t.token_to_id("v0=0") == 204 and t.token_to_id("v3=999") == 204 + 3999
+    assert t.token_to_id("circle") == 4204
+
+
+def test_captions_and_boxes_round_trip(tok, tmp_path):
+    for i in range(300, 320):
+        s = make_sample(0, i, 8)
+        ids = tok.encode(s["caption"])
+        assert ids[-1] == tok.eos_id and 1 not in ids  # no [UNK] for the world's words
+        assert tok.decode(ids) == s["caption"]
+        box_ids = tok.encode(s["det"], add_eos=False)
+        assert len(box_ids) == 5 * len(text_to_boxes(s["det"])), "each corner and class is one token"
+        assert tok.decode(box_ids) == s["det"]
+    tok.save(tmp_path / "text.json")
+    again = TextTokenizer.load(tmp_path / "text.json")
+    assert again.encode("a small red circle") == tok.encode("a small red circle")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        TextTokenizer.load(tmp_path / "missing.json")
+    with pytest.raises(ValueError, match="must exceed"):
+        train_wordpiece(["a"], vocab_size=100)
