@@ -24,6 +24,35 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
+    from .data import ShardError
+    from .tokenizers.vq import train_tokenizer
+
+    try:
+        train_tokenizer(args.data, args.modality, steps=args.steps, batch_size=args.batch_size,
+                        num_codes=args.num_codes, out=args.out, log=_log)
+    except (ValueError, ShardError, FileNotFoundError) as e:
+        print(f"fourm-fast tokenizer train: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _cmd_tokenize(args: argparse.Namespace) -> int:
+    from .data import ShardError
+    from .tokenizers.vq import tokenize_shards
+
+    try:
+        tokenize_shards(args.data, log=_log)
+    except (ValueError, ShardError, FileNotFoundError) as e:
+        print(f"fourm-fast tokenize: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fourm-fast", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -42,6 +71,19 @@ def build_parser() -> argparse.ArgumentParser:
     p_synth.add_argument("--size", type=int, default=64, help="image side in pixels")
     p_synth.add_argument("--seed", type=int, default=0)
     p_synth.set_defaults(func=_cmd_synth)
+    p_tok = sub.add_parser("tokenizer", help="image tokenizers")
+    tok_sub = p_tok.add_subparsers(dest="tokenizer_command", required=True)
+    p_tt = tok_sub.add_parser("train", help="train a VQ tokenizer on a shard folder's modality")
+    p_tt.add_argument("--data", required=True, help="shard folder (fourm-fast data synth)")
+    p_tt.add_argument("--modality", required=True, help="rgb, depth, normal, semseg or edges")
+    p_tt.add_argument("--steps", type=int, default=300)
+    p_tt.add_argument("--batch-size", type=int, default=32)
+    p_tt.add_argument("--num-codes", type=int, default=256)
+    p_tt.add_argument("--out", help="weights file (default DATA/tokenizers/MODALITY.safetensors)")
+    p_tt.set_defaults(func=_cmd_tokenizer_train)
+    p_tk = sub.add_parser("tokenize", help="token grids for every modality with a trained tokenizer")
+    p_tk.add_argument("data", help="shard folder")
+    p_tk.set_defaults(func=_cmd_tokenize)
     return parser
 
 
