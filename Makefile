@@ -28,8 +28,7 @@ test: build
 
 demo: build
 	$(VENV)/bin/fourm-fast info
-	$(PY) bench/bench_vq.py --quick --no-save
-	$(PY) bench/bench_sampling.py --quick --no-save
+	$(PY) -m fourm_fast.demo --out demo_out
 
 bench: build
 	$(PY) bench/bench_vq.py

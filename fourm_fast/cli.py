@@ -30,9 +30,12 @@ def _log(msg: str) -> None:
 
 def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
     from .data import ShardError
-    from .tokenizers.vq import train_tokenizer
+    from .tokenizers.vq import train_text_tokenizer, train_tokenizer
 
     try:
+        if args.modality == "text":
+            train_text_tokenizer(args.data, log=_log)
+            return 0
         train_tokenizer(args.data, args.modality, steps=args.steps, batch_size=args.batch_size,
                         num_codes=args.num_codes, out=args.out, log=_log)
     except (ValueError, ShardError, FileNotFoundError) as e:
@@ -75,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     tok_sub = p_tok.add_subparsers(dest="tokenizer_command", required=True)
     p_tt = tok_sub.add_parser("train", help="train a VQ tokenizer on a shard folder's modality")
     p_tt.add_argument("--data", required=True, help="shard folder (fourm-fast data synth)")
-    p_tt.add_argument("--modality", required=True, help="rgb, depth, normal, semseg or edges")
+    p_tt.add_argument("--modality", required=True, help="rgb, depth, normal, semseg, edges, or text (WordPiece over caption + det)")
     p_tt.add_argument("--steps", type=int, default=300)
     p_tt.add_argument("--batch-size", type=int, default=32)
     p_tt.add_argument("--num-codes", type=int, default=256)

@@ -179,9 +179,28 @@ def train_tokenizer(data: str | Path, modality: str, steps: int = 300, batch_siz
     return {"path": str(path), **meta}
 
 
+def train_text_tokenizer(data: str | Path, vocab_size: int = 500, log=print) -> dict:
+    """WordPiece over the shards' captions and box texts (one text tokenizer, as 4M shares one)."""
+    from ..data.synthetic import SHAPES
+    from .text import special_tokens, train_wordpiece
+
+    root = Path(data)
+    manifest = read_manifest(root)
+    texts = [read_sample(root, i, manifest, modalities=[m])[m] for m in ("caption", "det") if m in manifest["modalities"]
+             for i in range(manifest["num_samples"])]
+    # vocab_size counts the learned word pieces, on top of 4M's special tokens
+    tok = train_wordpiece(texts, vocab_size=len(special_tokens(200, SHAPES)) + vocab_size, class_names=SHAPES)
+    path = root / "tokenizers" / "text.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tok.save(path)
+    log(f"tokenizer text: {tok.vocab_size} tokens from {len(texts)} texts -> {path}")
+    return {"path": str(path), "vocab_size": tok.vocab_size}
+
+
 def tokenize_shards(data: str | Path, log=print) -> dict:
-    """Token grids (int16 .npy, [N, g, g]) for every modality with a trained tokenizer, into
-    DATA/tokens/, and the tokenizer versions into the manifest."""
+    """Token grids (int16 .npy, [N, g, g]) for every modality with a trained VQ tokenizer and text
+    ids (int32 [N, L], 0-padded, with tokens/<m>.lengths.npy) when DATA/tokenizers/text.json exists,
+    into DATA/tokens/; the tokenizer versions go into the manifest."""
     root = Path(data)
     manifest = read_manifest(root)
     tok_dir = root / "tokenizers"
@@ -199,6 +218,25 @@ def tokenize_shards(data: str | Path, log=print) -> dict:
         done[m] = {"tokenizer": path.name, "version": meta["version"], "shape": list(arr.shape),
                    "num_codes": meta["config"]["num_codes"]}
         log(f"tokenize: {m} -> tokens/{m}.npy {arr.shape}")
+    text_path = tok_dir / "text.json"
+    if text_path.exists():
+        from .text import TextTokenizer
+
+        tok = TextTokenizer.load(text_path)
+        for m in ("caption", "det"):
+            if m not in manifest["modalities"]:
+                continue
+            ids = [tok.encode(read_sample(root, i, manifest, modalities=[m])[m]) for i in range(manifest["num_samples"])]
+            width = max(len(x) for x in ids)
+            arr = np.zeros((len(ids), width), np.int32)  # [PAD] = 0
+            for i, x in enumerate(ids):
+                arr[i, :len(x)] = x
+            (root / "tokens").mkdir(exist_ok=True)
+            np.save(root / "tokens" / f"{m}.npy", arr)
+            np.save(root / "tokens" / f"{m}.lengths.npy", np.array([len(x) for x in ids], np.int32))
+            done[m] = {"tokenizer": "text.json", "version": 1, "shape": list(arr.shape), "num_codes": tok.vocab_size,
+                       "num_sentinels": tok.num_sentinels}
+            log(f"tokenize: {m} -> tokens/{m}.npy {arr.shape} (EOS included)")
     if not done:
         raise ValueError(f"{root}: no tokenizers in {tok_dir}; train one with fourm-fast tokenizer train")
     manifest["tokens"] = done

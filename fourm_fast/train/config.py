@@ -22,6 +22,8 @@ DEFAULTS: dict[str, Any] = {
         "alphas_tg": 0.5,
         "weights": None,
         "num_sentinels": 100,  # synthetic sequences: sentinel ids are the last ids of the vocabulary
+        "path": None,          # source "shards": a tokenized shard folder
+        "max_text_tokens": 64,  # source "shards" with modalities "auto": sequence length cap
     },
     "train": {
         "steps": 100,
@@ -131,7 +133,11 @@ def validate(cfg: dict) -> None:
         raise ConfigError(f"train.batch_size {t['batch_size']} is not divisible by train.grad_accum {t['grad_accum']}")
     if cfg["distributed"]["strategy"] not in ("ddp", "fsdp2"):
         raise ConfigError(f"distributed.strategy must be ddp or fsdp2, got {cfg['distributed']['strategy']!r}")
-    if cfg["data"]["source"] != "synthetic":
-        raise ConfigError(f"data.source {cfg['data']['source']!r} is not available yet (synthetic only)")
+    if cfg["data"]["source"] not in ("synthetic", "shards"):
+        raise ConfigError(f"data.source must be 'synthetic' or 'shards', got {cfg['data']['source']!r}")
+    if cfg["data"]["source"] == "shards" and not cfg["data"]["path"]:
+        raise ConfigError("data.source 'shards' needs data.path (a folder after fourm-fast tokenize)")
+    if cfg["modalities"] == "auto" and cfg["data"]["source"] != "shards":
+        raise ConfigError("modalities 'auto' reads them from tokenized shards (data.source: shards)")
     if not cfg["modalities"]:
         raise ConfigError("modalities: at least one modality is needed")

@@ -26,7 +26,11 @@ from .synthetic import SyntheticSource, slice_batch
 
 
 def build_model_config(cfg: dict):
-    mods = tuple(ModalityConfig(**m) for m in cfg["modalities"])
+    if cfg["modalities"] == "auto":
+        from .shards_source import modalities_from_shards
+        mods = tuple(modalities_from_shards(cfg["data"]["path"], cfg["data"]["max_text_tokens"]))
+    else:
+        mods = tuple(ModalityConfig(**m) for m in cfg["modalities"])
     return preset(cfg["model"]["preset"], mods, **cfg["model"].get("overrides", {}))
 
 
@@ -126,7 +130,11 @@ def train(cfg: dict, resume: bool = False, log=print) -> dict:
     total = tc["steps"]
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: cosine_factor(s, total, tc["warmup_steps"], tc["lr"], tc["min_lr"]))
-    source = SyntheticSource(model_cfg, cfg["data"], tc["seed"])
+    if cfg["data"]["source"] == "shards":
+        from .shards_source import ShardSource
+        source = ShardSource(model_cfg, cfg["data"], tc["seed"])
+    else:
+        source = SyntheticSource(model_cfg, cfg["data"], tc["seed"])
     out = Path(cfg["out"])
     ckpt_root = out / "checkpoints"
     model_cfg_dict = model_cfg.to_dict()

@@ -1,0 +1,74 @@
+"""Training batches from tokenized shards (fourm-fast data synth -> tokenizer train -> tokenize).
+
+Like the synthetic source, a step's global batch is a pure function of (seed, step): the samples
+come from a seeded permutation per epoch, so resume and N processes see the very batches one
+uninterrupted process would.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..data.loader import TokenShards
+from ..masking import ModalitySpec, TokenBudgetSampler
+from ..model import FourMBatch, FourMConfig, ModalityConfig, batch_from_layout
+from .synthetic import _alpha_table
+
+
+def modalities_from_shards(path: str, max_text_tokens: int) -> list[ModalityConfig]:
+    ds = TokenShards(path)
+    out = []
+    for m, entry in ds.manifest["tokens"].items():
+        if ds.kinds[m] == "image":
+            out.append(ModalityConfig(m, "image", entry["num_codes"], grid=entry["shape"][1]))
+        else:
+            out.append(ModalityConfig(m, "sequence", entry["num_codes"], max_length=max_text_tokens))
+    return out
+
+
+class ShardSource:
+    def __init__(self, model_cfg: FourMConfig, data_cfg: dict, seed: int):
+        self.model_cfg = model_cfg
+        self.seed = seed
+        self.names = [m.name for m in model_cfg.modalities]
+        self.ds = TokenShards(data_cfg["path"], self.names)
+        for m in model_cfg.modalities:
+            entry = self.ds.manifest["tokens"][m.name]
+            if m.vocab_size < entry["num_codes"]:
+                raise ValueError(f"{m.name}: model vocab_size {m.vocab_size} < the tokenizer's {entry['num_codes']}")
+            if m.kind == "image" and m.num_tokens != self.ds.arrays[m.name].shape[1]:
+                raise ValueError(f"{m.name}: the model expects {m.num_tokens} tokens, the shards hold "
+                                 f"{self.ds.arrays[m.name].shape[1]}")
+        from ..tokenizers.text import TextTokenizer
+        from pathlib import Path
+
+        text = Path(data_cfg["path"]) / "tokenizers" / "text.json"
+        self.sentinels = TextTokenizer.load(text).sentinel_ids if text.exists() else []
+        specs = [ModalitySpec(m.name, m.kind, m.num_tokens) for m in model_cfg.modalities]
+        self.sampler = TokenBudgetSampler(specs, data_cfg["num_input_tokens"], data_cfg["num_target_tokens"],
+                                          _alpha_table(data_cfg["alphas_in"], self.names),
+                                          _alpha_table(data_cfg["alphas_tg"], self.names), weights=data_cfg.get("weights"))
+        self.num_encoder = self.sampler.input_range[1]
+        self.num_decoder = self.sampler.target_range[1]
+
+    def _indices(self, B: int, step: int) -> np.ndarray:
+        n = len(self.ds)
+        start = step * B
+        out = []
+        while len(out) < B:
+            epoch, pos = divmod(start + len(out), n)
+            perm = np.random.default_rng([self.seed, epoch]).permutation(n)
+            out.extend(perm[pos:pos + B - len(out)].tolist())
+        return np.array(out)
+
+    def global_batch(self, B: int, step: int) -> tuple[FourMBatch, dict]:
+        tokens, lengths = self.ds.batch(self._indices(B, step))
+        seq_lengths = {m: lengths[m].clamp(max=self.model_cfg.modality(m).max_length) for m in lengths}
+        layout = self.sampler.sample(B, seed=self.seed * 1_000_003 + step, lengths=seq_lengths)
+        parts = []
+        for spec in layout.specs:
+            if spec.kind == "image":
+                parts.append(tokens[spec.name])
+            else:
+                parts.append(layout.sequence_tokens(spec.name, tokens[spec.name], self.sentinels, 0))
+        return batch_from_layout(layout, torch.cat(parts, 1), self.names), {"layout": layout}

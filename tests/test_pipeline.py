@@ -1,0 +1,70 @@
+"""Shards -> tokenizers -> tokens -> loader -> training, and the demo end to end (small)."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from fourm_fast.data import ShardError, write_synthetic
+from fourm_fast.data.loader import TokenShards, build_loader
+from fourm_fast.tokenizers.vq import tokenize_shards, train_text_tokenizer, train_tokenizer
+from fourm_fast.train.config import load_config
+from fourm_fast.train.trainer import train
+
+
+@pytest.fixture(scope="module")
+def tokenized(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tok")
+    write_synthetic(root, 24, size=16, seed=2, progress=False)
+    train_tokenizer(root, "depth", steps=3, batch_size=4, num_codes=32, log=lambda m: None)
+    train_tokenizer(root, "semseg", steps=3, batch_size=4, num_codes=32, log=lambda m: None)
+    train_text_tokenizer(root, log=lambda m: None)
+    tokenize_shards(root, log=lambda m: None)
+    return root
+
+
+def test_token_shards_and_loader(tokenized):
+    ds = TokenShards(tokenized)
+    assert set(ds.kinds) == {"depth", "semseg", "caption", "det"}
+    tokens, lengths = ds[3]
+    assert tokens["depth"].shape == (4,) and lengths["caption"] >= 2
+    batch = next(iter(build_loader(tokenized, 8)))
+    assert batch[0]["depth"].shape == (8, 4)
+    with pytest.raises(NotImplementedError, match="DALI"):
+        build_loader(tokenized, 8, backend="dali")
+
+
+def test_token_shards_name_bad_files(tokenized, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(tokenized, bad)
+    np.save(bad / "tokens" / "depth.npy", np.zeros((24, 3, 3), np.int16))
+    with pytest.raises(ShardError, match="tokens/depth.npy: shape"):
+        TokenShards(bad)
+    np.save(bad / "tokens" / "depth.npy", np.zeros((24, 2, 2), np.int64))
+    with pytest.raises(ShardError, match="tokens/depth.npy: dtype int64"):
+        TokenShards(bad)
+    with pytest.raises(ShardError, match="no tokens for \\['rgb'\\]"):
+        TokenShards(tokenized, ["rgb"])
+
+
+def test_training_from_token_shards(tokenized, tmp_path):
+    cfg = load_config(None, ["data.source=shards", f"data.path={tokenized}", "modalities=auto",
+                             "data.num_input_tokens=8", "data.num_target_tokens=8",
+                             "model.overrides={dim: 32, encoder_depth: 1, decoder_depth: 1, num_heads: 2}",
+                             "train.steps=2", "train.batch_size=4", "log.tensorboard=false", "log.progress=false",
+                             f"out={tmp_path}"])
+    res = train(cfg, log=lambda m: None)
+    assert res["steps"] == 2 and np.isfinite(res["last"]["loss"])
+
+
+def test_demo_end_to_end_small(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "fourm_fast.demo", "--out", str(tmp_path / "demo"), "--scenes", "20",
+                          "--size", "16", "--tokenizer-steps", "2", "--train-steps", "2"],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    assert set(summary["stages"]) == {"synth", "tokenizers", "tokenize", "train", "generate"}
+    assert summary["stages"]["train"]["steps"] == 2
