@@ -8,6 +8,7 @@
 
 #include <cstdint>
 #include <optional>
+#include <tuple>
 #include <string>
 
 #include "kernels/masking_math.h"
@@ -150,6 +151,54 @@ inline const char* layout_status_message(int32_t status) {
   return status == 1 ? "more input or target tokens than encoder / decoder slots (num_encoder / num_decoder too small)"
                      : "a budget outside its modality (image: input + target <= size; sequence: seq_input <= "
                        "input_budget <= size and input_budget + seq_target <= 2 (size + 1))";
+}
+
+using LayoutTensors = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                                 at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// token_layout's eleven outputs, allocated once for both executors.
+struct LayoutOutputs {
+  at::Tensor enc_index, enc_modality, enc_position, enc_valid;
+  at::Tensor dec_index, dec_modality, dec_position, dec_valid, dec_segment, dec_rank, dec_limit;
+  int64_t num_enc, num_dec;
+
+  LayoutOutputs(int64_t B, int64_t ne, int64_t nd, const at::TensorOptions& opts) : num_enc(ne), num_dec(nd) {
+    const auto i32 = opts.dtype(at::kInt), i64 = opts.dtype(at::kLong), b8 = opts.dtype(at::kBool);
+    enc_index = at::empty({B, ne}, i64);
+    enc_modality = at::empty({B, ne}, i32);
+    enc_position = at::empty({B, ne}, i32);
+    enc_valid = at::empty({B, ne}, b8);
+    dec_index = at::empty({B, nd}, i64);
+    dec_modality = at::empty({B, nd}, i32);
+    dec_position = at::empty({B, nd}, i32);
+    dec_valid = at::empty({B, nd}, b8);
+    dec_segment = at::empty({B, nd}, i32);
+    dec_rank = at::empty({B, nd}, i32);
+    dec_limit = at::empty({B, nd}, i32);
+  }
+
+  // Row pointers of sample b (b = 0: the base pointers a CUDA kernel offsets itself).
+  kernels::LayoutRow row(int64_t b) {
+    const int64_t e = b * num_enc, d = b * num_dec;
+    return {enc_index.data_ptr<int64_t>() + e,   enc_modality.data_ptr<int32_t>() + e,
+            enc_position.data_ptr<int32_t>() + e, enc_valid.data_ptr<bool>() + e,
+            dec_index.data_ptr<int64_t>() + d,   dec_modality.data_ptr<int32_t>() + d,
+            dec_position.data_ptr<int32_t>() + d, dec_valid.data_ptr<bool>() + d,
+            dec_segment.data_ptr<int32_t>() + d,  dec_rank.data_ptr<int32_t>() + d,
+            dec_limit.data_ptr<int32_t>() + d};
+  }
+
+  LayoutTensors as_tuple() const {
+    return {enc_index, enc_modality, enc_position, enc_valid, dec_index, dec_modality,
+            dec_position, dec_valid, dec_segment, dec_rank, dec_limit};
+  }
+};
+
+[[noreturn]] inline void raise_layout_error(int64_t b, int32_t status, const at::Tensor& in_b, const at::Tensor& tg_b,
+                                            const at::Tensor& s_in, const at::Tensor& s_tg, int64_t ne, int64_t nd) {
+  TORCH_CHECK_VALUE(false, "token_layout: sample ", b, ": ", layout_status_message(status), "; input_budget ",
+                    in_b[b].cpu(), ", target_budget ", tg_b[b].cpu(), ", seq_input ", s_in[b].cpu(), ", seq_target ",
+                    s_tg[b].cpu(), ", slots ", ne, "/", nd);
 }
 
 }  // namespace fourm_fast

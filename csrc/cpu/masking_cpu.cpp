@@ -43,9 +43,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_budgets_cpu(
   return {component, input, target};
 }
 
-using LayoutTensors = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-                                 at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-
 LayoutTensors token_layout_cpu(const at::Tensor& input_budget, const at::Tensor& target_budget,
                                const at::Tensor& seq_input, const at::Tensor& seq_target, const at::Tensor& size,
                                const at::Tensor& is_image, int64_t num_encoder, int64_t num_decoder, int64_t seed,
@@ -57,14 +54,7 @@ LayoutTensors token_layout_cpu(const at::Tensor& input_budget, const at::Tensor&
   const at::Tensor s_in = seq_input.contiguous(), s_tg = seq_target.contiguous();
   const at::Tensor sz = size.contiguous(), img = is_image.contiguous();
   const at::Tensor offsets = modality_offsets(size, is_image);
-  const auto i32 = size.options().dtype(at::kInt), i64 = size.options().dtype(at::kLong),
-             b8 = size.options().dtype(at::kBool);
-  at::Tensor enc_index = at::empty({B, num_encoder}, i64), enc_modality = at::empty({B, num_encoder}, i32),
-             enc_position = at::empty({B, num_encoder}, i32), enc_valid = at::empty({B, num_encoder}, b8);
-  at::Tensor dec_index = at::empty({B, num_decoder}, i64), dec_modality = at::empty({B, num_decoder}, i32),
-             dec_position = at::empty({B, num_decoder}, i32), dec_valid = at::empty({B, num_decoder}, b8),
-             dec_segment = at::empty({B, num_decoder}, i32), dec_rank = at::empty({B, num_decoder}, i32),
-             dec_limit = at::empty({B, num_decoder}, i32);
+  LayoutOutputs outs(B, num_encoder, num_decoder, size.options());
   const int32_t max_size = B > 0 ? sz.max().item<int32_t>() : 0;
   const int32_t* size_p = sz.const_data_ptr<int32_t>();
   const uint8_t* img_p = reinterpret_cast<const uint8_t*>(img.const_data_ptr<bool>());
@@ -75,17 +65,7 @@ LayoutTensors token_layout_cpu(const at::Tensor& input_budget, const at::Tensor&
     std::vector<int32_t> order(static_cast<size_t>(max_size));
     std::vector<uint8_t> role(static_cast<size_t>(max_size));
     for (int64_t b = b0; b < b1; ++b) {
-      kernels::LayoutRow row{enc_index.data_ptr<int64_t>() + b * num_encoder,
-                             enc_modality.data_ptr<int32_t>() + b * num_encoder,
-                             enc_position.data_ptr<int32_t>() + b * num_encoder,
-                             enc_valid.data_ptr<bool>() + b * num_encoder,
-                             dec_index.data_ptr<int64_t>() + b * num_decoder,
-                             dec_modality.data_ptr<int32_t>() + b * num_decoder,
-                             dec_position.data_ptr<int32_t>() + b * num_decoder,
-                             dec_valid.data_ptr<bool>() + b * num_decoder,
-                             dec_segment.data_ptr<int32_t>() + b * num_decoder,
-                             dec_rank.data_ptr<int32_t>() + b * num_decoder,
-                             dec_limit.data_ptr<int32_t>() + b * num_decoder};
+      kernels::LayoutRow row = outs.row(b);
       const int st = kernels::layout_sample(
           size_p, img_p, off_p, static_cast<int>(M), in_b.const_data_ptr<int32_t>() + b * M,
           tg_b.const_data_ptr<int32_t>() + b * M, s_in.const_data_ptr<int32_t>() + b * M,
@@ -101,13 +81,9 @@ LayoutTensors token_layout_cpu(const at::Tensor& input_budget, const at::Tensor&
     }
   });
   if (first_bad.load() < B) {
-    const int64_t b = first_bad.load();
-    TORCH_CHECK_VALUE(false, "token_layout: sample ", b, ": ", layout_status_message(bad_status.load()),
-                      "; input_budget ", in_b[b], ", target_budget ", tg_b[b], ", seq_input ",
-                      s_in[b], ", seq_target ", s_tg[b], ", slots ", num_encoder, "/", num_decoder);
+    raise_layout_error(first_bad.load(), bad_status.load(), in_b, tg_b, s_in, s_tg, num_encoder, num_decoder);
   }
-  return {enc_index, enc_modality, enc_position, enc_valid, dec_index, dec_modality,
-          dec_position, dec_valid, dec_segment, dec_rank, dec_limit};
+  return outs.as_tuple();
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> span_mask_cpu(

@@ -81,9 +81,6 @@ __global__ void layout_kernel(LayoutArgs a, kernels::LayoutRow base) {
                                        a.order + b * a.max_size, a.role + b * a.max_size, row);
 }
 
-using LayoutTensors = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-                                 at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-
 LayoutTensors token_layout_cuda(const at::Tensor& input_budget, const at::Tensor& target_budget,
                                 const at::Tensor& seq_input, const at::Tensor& seq_target, const at::Tensor& size,
                                 const at::Tensor& is_image, int64_t num_encoder, int64_t num_decoder, int64_t seed,
@@ -96,18 +93,9 @@ LayoutTensors token_layout_cuda(const at::Tensor& input_budget, const at::Tensor
   const at::Tensor s_in = seq_input.contiguous(), s_tg = seq_target.contiguous();
   const at::Tensor sz = size.contiguous(), img = is_image.contiguous();
   const at::Tensor offsets = modality_offsets(size, is_image).contiguous();
-  const auto i32 = size.options().dtype(at::kInt), i64 = size.options().dtype(at::kLong),
-             b8 = size.options().dtype(at::kBool);
-  at::Tensor enc_index = at::empty({B, num_encoder}, i64), enc_modality = at::empty({B, num_encoder}, i32),
-             enc_position = at::empty({B, num_encoder}, i32), enc_valid = at::empty({B, num_encoder}, b8);
-  at::Tensor dec_index = at::empty({B, num_decoder}, i64), dec_modality = at::empty({B, num_decoder}, i32),
-             dec_position = at::empty({B, num_decoder}, i32), dec_valid = at::empty({B, num_decoder}, b8),
-             dec_segment = at::empty({B, num_decoder}, i32), dec_rank = at::empty({B, num_decoder}, i32),
-             dec_limit = at::empty({B, num_decoder}, i32);
-  if (B == 0) {
-    return {enc_index, enc_modality, enc_position, enc_valid, dec_index, dec_modality,
-            dec_position, dec_valid, dec_segment, dec_rank, dec_limit};
-  }
+  LayoutOutputs outs(B, num_encoder, num_decoder, size.options());
+  if (B == 0) return outs.as_tuple();
+  const auto i32 = size.options().dtype(at::kInt);
   const int64_t max_size = size.cpu().max().item<int32_t>();
   at::Tensor order = at::empty({B, max_size}, i32);
   at::Tensor role = at::empty({B, max_size}, size.options().dtype(at::kByte));
@@ -130,24 +118,16 @@ LayoutTensors token_layout_cuda(const at::Tensor& input_budget, const at::Tensor
   a.order = order.data_ptr<int32_t>();
   a.role = role.data_ptr<uint8_t>();
   a.status = status.data_ptr<int32_t>();
-  kernels::LayoutRow base{enc_index.data_ptr<int64_t>(),    enc_modality.data_ptr<int32_t>(),
-                          enc_position.data_ptr<int32_t>(), enc_valid.data_ptr<bool>(),
-                          dec_index.data_ptr<int64_t>(),    dec_modality.data_ptr<int32_t>(),
-                          dec_position.data_ptr<int32_t>(), dec_valid.data_ptr<bool>(),
-                          dec_segment.data_ptr<int32_t>(),  dec_rank.data_ptr<int32_t>(),
-                          dec_limit.data_ptr<int32_t>()};
+  const kernels::LayoutRow base = outs.row(0);
   const int64_t blocks = (B + kThreads - 1) / kThreads;
   layout_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(a, base);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const at::Tensor bad = at::nonzero(status).flatten().cpu();
   if (bad.numel() > 0) {
     const int64_t b = bad[0].item<int64_t>();
-    TORCH_CHECK_VALUE(false, "token_layout: sample ", b, ": ", layout_status_message(status[b].item<int32_t>()),
-                      "; input_budget ", in_b[b].cpu(), ", target_budget ", tg_b[b].cpu(), ", seq_input ",
-                      s_in[b].cpu(), ", seq_target ", s_tg[b].cpu(), ", slots ", num_encoder, "/", num_decoder);
+    raise_layout_error(b, status[b].item<int32_t>(), in_b, tg_b, s_in, s_tg, num_encoder, num_decoder);
   }
-  return {enc_index, enc_modality, enc_position, enc_valid, dec_index, dec_modality,
-          dec_position, dec_valid, dec_segment, dec_rank, dec_limit};
+  return outs.as_tuple();
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> span_mask_cuda(const at::Tensor&, const at::Tensor&,
