@@ -56,6 +56,9 @@ class FourM(nn.Module):
     # ---- construction ------------------------------------------------------------------------
     def _build_tables(self):
         M = len(self.modalities)
+        # per modality id: is it a sequence (built once, not a host-to-device copy every step)
+        self.register_buffer("_is_sequence", torch.tensor([m.kind == "sequence" for m in self.cfg.modalities]),
+                             persistent=False)
         for side, embs in (("enc", self.encoder_embeddings), ("dec", self.decoder_embeddings)):
             pos_off, vocab_off, tables = [0] * M, [0] * M, []
             p = v = 0
@@ -117,7 +120,7 @@ class FourM(nn.Module):
 
     def embed_decoder(self, b: FourMBatch) -> tuple[Tensor, Tensor]:
         mod = b.dec_modality.long()
-        is_seq = torch.tensor([self.cfg.modality(n).kind == "sequence" for n in self.modalities], device=mod.device)[mod]
+        is_seq = self._is_sequence[mod]
         tok = self._lookup(self.decoder_embeddings, b.dec_ids.long(), mod)
         y = torch.where(is_seq[..., None], tok, self.mask_token.to(tok.dtype))  # images: the mask token
         emb = self._dec_pos_table[self._dec_pos_offset[mod] + b.dec_position.long()] + self._mod_emb(self.decoder_embeddings)[mod]
