@@ -128,8 +128,11 @@ class FourM(nn.Module):
         return torch.where(keep, y, 0.0), torch.where(keep, emb, 0.0)
 
     # ---- trunk -------------------------------------------------------------------------------
-    def forward_hidden(self, b: FourMBatch) -> Tensor:
-        """Decoder output after decoder_norm, [B, Nd, dim]."""
+    def encode(self, b) -> tuple[Tensor, Tensor]:
+        """Encoder pass over ``b``'s enc_* slots (a FourMBatch, or anything with enc_ids,
+        enc_modality, enc_position, enc_valid): (context [B, Ne', dim], context_valid [B, Ne']),
+        the decoder's cross-attention keys before its per-layer projections (register tokens
+        first when the model has them)."""
         x, enc_emb = self.embed_encoder(b)
         enc_valid = b.enc_valid
         if self.register_tokens is not None:
@@ -142,12 +145,21 @@ class FourM(nn.Module):
         for blk in self.encoder:
             x = blk(x, enc_valid)
         x = self.encoder_norm(x)
-        context = self.decoder_proj_context(x) + enc_emb
+        return self.decoder_proj_context(x) + enc_emb, enc_valid
+
+    def decode(self, b, context: Tensor, context_valid: Tensor) -> Tensor:
+        """Decoder pass over ``b``'s dec_* slots given the encoder's context: [B, Nd, dim] after
+        decoder_norm."""
         y, dec_emb = self.embed_decoder(b)
         y = y + dec_emb
         for blk in self.decoder:
-            y = blk(y, context, b.dec_valid, b.dec_segment, b.dec_limit, b.dec_rank, enc_valid)
+            y = blk(y, context, b.dec_valid, b.dec_segment, b.dec_limit, b.dec_rank, context_valid)
         return self.decoder_norm(y)
+
+    def forward_hidden(self, b: FourMBatch) -> Tensor:
+        """Decoder output after decoder_norm, [B, Nd, dim]."""
+        context, context_valid = self.encode(b)
+        return self.decode(b, context, context_valid)
 
     def modality_losses(self, b: FourMBatch, y: Tensor) -> dict[str, tuple[Tensor, int]]:
         """Per decoder modality: (sum of cross-entropy over its valid targets, count)."""

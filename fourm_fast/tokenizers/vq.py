@@ -58,6 +58,26 @@ def to_input(modality: str, value: np.ndarray) -> Tensor:
     return t.permute(2, 0, 1)  # normal, already in [-1, 1]
 
 
+# semseg classes as colours for pictures (background, then the object classes)
+SEMSEG_PALETTE = np.array([[20, 20, 20], [230, 80, 60], [70, 160, 230], [240, 200, 60]], np.uint8)
+
+
+def to_display(modality: str, x: Tensor) -> np.ndarray:
+    """Inverse of to_input for pictures: (B, C, H, W) decoder output -> uint8 (B, H, W, 3)."""
+    x = x.detach().float().cpu()
+    if modality == "semseg":
+        return SEMSEG_PALETTE[x.argmax(1).numpy() % len(SEMSEG_PALETTE)]
+    if modality == "rgb":
+        img = (x + 1.0) * 127.5
+    elif modality == "depth":
+        img = ((1.0 - x) * 127.5).repeat(1, 3, 1, 1)  # depth 2 m bright .. 10 m (background) black
+    elif modality == "edges":
+        img = ((x + 1.0) * 127.5).repeat(1, 3, 1, 1)
+    else:  # normal
+        img = (x + 1.0) * 127.5
+    return img.clamp(0, 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
 class VQTokenizer(nn.Module):
     def __init__(self, cfg: VQConfig):
         super().__init__()

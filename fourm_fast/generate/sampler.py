@@ -1,0 +1,241 @@
+"""Any-to-any generation with a FourM: MaskGIT, ROAR and autoregressive steps, chained over targets.
+
+What differs from ml-4m's GenerationSampler (fourm/models/generate.py), in how and not what:
+- MaskGIT and ROAR schedules are per sample, over each sample's own number of unknown tokens
+  (4M takes sample 0's count for the whole batch).
+- Classifier-free guidance runs the conditional and unconditional passes as one batched forward
+  (4M deep-copies the batch and runs them one after the other); several weighted conditions
+  (u + sum_i w_i (c_i - u)) run as one forward too.
+- Autoregressive targets decode with a key/value cache and stop per sample at the end sentinel.
+- Every draw goes through fourm_fast.ops.sample_tokens (Philox: a seed gives the same tokens on
+  CPU and CUDA) and MaskGIT's choice through select_positions; sampling never sorts the vocabulary.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..ops.sampling import sample_tokens, select_positions
+from .kv_cache import CachedDecoder, UncachedDecoder
+from .schedules import TargetSpec, per_sample_table
+from .state import GenerationState, Slots
+
+
+def _filters(spec: TargetSpec) -> dict:
+    # 4M's conventions: top_p 0 is off (the op's "off" is 1); top_k a count or a fraction.
+    top_p = spec.top_p if 0.0 < spec.top_p < 1.0 else 1.0
+    return dict(top_k=spec.top_k, top_p=top_p, min_p=spec.min_p)
+
+
+class Generator:
+    """Chained generation on a FourM.
+
+    sentinel_ids: per sequence modality, the ids of its sentinels in 4M's order (entry s is [S_s]:
+    a TextTokenizer's ``sentinel_ids``); [S_1] starts a generated sequence and [S_2] ends it.
+    use_cache: autoregressive decoding with the key/value cache (False: 4M's full re-run).
+    """
+
+    def __init__(self, model, sentinel_ids: dict[str, list[int]] | None = None, use_cache: bool = True,
+                 log: Callable[[str], None] | None = None):
+        self.model = model
+        self.sentinels = {k: list(v) for k, v in (sentinel_ids or {}).items()}
+        for name, ids in self.sentinels.items():
+            if len(ids) < 3:
+                raise ValueError(f"{name}: need the ids of at least [S_0], [S_1], [S_2], got {ids}")
+        self.use_cache = use_cache
+        self.log = log
+        self._enc_key = None
+        self._enc_val = None
+        self.stats = {"encoder_passes": 0, "decoder_passes": 0, "sampled_rows": 0}
+
+    # ---- helpers ------------------------------------------------------------------------------
+    def new_state(self, batch_size: int, device=None) -> GenerationState:
+        dev = device if device is not None else next(self.model.parameters()).device
+        return GenerationState(self.model, batch_size, dev)
+
+    def _s1(self) -> dict[str, int]:
+        return {n: ids[1] for n, ids in self.sentinels.items()}
+
+    def _encode(self, state: GenerationState, passes: list[set[str]]):
+        """Encoder output for the passes; reused while the state's inputs have not changed."""
+        key = (id(state), state.version, tuple(tuple(sorted(p)) for p in passes))
+        if key != self._enc_key:
+            slots = state.encoder_slots(self.model, passes, self._s1())
+            self._enc_val = self.model.encode(slots)
+            self._enc_key = key
+            self.stats["encoder_passes"] += 1
+        return self._enc_val
+
+    def _passes(self, state: GenerationState, spec: TargetSpec) -> tuple[list[set[str]], list[float] | None]:
+        """Visible modalities of each forward pass, and the guidance weights (None: unguided).
+        Passes are [c_1, ..., c_k, u]; the target's own tokens are visible in every pass."""
+        present = {n for n in state.tokens if n != spec.name} | {spec.name}
+        if spec.guidance:
+            hidden = set().union(*(set(m) for m, _ in spec.guidance))
+            self._check_known(state, hidden, spec)
+            base = present - hidden
+            return [base | set(m) for m, _ in spec.guidance] + [base], [float(w) for _, w in spec.guidance]
+        cond = set(spec.cfg_conditions) if spec.cfg_conditions is not None else present - {spec.name}
+        self._check_known(state, cond, spec)
+        if spec.cfg_scale == 1.0 or not cond:
+            return [present], None
+        return [present, present - cond], [spec.cfg_scale]
+
+    def _check_known(self, state: GenerationState, mods: set[str], spec: TargetSpec) -> None:
+        missing = sorted(m for m in mods if m not in state.tokens)
+        if missing:
+            raise ValueError(f"target {spec.name!r}: guidance names {missing}, which are neither given nor generated before it")
+        if spec.name in mods:
+            raise ValueError(f"target {spec.name!r}: a target cannot guide itself")
+
+    def _sample(self, logits: Tensor, P: int, weights: list[float] | None, spec: TargetSpec,
+                temperature: Tensor | float, seed: int) -> tuple[Tensor, Tensor]:
+        """logits: (P * R, V) of the passes stacked; returns tokens, probs (R,)."""
+        R = logits.shape[0] // P
+        f = _filters(spec)
+        offset = self._offset
+        self._offset += 1
+        self.stats["sampled_rows"] += R
+        if weights is None:
+            return sample_tokens(logits, temperature=temperature, seed=seed, offset=offset, **f)
+        if len(weights) == 1:
+            return sample_tokens(logits[:R], uncond_logits=logits[R:], cfg_scale=weights[0], temperature=temperature,
+                                 seed=seed, offset=offset, **f)
+        u = logits[-R:].float()
+        g = u.clone()
+        for i, w in enumerate(weights):
+            g += w * (logits[i * R:(i + 1) * R].float() - u)
+        return sample_tokens(g, temperature=temperature, seed=seed, offset=offset, **f)
+
+    # ---- the chain ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, state: GenerationState, targets: list[TargetSpec], seed: int = 0) -> GenerationState:
+        """Generate each target in turn; later targets see earlier ones. Modifies and returns state."""
+        for spec in targets:
+            if spec.name not in self.model.decoder_embeddings:
+                raise ValueError(f"target {spec.name!r}: the model does not decode it (outputs: {list(self.model.decoder_embeddings)})")
+            kind = self.model.cfg.modality(spec.name).kind
+            if (kind == "sequence") != (spec.scheme == "autoregressive"):
+                raise ValueError(f"target {spec.name!r} is a {kind} modality: use "
+                                 f"{'autoregressive' if kind == 'sequence' else 'maskgit or roar'}, not {spec.scheme}")
+            if kind == "sequence" and spec.name not in self.sentinels:
+                raise ValueError(f"target {spec.name!r}: sentinel ids are needed to start and stop a sequence")
+        for spec in targets:  # 4M adds every target up front: later sequence targets show as [S_1]
+            if spec.name not in state.tokens:
+                state.add_empty(spec.name)
+        self._offset = 0
+        for ti, spec in enumerate(targets):
+            if spec.scheme == "autoregressive":
+                self._autoregressive(state, spec, seed)
+            else:
+                self._image(state, spec, seed, ti)
+        return state
+
+    def _image(self, state: GenerationState, spec: TargetSpec, seed: int, target_index: int) -> None:
+        name = spec.name
+        known = state.known[name]
+        B, N = known.shape
+        unknown = (~known).sum(1).tolist()
+        table = per_sample_table(spec, unknown)
+        passes, weights = self._passes(state, spec)
+        P = len(passes)
+        mod_id = self.model.modalities.index(name)
+        dev = known.device
+        if spec.scheme == "roar":
+            # a random order per sample over its unknown positions, drawn once (unknown first)
+            g = torch.Generator().manual_seed((seed * 1_000_003 + target_index) % (2**63))
+            keys = torch.rand(B, N, generator=g).to(dev)
+            order = torch.argsort(torch.where(known, 2.0, keys), dim=1)
+            taken = torch.zeros(B, dtype=torch.int64, device=dev)
+        for s in range(table.counts.shape[0]):
+            counts = torch.from_numpy(table.counts[s]).to(dev)
+            if not bool((counts > 0).any()):
+                continue  # a step that commits nothing changes nothing (4M's cosine has such steps)
+            if spec.scheme == "maskgit":
+                Q = int((~state.known[name]).sum(1).max())
+                qpos = torch.sort(state.known[name].to(torch.uint8), dim=1, stable=True).indices[:, :Q]
+                qvalid = ~state.known[name].gather(1, qpos)
+            else:
+                Q = int(counts.max())
+                j = torch.arange(Q, device=dev)[None, :]
+                qpos = order.gather(1, (taken[:, None] + j).clamp(max=N - 1))
+                qvalid = j < counts[:, None]
+                taken += counts
+            context, context_valid = self._encode(state, passes)
+            slots = Slots(dec_ids=torch.zeros(P * B, Q, dtype=torch.int64, device=dev),
+                          dec_modality=torch.full((P * B, Q), mod_id, device=dev),
+                          dec_position=qpos.repeat(P, 1), dec_valid=qvalid.repeat(P, 1))
+            y = self.model.decode(slots, context, context_valid)
+            self.stats["decoder_passes"] += 1
+            logits = self.model.decoder_embeddings[name].to_logits(y).reshape(P * B * Q, -1)
+            temp = torch.from_numpy(table.temps[s]).float().to(dev).repeat_interleave(Q)
+            tokens, probs = self._sample(logits, P, weights, spec, temp, seed)
+            tokens, probs = tokens.reshape(B, Q), probs.reshape(B, Q)
+            if spec.scheme == "maskgit":
+                chosen = select_positions(probs, qvalid, counts)
+            else:
+                chosen = qvalid
+            state.commit(name, qpos, tokens, chosen)
+            if self.log:
+                self.log(f"generate {name}: {spec.scheme} step {s + 1}/{table.counts.shape[0]}")
+        if not bool(state.known[name].all()):
+            raise RuntimeError(f"{name}: the schedule left tokens undecided (internal error)")
+
+    def _autoregressive(self, state: GenerationState, spec: TargetSpec, seed: int) -> None:
+        name = spec.name
+        m = self.model.cfg.modality(name)
+        if bool(state.known[name].any()):
+            raise ValueError(f"target {name!r} already has tokens; sequence targets are generated from scratch")
+        s1, s2 = self.sentinels[name][1], self.sentinels[name][2]
+        # 4M's empty target holds [S_1] as input and max_length - 1 decoder positions
+        limit = m.max_length - 1 if spec.max_length is None else min(spec.max_length, m.max_length - 1)
+        passes, weights = self._passes(state, spec)
+        P, B, dev = len(passes), state.B, state.device
+        context, context_valid = self._encode(state, passes)
+        cls = CachedDecoder if self.use_cache else UncachedDecoder
+        dec = cls(self.model, name, context, context_valid, limit)
+        ids = torch.full((B,), s1, dtype=torch.int64, device=dev)
+        out = torch.zeros(B, limit, dtype=torch.int64, device=dev)
+        length = torch.zeros(B, dtype=torch.int64, device=dev)
+        done = torch.zeros(B, dtype=torch.bool, device=dev)
+        temp = spec.temperature
+        for t in range(limit):
+            logits = dec.step(ids.repeat(P))
+            self.stats["decoder_passes"] += 1
+            tok, _ = self._sample(logits, P, weights, spec, temp, seed)
+            ended = tok == s2
+            write = ~done & ~ended
+            out[:, t] = torch.where(write, tok, 0)
+            length += write.long()
+            done |= ended
+            if bool(done.all()):
+                break
+            ids = tok
+        # the generated tokens replace [S_1]: the sequence is what came between [S_1] and [S_2]
+        known = torch.arange(limit, device=dev)[None, :] < length[:, None]
+        state.tokens[name] = torch.zeros(B, m.max_length, dtype=torch.int64, device=dev)
+        state.known[name] = torch.zeros(B, m.max_length, dtype=torch.bool, device=dev)
+        state.tokens[name][:, :limit] = torch.where(known, out, 0)
+        state.known[name][:, :limit] = known
+        state.version += 1
+        if self.log:
+            self.log(f"generate {name}: autoregressive, {int(length.max())} tokens at most")
+
+
+def decode_images(state: GenerationState, tokenizers: dict) -> dict[str, np.ndarray]:
+    """Image modalities of the state through their VQ tokenizers: name -> uint8 (B, H, W, 3)."""
+    from ..tokenizers.vq import to_display
+
+    out = {}
+    for name, tok in tokenizers.items():
+        if name not in state.tokens or state.cfg.modality(name).kind != "image":
+            continue
+        g = int(math.isqrt(state.tokens[name].shape[1]))
+        with torch.no_grad():
+            x = tok.decode(state.tokens[name].reshape(-1, g, g).cpu())
+        out[name] = to_display(name, x)
+    return out

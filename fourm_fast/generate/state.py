@@ -1,0 +1,150 @@
+"""What a generation knows so far, and the model inputs built from it.
+
+Each modality of the state holds ``tokens (B, N) int64`` and ``known (B, N) bool``: an image's
+token grid with the positions given or generated so far; a sequence's ids with ``known`` a prefix.
+The encoder sees every known token; a sequence with nothing known is shown as its first sentinel
+[S_1] alone, as 4M's empty_seq_modality does for targets and for conditions dropped by guidance.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Slots:
+    """The fields of a FourMBatch that FourM.encode / FourM.decode read."""
+
+    enc_ids: Tensor | None = None
+    enc_modality: Tensor | None = None
+    enc_position: Tensor | None = None
+    enc_valid: Tensor | None = None
+    dec_ids: Tensor | None = None
+    dec_modality: Tensor | None = None
+    dec_position: Tensor | None = None
+    dec_valid: Tensor | None = None
+    dec_segment: Tensor | None = None
+    dec_rank: Tensor | None = None
+    dec_limit: Tensor | None = None
+
+
+class GenerationState:
+    """Tokens and known masks per modality for a batch of B samples on one device."""
+
+    def __init__(self, model, batch_size: int, device: torch.device | str = "cpu"):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.cfg = model.cfg
+        self.index = {n: i for i, n in enumerate(model.modalities)}
+        self.B = batch_size
+        self.device = torch.device(device)
+        self.tokens: dict[str, Tensor] = {}
+        self.known: dict[str, Tensor] = {}
+        self.version = 0  # bumped on every change; keys the encoder cache
+
+    def _width(self, name: str) -> int:
+        if name not in self.index:
+            raise KeyError(f"unknown modality {name!r}; the model has {list(self.index)}")
+        return self.cfg.modality(name).num_tokens
+
+    def add_empty(self, name: str) -> None:
+        N = self._width(name)
+        self.tokens[name] = torch.zeros(self.B, N, dtype=torch.int64, device=self.device)
+        self.known[name] = torch.zeros(self.B, N, dtype=torch.bool, device=self.device)
+        self.version += 1
+
+    def set_image(self, name: str, tokens: Tensor, known: Tensor | None = None) -> None:
+        """tokens: (B, N) or (B, g, g) ids (or one sample, broadcast); known: same shape, default all."""
+        m = self.cfg.modality(name)
+        if m.kind != "image":
+            raise ValueError(f"{name} is a sequence modality; use set_sequence")
+        raw = torch.as_tensor(tokens)
+        N = m.num_tokens
+        if raw.numel() == 0 or raw.numel() % N or raw.numel() // N not in (1, self.B):
+            raise ValueError(f"{name}: tokens must hold {N} ids per sample for 1 or {self.B} samples, "
+                             f"got shape {tuple(raw.shape)}")
+        t = raw.reshape(-1, N).to(self.device, torch.int64)
+        if bool(((t < 0) | (t >= m.vocab_size)).any()):
+            raise ValueError(f"{name}: token ids outside [0, {m.vocab_size})")
+        k = torch.ones_like(t, dtype=torch.bool) if known is None else torch.as_tensor(known).to(self.device, torch.bool).reshape(t.shape)
+        self.tokens[name] = t.expand(self.B, -1).clone()
+        self.known[name] = k.expand(self.B, -1).clone()
+        self.version += 1
+
+    def set_sequence(self, name: str, ids) -> None:
+        """ids: one list of token ids for every sample, or a list of B lists (EOS included as the
+        tokenizer writes it); longer than the modality's max_length is an error."""
+        m = self.cfg.modality(name)
+        if m.kind != "sequence":
+            raise ValueError(f"{name} is an image modality; use set_image")
+        rows = [list(ids)] * self.B if not ids or not isinstance(ids[0], (list, tuple)) else [list(r) for r in ids]
+        if len(rows) != self.B:
+            raise ValueError(f"{name}: {len(rows)} sequences for a batch of {self.B}")
+        t = torch.zeros(self.B, m.max_length, dtype=torch.int64)
+        k = torch.zeros(self.B, m.max_length, dtype=torch.bool)
+        for b, r in enumerate(rows):
+            if len(r) > m.max_length:
+                raise ValueError(f"{name}: sequence of {len(r)} tokens exceeds max_length {m.max_length}")
+            if any(not 0 <= int(x) < m.vocab_size for x in r):
+                raise ValueError(f"{name}: token ids outside [0, {m.vocab_size})")
+            t[b, : len(r)] = torch.tensor(r, dtype=torch.int64)
+            k[b, : len(r)] = True
+        self.tokens[name] = t.to(self.device)
+        self.known[name] = k.to(self.device)
+        self.version += 1
+
+    def commit(self, name: str, positions: Tensor, values: Tensor, mask: Tensor) -> None:
+        """tokens[b, positions[b, j]] = values[b, j] where mask[b, j]."""
+        t, k = self.tokens[name], self.known[name]
+        N = t.shape[1]
+        pos = torch.where(mask, positions, N)  # unselected entries land in a spare column
+        t_ext = torch.cat([t, t.new_zeros(self.B, 1)], 1).scatter_(1, pos, values)
+        k_ext = torch.cat([k, k.new_zeros(self.B, 1)], 1).scatter_(1, pos, torch.ones_like(mask))
+        self.tokens[name], self.known[name] = t_ext[:, :N].contiguous(), k_ext[:, :N].contiguous()
+        self.version += 1
+
+    def sequence(self, name: str, b: int) -> list[int]:
+        return self.tokens[name][b][self.known[name][b]].tolist()
+
+    # ---- model inputs -------------------------------------------------------------------------
+    def encoder_slots(self, model, passes: list[set[str]], s1_ids: dict[str, int]) -> Slots:
+        """Encoder slots of P passes stacked on the batch axis ([P * B, Ne]): pass p sees the known
+        tokens of the modalities in passes[p]; a sequence it does not see, or with nothing known,
+        appears as [S_1] alone. Slots are compacted to the longest pass (one host sync)."""
+        ids, mods, pos, valid = [], [], [], []
+        for name in model.modalities:
+            if name not in self.tokens or name not in model.encoder_embeddings:
+                continue
+            m = self.cfg.modality(name)
+            t, k = self.tokens[name], self.known[name]
+            N = t.shape[1]
+            arange = torch.arange(N, device=self.device).expand(self.B, N)
+            pid, pvalid = [], []
+            for vis in passes:
+                shown = name in vis
+                if m.kind == "sequence":
+                    empty = ~k.any(1, keepdim=True) if shown else torch.ones(self.B, 1, dtype=torch.bool, device=self.device)
+                    if bool(empty.any()) and name not in s1_ids:
+                        raise ValueError(f"{name}: an empty sequence is shown as its sentinel [S_1], but no sentinel ids "
+                                         f"were given for it (Generator(sentinel_ids=...))")
+                    first = arange == 0
+                    v = (k if shown else torch.zeros_like(k)) | (empty & first)
+                    i = torch.where(empty & first, s1_ids.get(name, 0), t)
+                else:
+                    v = k if shown else torch.zeros_like(k)
+                    i = t
+                pid.append(i)
+                pvalid.append(v)
+            ids.append(torch.cat(pid))
+            valid.append(torch.cat(pvalid))
+            pos.append(arange.repeat(len(passes), 1))
+            mods.append(torch.full_like(ids[-1], self.index[name]))
+        if not ids:
+            raise ValueError("no encoder inputs: the state holds no modality the model encodes")
+        ids, mods, pos, valid = (torch.cat(x, 1) for x in (ids, mods, pos, valid))
+        n = max(int(valid.sum(1).max()), 1)
+        order = torch.sort((~valid).to(torch.uint8), dim=1, stable=True).indices[:, :n]
+        return Slots(enc_ids=ids.gather(1, order), enc_modality=mods.gather(1, order), enc_position=pos.gather(1, order),
+                     enc_valid=valid.gather(1, order))

@@ -1,0 +1,325 @@
+"""Generation: 4M's schedules (parity vectors from the reference), MaskGIT / ROAR / autoregressive
+steps, guidance, the key/value cache, and agreement with the restated 4M loop."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fourm_fast.generate import (Generator, TargetSpec, build_chained_schedule, cosine_schedule, linear_schedule,
+                                 linear_temp_schedule, onex_temp_schedule, per_sample_table)
+from fourm_fast.generate.kv_cache import CachedDecoder, UncachedDecoder
+from fourm_fast.model import FourM, ModalityConfig, preset
+from fourm_fast.reference.generate import empty_target, generate_4m, image_input
+
+PARITY = json.loads((Path(__file__).parent / "data" / "schedules_4m.json").read_text())
+SENTINELS = {"caption": [0] + list(range(40, 50))}
+
+
+# ---- schedules ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("case", PARITY["token_schedules"]["cases"], ids=lambda c: f"{c['n_steps']}x{c['n_tokens']}")
+def test_token_schedules_match_4m(case):
+    assert cosine_schedule(case["n_steps"], case["n_tokens"]).tolist() == case["cosine"]
+    assert linear_schedule(case["n_steps"], case["n_tokens"]).tolist() == case["linear"]
+    assert cosine_schedule(case["n_steps"], case["n_tokens"]).sum() == case["n_tokens"]
+
+
+@pytest.mark.parametrize("i", range(len(PARITY["temperature_schedules"]["cases"])))
+def test_temperature_schedules_match_4m_bitwise(i):
+    case = PARITY["temperature_schedules"]["cases"][i]
+    tokens = np.array(case["token_schedule"])
+    if "onex_temp_schedule" in case:
+        got, want = onex_temp_schedule(case["max_t"], case["min_t"], tokens, case["power"]), case["onex_temp_schedule"]
+    else:
+        got, want = linear_temp_schedule(case["temp"], tokens), case["linear_temp_schedule"]
+    assert got.tolist() == want  # float64, same operations: equal to the last bit
+
+
+def test_chained_schedule_matches_4m():
+    # the reference's call: caption -> tok_clip (roar), tok_rgb (maskgit), det (autoregressive)
+    targets = [TargetSpec("tok_clip@224", "roar", 25, "linear", 5.0, "onex:0.5:0.5", 3.0),
+               TargetSpec("tok_rgb@224", "maskgit", 8, "cosine", 3.0, "linear", 2.0),
+               TargetSpec("det", "autoregressive", 1, "linear", 1.0, "constant", 1.0)]
+    got = build_chained_schedule(["caption"], targets, [196, 196, 256], cfg_grow_conditioning=True)
+    assert got == PARITY["chained_generation_schedule_example"]["result"]
+
+
+def test_per_sample_tables_are_each_samples_own_schedule():
+    spec = TargetSpec("x", "maskgit", steps=8, token_schedule="cosine", temperature=3.0, temp_schedule="linear")
+    unknown = [196, 7, 0, 100, 196]
+    table = per_sample_table(spec, unknown)
+    for b, n in enumerate(unknown):
+        assert table.counts[:, b].sum() == n
+        own = cosine_schedule(8, n) if n else np.zeros(0)
+        assert table.counts[: len(own), b].tolist() == list(own)
+        if n:
+            assert table.temps[: len(own), b].tolist() == linear_temp_schedule(3.0, own).tolist()
+
+
+def test_bad_specs_raise():
+    with pytest.raises(ValueError, match="scheme"):
+        TargetSpec("x", "beam")
+    with pytest.raises(ValueError, match="steps"):
+        TargetSpec("x", "maskgit", steps=0)
+    with pytest.raises(ValueError, match="token schedule"):
+        TargetSpec("x", "maskgit", token_schedule="square")
+    with pytest.raises(ValueError, match="temperature schedule"):
+        TargetSpec("x", "maskgit", temp_schedule="onex:0.5")
+    with pytest.raises(ValueError, match="temperature"):
+        TargetSpec("x", "maskgit", temperature=-1.0)
+    with pytest.raises(ValueError, match="n_tokens"):
+        cosine_schedule(4, -1)
+
+
+# ---- a small random model ----------------------------------------------------------------------
+def _model(qk_norm: bool = False, seed: int = 0, sharp: bool = True) -> FourM:
+    torch.manual_seed(seed)
+    mods = [ModalityConfig("rgb", "image", 64, grid=4), ModalityConfig("depth", "image", 37, grid=5),
+            ModalityConfig("caption", "sequence", 50, max_length=12)]
+    cfg = preset("tiny", mods, dim=64, encoder_depth=2, decoder_depth=2, num_heads=2, qk_norm=qk_norm)
+    model = FourM(cfg).eval()
+    if sharp:  # larger weights: decisive logits, so greedy decoding has no near-ties
+        for p in model.parameters():
+            p.data.normal_(0, 0.3)
+    return model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return _model()
+
+
+def _run(model, targets, seed=0, B=3, use_cache=True, rgb_seed=1, caption=None):
+    g = Generator(model, SENTINELS, use_cache=use_cache)
+    st = g.new_state(B)
+    st.set_image("rgb", torch.randint(0, 64, (B, 16), generator=torch.Generator().manual_seed(rgb_seed)))
+    if caption is not None:
+        st.set_sequence("caption", caption)
+    g.generate(st, targets, seed=seed)
+    return g, st
+
+
+CHAIN = [TargetSpec("depth", "maskgit", steps=4, temperature=2.0, temp_schedule="linear", cfg_scale=2.0),
+         TargetSpec("caption", "autoregressive", temperature=1.0, cfg_scale=1.5, top_p=0.9)]
+
+
+def test_same_seed_same_tokens_other_seed_other_tokens(model):
+    _, a = _run(model, CHAIN, seed=3)
+    _, b = _run(model, CHAIN, seed=3)
+    _, c = _run(model, CHAIN, seed=4)
+    for n in ("depth", "caption"):
+        assert torch.equal(a.tokens[n], b.tokens[n]) and torch.equal(a.known[n], b.known[n])
+    assert not torch.equal(a.tokens["depth"], c.tokens["depth"])
+
+
+@pytest.mark.parametrize("scheme", ["maskgit", "roar"])
+def test_image_targets_fully_decided_and_in_range(model, scheme):
+    _, st = _run(model, [TargetSpec("depth", scheme, steps=7, temperature=1.0, cfg_scale=3.0)], B=4)
+    assert bool(st.known["depth"].all())
+    assert int(st.tokens["depth"].min()) >= 0 and int(st.tokens["depth"].max()) < 37
+
+
+def test_sequence_tokens_in_range(model):
+    _, st = _run(model, [TargetSpec("caption", "autoregressive", temperature=1.5)], B=5)
+    t = st.tokens["caption"]
+    assert int(t.min()) >= 0 and int(t.max()) < 50
+    for b in range(5):  # known is a prefix; [S_2] never lands in the sequence
+        k = st.known["caption"][b]
+        assert not bool(k[int(k.sum()):].any())
+        assert SENTINELS["caption"][2] not in st.sequence("caption", b)
+
+
+def _record_commits(monkeypatch):
+    from fourm_fast.generate.state import GenerationState
+
+    seen = []
+    orig = GenerationState.commit
+
+    def commit(self, name, positions, values, mask):
+        seen.append(mask.sum(1).tolist())
+        return orig(self, name, positions, values, mask)
+
+    monkeypatch.setattr(GenerationState, "commit", commit)
+    return seen
+
+
+@pytest.mark.parametrize("scheme", ["maskgit", "roar"])
+def test_per_sample_counts_honoured(model, monkeypatch, scheme):
+    """Samples with different numbers of given tokens each follow their own schedule."""
+    seen = _record_commits(monkeypatch)
+    g = Generator(model, SENTINELS)
+    st = g.new_state(3)
+    st.set_image("rgb", torch.randint(0, 64, (3, 16)))
+    known = torch.zeros(3, 25, dtype=torch.bool)
+    known[1, :5] = True
+    known[2, :24] = True
+    st.set_image("depth", torch.randint(0, 37, (3, 25)), known=known)
+    spec = TargetSpec("depth", scheme, steps=6, token_schedule="cosine", temperature=1.0)
+    g.generate(st, [spec])
+    table = per_sample_table(spec, [25, 20, 1])
+    steps = [s for s in range(table.counts.shape[0]) if table.counts[s].any()]
+    assert seen == [table.counts[s].tolist() for s in steps]
+    assert bool(st.known["depth"].all())
+    assert torch.equal(st.known["depth"] & known, known)
+
+
+def test_given_tokens_are_kept(model):
+    g = Generator(model, SENTINELS)
+    st = g.new_state(2)
+    st.set_image("rgb", torch.randint(0, 64, (2, 16)))
+    given = torch.randint(0, 37, (2, 25))
+    known = torch.rand(2, 25) < 0.5
+    st.set_image("depth", given, known=known)
+    g.generate(st, [TargetSpec("depth", "maskgit", steps=3)])
+    assert torch.equal(st.tokens["depth"][known], given[known])
+
+
+def test_chained_targets_see_earlier_outputs(model, monkeypatch):
+    encoded = []
+    orig = FourM.encode
+
+    def encode(self, b):
+        encoded.append((b.enc_modality.clone(), b.enc_valid.clone()))
+        return orig(self, b)
+
+    monkeypatch.setattr(FourM, "encode", encode)
+    g, st = _run(model, [TargetSpec("depth", "roar", steps=2), TargetSpec("caption", "autoregressive")], B=2)
+    mod, valid = encoded[-1]  # the caption's encoder pass
+    depth_id = model.modalities.index("depth")
+    assert bool(((mod == depth_id) & valid).sum(1).eq(25).all())  # every depth token is an input now
+
+
+def test_kv_cache_equals_full_decoding_in_fp32():
+    """Same tokens with and without the cache (greedy and sampled, guided), and per-step logits
+    that agree to float32 rounding (the GEMMs differ in shape, so bitwise equality is not promised)."""
+    for qk in (False, True):
+        model = _model(qk_norm=qk, seed=5)
+        for temp, cfg in ((0.0, 1.0), (1.0, 1.0), (1.0, 2.5), (0.7, 3.0)):
+            spec = [TargetSpec("caption", "autoregressive", temperature=temp, cfg_scale=cfg)]
+            _, a = _run(model, spec, seed=11, B=4, use_cache=True)
+            _, b = _run(model, spec, seed=11, B=4, use_cache=False)
+            assert torch.equal(a.tokens["caption"], b.tokens["caption"]) and torch.equal(a.known["caption"], b.known["caption"])
+        g = Generator(model, SENTINELS)
+        st = g.new_state(3)
+        st.set_image("rgb", torch.randint(0, 64, (3, 16)))
+        ctx, valid = g._encode(st, [{"rgb"}])
+        c, u = CachedDecoder(model, "caption", ctx, valid, 11), UncachedDecoder(model, "caption", ctx, valid, 11)
+        with torch.no_grad():
+            for _ in range(11):
+                ids = torch.randint(0, 50, (3,))
+                lc, lu = c.step(ids), u.step(ids)
+                torch.testing.assert_close(lc, lu, rtol=1e-5, atol=1e-5)
+
+
+def test_autoregressive_stops_per_sample_at_end_sentinel(model, monkeypatch):
+    """Row b emits [S_2] at step b + 1: its sequence is the b + 1 tokens before it."""
+    s2 = SENTINELS["caption"][2]
+    calls = {"t": 0}
+
+    def step(self, ids):
+        t = calls["t"]
+        calls["t"] += 1
+        logits = torch.full((ids.shape[0], 50), -30.0)
+        for r in range(ids.shape[0]):
+            logits[r, s2 if t == r % 3 + 1 else 7 + t] = 30.0
+        return logits
+
+    monkeypatch.setattr(CachedDecoder, "step", step)
+    _, st = _run(model, [TargetSpec("caption", "autoregressive", temperature=1.0)], B=3)
+    assert [st.sequence("caption", b) for b in range(3)] == [[7], [7, 8], [7, 8, 9]]
+    assert calls["t"] == 4  # stopped once every sample ended
+
+
+def test_guidance_scale_one_equals_unguided(model):
+    _, a = _run(model, [TargetSpec("depth", "maskgit", steps=4, cfg_scale=1.0, cfg_conditions=["rgb"])], seed=2)
+    _, b = _run(model, [TargetSpec("depth", "maskgit", steps=4)], seed=2)
+    assert torch.equal(a.tokens["depth"], b.tokens["depth"])
+    # forced through the two-pass path: u + 1 (c - u) rounds to c, so the draws match
+    g, c = _run(model, [TargetSpec("depth", "maskgit", steps=4, guidance=[(["rgb"], 1.0)])], seed=2)
+    assert g.stats["sampled_rows"] == _run(model, [TargetSpec("depth", "maskgit", steps=4)], seed=2)[0].stats["sampled_rows"]
+    assert torch.equal(c.tokens["depth"], b.tokens["depth"])
+
+
+def test_guidance_batches_passes_into_one_forward(model, monkeypatch):
+    sizes = []
+    orig = FourM.decode
+
+    def decode(self, b, context, valid):
+        sizes.append(b.dec_valid.shape[0])
+        return orig(self, b, context, valid)
+
+    monkeypatch.setattr(FourM, "decode", decode)
+    g, st = _run(model, [TargetSpec("depth", "maskgit", steps=3, guidance=[(["rgb"], 2.0), (["caption"], 1.0)])],
+                 B=2, caption=[5, 6, 3])
+    assert set(sizes) == {3 * 2} and len(sizes) == 3  # c_rgb, c_caption, u stacked: one decoder pass per step
+    assert bool(st.known["depth"].all())
+    _, one = _run(model, [TargetSpec("depth", "maskgit", steps=3, guidance=[(["rgb"], 2.0)])], seed=7)
+    _, cfg = _run(model, [TargetSpec("depth", "maskgit", steps=3, cfg_scale=2.0, cfg_conditions=["rgb"])], seed=7)
+    assert torch.equal(one.tokens["depth"], cfg.tokens["depth"])
+
+
+def test_greedy_generation_matches_the_4m_loop(model):
+    """Greedy decoding is deterministic, so fourm_fast and the restated 4M loop must agree token for
+    token: guided autoregressive caption, then a guided one-step MaskGIT depth seeing it."""
+    B = 3
+    rgb = torch.randint(0, 64, (B, 16), generator=torch.Generator().manual_seed(1))
+    targets = [TargetSpec("caption", "autoregressive", temperature=0.0, cfg_scale=2.0, cfg_conditions=["rgb"]),
+               TargetSpec("depth", "maskgit", steps=1, temperature=0.0, cfg_scale=1.5, cfg_conditions=["rgb", "caption"])]
+    g = Generator(model, SENTINELS)
+    st = g.new_state(B)
+    st.set_image("rgb", rgb)
+    g.generate(st, targets)
+    md = {"rgb": image_input(rgb)}
+    for t in targets:
+        md[t.name] = empty_target(model, t.name, B, SENTINELS)
+    schedule = build_chained_schedule(["rgb"], targets, [0, 25])
+    schedule[1]["cfg_cond_domains"] = ["rgb", "caption"]
+    out = generate_4m(model, md, schedule, SENTINELS)
+    for b in range(B):
+        n = int(st.known["caption"][b].sum())
+        assert st.sequence("caption", b) == out["caption"]["tensor"][b, :n].tolist()
+        assert bool(out["caption"]["input_mask"][b, n:].all())
+    assert torch.equal(st.tokens["depth"], out["depth"]["tensor"])
+
+
+def test_4m_loop_runs_every_scheme(model):
+    """The restated loop (the benchmark's baseline) completes sampled MaskGIT, ROAR and guided
+    autoregressive targets."""
+    B = 2
+    targets = [TargetSpec("depth", "roar", steps=5, temperature=1.0, cfg_scale=2.0),
+               TargetSpec("caption", "autoregressive", temperature=1.0, cfg_scale=2.0, top_p=0.8)]
+    md = {"rgb": image_input(torch.randint(0, 64, (B, 16)))}
+    for t in targets:
+        md[t.name] = empty_target(model, t.name, B, SENTINELS)
+    out = generate_4m(model, md, build_chained_schedule(["rgb"], targets, [25, 0], True), SENTINELS, top_p=0.8)
+    assert not bool(out["depth"]["target_mask"].logical_not().any())
+    assert int(out["depth"]["tensor"].max()) < 37
+
+
+def test_bad_generation_requests_raise(model):
+    g = Generator(model, SENTINELS)
+    st = g.new_state(2)
+    st.set_image("rgb", torch.randint(0, 64, (2, 16)))
+    with pytest.raises(ValueError, match="sequence modality"):
+        g.generate(st, [TargetSpec("caption", "maskgit")])
+    with pytest.raises(ValueError, match="image modality"):
+        g.generate(st, [TargetSpec("depth", "autoregressive")])
+    with pytest.raises(ValueError, match="sentinel"):
+        Generator(model).generate(g.new_state(1), [TargetSpec("caption", "autoregressive")])
+    with pytest.raises(ValueError, match="neither given nor generated"):
+        g.generate(st, [TargetSpec("depth", "maskgit", cfg_scale=2.0, cfg_conditions=["normal"])])
+    with pytest.raises(ValueError, match="guide itself"):
+        g.generate(st, [TargetSpec("depth", "maskgit", cfg_scale=2.0, cfg_conditions=["depth"])])
+    with pytest.raises(ValueError, match="25 ids per sample"):
+        st.set_image("depth", torch.zeros(2, 24, dtype=torch.long))
+    with pytest.raises(ValueError, match="outside"):
+        st.set_image("depth", torch.full((2, 25), 37))
+    with pytest.raises(ValueError, match="exceeds max_length"):
+        st.set_sequence("caption", list(range(13)))
+    with pytest.raises(KeyError, match="unknown modality"):
+        st.add_empty("semseg")
+    with pytest.raises(ValueError, match="at least"):
+        Generator(model, {"caption": [0, 40]})
