@@ -40,7 +40,8 @@ def _check(q, k, v, k_valid, meta, atol):
 
 @pytest.mark.parametrize("kind", ["padding", "segments", "ranks", "both"])
 @pytest.mark.parametrize("B,H,Nq,Nk,d", [(1, 1, 1, 1, 16), (2, 3, 17, 128, 32), (1, 12, 128, 17, 64),
-                                          (2, 1, 257, 257, 16), (1, 3, 128, 128, 128), (3, 3, 1, 257, 64)])
+                                          (2, 1, 257, 257, 16), (1, 3, 128, 128, 128), (3, 3, 1, 257, 64),
+                                          (2, 3, 5, 97, 64), (1, 2, 8, 33, 128), (3, 1, 9, 40, 32)])
 def test_matches_float64_reference(B, H, Nq, Nk, d, kind):
     gen = torch.Generator().manual_seed(B * 1000 + Nq + Nk + d)
     q, k, v = (torch.randn(B, H, n, d, generator=gen) for n in (Nq, Nk, Nk))
@@ -72,6 +73,24 @@ def test_non_contiguous_views():
     gen = torch.Generator().manual_seed(5)
     k_valid, meta = _metadata(B, N, N, "both", gen)
     _check(q, k, v, k_valid, meta, atol=2e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_step_views_of_a_cache(dtype):
+    """One or a few queries (autoregressive decoding) against the filled prefix of a larger key /
+    value cache: strided views, as the generator passes them."""
+    B, H, d, cap = 3, 2, 64, 50
+    gen = torch.Generator().manual_seed(9)
+    kc, vc = (torch.randn(B, H, cap, d, generator=gen).to(dtype) for _ in range(2))
+    for nq, t in ((1, 1), (1, 29), (4, 50)):
+        q = torch.randn(B, nq, H, d, generator=gen).to(dtype).transpose(1, 2)
+        k, v = kc[:, :, :t], vc[:, :, :t]
+        k_valid = torch.rand(B, t, generator=gen) < 0.8
+        k_valid[:, 0] = True
+        out = masked_attention(q, k, v, k_valid)
+        ref = masked_attention_reference(q.double(), k.double(), v.double(), k_valid)
+        tol = 2e-5 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

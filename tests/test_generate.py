@@ -219,15 +219,15 @@ def test_autoregressive_stops_per_sample_at_end_sentinel(model, monkeypatch):
     s2 = SENTINELS["caption"][2]
     calls = {"t": 0}
 
-    def step(self, ids):
+    def logits(self, name, y, P, weights):
         t = calls["t"]
         calls["t"] += 1
-        logits = torch.full((ids.shape[0], 50), -30.0)
-        for r in range(ids.shape[0]):
-            logits[r, s2 if t == r % 3 + 1 else 7 + t] = 30.0
-        return logits
+        out = torch.full((y.shape[0], 50), -30.0)
+        for r in range(y.shape[0]):
+            out[r, s2 if t == r % 3 + 1 else 7 + t] = 30.0
+        return out
 
-    monkeypatch.setattr(CachedDecoder, "step", step)
+    monkeypatch.setattr(Generator, "_guided_logits", logits)
     _, st = _run(model, [TargetSpec("caption", "autoregressive", temperature=1.0)], B=3)
     assert [st.sequence("caption", b) for b in range(3)] == [[7], [7, 8], [7, 8, 9]]
     assert calls["t"] == 4  # stopped once every sample ended

@@ -9,6 +9,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -105,30 +106,52 @@ MetaView make_meta(const AttnInputs& in) {
   return m;
 }
 
-// Scores of one query tile against keys [jlo, jhi) -> in place: probabilities exp(s*scale - lse)
-// of visible keys, 0 elsewhere. With lse == nullptr (forward) it computes and returns the lse.
+// Scores of one query tile against keys [jlo, jhi) -> in place: exp(s*scale - shift) at visible
+// keys, 0 elsewhere. Forward (compute_lse): shift = the row max and the row's lse is written (the
+// caller normalises by the row sums). Backward: shift = the saved lse, giving kernels::attn_prob.
+// Two executions of the same algebra: where visibility is k_valid alone (encoder, cross-attention)
+// most keys are visible, so the exponentials run over the whole tile in one vectorised ATen call;
+// with segments or ranks (4M's decoder) most keys of a tile are hidden, and a scalar exp of the
+// visible ones only is cheaper.
 void tile_probabilities(const MetaView& meta, int64_t b, int64_t i0, int64_t jlo, at::Tensor& scores, float scale,
                         float* lse_rows, bool compute_lse) {
   const int64_t tq = scores.size(0), nk = scores.size(1);
   float* s = scores.data_ptr<float>();
+  if (!meta.has_segments && !meta.has_ranks) {
+    const bool* kv = meta.valid + b * meta.Nk + jlo;
+    at::Tensor shift = at::empty({tq, 1}, scores.options());
+    float* sh = shift.data_ptr<float>();
+    for (int64_t r = 0; r < tq; ++r) {
+      float* row = s + r * nk;
+      float mx = -INFINITY;
+      for (int64_t c = 0; c < nk; ++c) {
+        row[c] = kv[c] ? row[c] * scale : -INFINITY;
+        mx = std::max(mx, row[c]);
+      }
+      const float base = compute_lse ? mx : lse_rows[r];
+      sh[r] = base == -INFINITY ? 0.0f : base;  // a row that sees nothing: exp(-inf - 0) = 0
+    }
+    scores.sub_(shift).exp_();
+    if (compute_lse) {
+      const at::Tensor sums = scores.sum(1);
+      const float* sm = sums.const_data_ptr<float>();
+      for (int64_t r = 0; r < tq; ++r) lse_rows[r] = kernels::attn_lse(sh[r], sm[r]);  // sum 0: -inf
+    }
+    return;
+  }
   for (int64_t r = 0; r < tq; ++r) {
     float* row = s + r * nk;
     const int64_t i = i0 + r;
     if (compute_lse) {
       float mx = -INFINITY;
       for (int64_t c = 0; c < nk; ++c) {
-        const bool vis = meta.visible(b, i, jlo + c);
-        row[c] = vis ? row[c] * scale : -INFINITY;
+        row[c] = meta.visible(b, i, jlo + c) ? row[c] * scale : -INFINITY;
         mx = std::max(mx, row[c]);
       }
       float sum = 0.0f;
-      if (mx != -INFINITY) {
-        for (int64_t c = 0; c < nk; ++c) {
-          row[c] = row[c] == -INFINITY ? 0.0f : std::exp(row[c] - mx);
-          sum += row[c];
-        }
-      } else {
-        for (int64_t c = 0; c < nk; ++c) row[c] = 0.0f;
+      for (int64_t c = 0; c < nk; ++c) {
+        row[c] = row[c] == -INFINITY ? 0.0f : std::exp(row[c] - mx);
+        sum += row[c];
       }
       lse_rows[r] = kernels::attn_lse(mx, sum);
     } else {
@@ -140,6 +163,67 @@ void tile_probabilities(const MetaView& meta, int64_t b, int64_t i0, int64_t jlo
   }
 }
 
+// Queries per (batch, head) up to which the forward pass skips the BLAS tiles: with one query (an
+// autoregressive decoding step) the per-tile ATen calls cost more than the arithmetic.
+constexpr int64_t kDirectMaxQ = 8;
+
+// float32 (B, H, N, D) with unit stride on D (any other strides) -> the input itself or a copy.
+at::Tensor float_rows(const at::Tensor& t) {
+  at::Tensor f = t.detach().to(at::kFloat);
+  return f.stride(3) == 1 ? f : f.contiguous();
+}
+
+// Forward for few queries, straight from the strided inputs: per query, the visible keys' scores,
+// their max, then exp-weights and the weighted sum of values (the same algebra as the tiles).
+void forward_direct(const MetaView& meta, const AttnInputs& in, const at::Tensor& qf, const at::Tensor& kf,
+                    const at::Tensor& vf, at::Tensor& out, at::Tensor& lse, float scale) {
+  const float* qp = qf.const_data_ptr<float>();
+  const float* kp = kf.const_data_ptr<float>();
+  const float* vp = vf.const_data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  float* lp = lse.data_ptr<float>();
+  const int64_t D = in.D, Nq = in.Nq, Nk = in.Nk, H = in.H;
+  at::parallel_for(0, in.B * H, 1, [&](int64_t bh0, int64_t bh1) {
+    std::vector<float> score(static_cast<size_t>(Nk));
+    std::vector<float> acc(static_cast<size_t>(D));
+    for (int64_t bh = bh0; bh < bh1; ++bh) {
+      const int64_t b = bh / H, h = bh % H;
+      const float* K = kp + b * kf.stride(0) + h * kf.stride(1);
+      const float* V = vp + b * vf.stride(0) + h * vf.stride(1);
+      for (int64_t i = 0; i < Nq; ++i) {
+        const float* qi = qp + b * qf.stride(0) + h * qf.stride(1) + i * qf.stride(2);
+        float mx = -INFINITY;
+        for (int64_t j = 0; j < Nk; ++j) {
+          if (!meta.visible(b, i, j)) {
+            score[j] = -INFINITY;
+            continue;
+          }
+          const float* kj = K + j * kf.stride(2);
+          float s = 0.0f;
+          for (int64_t d = 0; d < D; ++d) s += qi[d] * kj[d];
+          score[j] = s * scale;
+          mx = std::max(mx, score[j]);
+        }
+        float* oi = op + ((b * H + h) * Nq + i) * D;
+        float sum = 0.0f;
+        std::fill(acc.begin(), acc.end(), 0.0f);
+        if (mx != -INFINITY) {
+          for (int64_t j = 0; j < Nk; ++j) {
+            if (score[j] == -INFINITY) continue;
+            const float w = std::exp(score[j] - mx);
+            sum += w;
+            const float* vj = V + j * vf.stride(2);
+            for (int64_t d = 0; d < D; ++d) acc[d] += w * vj[d];
+          }
+        }
+        const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+        for (int64_t d = 0; d < D; ++d) oi[d] = acc[d] * inv;
+        lp[(b * H + h) * Nq + i] = kernels::attn_lse(mx, sum);
+      }
+    }
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor> masked_attention_fwd_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_valid,
     const std::optional<at::Tensor>& q_segment, const std::optional<at::Tensor>& k_segment,
@@ -149,12 +233,16 @@ std::tuple<at::Tensor, at::Tensor> masked_attention_fwd_cpu(
   // The ATen calls below are implementation, not graph: inputs are detached (parallel_for workers
   // would not inherit a dispatch guard).
   const float scale = static_cast<float>(scale_d);
-  const at::Tensor qf = q.detach().to(at::kFloat).contiguous(), kf = k.detach().to(at::kFloat).contiguous(),
-                   vf = v.detach().to(at::kFloat).contiguous();
   at::Tensor out = at::empty({in.B, in.H, in.Nq, in.D}, q.options().dtype(at::kFloat));
   at::Tensor lse = at::empty({in.B, in.H, in.Nq}, q.options().dtype(at::kFloat));
   if (out.numel() == 0 && lse.numel() == 0) return {out.to(q.scalar_type()), lse};
   const MetaView meta = make_meta(in);
+  if (in.Nq <= kDirectMaxQ) {
+    forward_direct(meta, in, float_rows(q), float_rows(k), float_rows(v), out, lse, scale);
+    return {out.to(q.scalar_type()), lse};
+  }
+  const at::Tensor qf = q.detach().to(at::kFloat).contiguous(), kf = k.detach().to(at::kFloat).contiguous(),
+                   vf = v.detach().to(at::kFloat).contiguous();
   at::parallel_for(0, in.B * in.H, 1, [&](int64_t bh0, int64_t bh1) {
     for (int64_t bh = bh0; bh < bh1; ++bh) {
       const int64_t b = bh / in.H, h = bh % in.H;

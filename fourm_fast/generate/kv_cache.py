@@ -23,7 +23,8 @@ def _heads(x: Tensor, h: int) -> Tensor:
 
 class CachedDecoder:
     """Decoder state for one autoregressive target: ``step(ids)`` feeds the next input token of
-    every row and returns the target head's logits for the token after it."""
+    every row and returns the decoder output there (after decoder_norm), from which the target
+    head gives the logits of the token after it."""
 
     def __init__(self, model, name: str, context: Tensor, context_valid: Tensor, max_len: int):
         self.model = model
@@ -45,10 +46,9 @@ class CachedDecoder:
             d = context.shape[-1] // sa.num_heads
             shape = (R, sa.num_heads, max_len, d)
             self.cache.append((context.new_empty(shape), context.new_empty(shape)))
-        self.head = model.decoder_embeddings[name].to_logits
 
     def step(self, ids: Tensor) -> Tensor:
-        """ids: (R,) the input token at position t; returns (R, V) logits for position t + 1."""
+        """ids: (R,) the input token at position t; returns its (R, dim) decoder output."""
         t = self.t
         if t >= self.max_len:
             raise RuntimeError(f"{self.name}: the cache holds {self.max_len} positions")
@@ -75,7 +75,7 @@ class CachedDecoder:
             y = y + ca.proj(out.transpose(1, 2).reshape(R, 1, -1))
             y = y + blk.mlp(blk.norm2(y))
         self.t += 1
-        return self.head(self.model.decoder_norm(y))[:, 0]
+        return self.model.decoder_norm(y)[:, 0]
 
 
 class UncachedDecoder:
@@ -86,7 +86,6 @@ class UncachedDecoder:
         self.mod_id = model.modalities.index(name)
         self.context, self.context_valid, self.max_len = context, context_valid, max_len
         self.ids: list[Tensor] = []
-        self.head = model.decoder_embeddings[name].to_logits
 
     def step(self, ids: Tensor) -> Tensor:
         if len(self.ids) >= self.max_len:
@@ -97,5 +96,4 @@ class UncachedDecoder:
         slots = Slots(dec_ids=torch.stack(self.ids, 1), dec_modality=torch.full((R, n), self.mod_id, device=dev),
                       dec_position=pos, dec_valid=torch.ones(R, n, dtype=torch.bool, device=dev),
                       dec_segment=None, dec_rank=pos, dec_limit=pos)
-        y = self.model.decode(slots, self.context, self.context_valid)
-        return self.head(y[:, -1])
+        return self.model.decode(slots, self.context, self.context_valid)[:, -1]

@@ -61,13 +61,18 @@ class Generator:
         return {n: ids[1] for n, ids in self.sentinels.items()}
 
     def _encode(self, state: GenerationState, passes: list[set[str]]):
-        """Encoder output for the passes; reused while the state's inputs have not changed."""
+        """Encoder output of the passes stacked on the batch axis ([P * B, Ne]); reused while the
+        state's inputs have not changed. Each pass is encoded at its own length (an unconditional
+        pass is often much shorter) and the contexts are then padded to one length."""
         key = (id(state), state.version, tuple(tuple(sorted(p)) for p in passes))
         if key != self._enc_key:
-            slots = state.encoder_slots(self.model, passes, self._s1())
-            self._enc_val = self.model.encode(slots)
+            outs = [self.model.encode(state.encoder_slots(self.model, [p], self._s1())) for p in passes]
+            n = max(c.shape[1] for c, _ in outs)
+            ctx = torch.cat([torch.nn.functional.pad(c, (0, 0, 0, n - c.shape[1])) for c, _ in outs])
+            valid = torch.cat([torch.nn.functional.pad(v, (0, n - v.shape[1])) for _, v in outs])
+            self._enc_val = (ctx, valid)
             self._enc_key = key
-            self.stats["encoder_passes"] += 1
+            self.stats["encoder_passes"] += len(passes)
         return self._enc_val
 
     def _passes(self, state: GenerationState, spec: TargetSpec) -> tuple[list[set[str]], list[float] | None]:
@@ -92,24 +97,29 @@ class Generator:
         if spec.name in mods:
             raise ValueError(f"target {spec.name!r}: a target cannot guide itself")
 
-    def _sample(self, logits: Tensor, P: int, weights: list[float] | None, spec: TargetSpec,
-                temperature: Tensor | float, seed: int) -> tuple[Tensor, Tensor]:
-        """logits: (P * R, V) of the passes stacked; returns tokens, probs (R,)."""
-        R = logits.shape[0] // P
-        f = _filters(spec)
-        offset = self._offset
-        self._offset += 1
-        self.stats["sampled_rows"] += R
+    def _guided_logits(self, name: str, y: Tensor, P: int, weights: list[float] | None) -> Tensor:
+        """Target-head logits of the guided decoder output. The head is linear without bias, so
+        u + sum_i w_i (c_i - u) of the logits equals the head applied to the same combination of
+        the hidden states: one (R, dim) x (dim, V) product instead of P."""
+        head = self.model.decoder_embeddings[name].to_logits
+        R = y.shape[0] // P
         if weights is None:
-            return sample_tokens(logits, temperature=temperature, seed=seed, offset=offset, **f)
-        if len(weights) == 1:
-            return sample_tokens(logits[:R], uncond_logits=logits[R:], cfg_scale=weights[0], temperature=temperature,
-                                 seed=seed, offset=offset, **f)
-        u = logits[-R:].float()
+            return head(y)
+        if head.bias is not None:  # not 4M's head: guide in logit space
+            logits = head(y)
+            u = logits[-R:]
+            return u + sum(w * (logits[i * R:(i + 1) * R] - u) for i, w in enumerate(weights))
+        u = y[-R:]
         g = u.clone()
         for i, w in enumerate(weights):
-            g += w * (logits[i * R:(i + 1) * R].float() - u)
-        return sample_tokens(g, temperature=temperature, seed=seed, offset=offset, **f)
+            g += w * (y[i * R:(i + 1) * R] - u)
+        return head(g)
+
+    def _sample(self, logits: Tensor, spec: TargetSpec, temperature: Tensor | float, seed: int) -> tuple[Tensor, Tensor]:
+        offset = self._offset
+        self._offset += 1
+        self.stats["sampled_rows"] += logits.shape[0]
+        return sample_tokens(logits, temperature=temperature, seed=seed, offset=offset, **_filters(spec))
 
     # ---- the chain ----------------------------------------------------------------------------
     @torch.no_grad()
@@ -171,9 +181,9 @@ class Generator:
                           dec_position=qpos.repeat(P, 1), dec_valid=qvalid.repeat(P, 1))
             y = self.model.decode(slots, context, context_valid)
             self.stats["decoder_passes"] += 1
-            logits = self.model.decoder_embeddings[name].to_logits(y).reshape(P * B * Q, -1)
+            logits = self._guided_logits(name, y.reshape(P * B * Q, -1), P, weights)
             temp = torch.from_numpy(table.temps[s]).float().to(dev).repeat_interleave(Q)
-            tokens, probs = self._sample(logits, P, weights, spec, temp, seed)
+            tokens, probs = self._sample(logits, spec, temp, seed)
             tokens, probs = tokens.reshape(B, Q), probs.reshape(B, Q)
             if spec.scheme == "maskgit":
                 chosen = select_positions(probs, qvalid, counts)
@@ -204,9 +214,9 @@ class Generator:
         done = torch.zeros(B, dtype=torch.bool, device=dev)
         temp = spec.temperature
         for t in range(limit):
-            logits = dec.step(ids.repeat(P))
+            y = dec.step(ids.repeat(P))
             self.stats["decoder_passes"] += 1
-            tok, _ = self._sample(logits, P, weights, spec, temp, seed)
+            tok, _ = self._sample(self._guided_logits(name, y, P, weights), spec, temp, seed)
             ended = tok == s2
             write = ~done & ~ended
             out[:, t] = torch.where(write, tok, 0)

@@ -1,0 +1,148 @@
+#!/usr/bin/env python
+"""Generation side by side with 4M's loop, same model, batch, schedule and settings.
+
+Methods:
+  fourm_fast      fourm_fast.generate.Generator: per-sample schedules, guided passes batched into one
+                  forward, masked_attention, fused sample_tokens, key/value cache for sequences
+  fourm_fast-nocache  the same with the cache off (autoregressive cases only): what the cache buys
+  4m_reference    fourm_fast/reference/generate.py: 4M's GenerationSampler restated (dense masks,
+                  eager attention, deep-copied unconditional pass run after the conditional one,
+                  sort-based top-p sampling, the whole decoder re-run for every new token)
+
+Model: the tiny preset (dim 384, 6 + 6 layers, 6 heads) with 4M's vocabularies (rgb 16384, depth
+8192, caption 30522 with max_length 33, so an autoregressive run is 32 tokens: random weights
+never emit the end sentinel, so every run goes to the cap). Weights are random: speed does not
+depend on them. Tokens/s counts generated tokens (batch x tokens per target).
+
+  python bench/bench_generate.py --quick
+  python bench/bench_generate.py --batch 4 --repeats 3
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from bench.utils import append_results, environment, set_threads, time_fn, timing_dict  # noqa: E402
+from fourm_fast.generate import Generator, TargetSpec, build_chained_schedule  # noqa: E402
+from fourm_fast.model import FourM, ModalityConfig, preset  # noqa: E402
+from fourm_fast.reference.generate import empty_target, generate_4m, image_input, sequence_input  # noqa: E402
+
+CAPTION_LEN = 32
+SENTINELS = {"caption": [0] + list(range(30322, 30522))}
+
+
+def build_model(device: str) -> FourM:
+    mods = [ModalityConfig("rgb", "image", 16384, grid=14), ModalityConfig("depth", "image", 8192, grid=14),
+            ModalityConfig("caption", "sequence", 30522, max_length=CAPTION_LEN + 1)]
+    torch.manual_seed(0)
+    return FourM(preset("tiny", mods)).to(device).eval()
+
+
+def cases(quick: bool) -> dict[str, tuple[str, list[TargetSpec]]]:
+    """name -> (condition, targets). 4M-style settings: cosine MaskGIT with a linear temperature
+    decay, ROAR with onex, guidance 3 on the condition, top-p 0.9."""
+    c = {
+        "caption->rgb maskgit8 cfg3": ("caption", [TargetSpec("rgb", "maskgit", 8, "cosine", 3.0, "linear", 3.0, top_p=0.9)]),
+        "caption->rgb roar16 cfg3": ("caption", [TargetSpec("rgb", "roar", 16, "linear", 5.0, "onex:0.5:0.5", 3.0, top_p=0.9)]),
+        "rgb->caption ar32": ("rgb", [TargetSpec("caption", "autoregressive", temperature=0.7, top_p=0.9)]),
+        "rgb->caption ar32 cfg3": ("rgb", [TargetSpec("caption", "autoregressive", temperature=0.7, cfg_scale=3.0, top_p=0.9)]),
+        "caption->rgb->depth chain": ("caption", [TargetSpec("rgb", "maskgit", 8, "cosine", 3.0, "linear", 3.0, top_p=0.9),
+                                                 TargetSpec("depth", "maskgit", 8, "cosine", 1.0, "constant", 1.0, top_p=0.9)]),
+    }
+    if quick:
+        return {k: c[k] for k in ("caption->rgb maskgit8 cfg3", "rgb->caption ar32 cfg3")}
+    return c
+
+
+def generated_tokens(model, targets: list[TargetSpec], B: int) -> int:
+    n = 0
+    for t in targets:
+        m = model.cfg.modality(t.name)
+        n += m.num_tokens if m.kind == "image" else CAPTION_LEN
+    return B * n
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--quick", action="store_true", help="two cases, batch 2, one repeat")
+    ap.add_argument("--no-reference", action="store_true")
+    ap.add_argument("--reference-max-seconds", type=float, default=120.0, help="stop repeating the slow baseline after this")
+    ap.add_argument("--no-save", action="store_true")
+    args = ap.parse_args(argv)
+
+    set_threads(args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no GPU is visible")
+    if args.device == "cuda" and not args.no_reference:
+        print("# the 4M reference runs on the CPU only here; pass --no-reference on a GPU", file=sys.stderr)
+        args.no_reference = True
+    B = 2 if args.quick else args.batch
+    repeats = 1 if args.quick else args.repeats
+    dev = args.device
+    model = build_model(dev)
+    env = environment(dev)
+    g_ids = torch.Generator().manual_seed(1)
+    rgb = torch.randint(0, 16384, (B, 196), generator=g_ids)
+    caption = torch.randint(300, 30000, (B, 12), generator=g_ids)
+    caption[:, -1] = 3  # [EOS]
+    print(f"# generation, tiny preset, batch {B}, on {env['device_name']} ({torch.get_num_threads()} CPU threads), sha {env['git_sha']}")
+    print(f"{'case':<28} {'method':<20} {'median s':>9} {'p20-p80 s':>15} {'tokens/s':>9} {'vs 4M':>7}")
+    rows = []
+    for case, (cond, targets) in cases(args.quick).items():
+        n_gen = generated_tokens(model, targets, B)
+        ar = any(t.scheme == "autoregressive" for t in targets)
+
+        def ours(use_cache=True):
+            g = Generator(model, SENTINELS, use_cache=use_cache)
+            st = g.new_state(B)
+            if cond == "rgb":
+                st.set_image("rgb", rgb.to(dev))
+            else:
+                st.set_sequence("caption", caption.tolist())
+            return g.generate(st, targets, seed=0)
+
+        def reference():
+            md = {"rgb": image_input(rgb)} if cond == "rgb" else {"caption": sequence_input(caption)}
+            for t in targets:
+                md[t.name] = empty_target(model, t.name, B, SENTINELS)
+            schedule = build_chained_schedule([cond], targets, [196 if t.scheme != "autoregressive" else 0 for t in targets],
+                                              cfg_grow_conditioning=True)
+            return generate_4m(model, md, schedule, SENTINELS, top_p=0.9, seed=0)
+
+        methods = {"fourm_fast": ours}
+        if ar:
+            methods["fourm_fast-nocache"] = lambda: ours(False)
+        if not args.no_reference:
+            methods["4m_reference"] = reference
+        times = {}
+        for name, fn in methods.items():
+            slow = name == "4m_reference"
+            t = time_fn(fn, dev, repeats=repeats, warmup=0 if slow else 1,
+                        max_seconds=args.reference_max_seconds if slow else None)
+            times[name] = t
+            tps = n_gen / (t.median_ms * 1e-3)
+            rows.append({"op": "generate", "case": case, "method": name, "batch": B, "generated_tokens": n_gen,
+                         **timing_dict(t), "tokens_per_s": round(tps, 2)})
+        ref = times.get("4m_reference")
+        for row in rows[-len(methods):]:
+            t = times[row["method"]]
+            ratio = ref.median_ms / t.median_ms if ref else None
+            row["speedup_vs_4m"] = round(ratio, 3) if ratio else None
+            print(f"{case:<28} {row['method']:<20} {t.median_ms / 1e3:>9.2f} {t.p20_ms / 1e3:>7.2f}-{t.p80_ms / 1e3:<7.2f} "
+                  f"{row['tokens_per_s']:>9.1f} {(f'{ratio:.2f}x' if ratio else '-'):>7}", flush=True)
+    if not args.no_save:
+        print(f"# appended {len(rows)} rows to {append_results('generate', rows, env)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
