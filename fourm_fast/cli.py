@@ -87,6 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
     p_tk = sub.add_parser("tokenize", help="token grids for every modality with a trained tokenizer")
     p_tk.add_argument("data", help="shard folder")
     p_tk.set_defaults(func=_cmd_tokenize)
+    p_gen = sub.add_parser("generate", help="any-to-any generation from a training checkpoint")
+    from .generate.cli import add_arguments as add_generate_arguments, run as run_generate
+
+    add_generate_arguments(p_gen)
+    p_gen.set_defaults(func=run_generate)
     return parser
 
 

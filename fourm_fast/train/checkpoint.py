@@ -86,23 +86,18 @@ def latest_checkpoint(root: Path) -> Path | None:
     return dirs[-1] if dirs else None
 
 
-def load_checkpoint(path: Path, model: nn.Module, inner: nn.Module, optimizer, scheduler, model_config: dict) -> dict:
-    """Restore model, optimizer and scheduler; returns the rest of state.pt. Raises CheckpointError
-    naming the file and what does not match."""
-    mfile, sfile = path / MODEL_FILE, path / STATE_FILE
-    for f in (mfile, sfile):
-        if not f.exists():
-            raise CheckpointError(f"checkpoint {path}: {f.name} is missing")
+def _read_state(sfile: Path) -> dict:
     try:
         state = torch.load(sfile, map_location="cpu", weights_only=False)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means a corrupt file
         raise CheckpointError(f"checkpoint file {sfile} is corrupt or unreadable: {type(e).__name__}: {e}") from None
     if not isinstance(state, dict) or "step" not in state:
         raise CheckpointError(f"checkpoint file {sfile} is not a fourm_fast training state")
-    saved_cfg = state.get("model_config")
-    if saved_cfg != model_config:
-        diff = sorted(k for k in set(saved_cfg or {}) | set(model_config) if (saved_cfg or {}).get(k) != model_config.get(k))
-        raise CheckpointError(f"checkpoint {sfile} was written for another model: config keys {diff} differ")
+    return state
+
+
+def _read_tensors(mfile: Path) -> dict:
+    """The model tensors with tied aliases restored."""
     try:
         tensors = load_file(str(mfile))
         from safetensors import safe_open
@@ -113,6 +108,22 @@ def load_checkpoint(path: Path, model: nn.Module, inner: nn.Module, optimizer, s
     for alias, canonical in aliases.items():
         if canonical in tensors:
             tensors[alias] = tensors[canonical]
+    return tensors
+
+
+def load_checkpoint(path: Path, model: nn.Module, inner: nn.Module, optimizer, scheduler, model_config: dict) -> dict:
+    """Restore model, optimizer and scheduler; returns the rest of state.pt. Raises CheckpointError
+    naming the file and what does not match."""
+    mfile, sfile = path / MODEL_FILE, path / STATE_FILE
+    for f in (mfile, sfile):
+        if not f.exists():
+            raise CheckpointError(f"checkpoint {path}: {f.name} is missing")
+    state = _read_state(sfile)
+    saved_cfg = state.get("model_config")
+    if saved_cfg != model_config:
+        diff = sorted(k for k in set(saved_cfg or {}) | set(model_config) if (saved_cfg or {}).get(k) != model_config.get(k))
+        raise CheckpointError(f"checkpoint {sfile} was written for another model: config keys {diff} differ")
+    tensors = _read_tensors(mfile)
     own = inner.state_dict()
     missing = sorted(set(own) - set(tensors))
     unexpected = sorted(set(tensors) - set(own))
@@ -125,3 +136,31 @@ def load_checkpoint(path: Path, model: nn.Module, inner: nn.Module, optimizer, s
     set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
     scheduler.load_state_dict(state["scheduler"])
     return state
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu"):
+    """A trained FourM for inference from a checkpoint folder (step-NNNNNNN) or a training output
+    folder (its latest checkpoint): (model in eval mode, training config, checkpoint folder)."""
+    from ..model import FourM, FourMConfig
+
+    path = Path(path)
+    if (path / "checkpoints").is_dir():
+        path = path / "checkpoints"
+    if path.is_dir() and not (path / MODEL_FILE).exists():
+        latest = latest_checkpoint(path)
+        if latest is None:
+            raise CheckpointError(f"{path}: no checkpoint ({MODEL_FILE} + {STATE_FILE}) found")
+        path = latest
+    mfile, sfile = path / MODEL_FILE, path / STATE_FILE
+    for f in (mfile, sfile):
+        if not f.exists():
+            raise CheckpointError(f"checkpoint {path}: {f.name} is missing")
+    state = _read_state(sfile)
+    if "model_config" not in state:
+        raise CheckpointError(f"checkpoint file {sfile} holds no model_config")
+    model = FourM(FourMConfig.from_dict(state["model_config"]))
+    missing, unexpected = model.load_state_dict(_read_tensors(mfile), strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"checkpoint file {mfile} does not match its model_config: missing {sorted(missing)[:5]}, "
+                              f"unexpected {sorted(unexpected)[:5]}")
+    return model.to(device).eval(), state.get("config", {}), path
