@@ -10,9 +10,10 @@ Methods:
                   sort-based top-p sampling, the whole decoder re-run for every new token)
 
 Model: the tiny preset (dim 384, 6 + 6 layers, 6 heads) with 4M's vocabularies (rgb 16384, depth
-8192, caption 30522 with max_length 33, so an autoregressive run is 32 tokens: random weights
-never emit the end sentinel, so every run goes to the cap). Weights are random: speed does not
-depend on them. Tokens/s counts generated tokens (batch x tokens per target).
+8192, caption and det 30522). Autoregressive runs go to the length cap (random weights never emit
+the end sentinel): 32 tokens for caption (max_length 33), 96 for det (boxes as text are long).
+Weights are random: speed does not depend on them. Tokens/s counts generated tokens (batch x
+tokens per target).
 
   python bench/bench_generate.py --quick
   python bench/bench_generate.py --batch 4 --repeats 3
@@ -32,13 +33,14 @@ from fourm_fast.generate import Generator, TargetSpec, build_chained_schedule  #
 from fourm_fast.model import FourM, ModalityConfig, preset  # noqa: E402
 from fourm_fast.reference.generate import empty_target, generate_4m, image_input, sequence_input  # noqa: E402
 
-CAPTION_LEN = 32
-SENTINELS = {"caption": [0] + list(range(30322, 30522))}
+AR_LEN = {"caption": 32, "det": 96}
+SENTINELS = {n: [0] + list(range(30322, 30522)) for n in AR_LEN}
 
 
 def build_model(device: str) -> FourM:
     mods = [ModalityConfig("rgb", "image", 16384, grid=14), ModalityConfig("depth", "image", 8192, grid=14),
-            ModalityConfig("caption", "sequence", 30522, max_length=CAPTION_LEN + 1)]
+            ModalityConfig("caption", "sequence", 30522, max_length=AR_LEN["caption"] + 1),
+            ModalityConfig("det", "sequence", 30522, max_length=AR_LEN["det"] + 1)]
     torch.manual_seed(0)
     return FourM(preset("tiny", mods)).to(device).eval()
 
@@ -51,6 +53,7 @@ def cases(quick: bool) -> dict[str, tuple[str, list[TargetSpec]]]:
         "caption->rgb roar16 cfg3": ("caption", [TargetSpec("rgb", "roar", 16, "linear", 5.0, "onex:0.5:0.5", 3.0, top_p=0.9)]),
         "rgb->caption ar32": ("rgb", [TargetSpec("caption", "autoregressive", temperature=0.7, top_p=0.9)]),
         "rgb->caption ar32 cfg3": ("rgb", [TargetSpec("caption", "autoregressive", temperature=0.7, cfg_scale=3.0, top_p=0.9)]),
+        "rgb->det ar96": ("rgb", [TargetSpec("det", "autoregressive", temperature=0.7, top_p=0.9)]),
         "caption->rgb->depth chain": ("caption", [TargetSpec("rgb", "maskgit", 8, "cosine", 3.0, "linear", 3.0, top_p=0.9),
                                                  TargetSpec("depth", "maskgit", 8, "cosine", 1.0, "constant", 1.0, top_p=0.9)]),
     }
@@ -63,7 +66,7 @@ def generated_tokens(model, targets: list[TargetSpec], B: int) -> int:
     n = 0
     for t in targets:
         m = model.cfg.modality(t.name)
-        n += m.num_tokens if m.kind == "image" else CAPTION_LEN
+        n += m.num_tokens if m.kind == "image" else AR_LEN[t.name]
     return B * n
 
 

@@ -2,6 +2,7 @@
 # The one script to run when an issue is lent a GPU machine (shared/DESIGN.md section 7).
 # Budget: under 6 minutes on an H100/H200 with 16 cores. Everything it measures lands in $OUT:
 #   build.log  info.txt  tests.log  sanitizer.log  bench.log  vq.jsonl  sampling.jsonl  masking.jsonl  train.jsonl
+#   generate.jsonl  data.jsonl
 # (tests marked slow -- long statistical ones, pure CPU -- run in CI, not here)
 # Commit the JSONL rows it returns into bench/results/.
 #
@@ -52,12 +53,15 @@ if [ "$gpu" = 1 ]; then
     timeout 90 $PY bench/bench_vq.py --device cuda --dtype bfloat16 --max-baseline-gib 24 &&
     timeout 90 $PY bench/bench_sampling.py --device cuda &&
     timeout 60 $PY bench/bench_masking.py --device cuda &&
-    timeout 120 $PY bench/bench_train.py --device cuda --preset B --batch 64 --repeats 10; } >"$OUT/bench.log" 2>&1 || status=1
+    timeout 120 $PY bench/bench_train.py --device cuda --preset B --batch 64 --repeats 10 &&
+    timeout 60 $PY bench/bench_generate.py --device cuda --quick &&
+    timeout 60 $PY bench/bench_data.py --device cuda --sizes 224 --n 128 --repeats 2; } >"$OUT/bench.log" 2>&1 || status=1
 else
   { timeout 300 $PY bench/bench_vq.py --quick --no-save &&
     timeout 300 $PY bench/bench_sampling.py --quick --no-save &&
     timeout 120 $PY bench/bench_masking.py --quick --no-save &&
-    timeout 300 $PY bench/bench_train.py --quick --no-save --repeats 2; } >"$OUT/bench.log" 2>&1 || status=1
+    timeout 300 $PY bench/bench_train.py --quick --no-save --repeats 2 &&
+    timeout 120 $PY bench/bench_generate.py --quick --no-save --no-reference; } >"$OUT/bench.log" 2>&1 || status=1
 fi
 cat "$OUT/bench.log"
 stamp "done, status $status"

@@ -5,6 +5,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from fourm_fast.data import ShardError, write_synthetic
 from fourm_fast.data.loader import TokenShards, build_loader
@@ -29,10 +30,10 @@ def test_token_shards_and_loader(tokenized):
     assert set(ds.kinds) == {"depth", "semseg", "caption", "det"}
     tokens, lengths = ds[3]
     assert tokens["depth"].shape == (4,) and lengths["caption"] >= 2
-    batch = next(iter(build_loader(tokenized, 8)))
-    assert batch[0]["depth"].shape == (8, 4)
-    with pytest.raises(NotImplementedError, match="DALI"):
-        build_loader(tokenized, 8, backend="dali")
+    for backend in ("torch", "dali"):
+        batch = next(iter(build_loader(tokenized, 8, backend=backend, num_workers=0)))
+        assert batch["tokens"]["depth"].shape == (8, 2, 2) and batch["images"]["rgb"].shape == (8, 3, 16, 16)
+        assert torch.equal(batch["tokens"]["depth"].flatten(1), ds.batch(batch["index"].numpy())[0]["depth"])
 
 
 def test_token_shards_name_bad_files(tokenized, tmp_path):

@@ -14,12 +14,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="output folder: metrics.csv, checkpoints/, tensorboard/")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     p.add_argument("--stop-after", type=int, help="stop after this step with a checkpoint (train.stop_after)")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="shards: leave out and count samples with bad token rows instead of stopping (data.skip_bad)")
 
 
-def run(args: argparse.Namespace) -> int:
-    from .checkpoint import CheckpointError
-    from .trainer import train
-
+def overrides_from_args(args: argparse.Namespace) -> list[str]:
+    """The positional overrides plus those the flags stand for."""
     overrides = list(args.overrides)
     if args.steps is not None:
         overrides.append(f"train.steps={args.steps}")
@@ -27,6 +27,16 @@ def run(args: argparse.Namespace) -> int:
         overrides.append(f"train.stop_after={args.stop_after}")
     if args.out is not None:
         overrides.append(f"out={args.out}")
+    if getattr(args, "skip_bad", False):
+        overrides.append("data.skip_bad=true")
+    return overrides
+
+
+def run(args: argparse.Namespace) -> int:
+    from .checkpoint import CheckpointError
+    from .trainer import train
+
+    overrides = overrides_from_args(args)
     try:
         cfg = load_config(args.config, overrides)
         result = train(cfg, resume=args.resume, log=lambda m: print(m, file=sys.stderr, flush=True))

@@ -24,6 +24,7 @@ DEFAULTS: dict[str, Any] = {
         "num_sentinels": 100,  # synthetic sequences: sentinel ids are the last ids of the vocabulary
         "path": None,          # source "shards": a tokenized shard folder
         "max_text_tokens": 64,  # source "shards" with modalities "auto": sequence length cap
+        "skip_bad": False,     # source "shards": leave out (and count) samples with bad token rows instead of raising
     },
     "train": {
         "steps": 100,
@@ -137,6 +138,8 @@ def validate(cfg: dict) -> None:
         raise ConfigError(f"data.source must be 'synthetic' or 'shards', got {cfg['data']['source']!r}")
     if cfg["data"]["source"] == "shards" and not cfg["data"]["path"]:
         raise ConfigError("data.source 'shards' needs data.path (a folder after fourm-fast tokenize)")
+    if not isinstance(cfg["data"]["skip_bad"], bool):
+        raise ConfigError(f"data.skip_bad must be true or false, got {cfg['data']['skip_bad']!r}")
     if cfg["modalities"] == "auto" and cfg["data"]["source"] != "shards":
         raise ConfigError("modalities 'auto' reads them from tokenized shards (data.source: shards)")
     if not cfg["modalities"]:

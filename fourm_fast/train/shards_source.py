@@ -10,16 +10,20 @@ import numpy as np
 import torch
 
 from ..data.loader import TokenShards
+from ..data.shards import ShardError, read_manifest
 from ..masking import ModalitySpec, TokenBudgetSampler
 from ..model import FourMBatch, FourMConfig, ModalityConfig, batch_from_layout
 from .synthetic import _alpha_table
 
 
 def modalities_from_shards(path: str, max_text_tokens: int) -> list[ModalityConfig]:
-    ds = TokenShards(path)
+    """From the manifest alone (ShardSource validates the arrays, honouring data.skip_bad)."""
+    manifest = read_manifest(path)
+    if not manifest.get("tokens"):
+        raise ShardError(f"{path}: the manifest lists no tokens; run fourm-fast tokenize {path}")
     out = []
-    for m, entry in ds.manifest["tokens"].items():
-        if ds.kinds[m] == "image":
+    for m, entry in manifest["tokens"].items():
+        if len(entry["shape"]) == 3:
             out.append(ModalityConfig(m, "image", entry["num_codes"], grid=entry["shape"][1]))
         else:
             out.append(ModalityConfig(m, "sequence", entry["num_codes"], max_length=max_text_tokens))
@@ -31,7 +35,10 @@ class ShardSource:
         self.model_cfg = model_cfg
         self.seed = seed
         self.names = [m.name for m in model_cfg.modalities]
-        self.ds = TokenShards(data_cfg["path"], self.names)
+        # skip_bad: token rows with ids outside the vocabulary (or bad lengths) are left out and counted
+        # (self.ds.skipped, one log line), else the first one raises naming its file
+        self.ds = TokenShards(data_cfg["path"], self.names, skip_bad=bool(data_cfg.get("skip_bad", False)))
+        self.skipped = self.ds.skipped
         for m in model_cfg.modalities:
             entry = self.ds.manifest["tokens"][m.name]
             if m.vocab_size < entry["num_codes"]:
@@ -52,6 +59,8 @@ class ShardSource:
         self.num_decoder = self.sampler.target_range[1]
 
     def _indices(self, B: int, step: int) -> np.ndarray:
+        """Sample ids of the step's global batch: positions in per-epoch permutations of the usable
+        samples (all of them unless skip_bad left some out)."""
         n = len(self.ds)
         start = step * B
         out = []
@@ -59,7 +68,7 @@ class ShardSource:
             epoch, pos = divmod(start + len(out), n)
             perm = np.random.default_rng([self.seed, epoch]).permutation(n)
             out.extend(perm[pos:pos + B - len(out)].tolist())
-        return np.array(out)
+        return self.ds.good[np.array(out)]
 
     def global_batch(self, B: int, step: int) -> tuple[FourMBatch, dict]:
         tokens, lengths = self.ds.batch(self._indices(B, step))
