@@ -50,6 +50,23 @@ def _select(tensors: list[Tensor], mask: Tensor, n: int) -> list[Tensor]:
     return [t.gather(1, order[..., None].expand(-1, -1, t.shape[-1]) if t.dim() == 3 else order) for t in tensors]
 
 
+def encoder_4m(model, x: Tensor, enc_mask: Tensor) -> Tensor:
+    """Encoder blocks, encoder_norm and decoder_proj_context (the caller adds the embeddings)."""
+    for blk in model.encoder:
+        x = x + _self_attn(blk.attn, _layer_norm(blk.norm1, x), enc_mask)
+        x = x + blk.mlp(_layer_norm(blk.norm2, x))
+    return model.decoder_proj_context(_layer_norm(model.encoder_norm, x))
+
+
+def decoder_4m(model, y: Tensor, context: Tensor, enc_mask: Tensor, self_mask: Tensor | None) -> Tensor:
+    """Decoder blocks and decoder_norm; masks True = may not attend."""
+    for blk in model.decoder:
+        y = y + _self_attn(blk.self_attn, _layer_norm(blk.norm1, y), self_mask)
+        y = y + _cross_attn(blk.cross_attn, _layer_norm(blk.query_norm, y), _layer_norm(blk.context_norm, context), enc_mask)
+        y = y + blk.mlp(_layer_norm(blk.norm2, y))
+    return _layer_norm(model.decoder_norm, y)
+
+
 def forward_4m_eager(model, mod_dict: dict, num_encoder_tokens: int, num_decoder_tokens: int, loss_type: str = "mod"):
     """(loss, per-modality losses) of ml-4m's FourM.forward on ``model``'s weights."""
     cfg = model.cfg
@@ -105,18 +122,8 @@ def forward_4m_eager(model, mod_dict: dict, num_encoder_tokens: int, num_decoder
         sa = sa | (dmod[:, None, :] != dmod[:, :, None])
     dmod = dmod.masked_fill(dm, -1)
     enc_mask = em[:, None, :]
-    x = ex + ee
-    for blk in model.encoder:
-        x = x + _self_attn(blk.attn, _layer_norm(blk.norm1, x), enc_mask)
-        x = x + blk.mlp(_layer_norm(blk.norm2, x))
-    x = _layer_norm(model.encoder_norm, x)
-    context = model.decoder_proj_context(x) + ee
-    y = dx + de
-    for blk in model.decoder:
-        y = y + _self_attn(blk.self_attn, _layer_norm(blk.norm1, y), sa)
-        y = y + _cross_attn(blk.cross_attn, _layer_norm(blk.query_norm, y), _layer_norm(blk.context_norm, context), enc_mask)
-        y = y + blk.mlp(_layer_norm(blk.norm2, y))
-    y = _layer_norm(model.decoder_norm, y)
+    context = encoder_4m(model, ex + ee, enc_mask) + ee
+    y = decoder_4m(model, dx + de, context, enc_mask, sa)
     losses, counts = {}, {}
     for name in mod_dict:
         if name not in model.decoder_embeddings:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .fourm import _cross_attn, _layer_norm, _self_attn
+from .fourm import decoder_4m as decode, encoder_4m
 from .sampling import sample_tokens_4m
 
 
@@ -100,20 +100,7 @@ def encode(model, mod_dict: dict):
     m = m.gather(1, keep)
     x, e = x.masked_fill(m[..., None], 0.0), e.masked_fill(m[..., None], 0.0)
     mask = m[:, None, :]
-    x = x + e
-    for blk in model.encoder:
-        x = x + _self_attn(blk.attn, _layer_norm(blk.norm1, x), mask)
-        x = x + blk.mlp(_layer_norm(blk.norm2, x))
-    x = _layer_norm(model.encoder_norm, x)
-    return model.decoder_proj_context(x) + e, mask
-
-
-def decode(model, y: Tensor, context: Tensor, enc_mask: Tensor, self_mask: Tensor | None) -> Tensor:
-    for blk in model.decoder:
-        y = y + _self_attn(blk.self_attn, _layer_norm(blk.norm1, y), self_mask)
-        y = y + _cross_attn(blk.cross_attn, _layer_norm(blk.query_norm, y), _layer_norm(blk.context_norm, context), enc_mask)
-        y = y + blk.mlp(_layer_norm(blk.norm2, y))
-    return _layer_norm(model.decoder_norm, y)
+    return encoder_4m(model, x + e, mask) + e, mask
 
 
 def _decoder_positions(tm: Tensor, roar_select: int | None, generator) -> Tensor:
