@@ -3,8 +3,9 @@ generation from fresh scenes.
 
 Everything goes under --out (default demo_out/); summary.json lists what each stage produced, with
 losses, tokenizer quality and timings, and samples.png shows the generations: one row per
-condition set (the given modalities, decoded, then the generated targets). About 5 minutes on 2
-CPU cores; the model trains for a minute, so expect blurry, roughly scene-shaped outputs.
+condition set (the given modalities, decoded, then the generated targets). About 3 minutes on 2
+CPU cores (tokenizers 70 s, 400 training steps 70 s): image -> depth / semseg / caption come out
+recognisably scene-shaped; caption -> images mostly gets the background.
 """
 from __future__ import annotations
 
@@ -68,8 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="demo_out")
     ap.add_argument("--scenes", type=int, default=300)
     ap.add_argument("--size", type=int, default=64)
-    ap.add_argument("--tokenizer-steps", type=int, default=60)
-    ap.add_argument("--train-steps", type=int, default=40)
+    ap.add_argument("--tokenizer-steps", type=int, default=120)
+    ap.add_argument("--train-steps", type=int, default=400)
     args = ap.parse_args(argv)
 
     from .data import write_synthetic

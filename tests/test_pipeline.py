@@ -69,3 +69,6 @@ def test_demo_end_to_end_small(tmp_path):
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
     assert set(summary["stages"]) == {"synth", "tokenizers", "tokenize", "train", "generate"}
     assert summary["stages"]["train"]["steps"] == 2
+    from PIL import Image
+    grid = Image.open(tmp_path / "demo" / "samples.png")  # three rows: one per condition set
+    assert len(summary["stages"]["generate"]["rows"]) == 3 and grid.size[1] == 3 * 146
