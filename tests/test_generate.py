@@ -59,6 +59,18 @@ def test_per_sample_tables_are_each_samples_own_schedule():
             assert table.temps[: len(own), b].tolist() == linear_temp_schedule(3.0, own).tolist()
 
 
+@pytest.mark.parametrize("steps,n", [(40, 25), (5, 6), (6, 3), (49, 196), (12, 196)])
+def test_per_sample_tables_cap_4m_cosine_overshoot(steps, n):
+    """4M's cosine counts can add up past n before a negative last step; the table never commits
+    more than is left, never a negative count, and agrees with 4M up to the overshoot."""
+    raw = cosine_schedule(steps, n)
+    got = per_sample_table(TargetSpec("x", "maskgit", steps=steps), [n]).counts[:, 0]
+    assert got.sum() == n and (got >= 0).all()
+    over = np.flatnonzero(np.cumsum(raw) > n)
+    agree = over[0] if over.size else len(raw)
+    assert got[:agree].tolist() == raw[:agree].tolist()
+
+
 def test_bad_specs_raise():
     with pytest.raises(ValueError, match="scheme"):
         TargetSpec("x", "beam")
@@ -323,3 +335,27 @@ def test_bad_generation_requests_raise(model):
         st.add_empty("semseg")
     with pytest.raises(ValueError, match="at least"):
         Generator(model, {"caption": [0, 40]})
+
+
+def test_encoder_runs_once_per_input_change(model):
+    """Autoregressive decoding encodes once per pass for the whole sequence (inputs do not change);
+    MaskGIT encodes once per pass per step that commits tokens."""
+    g, st = _run(model, [TargetSpec("caption", "autoregressive", temperature=1.0, cfg_scale=2.0)], B=2)
+    assert g.stats["encoder_passes"] == 2 and g.stats["decoder_passes"] >= 1
+    g, st = _run(model, [TargetSpec("depth", "maskgit", steps=40, token_schedule="cosine")], B=2)
+    committing = int((per_sample_table(TargetSpec("depth", "maskgit", steps=40), [25, 25]).counts.sum(1) > 0).sum())
+    assert committing < 40 and g.stats["encoder_passes"] == committing == g.stats["decoder_passes"]
+
+
+def test_one_generator_many_states_matches_fresh_generators(model):
+    g = Generator(model, SENTINELS)
+    outs = []
+    for i in range(4):
+        st = g.new_state(2)
+        st.set_image("rgb", torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(i)))
+        outs.append(g.generate(st, [TargetSpec("depth", "maskgit", steps=2)], seed=0).tokens["depth"])
+    for i in range(4):
+        fresh = Generator(model, SENTINELS)
+        st = fresh.new_state(2)
+        st.set_image("rgb", torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(i)))
+        assert torch.equal(fresh.generate(st, [TargetSpec("depth", "maskgit", steps=2)], seed=0).tokens["depth"], outs[i])

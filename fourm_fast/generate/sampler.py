@@ -64,7 +64,7 @@ class Generator:
         """Encoder output of the passes stacked on the batch axis ([P * B, Ne]); reused while the
         state's inputs have not changed. Each pass is encoded at its own length (an unconditional
         pass is often much shorter) and the contexts are then padded to one length."""
-        key = (id(state), state.version, tuple(tuple(sorted(p)) for p in passes))
+        key = (state.uid, state.version, tuple(tuple(sorted(p)) for p in passes))
         if key != self._enc_key:
             outs = [self.model.encode(state.encoder_slots(self.model, [p], self._s1())) for p in passes]
             n = max(c.shape[1] for c, _ in outs)
@@ -138,11 +138,14 @@ class Generator:
             if spec.name not in state.tokens:
                 state.add_empty(spec.name)
         self._offset = 0
-        for ti, spec in enumerate(targets):
-            if spec.scheme == "autoregressive":
-                self._autoregressive(state, spec, seed)
-            else:
-                self._image(state, spec, seed, ti)
+        try:
+            for ti, spec in enumerate(targets):
+                if spec.scheme == "autoregressive":
+                    self._autoregressive(state, spec, seed)
+                else:
+                    self._image(state, spec, seed, ti)
+        finally:
+            self._enc_key = self._enc_val = None  # do not hold the last encoder output
         return state
 
     def _image(self, state: GenerationState, spec: TargetSpec, seed: int, target_index: int) -> None:

@@ -7,7 +7,8 @@ Quirks kept on purpose, because 4M's released settings depend on them:
 
 - cosine: per-step counts are Python's round() (half to even) of the drop in a cosine curve; the
   last step takes whatever is left, so with more steps than tokens it can be larger than its
-  neighbours (196 steps of 196 tokens end with a 2) and some steps commit 0 tokens.
+  neighbours (196 steps of 196 tokens end with a 2), some steps commit 0 tokens, and for some
+  settings the rounding overshoots and the last count is negative (per_sample_table caps those).
 - linear: counts in descending order with trailing zero steps dropped, so more steps than tokens
   gives one token per step and fewer steps than asked.
 - onex: the 1/x^power curve is sampled at sum(tokens) points but only the first len(schedule) of
@@ -197,6 +198,13 @@ def per_sample_table(spec: TargetSpec, unknown: list[int]) -> StepTable:
     temps = np.full((S, len(unknown)), spec.temperature, np.float64)
     for b, n in enumerate(unknown):
         tok, temp = cache[n]
-        counts[: len(tok), b] = tok
+        counts[: len(tok), b] = _feasible(tok, n)
         temps[: len(temp), b] = temp[: len(tok)]
     return StepTable(counts, temps)
+
+
+def _feasible(tokens: np.ndarray, n: int) -> np.ndarray:
+    """4M's cosine rounding can overshoot: with 40 steps over 25 tokens its counts reach 26 before a
+    final -1 (4M's top-k then fails). Capping the running total at n keeps every step the same
+    until the overshoot, commits what is left there, and makes the rest 0."""
+    return np.diff(np.minimum(np.cumsum(tokens), n), prepend=0)

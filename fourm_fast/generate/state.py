@@ -7,6 +7,7 @@ The encoder sees every known token; a sequence with nothing known is shown as it
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +31,9 @@ class Slots:
     dec_limit: Tensor | None = None
 
 
+_UIDS = itertools.count()
+
+
 class GenerationState:
     """Tokens and known masks per modality for a batch of B samples on one device."""
 
@@ -42,7 +46,8 @@ class GenerationState:
         self.device = torch.device(device)
         self.tokens: dict[str, Tensor] = {}
         self.known: dict[str, Tensor] = {}
-        self.version = 0  # bumped on every change; keys the encoder cache
+        self.uid = next(_UIDS)  # with version, keys the encoder cache (never reused, unlike id())
+        self.version = 0  # bumped on every change
 
     def _width(self, name: str) -> int:
         if name not in self.index:
