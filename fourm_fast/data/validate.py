@@ -158,6 +158,15 @@ class TokenArrays:
     bad: list[BadFile]     # per-row problems (ids out of range, lengths out of [1, L])
 
 
+def _load_npy(path: Path, missing: str) -> np.ndarray:
+    if not path.exists():
+        raise ShardError(f"{path}: {missing}")
+    try:
+        return np.load(path)
+    except (ValueError, OSError, EOFError) as e:
+        raise ShardError(f"{path}: unreadable ({e})") from None
+
+
 def load_tokens(root: Path, manifest: dict, names: list[str]) -> TokenArrays:
     """Load and check DIR/tokens/<m>.npy. Whole-file problems raise ShardError (no sample can be served
     without its row of a well-formed array); per-row problems come back in .bad."""
@@ -171,12 +180,7 @@ def load_tokens(root: Path, manifest: dict, names: list[str]) -> TokenArrays:
     out = TokenArrays({}, {}, {}, [])
     for m in names:
         path = root / "tokens" / f"{m}.npy"
-        if not path.exists():
-            raise ShardError(f"{path}: missing (listed in the manifest's tokens)")
-        try:
-            arr = np.load(path)
-        except (ValueError, OSError, EOFError) as e:
-            raise ShardError(f"{path}: unreadable ({e})") from None
+        arr = _load_npy(path, "missing (listed in the manifest's tokens)")
         want = tuple(entries[m]["shape"])
         if arr.shape != want:
             raise ShardError(f"{path}: shape {arr.shape}, the manifest says {want}")
@@ -191,12 +195,7 @@ def load_tokens(root: Path, manifest: dict, names: list[str]) -> TokenArrays:
             if arr.dtype != np.int32:
                 raise ShardError(f"{path}: dtype {arr.dtype}, expected int32 token ids")
             lpath = root / "tokens" / f"{m}.lengths.npy"
-            if not lpath.exists():
-                raise ShardError(f"{lpath}: missing")
-            try:
-                lengths = np.load(lpath)
-            except (ValueError, OSError, EOFError) as e:
-                raise ShardError(f"{lpath}: unreadable ({e})") from None
+            lengths = _load_npy(lpath, "missing")
             if lengths.shape != (n,) or lengths.dtype.kind not in "iu":
                 raise ShardError(f"{lpath}: {lengths.dtype} {lengths.shape}, expected integer lengths of shape ({n},)")
             for i in np.flatnonzero((lengths < 1) | (lengths > arr.shape[1])):
