@@ -19,7 +19,7 @@ from typing import Callable
 
 import torch
 
-# FOURM_FAST_RESULTS_DIR redirects the JSONL files (bench/device_check.sh points it at $OUT).
+# FOURM_FAST_RESULTS_DIR redirects the JSONL files (bench/device_check.sh points it at its staging folder).
 RESULTS_DIR = Path(os.environ.get("FOURM_FAST_RESULTS_DIR") or Path(__file__).resolve().parent / "results")
 
 
@@ -122,6 +122,9 @@ def peak_memory_mib(fn: Callable[[], object], device: str) -> float | None:
 
 
 def git_sha() -> str:
+    # The device machine gets a copy of the tree without .git: device_check.sh passes the sha in.
+    if os.environ.get("FOURM_FAST_GIT_SHA"):
+        return os.environ["FOURM_FAST_GIT_SHA"]
     try:
         root = Path(__file__).resolve().parent.parent
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
