@@ -48,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--quick", action="store_true", help="a reduced model (dim 192, 2 + 2 blocks) for a smoke run")
     ap.add_argument("--no-save", action="store_true")
+    ap.add_argument("--profile", action="store_true",
+                    help="after timing, profile 3 fourm_fast steps: top ops and device busy time vs wall time")
     args = ap.parse_args(argv)
     set_threads(args.threads)
     device = torch.device(args.device)
@@ -109,7 +111,34 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:<12} {t.median_ms:>10.1f} {t.p20_ms:>9.1f}-{t.p80_ms:<9.1f} {t.median_ms / ours:>7.2f}x {tps:>10.0f} {mfu_s}", flush=True)
     if not args.no_save:
         print(f"# appended {len(rows)} rows to {append_results('train', rows, env)}")
+    if args.profile:
+        profile_steps(methods["fourm_fast"], device)
     return 0
+
+
+def profile_steps(run, device: torch.device, steps: int = 3) -> None:
+    """Where a step's time goes: the top ops by self time, and (on a GPU) how much of the wall
+    time the device was busy, which separates launch/host-bound steps from kernel-bound ones."""
+    from torch.profiler import ProfilerActivity, profile
+
+    on_gpu = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+    run()
+    if on_gpu:
+        torch.cuda.synchronize()
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            run()
+        if on_gpu:
+            torch.cuda.synchronize()
+    averages = prof.key_averages()
+    key = "self_device_time_total" if on_gpu else "self_cpu_time_total"
+    print(averages.table(sort_by=key, row_limit=25))
+    if on_gpu:
+        busy_us = sum(e.self_device_time_total for e in averages)
+        wall_us = max(e.time_range.end for e in prof.events()) - min(e.time_range.start for e in prof.events())
+        print(f"# profile: {steps} steps, device busy {busy_us / 1e3:.1f} ms of {wall_us / 1e3:.1f} ms wall "
+              f"({100 * busy_us / max(wall_us, 1):.0f}%)")
 
 
 if __name__ == "__main__":

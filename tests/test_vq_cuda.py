@@ -4,17 +4,9 @@ import torch
 
 from conftest import requires_cuda
 from fourm_fast.ops import vq_dequantize, vq_lookup
-from vq_checks import assert_vq_matches_reference
+from vq_checks import assert_vq_matches_reference, code_rounding
 
 pytestmark = [requires_cuda, pytest.mark.cuda]
-
-# The GPU tensor-core path stores cosine-normalised codes in the input dtype (bf16: 8 significant
-# bits, fp16: 11), which perturbs scores by up to one rounding of a unit vector's entries.
-CODE_ROUNDING = {torch.float32: 0.0, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
-
-
-def _cosine_rounding(dtype, metric):
-    return CODE_ROUNDING[dtype] if metric == "cosine" else 0.0
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -28,7 +20,7 @@ def test_cuda_matches_reference_and_cpu(N, K, D, metric, dtype):
     cb = torch.randn(K, D).to(dtype)
     idx, dist = vq_lookup(x.cuda(), cb.cuda(), metric)
     assert idx.device.type == "cuda"
-    assert_vq_matches_reference(x, cb, metric, idx.cpu(), dist.cpu(), code_rounding=_cosine_rounding(dtype, metric))
+    assert_vq_matches_reference(x, cb, metric, idx.cpu(), dist.cpu(), code_rounding=code_rounding(dtype, metric))
     cpu_idx, cpu_dist = vq_lookup(x, cb, metric)
     agree = (idx.cpu() == cpu_idx).float().mean().item()
     assert agree >= 0.99, f"GPU and CPU agree on only {agree:.3%} of rows"

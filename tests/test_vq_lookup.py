@@ -6,7 +6,7 @@ import torch
 
 from fourm_fast.ops import vq_dequantize, vq_lookup
 from fourm_fast.reference.vq import vq_lookup_reference
-from vq_checks import assert_vq_matches_reference
+from vq_checks import assert_vq_matches_reference, code_rounding
 
 NS = (1, 19, 1025)
 KS = (1, 7, 1031, 8192)
@@ -36,11 +36,30 @@ def test_both_cpu_kernels(cpu_isa, N, K, D, metric):
 @pytest.mark.parametrize("N,K,D", [(1, 1, 1), (19, 7, 3), (1025, 1031, 32), (97, 8192, 64), (33, 513, 256)])
 def test_low_precision_inputs(N, K, D, metric, dtype):
     # Inputs in bf16/fp16 are exact in fp32, and accumulation is fp32: the same bound applies,
-    # measured against the float64 reference of the very same (rounded) values.
+    # measured against the float64 reference of the very same (rounded) values, plus the rounding
+    # of cosine-normalised codes to the input dtype.
     x = torch.randn(N, D).to(dtype)
     cb = torch.randn(K, D).to(dtype)
     idx, dist = vq_lookup(x, cb, metric)
-    assert_vq_matches_reference(x, cb, metric, idx, dist)
+    assert_vq_matches_reference(x, cb, metric, idx, dist, code_rounding=code_rounding(dtype, metric))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_cosine_ranks_codes_rounded_to_input_dtype(dtype):
+    # The executors normalise each code in fp32 and round it to the input dtype before the dot
+    # product (the CUDA tensor cores take it in that dtype; the CPU matches it). Against those
+    # rounded codes in float64 the pick is the best up to fp32 accumulation, a far tighter bound
+    # than the rounding itself, so ranking unrounded codes would fail here.
+    torch.manual_seed(0)
+    x = torch.randn(257, 32).to(dtype)
+    cb = torch.randn(4099, 32).to(dtype)
+    idx, _ = vq_lookup(x, cb, "cosine")
+    c = cb.float()
+    rounded = (c * (1.0 / c.pow(2).sum(1).sqrt().clamp_min(1e-12))[:, None]).to(dtype).double()
+    scores = x.double() @ rounded.T
+    excess = scores.max(1).values - scores.gather(1, idx[:, None])[:, 0]
+    tol = 4 * (32 + 4) * 2.0**-24 * x.double().norm(dim=1)
+    assert (excess <= tol).all(), f"worst excess {float((excess - tol).max())}"
 
 
 @pytest.mark.parametrize("metric", ["l2", "cosine"])

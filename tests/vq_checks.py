@@ -5,6 +5,16 @@ from fourm_fast.reference.vq import pairwise_distance_f64, vq_lookup_reference
 
 U32 = 2.0**-24  # unit roundoff of float32
 
+# Both executors round cosine-normalised codes to the input dtype before the dot product (the GPU
+# feeds them to its tensor cores; the CPU does the same so the two rank identical numbers). That
+# perturbs each score by up to one rounding of a unit vector's entries: bf16 keeps 8 significant
+# bits, fp16 11. l2 codes are used as given.
+CODE_ROUNDING = {torch.float32: 0.0, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+
+
+def code_rounding(dtype: torch.dtype, metric: str) -> float:
+    return CODE_ROUNDING[dtype] if metric == "cosine" else 0.0
+
 
 def score_tolerance(rows: torch.Tensor, codebook: torch.Tensor, metric: str, code_rounding: float = 0.0) -> torch.Tensor:
     """Per-row bound on how far an fp32-accumulated score may be from the exact one.
@@ -12,7 +22,7 @@ def score_tolerance(rows: torch.Tensor, codebook: torch.Tensor, metric: str, cod
     The kernel ranks codes by |c|^2 - 2<x, c> (l2) or -<x, c/|c|> (cosine) accumulated in fp32 over
     D terms; the classic dot-product bound gives |error| <= (D + 2) u (|c|^2 + 2 |x| |c|). The
     factor 2 covers the comparison of two such scores. ``code_rounding`` adds the relative error
-    of codes stored in a narrower type after normalisation (GPU tensor-core path).
+    of codes stored in a narrower type after normalisation (see CODE_ROUNDING).
     """
     D = codebook.shape[1]
     xn = rows.double().norm(dim=1)

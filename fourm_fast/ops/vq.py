@@ -25,9 +25,12 @@ def vq_lookup(x: Tensor, codebook: Tensor, metric: str = "l2") -> tuple[Tensor, 
         distance: ``(...)`` float32, the exact distance to that code recomputed in fp32:
             squared L2, or cosine distance ``1 - cos`` in [0, 2].
 
-    Accumulation is fp32 for every input dtype. A row holding NaN or inf gets index -1 and
-    distance NaN (no host sync is spent checking; ``vq_dequantize`` rejects -1). A code with a
-    non-finite entry is never selected. ``distance`` is differentiable in ``x`` and ``codebook``.
+    Accumulation is fp32 for every input dtype. For cosine in bf16/fp16, each normalised code is
+    rounded to the input dtype before the dot product (the GPU's tensor cores take it that way,
+    and the CPU does the same), so picks can differ from an fp32 ranking on near-ties. A row
+    holding NaN or inf gets index -1 and distance NaN (no host sync is spent checking;
+    ``vq_dequantize`` rejects -1). A code with a non-finite entry is never selected. ``distance``
+    is differentiable in ``x`` and ``codebook``.
     """
     return torch.ops.fourm_fast.vq_lookup.default(x, codebook, metric)
 
