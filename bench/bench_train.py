@@ -135,7 +135,9 @@ def profile_steps(run, device: torch.device, steps: int = 3) -> None:
     key = "self_device_time_total" if on_gpu else "self_cpu_time_total"
     print(averages.table(sort_by=key, row_limit=25))
     if on_gpu:
-        busy_us = sum(e.self_device_time_total for e in averages)
+        # Kernel events only: op-level rows repeat their kernels' time.
+        kernel_types = (torch.autograd.DeviceType.CUDA,)
+        busy_us = sum(e.self_device_time_total for e in averages if e.device_type in kernel_types)
         wall_us = max(e.time_range.end for e in prof.events()) - min(e.time_range.start for e in prof.events())
         print(f"# profile: {steps} steps, device busy {busy_us / 1e3:.1f} ms of {wall_us / 1e3:.1f} ms wall "
               f"({100 * busy_us / max(wall_us, 1):.0f}%)")
