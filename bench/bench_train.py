@@ -26,7 +26,7 @@ import torch  # noqa: E402
 
 from bench.utils import append_results, environment, set_threads, time_fn, timing_dict  # noqa: E402
 from fourm_fast.masking import to_ml4m_batch  # noqa: E402
-from fourm_fast.model import FourM, ModalityConfig, batch_from_layout, preset  # noqa: E402
+from fourm_fast.model import FourM, ModalityConfig, preset  # noqa: E402
 from fourm_fast.reference.fourm import forward_4m_eager  # noqa: E402
 from fourm_fast.train.metrics import flops_per_step, peak_tflops  # noqa: E402
 from fourm_fast.train.synthetic import SyntheticSource  # noqa: E402

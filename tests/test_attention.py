@@ -1,7 +1,5 @@
 """masked_attention on the CPU: float64 reference parity (outputs and gradients), 4M's decoder rule,
 hostile shapes, low precision, dispatcher, opcheck and torch.compile."""
-import itertools
-import math
 
 import pytest
 import torch
