@@ -85,9 +85,6 @@ def main(argv: list[str] | None = None) -> int:
     set_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no GPU is visible")
-    if args.device == "cuda" and not args.no_reference:
-        print("# the 4M reference runs on the CPU only here; pass --no-reference on a GPU", file=sys.stderr)
-        args.no_reference = True
     B = 2 if args.quick else args.batch
     repeats = 1 if args.quick else args.repeats
     dev = args.device

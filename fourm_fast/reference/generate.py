@@ -87,7 +87,7 @@ def _encoder_parts(model, mod_dict: dict):
 
 
 def _argsort_keep(mask: Tensor, n: int) -> Tensor:
-    return torch.argsort(mask.float() + torch.arange(mask.shape[1]) * 1e-6, dim=1)[:, :n]
+    return torch.argsort(mask.float() + torch.arange(mask.shape[1], device=mask.device) * 1e-6, dim=1)[:, :n]
 
 
 def encode(model, mod_dict: dict):
@@ -109,7 +109,7 @@ def _decoder_positions(tm: Tensor, roar_select: int | None, generator) -> Tensor
     n = int((~tm[0]).sum())
     if roar_select is None:
         return _argsort_keep(tm, n)
-    noise = torch.rand(tm.shape[1], generator=generator)[None] * 1e-6
+    noise = torch.rand(tm.shape[1], generator=generator, device=generator.device)[None] * 1e-6
     return torch.argsort(tm.float() + noise, dim=1)[:, :min(roar_select, n)]
 
 
@@ -139,7 +139,7 @@ def _uncond(mod_dict: dict, model, conditioning: list[str], sentinels: dict) -> 
 
 def _sample(logits: Tensor, temperature: float, top_k, top_p, generator):
     if np.isclose(temperature, 0, atol=1e-10):
-        return logits.argmax(-1), torch.ones(logits.shape[0])
+        return logits.argmax(-1), torch.ones(logits.shape[0], device=logits.device)
     return sample_tokens_4m(logits.clone(), temperature, top_k, top_p, generator=generator)
 
 
@@ -188,7 +188,7 @@ def _autoregressive_step(model, mod_dict, step, top_k, top_p, sentinels, generat
     for _ in range(min(m.max_length, y_emb.shape[1])):
         L = out.shape[1]
         y = emb.token_emb(out) + y_emb[:, :L]
-        causal = torch.ones(L, L, dtype=torch.bool).triu(1).expand(B, L, L)
+        causal = torch.ones(L, L, dtype=torch.bool, device=y.device).triu(1).expand(B, L, L)
         last = [emb.to_logits(decode(model, y, c, em, causal))[:, -1] for c, em in encoded]
         logits = last[1] + (last[0] - last[1]) * step["cfg_scale"] if guided else last[0]
         sample, _ = _sample(logits, step["temperature"], top_k, top_p, generator)
@@ -204,9 +204,10 @@ def _autoregressive_step(model, mod_dict, step, top_k, top_p, sentinels, generat
     t = torch.zeros(B, width, dtype=torch.int64)
     for b, r in enumerate(seqs):
         t[b, : len(r)] = torch.tensor(r, dtype=torch.int64)
-    mod_dict[name] = {"tensor": t, "input_mask": torch.arange(width)[None] >= torch.tensor([len(r) for r in seqs])[:, None],
-                      "target_mask": torch.ones(B, width, dtype=torch.bool),
-                      "decoder_attention_mask": torch.zeros(B, width, dtype=torch.bool)}
+    merged = {"tensor": t, "input_mask": torch.arange(width)[None] >= torch.tensor([len(r) for r in seqs])[:, None],
+              "target_mask": torch.ones(B, width, dtype=torch.bool),
+              "decoder_attention_mask": torch.zeros(B, width, dtype=torch.bool)}
+    mod_dict[name] = {k: v.to(out.device) for k, v in merged.items()}
     return mod_dict
 
 
@@ -215,9 +216,11 @@ def generate_4m(model, mod_dict: dict, schedule: list[dict], sentinels: dict, to
                 seed: int = 0) -> dict:
     """4M's GenerationSampler.generate: one schedule step after another (see
     fourm_fast.generate.build_chained_schedule for the schedule's format). Targets must already be
-    in mod_dict as empty_target made them."""
-    mod_dict = copy.deepcopy(mod_dict)
-    generator = torch.Generator().manual_seed(seed)
+    in mod_dict as empty_target made them. Runs on the model's device, as 4M does: the inputs are
+    moved there and the random draws come from a generator on that device."""
+    device = next(model.parameters()).device
+    mod_dict = {name: {k: v.to(device, copy=True) for k, v in d.items()} for name, d in mod_dict.items()}
+    generator = torch.Generator(device=device).manual_seed(seed)
     for step in schedule:
         if step["scheme"] == "autoregressive":
             mod_dict = _autoregressive_step(model, mod_dict, step, top_k, top_p, sentinels, generator)
