@@ -48,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--quick", action="store_true", help="a reduced model (dim 192, 2 + 2 blocks) for a smoke run")
     ap.add_argument("--no-save", action="store_true")
+    ap.add_argument("--compile", action="store_true",
+                    help="also time fourm_fast with forward_hidden under torch.compile, as train.compile does")
     ap.add_argument("--profile", action="store_true",
                     help="after timing, profile 3 fourm_fast steps: top ops and device busy time vs wall time")
     args = ap.parse_args(argv)
@@ -87,6 +89,17 @@ def main(argv: list[str] | None = None) -> int:
         "fourm_fast": step(lambda: model(native, "mod")),
         "4m_eager": step(lambda: forward_4m_eager(model, ml4m, args.tokens, args.tokens, "mod")),
     }
+    if args.compile:
+        compiled_hidden = torch.compile(model.forward_hidden)
+
+        def compiled_loss():
+            model.forward_hidden = compiled_hidden  # an instance attribute, as the trainer sets it
+            try:
+                return model(native, "mod")
+            finally:
+                del model.forward_hidden
+
+        methods["fourm_fast+compile"] = step(compiled_loss)
     repeats = args.repeats or (20 if device.type == "cuda" else 5)
     env = environment(args.device)
     peak, peak_note = peak_tflops(device, None)
@@ -96,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# train step on {env['device_name']} ({torch.get_num_threads()} CPU threads): preset {args.preset}"
           f"{' (quick)' if args.quick else ''}, {n_params / 1e6:.1f}M params, batch {B}, {args.tokens}/{args.tokens} tokens, "
           f"MFU vs {peak:.3f} TFLOP/s ({peak_note}), sha {env['git_sha']}")
-    print(f"{'method':<12} {'median ms':>10} {'p20-p80 ms':>19} {'vs ours':>8} {'tokens/s':>10} {'MFU':>6}")
+    print(f"{'method':<18} {'median ms':>10} {'p20-p80 ms':>19} {'vs ours':>8} {'tokens/s':>10} {'MFU':>6}")
     rows, ours = [], None
     for name, fn in methods.items():
         t = time_fn(fn, args.device, repeats=repeats, warmup=1)
@@ -108,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
                      "time_vs_ours": round(t.median_ms / ours, 3), "tokens_per_s": round(tps, 1),
                      "mfu": round(mfu, 4) if mfu else None, "mfu_peak_note": peak_note})
         mfu_s = f"{100 * mfu:5.1f}%" if mfu else "  n/a"
-        print(f"{name:<12} {t.median_ms:>10.1f} {t.p20_ms:>9.1f}-{t.p80_ms:<9.1f} {t.median_ms / ours:>7.2f}x {tps:>10.0f} {mfu_s}", flush=True)
+        print(f"{name:<18} {t.median_ms:>10.1f} {t.p20_ms:>9.1f}-{t.p80_ms:<9.1f} {t.median_ms / ours:>7.2f}x {tps:>10.0f} {mfu_s}", flush=True)
     if not args.no_save:
         print(f"# appended {len(rows)} rows to {append_results('train', rows, env)}")
     if args.profile:
