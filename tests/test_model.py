@@ -121,6 +121,30 @@ def test_training_step_has_gradients_everywhere_used():
     assert model.decoder_embeddings["rgb"].token_emb.weight.grad.abs().sum() > 0  # through the tied head
 
 
+def test_gradients_are_bitwise_reproducible_on_several_threads():
+    # Exact resume needs a training step to be a pure function of its inputs. An op whose CPU
+    # backward adds with atomics across threads (index_put_ with accumulate, as ``table[idx]``
+    # has) breaks that, and these sums are where it shows.
+    model = tiny_model()
+    layout, tokens, sentinels = sampled_batch(B=256)
+    batch = batch_from_layout(layout, layout.build_buffer(tokens, sentinels), model.modalities)
+
+    def grads():
+        model.zero_grad(set_to_none=True)
+        model(batch, "mod")[0].backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(threads, 2))
+    try:
+        first = grads()
+        for _ in range(8):
+            again = grads()
+            assert [n for n in first if not torch.equal(first[n], again[n])] == []
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_presets_have_4m_sizes():
     mods = (ModalityConfig("rgb", "image", 1024),)
     for name, (dim, depth, heads) in {"tiny": (384, 6, 6), "B": (768, 12, 12), "L": (1024, 24, 16), "XL": (2048, 24, 32)}.items():

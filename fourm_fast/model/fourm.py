@@ -95,9 +95,12 @@ class FourM(nn.Module):
             nn.init.normal_(self.register_tokens, std=std)
 
     # ---- embeddings --------------------------------------------------------------------------
-    def _mod_emb(self, embs: nn.ModuleDict) -> Tensor:
+    def _mod_emb(self, embs: nn.ModuleDict, mod: Tensor) -> Tensor:
+        """Each slot's learned modality embedding. A lookup through F.embedding rather than
+        ``table[mod]``: the latter's backward (index_put_ with accumulate) adds with atomics across
+        threads on the CPU, so gradients, and a resumed run, would vary run to run."""
         rows = [embs[n].mod_emb[0, 0] if n in embs else self.mask_token.new_zeros(self.cfg.dim) for n in self.modalities]
-        return torch.stack(rows)
+        return F.embedding(mod, torch.stack(rows))
 
     def _lookup(self, embs: nn.ModuleDict, ids: Tensor, mod: Tensor) -> Tensor:
         """Token embeddings of mixed-modality ids: one small lookup per modality, merged by where
@@ -114,7 +117,7 @@ class FourM(nn.Module):
     def embed_encoder(self, b: FourMBatch) -> tuple[Tensor, Tensor]:
         mod = b.enc_modality.long()
         x = self._lookup(self.encoder_embeddings, b.enc_ids.long(), mod)
-        emb = self._enc_pos_table[self._enc_pos_offset[mod] + b.enc_position.long()] + self._mod_emb(self.encoder_embeddings)[mod]
+        emb = self._enc_pos_table[self._enc_pos_offset[mod] + b.enc_position.long()] + self._mod_emb(self.encoder_embeddings, mod)
         keep = b.enc_valid[..., None]
         return torch.where(keep, x, 0.0), torch.where(keep, emb, 0.0)
 
@@ -123,7 +126,7 @@ class FourM(nn.Module):
         is_seq = self._is_sequence[mod]
         tok = self._lookup(self.decoder_embeddings, b.dec_ids.long(), mod)
         y = torch.where(is_seq[..., None], tok, self.mask_token.to(tok.dtype))  # images: the mask token
-        emb = self._dec_pos_table[self._dec_pos_offset[mod] + b.dec_position.long()] + self._mod_emb(self.decoder_embeddings)[mod]
+        emb = self._dec_pos_table[self._dec_pos_offset[mod] + b.dec_position.long()] + self._mod_emb(self.decoder_embeddings, mod)
         keep = b.dec_valid[..., None]
         return torch.where(keep, y, 0.0), torch.where(keep, emb, 0.0)
 
