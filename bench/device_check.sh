@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The one script to run when an issue is lent a GPU machine (shared/DESIGN.md section 7).
 #
-#   device tool: run(command="FOURM_FAST_GIT_SHA=<sha> bash bench/device_check.sh", timeout_s=510)
+#   device tool: run(command="FOURM_FAST_GIT_SHA=<sha> bash bench/device_check.sh", timeout_s=570)
 #   here:        OUT=/tmp/dc bash bench/device_check.sh          (no GPU: a dry run, nothing saved)
 #
 # Stages, in priority order, each bounded by its own cap and by one overall deadline
-# (DEADLINE_S, default 480 s) so the call ends inside the lease: environment, build (sm_90 only),
+# (DEADLINE_S, default 540 s) so the call ends inside the lease: environment, build (sm_90 only),
 # the CUDA tests (GPU vs CPU twin vs float64 reference), compute-sanitizer memcheck, GPU benchmarks.
 # A stage the deadline cuts off is reported as such, never silently dropped.
 #
@@ -26,7 +26,7 @@ export FOURM_FAST_GIT_SHA=${FOURM_FAST_GIT_SHA:-$(git rev-parse --short HEAD 2>/
 start=$(date +%s)
 gpu=0
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then gpu=1; fi
-DEADLINE_S=${DEADLINE_S:-$([ "$gpu" = 1 ] && echo 480 || echo 3600)}
+DEADLINE_S=${DEADLINE_S:-$([ "$gpu" = 1 ] && echo 540 || echo 3600)}
 stamp() { echo "[device_check +$(( $(date +%s) - start ))s] $*" | tee -a "$STAGE/summary.txt"; }
 pack() { tar -czf "$OUT/device_check.tgz.tmp" -C "$STAGE" . && mv "$OUT/device_check.tgz.tmp" "$OUT/device_check.tgz"; }
 # budget CAP: seconds a stage may take, the smaller of CAP and what is left before the deadline.
