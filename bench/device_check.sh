@@ -83,7 +83,7 @@ if [ "$gpu" = 1 ]; then
   fi
   export FOURM_FAST_RESULTS_DIR="$STAGE"
   # Most-wanted first: the open issues' GPU goals (attention, train, generate), then the landed ops.
-  run_stage bench_attention 60 $PY bench/bench_attention.py --device cuda --batch 64
+  run_stage bench_attention 100 $PY bench/bench_attention.py --device cuda --batch 64
   run_stage bench_train 240 $PY bench/bench_train.py --device cuda --preset B --batch 64 --repeats 10 --compile --profile
   run_stage train_run 120 $PY bench/train_run_check.py --device cuda --preset B --batch 64 --steps 40
   run_stage bench_generate 60 $PY bench/bench_generate.py --device cuda --quick
@@ -96,7 +96,7 @@ if [ "$gpu" = 1 ]; then
   else
     stamp "bench_data: SKIPPED (nvidia-dali is not installed on this machine)"
   fi
-  for f in "$STAGE"/bench_*.log; do echo "== $f"; tail -15 "$f"; done
+  for f in "$STAGE"/bench_*.log "$STAGE"/train_run.log; do [ -f "$f" ] && { echo "== $f"; tail -15 "$f"; }; done
 else
   export FOURM_FAST_RESULTS_DIR="$STAGE"
   run_stage bench_quick 600 bash -c "$PY bench/bench_vq.py --quick --no-save && \
