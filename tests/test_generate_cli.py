@@ -11,14 +11,9 @@ from PIL import Image
 from fourm_fast.cli import main
 from fourm_fast.train.config import load_config
 from fourm_fast.train.trainer import train
+from small_training import SMALL_RUN
 
-SMALL = [
-    "model.overrides={dim: 32, encoder_depth: 1, decoder_depth: 1, num_heads: 2}",
-    "modalities=[{name: rgb, kind: image, vocab_size: 64, grid: 4}, {name: depth, kind: image, vocab_size: 32, grid: 4},"
-    " {name: caption, kind: sequence, vocab_size: 60, max_length: 12}]",
-    "data.num_input_tokens=12", "data.num_target_tokens=10", "data.num_sentinels=12",
-    "train.batch_size=4", "train.steps=2", "log.tensorboard=false", "log.progress=false", "checkpoint.every=2",
-]
+SMALL = SMALL_RUN + ["train.steps=2"]
 
 
 @pytest.fixture(scope="module")
