@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 #include "../attention_checks.h"
@@ -173,8 +174,40 @@ at::Tensor float_rows(const at::Tensor& t) {
   return f.stride(3) == 1 ? f : f.contiguous();
 }
 
-// Forward for few queries, straight from the strided inputs: per query, the visible keys' scores,
-// their max, then exp-weights and the weighted sum of values (the same algebra as the tiles).
+// 8-float vectors (GCC/Clang vector extension: two SSE or one AVX register). Plain loops, even
+// with eight scalar partial sums, compiled to a serial add chain.
+typedef float f32x8 __attribute__((vector_size(32)));
+
+inline float dot_lanes(const float* a, const float* b, int64_t n) {
+  f32x8 acc = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  int64_t d = 0;
+  for (; d + 8 <= n; d += 8) {
+    f32x8 x, y;
+    std::memcpy(&x, a + d, sizeof x);  // unaligned loads
+    std::memcpy(&y, b + d, sizeof y);
+    acc += x * y;
+  }
+  float tail = 0.0f;
+  for (; d < n; ++d) tail += a[d] * b[d];
+  return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail;
+}
+
+// acc[0:n] += w * x[0:n]; acc is a private scratch row, so nothing aliases it.
+inline void axpy_lanes(float* __restrict acc, float w, const float* __restrict x, int64_t n) {
+  int64_t d = 0;
+  for (; d + 8 <= n; d += 8) {
+    f32x8 a, y;
+    std::memcpy(&a, acc + d, sizeof a);
+    std::memcpy(&y, x + d, sizeof y);
+    a += w * y;
+    std::memcpy(acc + d, &a, sizeof a);
+  }
+  for (; d < n; ++d) acc[d] += w * x[d];
+}
+
+// Forward for few queries (an autoregressive decoding step), straight from the strided inputs:
+// per query, the list of its visible keys, their scores and max, then exp-weights and the
+// weighted sum of values (the same algebra as the tiles, without the per-tile ATen calls).
 void forward_direct(const MetaView& meta, const AttnInputs& in, const at::Tensor& qf, const at::Tensor& kf,
                     const at::Tensor& vf, at::Tensor& out, at::Tensor& lse, float scale) {
   const float* qp = qf.const_data_ptr<float>();
@@ -183,40 +216,37 @@ void forward_direct(const MetaView& meta, const AttnInputs& in, const at::Tensor
   float* op = out.data_ptr<float>();
   float* lp = lse.data_ptr<float>();
   const int64_t D = in.D, Nq = in.Nq, Nk = in.Nk, H = in.H;
+  const int64_t qs0 = qf.stride(0), qs1 = qf.stride(1), qs2 = qf.stride(2);
+  const int64_t ks0 = kf.stride(0), ks1 = kf.stride(1), ks2 = kf.stride(2);
+  const int64_t vs0 = vf.stride(0), vs1 = vf.stride(1), vs2 = vf.stride(2);
   at::parallel_for(0, in.B * H, 1, [&](int64_t bh0, int64_t bh1) {
     std::vector<float> score(static_cast<size_t>(Nk));
+    std::vector<int64_t> keys(static_cast<size_t>(Nk));
     std::vector<float> acc(static_cast<size_t>(D));
     for (int64_t bh = bh0; bh < bh1; ++bh) {
       const int64_t b = bh / H, h = bh % H;
-      const float* K = kp + b * kf.stride(0) + h * kf.stride(1);
-      const float* V = vp + b * vf.stride(0) + h * vf.stride(1);
+      const float* K = kp + b * ks0 + h * ks1;
+      const float* V = vp + b * vs0 + h * vs1;
       for (int64_t i = 0; i < Nq; ++i) {
-        const float* qi = qp + b * qf.stride(0) + h * qf.stride(1) + i * qf.stride(2);
-        float mx = -INFINITY;
+        const float* qi = qp + b * qs0 + h * qs1 + i * qs2;
+        int64_t n = 0;
         for (int64_t j = 0; j < Nk; ++j) {
-          if (!meta.visible(b, i, j)) {
-            score[j] = -INFINITY;
-            continue;
-          }
-          const float* kj = K + j * kf.stride(2);
-          float s = 0.0f;
-          for (int64_t d = 0; d < D; ++d) s += qi[d] * kj[d];
-          score[j] = s * scale;
-          mx = std::max(mx, score[j]);
+          if (meta.visible(b, i, j)) keys[n++] = j;
         }
-        float* oi = op + ((b * H + h) * Nq + i) * D;
-        float sum = 0.0f;
+        float mx = -INFINITY;
+        for (int64_t t = 0; t < n; ++t) {
+          score[t] = dot_lanes(qi, K + keys[t] * ks2, D) * scale;
+          mx = std::max(mx, score[t]);
+        }
         std::fill(acc.begin(), acc.end(), 0.0f);
-        if (mx != -INFINITY) {
-          for (int64_t j = 0; j < Nk; ++j) {
-            if (score[j] == -INFINITY) continue;
-            const float w = std::exp(score[j] - mx);
-            sum += w;
-            const float* vj = V + j * vf.stride(2);
-            for (int64_t d = 0; d < D; ++d) acc[d] += w * vj[d];
-          }
+        float sum = 0.0f;
+        for (int64_t t = 0; t < n; ++t) {
+          const float w = std::exp(score[t] - mx);
+          sum += w;
+          axpy_lanes(acc.data(), w, V + keys[t] * vs2, D);
         }
         const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+        float* oi = op + ((b * H + h) * Nq + i) * D;
         for (int64_t d = 0; d < D; ++d) oi[d] = acc[d] * inv;
         lp[(b * H + h) * Nq + i] = kernels::attn_lse(mx, sum);
       }

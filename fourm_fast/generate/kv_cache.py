@@ -5,13 +5,15 @@ and computes logits at every position. Here each step runs the decoder on the ne
 its self-attention keys and values are appended to a per-layer cache, and the cross-attention
 keys and values of the encoder output are projected once per encoder pass. The arithmetic per
 token is the decoder's own (same modules, same masked_attention op), so with the cache off
-(``use_cache=False``, the 4M way) the tokens are the same.
+(``use_cache=False``, the 4M way) the tokens are the same. A step has only R rows, so its linear
+layers go through fourm_fast.nn.few_rows (the faster operand order for a few rows on the CPU).
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
+from ..nn.few_rows import few_rows_layer, few_rows_mlp
 from ..ops.attention import masked_attention
 from .state import Slots
 
@@ -61,19 +63,19 @@ class CachedDecoder:
         for blk, (kc, vc), (kx, vx) in zip(self.model.decoder, self.cache, self.cross):
             sa, ca = blk.self_attn, blk.cross_attn
             h = sa.num_heads
-            q, k, v = (_heads(x, h) for x in sa.qkv(blk.norm1(y)).chunk(3, dim=-1))
+            q, k, v = (_heads(x, h) for x in few_rows_layer(sa.qkv, blk.norm1(y)).chunk(3, dim=-1))
             if sa.q_norm is not None:
                 q, k = sa.q_norm(q), sa.k_norm(k)
             kc[:, :, t: t + 1] = k
             vc[:, :, t: t + 1] = v
             out = masked_attention(q, kc[:, :, : t + 1], vc[:, :, : t + 1], self_valid, backend=sa.backend)
-            y = y + sa.proj(out.transpose(1, 2).reshape(R, 1, -1))
-            q = _heads(ca.q(blk.query_norm(y)), h)
+            y = y + few_rows_layer(sa.proj, out.transpose(1, 2).reshape(R, 1, -1))
+            q = _heads(few_rows_layer(ca.q, blk.query_norm(y)), h)
             if ca.q_norm is not None:
                 q = ca.q_norm(q)
             out = masked_attention(q, kx, vx, self.context_valid, backend=ca.backend)
-            y = y + ca.proj(out.transpose(1, 2).reshape(R, 1, -1))
-            y = y + blk.mlp(blk.norm2(y))
+            y = y + few_rows_layer(ca.proj, out.transpose(1, 2).reshape(R, 1, -1))
+            y = y + few_rows_mlp(blk.mlp, blk.norm2(y))
         self.t += 1
         return self.model.decoder_norm(y)[:, 0]
 

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..nn.few_rows import few_rows_layer
 from ..ops.sampling import sample_tokens, select_positions
 from .kv_cache import CachedDecoder, UncachedDecoder
 from .schedules import TargetSpec, per_sample_table
@@ -100,12 +101,17 @@ class Generator:
     def _guided_logits(self, name: str, y: Tensor, P: int, weights: list[float] | None) -> Tensor:
         """Target-head logits of the guided decoder output. The head is linear without bias, so
         u + sum_i w_i (c_i - u) of the logits equals the head applied to the same combination of
-        the hidden states: one (R, dim) x (dim, V) product instead of P."""
-        head = self.model.decoder_embeddings[name].to_logits
+        the hidden states: one (R, dim) x (dim, V) product instead of P. An autoregressive step
+        has a few rows, for which fourm_fast.nn.few_rows picks the faster operand order."""
+        layer = self.model.decoder_embeddings[name].to_logits
+
+        def head(rows: Tensor) -> Tensor:
+            return few_rows_layer(layer, rows)
+
         R = y.shape[0] // P
         if weights is None:
             return head(y)
-        if head.bias is not None:  # not 4M's head: guide in logit space
+        if layer.bias is not None:  # not 4M's head: guide in logit space
             logits = head(y)
             u = logits[-R:]
             return u + sum(w * (logits[i * R:(i + 1) * R] - u) for i, w in enumerate(weights))

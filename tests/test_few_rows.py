@@ -1,0 +1,72 @@
+"""fourm_fast.nn.few_rows: the swapped operand order for a few rows agrees with F.linear to float32
+rounding, is taken exactly where its docstring says, and the Mlp helper matches Mlp.forward."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fourm_fast.model import ModalityConfig, preset
+from fourm_fast.model.blocks import Mlp
+from fourm_fast.nn.few_rows import FEW_ROWS_MAX, few_rows_linear, few_rows_mlp
+
+
+def _operands(rows: int, k: int, n: int, bias: bool, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, k, generator=g)
+    w = torch.randn(n, k, generator=g) / k**0.5
+    b = torch.randn(n, generator=g) if bias else None
+    return x, w, b
+
+
+@pytest.mark.parametrize("rows", [0, 1, 2, 3, 17, FEW_ROWS_MAX, FEW_ROWS_MAX + 1, 97])
+@pytest.mark.parametrize("n", [1, 7, 384, 4099])
+@pytest.mark.parametrize("bias", [False, True])
+def test_matches_linear_to_float32_rounding(rows, n, bias):
+    x, w, b = _operands(rows, 64, n, bias)
+    got = few_rows_linear(x, w, b)
+    want = F.linear(x.double(), w.double(), None if b is None else b.double())
+    assert got.shape == (rows, n) and got.dtype == torch.float32
+    # K = 64 products of O(1) terms: float32 dot-product error is well under 1e-5 relative
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5, FEW_ROWS_MAX, FEW_ROWS_MAX + 1])
+def test_order_is_swapped_exactly_for_2_to_32_float32_cpu_rows(rows):
+    x, w, b = _operands(rows, 48, 130, True, seed=rows)
+    swapped = torch.mm(w, x.t()).t() + b
+    got = few_rows_linear(x, w, b)
+    if 2 <= rows <= FEW_ROWS_MAX:
+        assert torch.equal(got, swapped)
+    else:
+        assert torch.equal(got, F.linear(x, w, b))
+
+
+def test_other_dtypes_and_leading_dims_and_strided_inputs():
+    x, w, b = _operands(12, 32, 40, True)
+    # float64 keeps F.linear (the measured gain is float32's)
+    assert torch.equal(few_rows_linear(x.double(), w.double(), b.double()), F.linear(x.double(), w.double(), b.double()))
+    # (B, N, K) input and a non-contiguous view
+    x3 = torch.randn(3, 4, 64)[..., ::2]
+    torch.testing.assert_close(few_rows_linear(x3, w, b), F.linear(x3, w, b), rtol=1e-5, atol=1e-5)
+    assert few_rows_linear(x3, w, b).shape == (3, 4, 40)
+
+
+def test_gradients_agree_with_linear():
+    x, w, b = _operands(6, 16, 21, True)
+    for t in (x, w, b):
+        t.requires_grad_(True)
+    g = torch.randn(6, 21)
+    grads = torch.autograd.grad((few_rows_linear(x, w, b) * g).sum(), (x, w, b))
+    want = torch.autograd.grad((F.linear(x, w, b) * g).sum(), (x, w, b))
+    for a, e in zip(grads, want):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("gated", [True, False])
+def test_mlp_helper_matches_mlp_forward(gated):
+    cfg = preset("tiny", (ModalityConfig("rgb", "image", 64, grid=4),), dim=96, gated_mlp=gated,
+                 act="silu" if gated else "gelu")
+    torch.manual_seed(0)
+    mlp = Mlp(cfg)
+    x = torch.randn(5, 1, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(few_rows_mlp(mlp, x), mlp(x), rtol=1e-5, atol=1e-5)
