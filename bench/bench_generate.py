@@ -15,8 +15,13 @@ the end sentinel): 32 tokens for caption (max_length 33), 96 for det (boxes as t
 Weights are random: speed does not depend on them. Tokens/s counts generated tokens (batch x
 tokens per target).
 
+With --count-flops each method also runs once under a FLOP counter (bench/flops.py): the GFLOP
+column and the reference's count over ours ("flop ratio") show how much of a speedup comes from
+executing less arithmetic; where the counts are equal, only a faster rate can win.
+
   python bench/bench_generate.py --quick
   python bench/bench_generate.py --batch 4 --repeats 3
+  python bench/bench_generate.py --count-flops
 """
 from __future__ import annotations
 
@@ -28,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
+from bench.flops import count_flops  # noqa: E402
 from bench.utils import append_results, environment, set_threads, time_fn, timing_dict  # noqa: E402
 from fourm_fast.generate import Generator, TargetSpec, build_chained_schedule  # noqa: E402
 from fourm_fast.model import FourM, ModalityConfig, preset  # noqa: E402
@@ -80,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-reference", action="store_true")
     ap.add_argument("--reference-max-seconds", type=float, default=120.0, help="stop repeating the slow baseline after this")
     ap.add_argument("--no-save", action="store_true")
+    ap.add_argument("--count-flops", action="store_true", help="also count each method's executed FLOPs (one extra run each)")
     args = ap.parse_args(argv)
 
     set_threads(args.threads)
@@ -95,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     caption = torch.randint(300, 30000, (B, 12), generator=g_ids)
     caption[:, -1] = 3  # [EOS]
     print(f"# generation, tiny preset, batch {B}, on {env['device_name']} ({torch.get_num_threads()} CPU threads), sha {env['git_sha']}")
-    print(f"{'case':<28} {'method':<20} {'median s':>9} {'p20-p80 s':>15} {'tokens/s':>9} {'vs 4M':>7}")
+    flop_head = f" {'GFLOP':>8} {'flop ratio':>10}" if args.count_flops else ""
+    print(f"{'case':<28} {'method':<20} {'median s':>9} {'p20-p80 s':>15} {'tokens/s':>9} {'vs 4M':>7}{flop_head}")
     rows = []
     for case, (cond, targets) in cases(args.quick).items():
         n_gen = generated_tokens(model, targets, B)
@@ -123,8 +131,10 @@ def main(argv: list[str] | None = None) -> int:
             methods["fourm_fast-nocache"] = lambda: ours(False)
         if not args.no_reference:
             methods["4m_reference"] = reference
-        times = {}
+        times, flops = {}, {}
         for name, fn in methods.items():
+            if args.count_flops:
+                flops[name] = count_flops(fn)
             slow = name == "4m_reference"
             t = time_fn(fn, dev, repeats=repeats, warmup=0 if slow else 1,
                         max_seconds=args.reference_max_seconds if slow else None)
@@ -132,13 +142,20 @@ def main(argv: list[str] | None = None) -> int:
             tps = n_gen / (t.median_ms * 1e-3)
             rows.append({"op": "generate", "case": case, "method": name, "batch": B, "generated_tokens": n_gen,
                          **timing_dict(t), "tokens_per_s": round(tps, 2)})
+            if name in flops:
+                rows[-1]["gflop"] = round(flops[name] / 1e9, 3)
         ref = times.get("4m_reference")
         for row in rows[-len(methods):]:
             t = times[row["method"]]
             ratio = ref.median_ms / t.median_ms if ref else None
             row["speedup_vs_4m"] = round(ratio, 3) if ratio else None
+            flop_cols = ""
+            if flops:
+                fr = flops["4m_reference"] / flops[row["method"]] if "4m_reference" in flops and flops[row["method"]] else None
+                row["flop_ratio_vs_4m"] = round(fr, 3) if fr else None
+                flop_cols = f" {flops[row['method']] / 1e9:>8.1f} {(f'{fr:.2f}x' if fr else '-'):>10}"
             print(f"{case:<28} {row['method']:<20} {t.median_ms / 1e3:>9.2f} {t.p20_ms / 1e3:>7.2f}-{t.p80_ms / 1e3:<7.2f} "
-                  f"{row['tokens_per_s']:>9.1f} {(f'{ratio:.2f}x' if ratio else '-'):>7}", flush=True)
+                  f"{row['tokens_per_s']:>9.1f} {(f'{ratio:.2f}x' if ratio else '-'):>7}{flop_cols}", flush=True)
     if not args.no_save:
         print(f"# appended {len(rows)} rows to {append_results('generate', rows, env)}")
     return 0
