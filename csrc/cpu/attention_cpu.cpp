@@ -238,6 +238,7 @@ void forward_direct(const MetaView& meta, const AttnInputs& in, const at::Tensor
           score[t] = dot_lanes(qi, K + keys[t] * ks2, D) * scale;
           mx = std::max(mx, score[t]);
         }
+        if (mx == -INFINITY) n = 0;  // every visible score is -inf: no weight, as for no key (not NaN)
         std::fill(acc.begin(), acc.end(), 0.0f);
         float sum = 0.0f;
         for (int64_t t = 0; t < n; ++t) {
