@@ -5,6 +5,7 @@
 
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#include "cpu/cpu_gemm.h"
 #include "cpu/cpu_isa.h"
 
 #ifndef FOURM_FAST_CUDA_ARCHS
@@ -77,9 +78,10 @@ PyObject* build_info(PyObject*, PyObject*) {
 #else
   PyObject* cuda = Py_False;
 #endif
-  return Py_BuildValue("{s:s,s:O,s:s,s:s,s:s}", "version", FOURM_FAST_VERSION, "cuda_compiled", cuda,
+  return Py_BuildValue("{s:s,s:O,s:s,s:s,s:s,s:s}", "version", FOURM_FAST_VERSION, "cuda_compiled", cuda,
                        "cuda_archs", FOURM_FAST_CUDA_ARCHS, "no_cuda_reason",
-                       FOURM_FAST_NO_CUDA_REASON, "cpu_kernel", fourm_fast::cpu_isa_in_use());
+                       FOURM_FAST_NO_CUDA_REASON, "cpu_kernel", fourm_fast::cpu_isa_in_use(), "cpu_gemm",
+                       fourm_fast::cpu_gemm_in_use());
 }
 
 PyObject* set_cpu_isa(PyObject*, PyObject* arg) {
@@ -94,10 +96,19 @@ PyObject* set_cpu_isa(PyObject*, PyObject* arg) {
   Py_RETURN_NONE;
 }
 
+PyObject* set_cpu_gemm_aten(PyObject*, PyObject* arg) {
+  const int force = PyObject_IsTrue(arg);
+  if (force < 0) return nullptr;
+  fourm_fast::set_cpu_gemm_aten(force != 0);
+  Py_RETURN_NONE;
+}
+
 PyMethodDef kMethods[] = {
     {"build_info", build_info, METH_NOARGS, "Build-time facts: version, CUDA kernels and archs."},
     {"_set_cpu_isa", set_cpu_isa, METH_O,
      "Force the CPU micro-kernel: 0 auto, 1 generic, 2 avx2+fma (for tests and benchmarks)."},
+    {"_set_cpu_gemm_aten", set_cpu_gemm_aten, METH_O,
+     "True: CPU tile products through ATen even where BLAS sgemm_ is linked (tests the fallback)."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_C",

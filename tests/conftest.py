@@ -18,6 +18,16 @@ def cpu_isa(request):
         extension()._set_cpu_isa(0)
 
 
+@pytest.fixture(params=["blas", "aten"])
+def cpu_gemm(request):
+    """Run a CPU test with the tile products on BLAS sgemm_ (where linked) and again through ATen."""
+    extension()._set_cpu_gemm_aten(request.param == "aten")
+    try:
+        yield request.param
+    finally:
+        extension()._set_cpu_gemm_aten(False)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

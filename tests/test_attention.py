@@ -41,11 +41,20 @@ def _check(q, k, v, k_valid, meta, atol):
                                           (2, 1, 257, 257, 16), (1, 3, 128, 128, 128), (3, 3, 1, 257, 64),
                                           (2, 3, 5, 97, 64), (1, 2, 8, 33, 128), (3, 1, 9, 40, 32),
                                           (2, 2, 3, 29, 20)])  # d not a multiple of 8: the vector loops' tails
-def test_matches_float64_reference(B, H, Nq, Nk, d, kind):
+def test_matches_float64_reference(B, H, Nq, Nk, d, kind, cpu_gemm):
     gen = torch.Generator().manual_seed(B * 1000 + Nq + Nk + d)
     q, k, v = (torch.randn(B, H, n, d, generator=gen) for n in (Nq, Nk, Nk))
     k_valid, meta = _metadata(B, Nq, Nk, kind, gen)
     _check(q, k, v, k_valid, meta, atol=2e-5)
+
+
+def test_tile_products_use_the_blas_pytorch_links():
+    """PyTorch's MKL builds export sgemm_: the CPU tiles must call it, not fall back to ATen."""
+    from fourm_fast._extension import extension
+
+    if not torch.backends.mkl.is_available():
+        pytest.skip("this PyTorch has no MKL; the ATen path is expected")
+    assert extension().build_info()["cpu_gemm"] == "blas"
 
 
 def test_queries_that_see_nothing_get_zeros_and_zero_grads():

@@ -2,9 +2,10 @@
 // with at::parallel_for; each pair walks query tiles of kTileQ rows. For a query tile, the key
 // range is narrowed to the key tiles the metadata says may be visible (tokens of a modality are
 // contiguous in 4M's layout, so decoder tiles touch one modality's keys), the tile's scores are a
-// BLAS product (kTileQ x keys, never N x N), the mask is applied from per-token metadata, and the
-// rest follows flash attention's algebra: logsumexp saved in the forward pass, probabilities
-// recomputed in the backward pass.
+// BLAS product (kTileQ x keys, never N x N) on raw pointers into per-thread scratch (sgemm_rows:
+// no ATen call per product), the mask is applied from per-token metadata, and the rest follows
+// flash attention's algebra: logsumexp saved in the forward pass, probabilities recomputed in the
+// backward pass.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -16,6 +17,7 @@
 
 #include "../attention_checks.h"
 #include "../kernels/attention_math.h"
+#include "cpu_gemm.h"
 
 namespace fourm_fast {
 namespace {
@@ -114,14 +116,11 @@ MetaView make_meta(const AttnInputs& in) {
 // most keys are visible, so the exponentials run over the whole tile in one vectorised ATen call;
 // with segments or ranks (4M's decoder) most keys of a tile are hidden, and a scalar exp of the
 // visible ones only is cheaper.
-void tile_probabilities(const MetaView& meta, int64_t b, int64_t i0, int64_t jlo, at::Tensor& scores, float scale,
-                        float* lse_rows, bool compute_lse) {
-  const int64_t tq = scores.size(0), nk = scores.size(1);
-  float* s = scores.data_ptr<float>();
+void tile_probabilities(const MetaView& meta, int64_t b, int64_t i0, int64_t jlo, float* s, int64_t tq, int64_t nk,
+                        float scale, float* lse_rows, bool compute_lse) {
   if (!meta.has_segments && !meta.has_ranks) {
     const bool* kv = meta.valid + b * meta.Nk + jlo;
-    at::Tensor shift = at::empty({tq, 1}, scores.options());
-    float* sh = shift.data_ptr<float>();
+    float shift[kTileQ];
     for (int64_t r = 0; r < tq; ++r) {
       float* row = s + r * nk;
       float mx = -INFINITY;
@@ -130,13 +129,18 @@ void tile_probabilities(const MetaView& meta, int64_t b, int64_t i0, int64_t jlo
         mx = std::max(mx, row[c]);
       }
       const float base = compute_lse ? mx : lse_rows[r];
-      sh[r] = base == -INFINITY ? 0.0f : base;  // a row that sees nothing: exp(-inf - 0) = 0
+      shift[r] = base == -INFINITY ? 0.0f : base;  // a row that sees nothing: exp(-inf - 0) = 0
+      for (int64_t c = 0; c < nk; ++c) row[c] -= shift[r];
     }
-    scores.sub_(shift).exp_();
+    // ATen's vectorised exp over the whole tile: one call, no copy
+    at::from_blob(s, {tq * nk}, at::TensorOptions().dtype(at::kFloat)).exp_();
     if (compute_lse) {
-      const at::Tensor sums = scores.sum(1);
-      const float* sm = sums.const_data_ptr<float>();
-      for (int64_t r = 0; r < tq; ++r) lse_rows[r] = kernels::attn_lse(sh[r], sm[r]);  // sum 0: -inf
+      for (int64_t r = 0; r < tq; ++r) {
+        const float* row = s + r * nk;
+        float sum = 0.0f;
+        for (int64_t c = 0; c < nk; ++c) sum += row[c];
+        lse_rows[r] = kernels::attn_lse(shift[r], sum);  // sum 0: -inf
+      }
     }
     return;
   }
@@ -274,29 +278,44 @@ std::tuple<at::Tensor, at::Tensor> masked_attention_fwd_cpu(
   }
   const at::Tensor qf = q.detach().to(at::kFloat).contiguous(), kf = k.detach().to(at::kFloat).contiguous(),
                    vf = v.detach().to(at::kFloat).contiguous();
+  const int64_t D = in.D, Nq = in.Nq, Nk = in.Nk;
+  const float* qp = qf.const_data_ptr<float>();
+  const float* kp = kf.const_data_ptr<float>();
+  const float* vp = vf.const_data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  float* lp = lse.data_ptr<float>();
   at::parallel_for(0, in.B * in.H, 1, [&](int64_t bh0, int64_t bh1) {
+    std::vector<float> P(static_cast<size_t>(std::min(kTileQ, Nq) * Nk));  // one tile's scores
     for (int64_t bh = bh0; bh < bh1; ++bh) {
-      const int64_t b = bh / in.H, h = bh % in.H;
-      const at::Tensor Q = qf[b][h], K = kf[b][h], V = vf[b][h];
-      at::Tensor O = out[b][h];
-      float* L = lse[b][h].data_ptr<float>();
-      for (int64_t i0 = 0; i0 < in.Nq; i0 += kTileQ) {
-        const int64_t tq = std::min(kTileQ, in.Nq - i0);
+      const int64_t b = bh / in.H;
+      const float* Q = qp + bh * Nq * D;
+      const float* K = kp + bh * Nk * D;
+      const float* V = vp + bh * Nk * D;
+      float* O = op + bh * Nq * D;
+      float* L = lp + bh * Nq;
+      for (int64_t i0 = 0; i0 < Nq; i0 += kTileQ) {
+        const int64_t tq = std::min(kTileQ, Nq - i0);
         int64_t jlo, jhi;
         meta.key_range(b, i0, i0 + tq, &jlo, &jhi);
-        at::Tensor o_tile = O.narrow(0, i0, tq);
+        float* o_tile = O + i0 * D;
         if (jhi == jlo) {  // no query of the tile sees any key
-          o_tile.zero_();
-          for (int64_t r = 0; r < tq; ++r) L[i0 + r] = -INFINITY;
+          std::fill(o_tile, o_tile + tq * D, 0.0f);
+          std::fill(L + i0, L + i0 + tq, -INFINITY);
           continue;
         }
-        at::Tensor P = at::mm(Q.narrow(0, i0, tq), K.narrow(0, jlo, jhi - jlo).t());
-        tile_probabilities(meta, b, i0, jlo, P, scale, L + i0, /*compute_lse=*/true);
+        const int64_t nk = jhi - jlo;
+        sgemm_rows(false, true, tq, nk, D, 1.0f, Q + i0 * D, D, K + jlo * D, D, 0.0f, P.data(), nk);
+        tile_probabilities(meta, b, i0, jlo, P.data(), tq, nk, scale, L + i0, /*compute_lse=*/true);
+        sgemm_rows(false, false, tq, D, nk, 1.0f, P.data(), nk, V + jlo * D, D, 0.0f, o_tile, D);
         // Rows were exp(s - max); normalise by their sums: exp(s - lse) = exp(s - max) / sum.
-        at::Tensor sums = P.sum(1, /*keepdim=*/true);
-        at::Tensor inv = at::where(sums > 0, sums.reciprocal(), at::zeros_like(sums));
-        at::mm_out(o_tile, P, V.narrow(0, jlo, jhi - jlo));
-        o_tile.mul_(inv);
+        for (int64_t r = 0; r < tq; ++r) {
+          const float* row = P.data() + r * nk;
+          float sum = 0.0f;
+          for (int64_t c = 0; c < nk; ++c) sum += row[c];
+          const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+          float* orow = o_tile + r * D;
+          for (int64_t d = 0; d < D; ++d) orow[d] *= inv;
+        }
       }
     }
   });
@@ -325,37 +344,42 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_attention_bwd_cpu(
   at::Tensor dk = at::zeros({in.B, in.H, in.Nk, in.D}, q.options().dtype(at::kFloat));
   at::Tensor dv = at::zeros({in.B, in.H, in.Nk, in.D}, q.options().dtype(at::kFloat));
   const MetaView meta = make_meta(in);
+  const int64_t D = in.D, Nq = in.Nq, Nk = in.Nk;
+  const float *qp = qf.const_data_ptr<float>(), *kp = kf.const_data_ptr<float>(), *vp = vf.const_data_ptr<float>(),
+              *opo = of.const_data_ptr<float>(), *gp = gf.const_data_ptr<float>(), *lp = lf.const_data_ptr<float>();
+  float *dqp = dq.data_ptr<float>(), *dkp = dk.data_ptr<float>(), *dvp = dv.data_ptr<float>();
   at::parallel_for(0, in.B * in.H, 1, [&](int64_t bh0, int64_t bh1) {
+    const size_t tile = static_cast<size_t>(std::min(kTileQ, Nq) * Nk);
+    std::vector<float> P(tile), dS(tile), lse_rows(static_cast<size_t>(kTileQ)), delta(static_cast<size_t>(kTileQ));
     for (int64_t bh = bh0; bh < bh1; ++bh) {
-      const int64_t b = bh / in.H, h = bh % in.H;
-      const at::Tensor Q = qf[b][h], K = kf[b][h], V = vf[b][h], O = of[b][h], G = gf[b][h];
-      at::Tensor dQ = dq[b][h], dK = dk[b][h], dV = dv[b][h];
-      const float* L = lf[b][h].const_data_ptr<float>();
-      for (int64_t i0 = 0; i0 < in.Nq; i0 += kTileQ) {
-        const int64_t tq = std::min(kTileQ, in.Nq - i0);
+      const int64_t b = bh / in.H;
+      const float *Q = qp + bh * Nq * D, *K = kp + bh * Nk * D, *V = vp + bh * Nk * D, *O = opo + bh * Nq * D,
+                  *G = gp + bh * Nq * D, *L = lp + bh * Nq;
+      float *dQ = dqp + bh * Nq * D, *dK = dkp + bh * Nk * D, *dV = dvp + bh * Nk * D;
+      for (int64_t i0 = 0; i0 < Nq; i0 += kTileQ) {
+        const int64_t tq = std::min(kTileQ, Nq - i0);
         int64_t jlo, jhi;
         meta.key_range(b, i0, i0 + tq, &jlo, &jhi);
         if (jhi == jlo) continue;  // invisible rows: zero gradients
         const int64_t nk = jhi - jlo;
-        const at::Tensor q_t = Q.narrow(0, i0, tq), g_t = G.narrow(0, i0, tq), o_t = O.narrow(0, i0, tq);
-        const at::Tensor k_r = K.narrow(0, jlo, nk), v_r = V.narrow(0, jlo, nk);
-        at::Tensor P = at::mm(q_t, k_r.t());
-        std::vector<float> lse_rows(L + i0, L + i0 + tq);
-        tile_probabilities(meta, b, i0, jlo, P, scale, lse_rows.data(), /*compute_lse=*/false);
-        at::Tensor dV_r = dV.narrow(0, jlo, nk);
-        dV_r.addmm_(P.t(), g_t);
-        at::Tensor dS = at::mm(g_t, v_r.t());                  // dP
-        const at::Tensor delta = (g_t * o_t).sum(1, true);     // (tq, 1)
-        {
-          float* ds = dS.data_ptr<float>();
-          const float* p = P.const_data_ptr<float>();
-          const float* dl = delta.const_data_ptr<float>();
-          for (int64_t r = 0; r < tq; ++r) {
-            for (int64_t c = 0; c < nk; ++c) ds[r * nk + c] = kernels::attn_dscore(p[r * nk + c], ds[r * nk + c], dl[r]);
-          }
+        const float *q_t = Q + i0 * D, *g_t = G + i0 * D, *o_t = O + i0 * D, *k_r = K + jlo * D, *v_r = V + jlo * D;
+        sgemm_rows(false, true, tq, nk, D, 1.0f, q_t, D, k_r, D, 0.0f, P.data(), nk);
+        std::copy(L + i0, L + i0 + tq, lse_rows.begin());
+        tile_probabilities(meta, b, i0, jlo, P.data(), tq, nk, scale, lse_rows.data(), /*compute_lse=*/false);
+        sgemm_rows(true, false, nk, D, tq, 1.0f, P.data(), nk, g_t, D, 1.0f, dV + jlo * D, D);  // dV += P^T dO
+        sgemm_rows(false, true, tq, nk, D, 1.0f, g_t, D, v_r, D, 0.0f, dS.data(), nk);          // dP = dO V^T
+        for (int64_t r = 0; r < tq; ++r) {
+          float acc = 0.0f;
+          for (int64_t d = 0; d < D; ++d) acc += g_t[r * D + d] * o_t[r * D + d];
+          delta[r] = acc;
         }
-        dQ.narrow(0, i0, tq).addmm_(dS, k_r, /*beta=*/1, /*alpha=*/scale);
-        dK.narrow(0, jlo, nk).addmm_(dS.t(), q_t, /*beta=*/1, /*alpha=*/scale);
+        for (int64_t r = 0; r < tq; ++r) {
+          float* ds = dS.data() + r * nk;
+          const float* p = P.data() + r * nk;
+          for (int64_t c = 0; c < nk; ++c) ds[c] = kernels::attn_dscore(p[c], ds[c], delta[r]);
+        }
+        sgemm_rows(false, false, tq, D, nk, scale, dS.data(), nk, k_r, D, 1.0f, dQ + i0 * D, D);  // dQ += s dS K
+        sgemm_rows(true, false, nk, D, tq, scale, dS.data(), nk, q_t, D, 1.0f, dK + jlo * D, D);  // dK += s dS^T Q
       }
     }
   });
