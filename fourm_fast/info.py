@@ -37,6 +37,7 @@ def info(print_out: bool = True) -> dict:
         if not build["cuda_compiled"]:
             facts["cuda_kernels_missing_because"] = build["no_cuda_reason"]
         facts["cpu_kernel"] = build["cpu_kernel"]
+        facts["cpu_gemm"] = build["cpu_gemm"]  # "blas": attention tiles call sgemm_; "aten": through at::mm
     else:
         facts["extension"] = f"NOT LOADED ({err})"
         facts["cuda_kernels"] = False
