@@ -168,9 +168,12 @@ void tile_probabilities(const MetaView& meta, int64_t b, int64_t i0, int64_t jlo
   }
 }
 
-// Queries per (batch, head) up to which the forward pass skips the BLAS tiles: with one query (an
-// autoregressive decoding step) the per-tile ATen calls cost more than the arithmetic.
-constexpr int64_t kDirectMaxQ = 8;
+// Queries per (batch, head) up to which the forward pass uses the direct loops instead of the BLAS
+// tiles. Measured forward, H = 6, d = 64, 2 threads, min of 15 x 20 calls: one query (a decoding
+// step) is faster direct (B 4, Nk 197: 193-229 us against 211-330; B 8, Nk 20: 49-66 against
+// 101-129); from 4 queries the tiles win (B 8, Nk 200: Nq 4 862-1030 us against 1242-1483, Nq 8
+// 1042-1468 against 2305-3118).
+constexpr int64_t kDirectMaxQ = 1;
 
 // float32 (B, H, N, D) with unit stride on D (any other strides) -> the input itself or a copy.
 at::Tensor float_rows(const at::Tensor& t) {
