@@ -110,14 +110,14 @@ MetaView make_meta(const AttnInputs& in) {
 }
 
 // Scores of one query tile against keys [jlo, jhi) -> in place: exp(s*scale - shift) at visible
-// keys, 0 elsewhere. Forward (compute_lse): shift = the row max and the row's lse is written (the
-// caller normalises by the row sums). Backward: shift = the saved lse, giving kernels::attn_prob.
+// keys, 0 elsewhere. Forward (compute_lse): shift = the row max, and the row's lse and sum are
+// written to lse_rows and row_sums (the caller normalises by the sums). Backward: shift = the saved lse, giving kernels::attn_prob.
 // Two executions of the same algebra: where visibility is k_valid alone (encoder, cross-attention)
 // most keys are visible, so the exponentials run over the whole tile in one vectorised ATen call;
 // with segments or ranks (4M's decoder) most keys of a tile are hidden, and a scalar exp of the
 // visible ones only is cheaper.
 void tile_probabilities(const MetaView& meta, int64_t b, int64_t i0, int64_t jlo, float* s, int64_t tq, int64_t nk,
-                        float scale, float* lse_rows, bool compute_lse) {
+                        float scale, float* lse_rows, bool compute_lse, float* row_sums = nullptr) {
   if (!meta.has_segments && !meta.has_ranks) {
     const bool* kv = meta.valid + b * meta.Nk + jlo;
     float shift[kTileQ];
@@ -140,6 +140,7 @@ void tile_probabilities(const MetaView& meta, int64_t b, int64_t i0, int64_t jlo
         float sum = 0.0f;
         for (int64_t c = 0; c < nk; ++c) sum += row[c];
         lse_rows[r] = kernels::attn_lse(shift[r], sum);  // sum 0: -inf
+        if (row_sums) row_sums[r] = sum;
       }
     }
     return;
@@ -159,6 +160,7 @@ void tile_probabilities(const MetaView& meta, int64_t b, int64_t i0, int64_t jlo
         sum += row[c];
       }
       lse_rows[r] = kernels::attn_lse(mx, sum);
+      if (row_sums) row_sums[r] = sum;
     } else {
       const float lse = lse_rows[r];
       for (int64_t c = 0; c < nk; ++c) {
@@ -214,7 +216,7 @@ inline void axpy_lanes(float* __restrict acc, float w, const float* __restrict x
 
 // Forward for few queries (an autoregressive decoding step), straight from the strided inputs:
 // per query, the list of its visible keys, their scores and max, then exp-weights and the
-// weighted sum of values (the same algebra as the tiles, without the per-tile ATen calls).
+// weighted sum of values (the same algebra as the tiles, without a BLAS call per tile).
 void forward_direct(const MetaView& meta, const AttnInputs& in, const at::Tensor& qf, const at::Tensor& kf,
                     const at::Tensor& vf, at::Tensor& out, at::Tensor& lse, float scale) {
   const float* qp = qf.const_data_ptr<float>();
@@ -289,6 +291,7 @@ std::tuple<at::Tensor, at::Tensor> masked_attention_fwd_cpu(
   float* lp = lse.data_ptr<float>();
   at::parallel_for(0, in.B * in.H, 1, [&](int64_t bh0, int64_t bh1) {
     std::vector<float> P(static_cast<size_t>(std::min(kTileQ, Nq) * Nk));  // one tile's scores
+    float sums[kTileQ];
     for (int64_t bh = bh0; bh < bh1; ++bh) {
       const int64_t b = bh / in.H;
       const float* Q = qp + bh * Nq * D;
@@ -308,14 +311,11 @@ std::tuple<at::Tensor, at::Tensor> masked_attention_fwd_cpu(
         }
         const int64_t nk = jhi - jlo;
         sgemm_rows(false, true, tq, nk, D, 1.0f, Q + i0 * D, D, K + jlo * D, D, 0.0f, P.data(), nk);
-        tile_probabilities(meta, b, i0, jlo, P.data(), tq, nk, scale, L + i0, /*compute_lse=*/true);
+        tile_probabilities(meta, b, i0, jlo, P.data(), tq, nk, scale, L + i0, /*compute_lse=*/true, sums);
         sgemm_rows(false, false, tq, D, nk, 1.0f, P.data(), nk, V + jlo * D, D, 0.0f, o_tile, D);
         // Rows were exp(s - max); normalise by their sums: exp(s - lse) = exp(s - max) / sum.
         for (int64_t r = 0; r < tq; ++r) {
-          const float* row = P.data() + r * nk;
-          float sum = 0.0f;
-          for (int64_t c = 0; c < nk; ++c) sum += row[c];
-          const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+          const float inv = sums[r] > 0.0f ? 1.0f / sums[r] : 0.0f;
           float* orow = o_tile + r * D;
           for (int64_t d = 0; d < D; ++d) orow[d] *= inv;
         }
