@@ -7,6 +7,7 @@ import torch
 from fourm_fast.ops import masked_attention
 from fourm_fast.ops.attention import select_backend, AttentionInputs
 from fourm_fast.reference.attention import decoder_metadata_4m, masked_attention_reference, visible_mask
+from attention_layouts import decoder_layout_metadata
 from parity import load_json, load_safetensors
 
 
@@ -45,6 +46,25 @@ def test_matches_float64_reference(B, H, Nq, Nk, d, kind, cpu_gemm):
     gen = torch.Generator().manual_seed(B * 1000 + Nq + Nk + d)
     q, k, v = (torch.randn(B, H, n, d, generator=gen) for n in (Nq, Nk, Nk))
     k_valid, meta = _metadata(B, Nq, Nk, kind, gen)
+    _check(q, k, v, k_valid, meta, atol=2e-5)
+
+
+@pytest.mark.parametrize("layout", ["blocks", "decoder", "long_runs"])
+@pytest.mark.parametrize("B,H,N,d", [(2, 2, 17, 16), (2, 3, 130, 64), (1, 2, 300, 32)])
+def test_block_sparse_layouts(B, H, N, d, layout, cpu_gemm):
+    """Contiguous segments, as 4M lays out modalities: the CPU executor cuts queries into blocks at
+    segment changes (and every 128 rows) and computes only each block's key range."""
+    gen = torch.Generator().manual_seed(B * 100 + N + d)
+    q, k, v = (torch.randn(B, H, N, d, generator=gen) for _ in range(3))
+    if layout == "decoder":  # 4M's decoder rule: images bidirectional, sequences causal, padding
+        k_valid, meta = decoder_layout_metadata(B, N, gen)
+    else:  # sorted segments (5 short runs, or 2 runs longer than a block), ranks, some padding
+        n_seg = 5 if layout == "blocks" else 2
+        k_valid = torch.rand(B, N, generator=gen) > 0.1
+        seg = torch.randint(0, n_seg, (B, N), generator=gen, dtype=torch.int32).sort(dim=1).values
+        rank = torch.arange(N, dtype=torch.int32).expand(B, N).contiguous()
+        limit = torch.randint(-1, N, (B, N), generator=gen, dtype=torch.int32)
+        meta = dict(q_segment=seg, k_segment=seg.clone(), q_limit=limit, k_rank=rank)
     _check(q, k, v, k_valid, meta, atol=2e-5)
 
 

@@ -7,6 +7,7 @@ low-precision dtype, plus a small eps."""
 import pytest
 import torch
 
+from attention_layouts import decoder_layout_metadata
 from conftest import requires_cuda
 from fourm_fast.ops import masked_attention
 from fourm_fast.reference.attention import decoder_metadata_4m, masked_attention_reference, visible_mask
@@ -83,31 +84,11 @@ def _check(q, k, v, k_valid, meta, g, scale=None):
     return gpu
 
 
-def _decoder_metadata(B, M, gen):
-    """4M's decoder self-attention rule on a random layout of contiguous modalities: images
-    (bidirectional over their targets) and sequences (causal), each followed by padding."""
-    dam = torch.zeros(B, M, dtype=torch.int32)
-    mod = torch.zeros(B, M, dtype=torch.int32)
-    for b in range(B):
-        start, mod_id = 0, 0
-        while start < M:
-            n = min(int(torch.randint(1, max(2, M // 3) + 1, (1,), generator=gen)), M - start)
-            targets = int(torch.randint(0, n + 1, (1,), generator=gen))
-            if torch.rand(1, generator=gen).item() < 0.5:
-                dam[b, start] = targets
-            else:
-                dam[b, start:start + targets] = 1
-            mod[b, start:start + n] = 100 + mod_id
-            start, mod_id = start + n, mod_id + 1
-    k_valid, seg, _, limit, rank = decoder_metadata_4m(dam, mod, causal=False, sep=True)
-    return k_valid, dict(q_segment=seg, k_segment=seg.clone(), q_limit=limit, k_rank=rank)
-
-
 def _metadata(B, Nq, Nk, kind, gen):
     """(k_valid, meta) on the CPU. Every kind leaves some queries without a visible key."""
     if kind == "decoder":
         assert Nq == Nk
-        return _decoder_metadata(B, Nk, gen)
+        return decoder_layout_metadata(B, Nk, gen)
     k_valid = torch.rand(B, Nk, generator=gen) > 0.2
     meta = dict(q_segment=None, k_segment=None, q_limit=None, k_rank=None)
     if kind in ("segments", "both"):
@@ -234,7 +215,7 @@ def test_cuda_long_block_sparse_decoder(dtype):
     gen = torch.Generator().manual_seed(4)
     B, H, M, d = 2, 2, 1000, 64
     q, k, v, g = (torch.randn(B, H, M, d, generator=gen).to(dtype).to(DEVICE) for _ in range(4))
-    k_valid, meta = _decoder_metadata(B, M, gen)
+    k_valid, meta = decoder_layout_metadata(B, M, gen)
     _check(q, k, v, k_valid.to(DEVICE), {key: t.to(DEVICE) for key, t in meta.items()}, g)
 
 

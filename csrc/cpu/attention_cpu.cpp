@@ -1,11 +1,11 @@
 // CPU executor of masked_attention (forward and backward). Work is split over (batch, head) pairs
-// with at::parallel_for; each pair walks query tiles of kTileQ rows. For a query tile, the key
-// range is narrowed to the key tiles the metadata says may be visible (tokens of a modality are
-// contiguous in 4M's layout, so decoder tiles touch one modality's keys), the tile's scores are a
-// BLAS product (kTileQ x keys, never N x N) on raw pointers into per-thread scratch (sgemm_rows:
-// no ATen call per product), the mask is applied from per-token metadata, and the rest follows
-// flash attention's algebra: logsumexp saved in the forward pass, probabilities recomputed in the
-// backward pass.
+// with at::parallel_for; each pair walks its batch row's query blocks (MetaView::make_blocks):
+// runs of one segment, at most kTileQ rows, each with the exact range of keys its queries may see
+// (tokens of a modality are contiguous in 4M's layout, so a decoder block meets one modality's
+// keys). A block's scores are a BLAS product (rows x key range, never N x N) on raw pointers into
+// per-thread scratch (sgemm_rows: no ATen call per product), the mask is applied from per-token
+// metadata, and the rest follows flash attention's algebra: logsumexp saved in the forward pass,
+// probabilities recomputed in the backward pass.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -24,12 +24,22 @@ namespace {
 
 using kernels::AttnKeyMeta;
 using kernels::AttnQueryMeta;
-using kernels::AttnTileBounds;
 
-constexpr int64_t kTileQ = 128;
-constexpr int64_t kTileK = 64;
+constexpr int64_t kTileQ = 128;  // most query rows in one block
 
-// Metadata of the whole batch as contiguous CPU arrays, plus per-tile bounds of the keys.
+// Score elements one extra block costs in fixed overhead (three BLAS calls forward, five
+// backward, the row loops); two neighbouring blocks merge when that saves more than it wastes.
+constexpr int64_t kBlockOverhead = 512;
+
+// One unit of work: queries [i0, i1) of a batch row and the key range [jlo, jhi) holding every
+// key that any of them may see (jlo == jhi: none).
+struct QueryBlock {
+  int64_t i0, i1, jlo, jhi;
+  int64_t rows() const { return i1 - i0; }
+  int64_t area() const { return rows() * (jhi - jlo); }
+};
+
+// Metadata of the whole batch as contiguous CPU arrays, and each batch row's query blocks.
 struct MetaView {
   const bool* valid = nullptr;
   const int32_t* qseg = nullptr;
@@ -37,8 +47,8 @@ struct MetaView {
   const int32_t* qlim = nullptr;
   const int32_t* krank = nullptr;
   bool has_segments = false, has_ranks = false;
-  int64_t Nq = 0, Nk = 0, key_tiles = 0;
-  std::vector<AttnTileBounds> key_bounds;  // [B][key_tiles]
+  int64_t Nq = 0, Nk = 0;
+  std::vector<std::vector<QueryBlock>> blocks;  // [B]
   std::vector<at::Tensor> keep_alive;
 
   AttnQueryMeta query(int64_t b, int64_t i) const {
@@ -51,23 +61,47 @@ struct MetaView {
     return kernels::attn_visible(query(b, i), key(b, j), has_segments, has_ranks);
   }
 
-  // [jlo, jhi): the keys of every tile that may be visible to queries [i0, i1) (empty: jlo == jhi).
-  void key_range(int64_t b, int64_t i0, int64_t i1, int64_t* jlo, int64_t* jhi) const {
-    AttnTileBounds qb{INT32_MAX, INT32_MIN, 0, INT32_MIN, true};
-    for (int64_t i = i0; i < i1; ++i) {
-      const AttnQueryMeta m = query(b, i);
-      qb.seg_min = std::min(qb.seg_min, m.segment);
-      qb.seg_max = std::max(qb.seg_max, m.segment);
-      qb.limit_max = std::max(qb.limit_max, m.limit);
+  // Queries [i0, i1) of one segment (or of any, without segments) see key j iff j is visible to
+  // the query with the largest limit, so the exact key range is the first and last such key.
+  QueryBlock run_block(int64_t b, int64_t i0, int64_t i1) const {
+    AttnQueryMeta widest = query(b, i0);
+    for (int64_t i = i0 + 1; i < i1; ++i) widest.limit = std::max(widest.limit, query(b, i).limit);
+    int64_t jlo = Nk, jhi = 0;
+    for (int64_t j = 0; j < Nk; ++j) {
+      if (!kernels::attn_visible(widest, key(b, j), has_segments, has_ranks)) continue;
+      jlo = std::min(jlo, j);
+      jhi = j + 1;
     }
-    *jlo = Nk;
-    *jhi = 0;
-    for (int64_t t = 0; t < key_tiles; ++t) {
-      if (!kernels::attn_tiles_may_meet(qb, key_bounds[b * key_tiles + t], has_segments, has_ranks)) continue;
-      *jlo = std::min(*jlo, t * kTileK);
-      *jhi = std::max(*jhi, std::min(Nk, (t + 1) * kTileK));
+    if (jhi <= jlo) jlo = jhi = 0;
+    return {i0, i1, jlo, jhi};
+  }
+
+  // A batch row's queries cut into runs of one segment (at most kTileQ rows), each with its exact
+  // key range; neighbouring runs merge while the merged block wastes less than a block's
+  // overhead. In 4M's decoder a modality's tokens are contiguous, so a block meets one modality's
+  // keys and the masked area is never computed.
+  std::vector<QueryBlock> make_blocks(int64_t b) const {
+    std::vector<QueryBlock> out;
+    for (int64_t i0 = 0; i0 < Nq;) {
+      int64_t i1 = i0 + 1;
+      while (i1 < Nq && i1 - i0 < kTileQ && (!has_segments || qseg[b * Nq + i1] == qseg[b * Nq + i0])) ++i1;
+      const QueryBlock run = run_block(b, i0, i1);
+      if (!out.empty()) {
+        QueryBlock& last = out.back();
+        const bool last_sees = last.jhi > last.jlo, run_sees = run.jhi > run.jlo;
+        // (a block that sees no key merges only with another such block: its range is empty)
+        const QueryBlock merged{last.i0, run.i1, std::min(last.jlo, run.jlo), std::max(last.jhi, run.jhi)};
+        if (last_sees == run_sees && merged.rows() <= kTileQ &&
+            merged.area() <= last.area() + run.area() + kBlockOverhead) {
+          last = merged;
+          i0 = i1;
+          continue;
+        }
+      }
+      out.push_back(run);
+      i0 = i1;
     }
-    if (*jhi <= *jlo) *jlo = *jhi = 0;
+    return out;
   }
 };
 
@@ -90,22 +124,10 @@ MetaView make_meta(const AttnInputs& in) {
     m.qlim = keep(in.q_limit).const_data_ptr<int32_t>();
     m.krank = keep(in.k_rank).const_data_ptr<int32_t>();
   }
-  m.key_tiles = (in.Nk + kTileK - 1) / kTileK;
-  m.key_bounds.resize(static_cast<size_t>(in.B * m.key_tiles));
-  for (int64_t b = 0; b < in.B; ++b) {
-    for (int64_t t = 0; t < m.key_tiles; ++t) {
-      AttnTileBounds kb{INT32_MAX, INT32_MIN, INT32_MAX, 0, false};
-      for (int64_t j = t * kTileK; j < std::min(in.Nk, (t + 1) * kTileK); ++j) {
-        const AttnKeyMeta km = m.key(b, j);
-        if (!km.valid) continue;
-        kb.any_valid = true;
-        kb.seg_min = std::min(kb.seg_min, km.segment);
-        kb.seg_max = std::max(kb.seg_max, km.segment);
-        kb.rank_min = std::min(kb.rank_min, km.rank);
-      }
-      m.key_bounds[b * m.key_tiles + t] = kb;
-    }
-  }
+  m.blocks.resize(static_cast<size_t>(in.B));
+  at::parallel_for(0, in.B, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) m.blocks[b] = m.make_blocks(b);
+  });
   return m;
 }
 
@@ -299,10 +321,8 @@ std::tuple<at::Tensor, at::Tensor> masked_attention_fwd_cpu(
       const float* V = vp + bh * Nk * D;
       float* O = op + bh * Nq * D;
       float* L = lp + bh * Nq;
-      for (int64_t i0 = 0; i0 < Nq; i0 += kTileQ) {
-        const int64_t tq = std::min(kTileQ, Nq - i0);
-        int64_t jlo, jhi;
-        meta.key_range(b, i0, i0 + tq, &jlo, &jhi);
+      for (const QueryBlock& blk : meta.blocks[b]) {
+        const int64_t i0 = blk.i0, tq = blk.rows(), jlo = blk.jlo, jhi = blk.jhi;
         float* o_tile = O + i0 * D;
         if (jhi == jlo) {  // no query of the tile sees any key
           std::fill(o_tile, o_tile + tq * D, 0.0f);
@@ -359,10 +379,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_attention_bwd_cpu(
       const float *Q = qp + bh * Nq * D, *K = kp + bh * Nk * D, *V = vp + bh * Nk * D, *O = opo + bh * Nq * D,
                   *G = gp + bh * Nq * D, *L = lp + bh * Nq;
       float *dQ = dqp + bh * Nq * D, *dK = dkp + bh * Nk * D, *dV = dvp + bh * Nk * D;
-      for (int64_t i0 = 0; i0 < Nq; i0 += kTileQ) {
-        const int64_t tq = std::min(kTileQ, Nq - i0);
-        int64_t jlo, jhi;
-        meta.key_range(b, i0, i0 + tq, &jlo, &jhi);
+      for (const QueryBlock& blk : meta.blocks[b]) {
+        const int64_t i0 = blk.i0, tq = blk.rows(), jlo = blk.jlo, jhi = blk.jhi;
         if (jhi == jlo) continue;  // invisible rows: zero gradients
         const int64_t nk = jhi - jlo;
         const float *q_t = Q + i0 * D, *g_t = G + i0 * D, *o_t = O + i0 * D, *k_r = K + jlo * D, *v_r = V + jlo * D;
