@@ -49,6 +49,7 @@ struct MetaView {
   bool has_segments = false, has_ranks = false;
   int64_t Nq = 0, Nk = 0;
   std::vector<std::vector<QueryBlock>> blocks;  // [B]
+  std::vector<int32_t> keep;                     // [B * Nk]: k_valid as all-ones / zero lanes
   std::vector<at::Tensor> keep_alive;
 
   AttnQueryMeta query(int64_t b, int64_t i) const {
@@ -124,11 +125,117 @@ MetaView make_meta(const AttnInputs& in) {
     m.qlim = keep(in.q_limit).const_data_ptr<int32_t>();
     m.krank = keep(in.k_rank).const_data_ptr<int32_t>();
   }
+  m.keep.resize(static_cast<size_t>(in.B * in.Nk));
+  for (size_t j = 0; j < m.keep.size(); ++j) m.keep[j] = m.valid[j] ? -1 : 0;
   m.blocks.resize(static_cast<size_t>(in.B));
   at::parallel_for(0, in.B, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) m.blocks[b] = m.make_blocks(b);
   });
   return m;
+}
+
+// Vectors of the GCC/Clang extension. Plain loops, even with eight scalar partial sums, compiled to
+// a serial add chain. 8 floats for arithmetic (two SSE or one AVX register); 4 floats where a
+// loop compares or selects (see scale_mask_max).
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef float f32x4 __attribute__((vector_size(16)));
+typedef int32_t i32x4 __attribute__((vector_size(16)));
+
+inline float dot_lanes(const float* a, const float* b, int64_t n) {
+  f32x8 acc = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  int64_t d = 0;
+  for (; d + 8 <= n; d += 8) {
+    f32x8 x, y;
+    std::memcpy(&x, a + d, sizeof x);  // unaligned loads
+    std::memcpy(&y, b + d, sizeof y);
+    acc += x * y;
+  }
+  float tail = 0.0f;
+  for (; d < n; ++d) tail += a[d] * b[d];
+  return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail;
+}
+
+// Sum of row[0:n].
+inline float sum_lanes(const float* row, int64_t n) {
+  f32x8 acc = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  int64_t c = 0;
+  for (; c + 8 <= n; c += 8) {
+    f32x8 x;
+    std::memcpy(&x, row + c, sizeof x);
+    acc += x;
+  }
+  float tail = 0.0f;
+  for (; c < n; ++c) tail += row[c];
+  return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail;
+}
+
+// row[c] = keep[c] ? row[c] * scale - shift : -inf (keep: all-ones or zero lanes); returns the
+// row's max. Scores of hidden keys are replaced, never combined, so a non-finite one cannot leak.
+// 4-float vectors here: GCC lowers comparisons and selects of 8-float vectors to scalar code
+// without AVX, 4-float ones to SSE's cmpps / maxps.
+inline float scale_mask_max(float* row, const int32_t* keep, int64_t n, float scale, float shift) {
+  const f32x4 hidden = f32x4{} - INFINITY;
+  f32x4 mx0 = hidden, mx1 = hidden;  // two chains of maxps
+  int64_t c = 0;
+  for (; c + 8 <= n; c += 8) {
+    f32x4 x0, x1;
+    i32x4 k0, k1;
+    std::memcpy(&x0, row + c, sizeof x0);
+    std::memcpy(&x1, row + c + 4, sizeof x1);
+    std::memcpy(&k0, keep + c, sizeof k0);
+    std::memcpy(&k1, keep + c + 4, sizeof k1);
+    x0 = k0 != 0 ? x0 * scale - shift : hidden;
+    x1 = k1 != 0 ? x1 * scale - shift : hidden;
+    mx0 = mx0 > x0 ? mx0 : x0;
+    mx1 = mx1 > x1 ? mx1 : x1;
+    std::memcpy(row + c, &x0, sizeof x0);
+    std::memcpy(row + c + 4, &x1, sizeof x1);
+  }
+  float m = -INFINITY;
+  for (int l = 0; l < 4; ++l) m = std::max(m, std::max(mx0[l], mx1[l]));
+  for (; c < n; ++c) {
+    row[c] = keep[c] ? row[c] * scale - shift : -INFINITY;
+    m = std::max(m, row[c]);
+  }
+  return m;
+}
+
+// row[0:n] -= shift.
+inline void subtract_lanes(float* row, int64_t n, float shift) {
+  int64_t c = 0;
+  for (; c + 8 <= n; c += 8) {
+    f32x8 x;
+    std::memcpy(&x, row + c, sizeof x);
+    x -= shift;
+    std::memcpy(row + c, &x, sizeof x);
+  }
+  for (; c < n; ++c) row[c] -= shift;
+}
+
+// ds[0:n] = kernels::attn_dscore(p, ds, delta) over a row, four lanes at a time.
+inline void dscore_lanes(float* ds, const float* p, int64_t n, float delta) {
+  int64_t c = 0;
+  for (; c + 4 <= n; c += 4) {
+    f32x4 x, y;
+    std::memcpy(&x, ds + c, sizeof x);
+    std::memcpy(&y, p + c, sizeof y);
+    x = kernels::attn_dscore(y, x, delta);
+    std::memcpy(ds + c, &x, sizeof x);
+  }
+  for (; c < n; ++c) ds[c] = kernels::attn_dscore(p[c], ds[c], delta);
+}
+
+// acc[0:n] += w * x[0:n]; acc is a private scratch row, so nothing aliases it.
+inline void axpy_lanes(float* __restrict acc, float w, const float* __restrict x, int64_t n) {
+  int64_t d = 0;
+  for (; d + 8 <= n; d += 8) {
+    f32x8 a, y;
+    std::memcpy(&a, acc + d, sizeof a);
+    std::memcpy(&y, x + d, sizeof y);
+    a += w * y;
+    std::memcpy(acc + d, &a, sizeof a);
+  }
+  for (; d < n; ++d) acc[d] += w * x[d];
 }
 
 // Scores of one query tile against keys [jlo, jhi) -> in place: exp(s*scale - shift) at visible
@@ -141,26 +248,25 @@ MetaView make_meta(const AttnInputs& in) {
 void tile_probabilities(const MetaView& meta, int64_t b, int64_t i0, int64_t jlo, float* s, int64_t tq, int64_t nk,
                         float scale, float* lse_rows, bool compute_lse, float* row_sums = nullptr) {
   if (!meta.has_segments && !meta.has_ranks) {
-    const bool* kv = meta.valid + b * meta.Nk + jlo;
+    const int32_t* keep = meta.keep.data() + b * meta.Nk + jlo;
     float shift[kTileQ];
     for (int64_t r = 0; r < tq; ++r) {
       float* row = s + r * nk;
-      float mx = -INFINITY;
-      for (int64_t c = 0; c < nk; ++c) {
-        row[c] = kv[c] ? row[c] * scale : -INFINITY;
-        mx = std::max(mx, row[c]);
+      if (compute_lse) {
+        const float mx = scale_mask_max(row, keep, nk, scale, 0.0f);
+        shift[r] = mx == -INFINITY ? 0.0f : mx;  // a row that sees nothing: exp(-inf - 0) = 0
+        subtract_lanes(row, nk, shift[r]);
+      } else if (lse_rows[r] == -INFINITY) {
+        std::fill(row, row + nk, -INFINITY);  // a row that saw nothing: probabilities 0
+      } else {
+        scale_mask_max(row, keep, nk, scale, lse_rows[r]);  // kernels::attn_prob's argument
       }
-      const float base = compute_lse ? mx : lse_rows[r];
-      shift[r] = base == -INFINITY ? 0.0f : base;  // a row that sees nothing: exp(-inf - 0) = 0
-      for (int64_t c = 0; c < nk; ++c) row[c] -= shift[r];
     }
     // ATen's vectorised exp over the whole tile: one call, no copy
     at::from_blob(s, {tq * nk}, at::TensorOptions().dtype(at::kFloat)).exp_();
     if (compute_lse) {
       for (int64_t r = 0; r < tq; ++r) {
-        const float* row = s + r * nk;
-        float sum = 0.0f;
-        for (int64_t c = 0; c < nk; ++c) sum += row[c];
+        const float sum = sum_lanes(s + r * nk, nk);
         lse_rows[r] = kernels::attn_lse(shift[r], sum);  // sum 0: -inf
         if (row_sums) row_sums[r] = sum;
       }
@@ -203,37 +309,6 @@ constexpr int64_t kDirectMaxQ = 1;
 at::Tensor float_rows(const at::Tensor& t) {
   at::Tensor f = t.detach().to(at::kFloat);
   return f.stride(3) == 1 ? f : f.contiguous();
-}
-
-// 8-float vectors (GCC/Clang vector extension: two SSE or one AVX register). Plain loops, even
-// with eight scalar partial sums, compiled to a serial add chain.
-typedef float f32x8 __attribute__((vector_size(32)));
-
-inline float dot_lanes(const float* a, const float* b, int64_t n) {
-  f32x8 acc = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-  int64_t d = 0;
-  for (; d + 8 <= n; d += 8) {
-    f32x8 x, y;
-    std::memcpy(&x, a + d, sizeof x);  // unaligned loads
-    std::memcpy(&y, b + d, sizeof y);
-    acc += x * y;
-  }
-  float tail = 0.0f;
-  for (; d < n; ++d) tail += a[d] * b[d];
-  return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail;
-}
-
-// acc[0:n] += w * x[0:n]; acc is a private scratch row, so nothing aliases it.
-inline void axpy_lanes(float* __restrict acc, float w, const float* __restrict x, int64_t n) {
-  int64_t d = 0;
-  for (; d + 8 <= n; d += 8) {
-    f32x8 a, y;
-    std::memcpy(&a, acc + d, sizeof a);
-    std::memcpy(&y, x + d, sizeof y);
-    a += w * y;
-    std::memcpy(acc + d, &a, sizeof a);
-  }
-  for (; d < n; ++d) acc[d] += w * x[d];
 }
 
 // Forward for few queries (an autoregressive decoding step), straight from the strided inputs:
@@ -373,7 +448,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_attention_bwd_cpu(
   float *dqp = dq.data_ptr<float>(), *dkp = dk.data_ptr<float>(), *dvp = dv.data_ptr<float>();
   at::parallel_for(0, in.B * in.H, 1, [&](int64_t bh0, int64_t bh1) {
     const size_t tile = static_cast<size_t>(std::min(kTileQ, Nq) * Nk);
-    std::vector<float> P(tile), dS(tile), lse_rows(static_cast<size_t>(kTileQ)), delta(static_cast<size_t>(kTileQ));
+    std::vector<float> P(tile), dS(tile), lse_rows(static_cast<size_t>(kTileQ));
     for (int64_t bh = bh0; bh < bh1; ++bh) {
       const int64_t b = bh / in.H;
       const float *Q = qp + bh * Nq * D, *K = kp + bh * Nk * D, *V = vp + bh * Nk * D, *O = opo + bh * Nq * D,
@@ -390,14 +465,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_attention_bwd_cpu(
         sgemm_rows(true, false, nk, D, tq, 1.0f, P.data(), nk, g_t, D, 1.0f, dV + jlo * D, D);  // dV += P^T dO
         sgemm_rows(false, true, tq, nk, D, 1.0f, g_t, D, v_r, D, 0.0f, dS.data(), nk);          // dP = dO V^T
         for (int64_t r = 0; r < tq; ++r) {
-          float acc = 0.0f;
-          for (int64_t d = 0; d < D; ++d) acc += g_t[r * D + d] * o_t[r * D + d];
-          delta[r] = acc;
-        }
-        for (int64_t r = 0; r < tq; ++r) {
-          float* ds = dS.data() + r * nk;
-          const float* p = P.data() + r * nk;
-          for (int64_t c = 0; c < nk; ++c) ds[c] = kernels::attn_dscore(p[c], ds[c], delta[r]);
+          const float delta = dot_lanes(g_t + r * D, o_t + r * D, D);  // sum_d dO * O
+          dscore_lanes(dS.data() + r * nk, P.data() + r * nk, nk, delta);
         }
         sgemm_rows(false, false, tq, D, nk, scale, dS.data(), nk, k_r, D, 1.0f, dQ + i0 * D, D);  // dQ += s dS K
         sgemm_rows(true, false, nk, D, tq, scale, dS.data(), nk, q_t, D, 1.0f, dK + jlo * D, D);  // dK += s dS^T Q

@@ -57,8 +57,10 @@ FF_INLINE float attn_prob(float scaled_score, float lse) {
   return lse == -positive_infinity_f32() ? 0.0f : expf(scaled_score - lse);
 }
 
-// Backward through softmax: dS = P (dP - delta), delta = sum_d dO * O.
-FF_INLINE float attn_dscore(float p, float dp, float delta) { return p * (dp - delta); }
+// Backward through softmax: dS = P (dP - delta), delta = sum_d dO * O. T is float, or a vector of
+// floats where an executor computes a row of lanes at once.
+template <typename T>
+FF_INLINE T attn_dscore(T p, T dp, float delta) { return p * (dp - delta); }
 
 }  // namespace kernels
 }  // namespace fourm_fast
