@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "../attention_checks.h"
@@ -169,32 +170,36 @@ inline float sum_lanes(const float* row, int64_t n) {
   return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail;
 }
 
-// row[c] = keep[c] ? row[c] * scale - shift : -inf (keep: all-ones or zero lanes); returns the
-// row's max. Scores of hidden keys are replaced, never combined, so a non-finite one cannot leak.
+// Row r of a block, keys [jlo, jlo + n): row[c] = visible ? row[c] * scale - shift : -inf, and
+// the row's max. Scores of hidden keys are replaced, never combined, so a non-finite one cannot
+// leak. kSeg / kRank: whether the metadata has segments / ranks (compiled out otherwise).
 // 4-float vectors here: GCC lowers comparisons and selects of 8-float vectors to scalar code
 // without AVX, 4-float ones to SSE's cmpps / maxps.
-inline float scale_mask_max(float* row, const int32_t* keep, int64_t n, float scale, float shift) {
+template <bool kSeg, bool kRank>
+float scale_mask_max(const MetaView& meta, int64_t b, int64_t i, int64_t jlo, float* row, int64_t n, float scale,
+                     float shift) {
+  const AttnQueryMeta qm = meta.query(b, i);
+  const int32_t* keep = meta.keep.data() + b * meta.Nk + jlo;
+  const int32_t* kseg = kSeg ? meta.kseg + b * meta.Nk + jlo : nullptr;
+  const int32_t* krank = kRank ? meta.krank + b * meta.Nk + jlo : nullptr;
   const f32x4 hidden = f32x4{} - INFINITY;
-  f32x4 mx0 = hidden, mx1 = hidden;  // two chains of maxps
+  f32x4 mx = hidden;
   int64_t c = 0;
-  for (; c + 8 <= n; c += 8) {
-    f32x4 x0, x1;
-    i32x4 k0, k1;
-    std::memcpy(&x0, row + c, sizeof x0);
-    std::memcpy(&x1, row + c + 4, sizeof x1);
-    std::memcpy(&k0, keep + c, sizeof k0);
-    std::memcpy(&k1, keep + c + 4, sizeof k1);
-    x0 = k0 != 0 ? x0 * scale - shift : hidden;
-    x1 = k1 != 0 ? x1 * scale - shift : hidden;
-    mx0 = mx0 > x0 ? mx0 : x0;
-    mx1 = mx1 > x1 ? mx1 : x1;
-    std::memcpy(row + c, &x0, sizeof x0);
-    std::memcpy(row + c + 4, &x1, sizeof x1);
+  for (; c + 4 <= n; c += 4) {
+    f32x4 x;
+    i32x4 valid, seg = {}, rank = {};
+    std::memcpy(&x, row + c, sizeof x);
+    std::memcpy(&valid, keep + c, sizeof valid);
+    if (kSeg) std::memcpy(&seg, kseg + c, sizeof seg);
+    if (kRank) std::memcpy(&rank, krank + c, sizeof rank);
+    x = kernels::attn_visible_lanes(valid, seg, rank, qm, kSeg, kRank) != 0 ? x * scale - shift : hidden;
+    mx = mx > x ? mx : x;
+    std::memcpy(row + c, &x, sizeof x);
   }
   float m = -INFINITY;
-  for (int l = 0; l < 4; ++l) m = std::max(m, std::max(mx0[l], mx1[l]));
+  for (int l = 0; l < 4; ++l) m = std::max(m, mx[l]);
   for (; c < n; ++c) {
-    row[c] = keep[c] ? row[c] * scale - shift : -INFINITY;
+    row[c] = meta.visible(b, i, jlo + c) ? row[c] * scale - shift : -INFINITY;
     m = std::max(m, row[c]);
   }
   return m;
@@ -238,63 +243,51 @@ inline void axpy_lanes(float* __restrict acc, float w, const float* __restrict x
   for (; d < n; ++d) acc[d] += w * x[d];
 }
 
-// Scores of one query tile against keys [jlo, jhi) -> in place: exp(s*scale - shift) at visible
-// keys, 0 elsewhere. Forward (compute_lse): shift = the row max, and the row's lse and sum are
-// written to lse_rows and row_sums (the caller normalises by the sums). Backward: shift = the saved lse, giving kernels::attn_prob.
-// Two executions of the same algebra: where visibility is k_valid alone (encoder, cross-attention)
-// most keys are visible, so the exponentials run over the whole tile in one vectorised ATen call;
-// with segments or ranks (4M's decoder) most keys of a tile are hidden, and a scalar exp of the
-// visible ones only is cheaper.
+// Scores of one block's queries against keys [jlo, jlo + nk) -> in place: exp(s*scale - shift) at
+// visible keys, 0 elsewhere. Forward (compute_lse): shift = the row max, and the row's lse and sum
+// are written to lse_rows and row_sums (the caller normalises by the sums). Backward: shift = the
+// saved lse, giving kernels::attn_prob. Blocks hold the exact key range of their queries, so most
+// keys of the range are visible and the exponentials run over the whole tile in one vectorised
+// ATen call.
+template <bool kSeg, bool kRank>
 void tile_probabilities(const MetaView& meta, int64_t b, int64_t i0, int64_t jlo, float* s, int64_t tq, int64_t nk,
-                        float scale, float* lse_rows, bool compute_lse, float* row_sums = nullptr) {
-  if (!meta.has_segments && !meta.has_ranks) {
-    const int32_t* keep = meta.keep.data() + b * meta.Nk + jlo;
-    float shift[kTileQ];
-    for (int64_t r = 0; r < tq; ++r) {
-      float* row = s + r * nk;
-      if (compute_lse) {
-        const float mx = scale_mask_max(row, keep, nk, scale, 0.0f);
-        shift[r] = mx == -INFINITY ? 0.0f : mx;  // a row that sees nothing: exp(-inf - 0) = 0
-        subtract_lanes(row, nk, shift[r]);
-      } else if (lse_rows[r] == -INFINITY) {
-        std::fill(row, row + nk, -INFINITY);  // a row that saw nothing: probabilities 0
-      } else {
-        scale_mask_max(row, keep, nk, scale, lse_rows[r]);  // kernels::attn_prob's argument
-      }
-    }
-    // ATen's vectorised exp over the whole tile: one call, no copy
-    at::from_blob(s, {tq * nk}, at::TensorOptions().dtype(at::kFloat)).exp_();
-    if (compute_lse) {
-      for (int64_t r = 0; r < tq; ++r) {
-        const float sum = sum_lanes(s + r * nk, nk);
-        lse_rows[r] = kernels::attn_lse(shift[r], sum);  // sum 0: -inf
-        if (row_sums) row_sums[r] = sum;
-      }
-    }
-    return;
-  }
+                        float scale, float* lse_rows, bool compute_lse, float* row_sums) {
+  float shift[kTileQ];
   for (int64_t r = 0; r < tq; ++r) {
     float* row = s + r * nk;
-    const int64_t i = i0 + r;
     if (compute_lse) {
-      float mx = -INFINITY;
-      for (int64_t c = 0; c < nk; ++c) {
-        row[c] = meta.visible(b, i, jlo + c) ? row[c] * scale : -INFINITY;
-        mx = std::max(mx, row[c]);
-      }
-      float sum = 0.0f;
-      for (int64_t c = 0; c < nk; ++c) {
-        row[c] = row[c] == -INFINITY ? 0.0f : std::exp(row[c] - mx);
-        sum += row[c];
-      }
-      lse_rows[r] = kernels::attn_lse(mx, sum);
-      if (row_sums) row_sums[r] = sum;
+      const float mx = scale_mask_max<kSeg, kRank>(meta, b, i0 + r, jlo, row, nk, scale, 0.0f);
+      shift[r] = mx == -INFINITY ? 0.0f : mx;  // a row that sees nothing: exp(-inf - 0) = 0
+      subtract_lanes(row, nk, shift[r]);
+    } else if (lse_rows[r] == -INFINITY) {
+      std::fill(row, row + nk, -INFINITY);  // a row that saw nothing: probabilities 0
     } else {
-      const float lse = lse_rows[r];
-      for (int64_t c = 0; c < nk; ++c) {
-        row[c] = meta.visible(b, i, jlo + c) ? kernels::attn_prob(row[c] * scale, lse) : 0.0f;
-      }
+      scale_mask_max<kSeg, kRank>(meta, b, i0 + r, jlo, row, nk, scale, lse_rows[r]);  // attn_prob's argument
     }
+  }
+  // ATen's vectorised exp over the whole tile: one call, no copy
+  at::from_blob(s, {tq * nk}, at::TensorOptions().dtype(at::kFloat)).exp_();
+  if (compute_lse) {
+    for (int64_t r = 0; r < tq; ++r) {
+      const float sum = sum_lanes(s + r * nk, nk);
+      lse_rows[r] = kernels::attn_lse(shift[r], sum);  // sum 0: -inf
+      if (row_sums) row_sums[r] = sum;
+    }
+  }
+}
+
+void tile_probabilities(const MetaView& meta, int64_t b, int64_t i0, int64_t jlo, float* s, int64_t tq, int64_t nk,
+                        float scale, float* lse_rows, bool compute_lse, float* row_sums = nullptr) {
+  auto run = [&](auto seg, auto rank) {
+    tile_probabilities<decltype(seg)::value, decltype(rank)::value>(meta, b, i0, jlo, s, tq, nk, scale, lse_rows,
+                                                                    compute_lse, row_sums);
+  };
+  using T = std::true_type;
+  using F = std::false_type;
+  if (meta.has_segments) {
+    meta.has_ranks ? run(T{}, T{}) : run(T{}, F{});
+  } else {
+    meta.has_ranks ? run(F{}, T{}) : run(F{}, F{});
   }
 }
 

@@ -29,6 +29,17 @@ FF_INLINE bool attn_visible(const AttnQueryMeta& q, const AttnKeyMeta& k, bool h
   return k.valid && (!has_segments || q.segment == k.segment) && (!has_ranks || k.rank <= q.limit);
 }
 
+// The same rule on a vector of keys (GCC/Clang vector extension, CPU executor): I is a vector of
+// int32 lanes, valid is all-ones where k_valid, and the result is all-ones where visible.
+template <typename I>
+FF_INLINE I attn_visible_lanes(I valid, I k_segment, I k_rank, const AttnQueryMeta& q, bool has_segments,
+                               bool has_ranks) {
+  I m = valid;
+  if (has_segments) m &= k_segment == q.segment;
+  if (has_ranks) m &= k_rank <= q.limit;
+  return m;
+}
+
 // Conservative tile test: can any key of a tile be visible to any query of a tile? Used to skip
 // work; a false "maybe" only costs time, a false "no" would be a bug, so it only uses bounds.
 struct AttnTileBounds {
