@@ -68,13 +68,11 @@ struct MetaView {
   QueryBlock run_block(int64_t b, int64_t i0, int64_t i1) const {
     AttnQueryMeta widest = query(b, i0);
     for (int64_t i = i0 + 1; i < i1; ++i) widest.limit = std::max(widest.limit, query(b, i).limit);
-    int64_t jlo = Nk, jhi = 0;
-    for (int64_t j = 0; j < Nk; ++j) {
-      if (!kernels::attn_visible(widest, key(b, j), has_segments, has_ranks)) continue;
-      jlo = std::min(jlo, j);
-      jhi = j + 1;
-    }
-    if (jhi <= jlo) jlo = jhi = 0;
+    auto sees = [&](int64_t j) { return kernels::attn_visible(widest, key(b, j), has_segments, has_ranks); };
+    int64_t jlo = 0, jhi = Nk;  // scanned from both ends: short when segments interleave
+    while (jlo < Nk && !sees(jlo)) ++jlo;
+    if (jlo == Nk) return {i0, i1, 0, 0};
+    while (!sees(jhi - 1)) --jhi;
     return {i0, i1, jlo, jhi};
   }
 

@@ -40,8 +40,9 @@ FF_INLINE I attn_visible_lanes(I valid, I k_segment, I k_rank, const AttnQueryMe
   return m;
 }
 
-// Conservative tile test: can any key of a tile be visible to any query of a tile? Used to skip
-// work; a false "maybe" only costs time, a false "no" would be a bug, so it only uses bounds.
+// Conservative tile test: can any key of a tile be visible to any query of a tile? The CUDA
+// executor uses it to skip tiles (the CPU executor finds exact key ranges per query block); a
+// false "maybe" only costs time, a false "no" would be a bug, so it only uses bounds.
 struct AttnTileBounds {
   int32_t seg_min, seg_max;  // over the tile's tokens (valid keys only for a key tile)
   int32_t rank_min;          // key tiles: smallest rank of a valid key
