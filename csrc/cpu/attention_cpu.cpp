@@ -50,7 +50,7 @@ struct MetaView {
   bool has_segments = false, has_ranks = false;
   int64_t Nq = 0, Nk = 0;
   std::vector<std::vector<QueryBlock>> blocks;  // [B]
-  std::vector<int32_t> keep;                     // [B * Nk]: k_valid as all-ones / zero lanes
+  std::vector<int32_t> valid_lanes;              // [B * Nk]: k_valid as all-ones / zero lanes
   std::vector<at::Tensor> keep_alive;
 
   AttnQueryMeta query(int64_t b, int64_t i) const {
@@ -124,8 +124,8 @@ MetaView make_meta(const AttnInputs& in) {
     m.qlim = keep(in.q_limit).const_data_ptr<int32_t>();
     m.krank = keep(in.k_rank).const_data_ptr<int32_t>();
   }
-  m.keep.resize(static_cast<size_t>(in.B * in.Nk));
-  for (size_t j = 0; j < m.keep.size(); ++j) m.keep[j] = m.valid[j] ? -1 : 0;
+  m.valid_lanes.resize(static_cast<size_t>(in.B * in.Nk));
+  for (size_t j = 0; j < m.valid_lanes.size(); ++j) m.valid_lanes[j] = m.valid[j] ? -1 : 0;
   m.blocks.resize(static_cast<size_t>(in.B));
   at::parallel_for(0, in.B, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) m.blocks[b] = m.make_blocks(b);
@@ -168,16 +168,16 @@ inline float sum_lanes(const float* row, int64_t n) {
   return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail;
 }
 
-// Row r of a block, keys [jlo, jlo + n): row[c] = visible ? row[c] * scale - shift : -inf, and
-// the row's max. Scores of hidden keys are replaced, never combined, so a non-finite one cannot
-// leak. kSeg / kRank: whether the metadata has segments / ranks (compiled out otherwise).
-// 4-float vectors here: GCC lowers comparisons and selects of 8-float vectors to scalar code
-// without AVX, 4-float ones to SSE's cmpps / maxps.
+// Query i of batch row b against keys [jlo, jlo + n): row[c] = visible ? row[c] * scale - shift
+// : -inf, and the row's max. Scores of hidden keys are replaced, never combined, so a non-finite
+// one cannot leak. kSeg / kRank: whether the metadata has segments / ranks (compiled out
+// otherwise). 4-float vectors here: GCC lowers comparisons and selects of 8-float vectors to
+// scalar code without AVX, 4-float ones to SSE's cmpps / maxps.
 template <bool kSeg, bool kRank>
 float scale_mask_max(const MetaView& meta, int64_t b, int64_t i, int64_t jlo, float* row, int64_t n, float scale,
                      float shift) {
   const AttnQueryMeta qm = meta.query(b, i);
-  const int32_t* keep = meta.keep.data() + b * meta.Nk + jlo;
+  const int32_t* valid_lanes = meta.valid_lanes.data() + b * meta.Nk + jlo;
   const int32_t* kseg = kSeg ? meta.kseg + b * meta.Nk + jlo : nullptr;
   const int32_t* krank = kRank ? meta.krank + b * meta.Nk + jlo : nullptr;
   const f32x4 hidden = f32x4{} - INFINITY;
@@ -187,7 +187,7 @@ float scale_mask_max(const MetaView& meta, int64_t b, int64_t i, int64_t jlo, fl
     f32x4 x;
     i32x4 valid, seg = {}, rank = {};
     std::memcpy(&x, row + c, sizeof x);
-    std::memcpy(&valid, keep + c, sizeof valid);
+    std::memcpy(&valid, valid_lanes + c, sizeof valid);
     if (kSeg) std::memcpy(&seg, kseg + c, sizeof seg);
     if (kRank) std::memcpy(&rank, krank + c, sizeof rank);
     x = kernels::attn_visible_lanes(valid, seg, rank, qm, kSeg, kRank) != 0 ? x * scale - shift : hidden;
