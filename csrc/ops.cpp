@@ -5,6 +5,9 @@
 
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#include <string>
+
+#include "cpu/attention_cpu_rows_dispatch.h"
 #include "cpu/cpu_gemm.h"
 #include "cpu/cpu_isa.h"
 
@@ -103,10 +106,28 @@ PyObject* set_cpu_gemm_aten(PyObject*, PyObject* arg) {
   Py_RETURN_NONE;
 }
 
+// Test hook: e^x in place over a writable C-contiguous float32 buffer (a numpy array), with the
+// exponential of the CPU attention row passes for the current ISA choice.
+PyObject* cpu_exp(PyObject*, PyObject* arg) {
+  Py_buffer view;
+  if (PyObject_GetBuffer(arg, &view, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) != 0) return nullptr;
+  const bool f32 = view.itemsize == 4 && view.format != nullptr && std::string(view.format) == "f";
+  if (!f32) {
+    PyBuffer_Release(&view);
+    PyErr_SetString(PyExc_TypeError, "_cpu_exp: expected a writable C-contiguous float32 buffer");
+    return nullptr;
+  }
+  fourm_fast::attn_row_kernels().exp_inplace(static_cast<float*>(view.buf), view.len / 4);
+  PyBuffer_Release(&view);
+  Py_RETURN_NONE;
+}
+
 PyMethodDef kMethods[] = {
     {"build_info", build_info, METH_NOARGS, "Build-time facts: version, CUDA kernels and archs."},
     {"_set_cpu_isa", set_cpu_isa, METH_O,
      "Force the CPU micro-kernel: 0 auto, 1 generic, 2 avx2+fma (for tests and benchmarks)."},
+    {"_cpu_exp", cpu_exp, METH_O,
+     "e^x in place over a float32 numpy array, with the CPU attention kernels' exponential (tests)."},
     {"_set_cpu_gemm_aten", set_cpu_gemm_aten, METH_O,
      "True: CPU tile products through ATen even where BLAS sgemm_ is linked (tests the fallback)."},
     {nullptr, nullptr, 0, nullptr}};

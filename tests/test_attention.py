@@ -42,7 +42,7 @@ def _check(q, k, v, k_valid, meta, atol):
                                           (2, 1, 257, 257, 16), (1, 3, 128, 128, 128), (3, 3, 1, 257, 64),
                                           (2, 3, 5, 97, 64), (1, 2, 8, 33, 128), (3, 1, 9, 40, 32),
                                           (2, 2, 1, 29, 20), (2, 2, 3, 29, 20)])  # d = 20: vector loops' tails
-def test_matches_float64_reference(B, H, Nq, Nk, d, kind, cpu_gemm):
+def test_matches_float64_reference(B, H, Nq, Nk, d, kind, cpu_gemm, cpu_isa):
     gen = torch.Generator().manual_seed(B * 1000 + Nq + Nk + d)
     q, k, v = (torch.randn(B, H, n, d, generator=gen) for n in (Nq, Nk, Nk))
     k_valid, meta = _metadata(B, Nq, Nk, kind, gen)
@@ -51,7 +51,7 @@ def test_matches_float64_reference(B, H, Nq, Nk, d, kind, cpu_gemm):
 
 @pytest.mark.parametrize("layout", ["blocks", "decoder", "long_runs"])
 @pytest.mark.parametrize("B,H,N,d", [(2, 2, 17, 16), (2, 3, 130, 64), (1, 2, 300, 32)])
-def test_block_sparse_layouts(B, H, N, d, layout, cpu_gemm):
+def test_block_sparse_layouts(B, H, N, d, layout, cpu_gemm, cpu_isa):
     """Contiguous segments, as 4M lays out modalities: the CPU executor cuts queries into blocks at
     segment changes (and every 128 rows) and computes only each block's key range."""
     gen = torch.Generator().manual_seed(B * 100 + N + d)

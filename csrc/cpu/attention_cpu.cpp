@@ -13,11 +13,11 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
-#include <type_traits>
 #include <vector>
 
 #include "../attention_checks.h"
 #include "../kernels/attention_math.h"
+#include "attention_cpu_rows_dispatch.h"
 #include "cpu_gemm.h"
 
 namespace fourm_fast {
@@ -133,12 +133,10 @@ MetaView make_meta(const AttnInputs& in) {
   return m;
 }
 
-// Vectors of the GCC/Clang extension. Plain loops, even with eight scalar partial sums, compiled to
-// a serial add chain. 8 floats for arithmetic (two SSE or one AVX register); 4 floats where a
-// loop compares or selects (see scale_mask_max).
+// Loops of the direct (decoding-step) path below, in vectors of the GCC/Clang extension: plain
+// loops, even with eight scalar partial sums, compiled to a serial add chain. The tiles' row passes
+// live in attention_cpu_rows.h.
 typedef float f32x8 __attribute__((vector_size(32)));
-typedef float f32x4 __attribute__((vector_size(16)));
-typedef int32_t i32x4 __attribute__((vector_size(16)));
 
 inline float dot_lanes(const float* a, const float* b, int64_t n) {
   f32x8 acc = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
@@ -154,80 +152,6 @@ inline float dot_lanes(const float* a, const float* b, int64_t n) {
   return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail;
 }
 
-// Sum of row[0:n].
-inline float sum_lanes(const float* row, int64_t n) {
-  f32x8 acc = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-  int64_t c = 0;
-  for (; c + 8 <= n; c += 8) {
-    f32x8 x;
-    std::memcpy(&x, row + c, sizeof x);
-    acc += x;
-  }
-  float tail = 0.0f;
-  for (; c < n; ++c) tail += row[c];
-  return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail;
-}
-
-// Query i of batch row b against keys [jlo, jlo + n): row[c] = visible ? row[c] * scale - shift
-// : -inf, and the row's max. Scores of hidden keys are replaced, never combined, so a non-finite
-// one cannot leak. kSeg / kRank: whether the metadata has segments / ranks (compiled out
-// otherwise). 4-float vectors here: GCC lowers comparisons and selects of 8-float vectors to
-// scalar code without AVX, 4-float ones to SSE's cmpps / maxps.
-template <bool kSeg, bool kRank>
-float scale_mask_max(const MetaView& meta, int64_t b, int64_t i, int64_t jlo, float* row, int64_t n, float scale,
-                     float shift) {
-  const AttnQueryMeta qm = meta.query(b, i);
-  const int32_t* valid_lanes = meta.valid_lanes.data() + b * meta.Nk + jlo;
-  const int32_t* kseg = kSeg ? meta.kseg + b * meta.Nk + jlo : nullptr;
-  const int32_t* krank = kRank ? meta.krank + b * meta.Nk + jlo : nullptr;
-  const f32x4 hidden = f32x4{} - INFINITY;
-  f32x4 mx = hidden;
-  int64_t c = 0;
-  for (; c + 4 <= n; c += 4) {
-    f32x4 x;
-    i32x4 valid, seg = {}, rank = {};
-    std::memcpy(&x, row + c, sizeof x);
-    std::memcpy(&valid, valid_lanes + c, sizeof valid);
-    if (kSeg) std::memcpy(&seg, kseg + c, sizeof seg);
-    if (kRank) std::memcpy(&rank, krank + c, sizeof rank);
-    x = kernels::attn_visible_lanes(valid, seg, rank, qm, kSeg, kRank) != 0 ? x * scale - shift : hidden;
-    mx = mx > x ? mx : x;
-    std::memcpy(row + c, &x, sizeof x);
-  }
-  float m = -INFINITY;
-  for (int l = 0; l < 4; ++l) m = std::max(m, mx[l]);
-  for (; c < n; ++c) {
-    row[c] = meta.visible(b, i, jlo + c) ? row[c] * scale - shift : -INFINITY;
-    m = std::max(m, row[c]);
-  }
-  return m;
-}
-
-// row[0:n] -= shift.
-inline void subtract_lanes(float* row, int64_t n, float shift) {
-  int64_t c = 0;
-  for (; c + 8 <= n; c += 8) {
-    f32x8 x;
-    std::memcpy(&x, row + c, sizeof x);
-    x -= shift;
-    std::memcpy(row + c, &x, sizeof x);
-  }
-  for (; c < n; ++c) row[c] -= shift;
-}
-
-// ds[0:n] = kernels::attn_dscore(p, ds, delta) over a row, four lanes at a time.
-inline void dscore_lanes(float* ds, const float* p, int64_t n, float delta) {
-  int64_t c = 0;
-  for (; c + 4 <= n; c += 4) {
-    f32x4 x, y;
-    std::memcpy(&x, ds + c, sizeof x);
-    std::memcpy(&y, p + c, sizeof y);
-    x = kernels::attn_dscore(y, x, delta);
-    std::memcpy(ds + c, &x, sizeof x);
-  }
-  for (; c < n; ++c) ds[c] = kernels::attn_dscore(p[c], ds[c], delta);
-}
-
 // acc[0:n] += w * x[0:n]; acc is a private scratch row, so nothing aliases it.
 inline void axpy_lanes(float* __restrict acc, float w, const float* __restrict x, int64_t n) {
   int64_t d = 0;
@@ -241,52 +165,21 @@ inline void axpy_lanes(float* __restrict acc, float w, const float* __restrict x
   for (; d < n; ++d) acc[d] += w * x[d];
 }
 
-// Scores of one block's queries against keys [jlo, jlo + nk) -> in place: exp(s*scale - shift) at
-// visible keys, 0 elsewhere. Forward (compute_lse): shift = the row max, and the row's lse and sum
-// are written to lse_rows and row_sums (the caller normalises by the sums). Backward: shift = the
-// saved lse, giving kernels::attn_prob. Blocks hold the exact key range of their queries, so most
-// keys of the range are visible and the exponentials run over the whole tile in one vectorised
-// ATen call.
-template <bool kSeg, bool kRank>
-void tile_probabilities(const MetaView& meta, int64_t b, int64_t i0, int64_t jlo, float* s, int64_t tq, int64_t nk,
-                        float scale, float* lse_rows, bool compute_lse, float* row_sums) {
-  float shift[kTileQ];
-  for (int64_t r = 0; r < tq; ++r) {
-    float* row = s + r * nk;
-    if (compute_lse) {
-      const float mx = scale_mask_max<kSeg, kRank>(meta, b, i0 + r, jlo, row, nk, scale, 0.0f);
-      shift[r] = mx == -INFINITY ? 0.0f : mx;  // a row that sees nothing: exp(-inf - 0) = 0
-      subtract_lanes(row, nk, shift[r]);
-    } else if (lse_rows[r] == -INFINITY) {
-      std::fill(row, row + nk, -INFINITY);  // a row that saw nothing: probabilities 0
-    } else {
-      scale_mask_max<kSeg, kRank>(meta, b, i0 + r, jlo, row, nk, scale, lse_rows[r]);  // attn_prob's argument
-    }
-  }
-  // ATen's vectorised exp over the whole tile: one call, no copy
-  at::from_blob(s, {tq * nk}, at::TensorOptions().dtype(at::kFloat)).exp_();
-  if (compute_lse) {
-    for (int64_t r = 0; r < tq; ++r) {
-      const float sum = sum_lanes(s + r * nk, nk);
-      lse_rows[r] = kernels::attn_lse(shift[r], sum);  // sum 0: -inf
-      if (row_sums) row_sums[r] = sum;
-    }
-  }
-}
-
-void tile_probabilities(const MetaView& meta, int64_t b, int64_t i0, int64_t jlo, float* s, int64_t tq, int64_t nk,
-                        float scale, float* lse_rows, bool compute_lse, float* row_sums = nullptr) {
-  auto run = [&](auto seg, auto rank) {
-    tile_probabilities<decltype(seg)::value, decltype(rank)::value>(meta, b, i0, jlo, s, tq, nk, scale, lse_rows,
-                                                                    compute_lse, row_sums);
-  };
-  using T = std::true_type;
-  using F = std::false_type;
-  if (meta.has_segments) {
-    meta.has_ranks ? run(T{}, T{}) : run(T{}, F{});
-  } else {
-    meta.has_ranks ? run(F{}, T{}) : run(F{}, F{});
-  }
+// A block's score tile and its metadata, as the row passes take it.
+AttnRowTile row_tile(const MetaView& meta, int64_t b, const QueryBlock& blk, float* s, float scale, float* lse,
+                     float* row_sums) {
+  const int64_t k0 = b * meta.Nk + blk.jlo, q0 = b * meta.Nq + blk.i0;
+  return {s,
+          blk.rows(),
+          blk.jhi - blk.jlo,
+          meta.valid_lanes.data() + k0,
+          meta.has_segments ? meta.kseg + k0 : nullptr,
+          meta.has_ranks ? meta.krank + k0 : nullptr,
+          meta.has_segments ? meta.qseg + q0 : nullptr,
+          meta.has_ranks ? meta.qlim + q0 : nullptr,
+          scale,
+          lse,
+          row_sums};
 }
 
 // Queries per (batch, head) up to which the forward pass uses the direct loops instead of the BLAS
@@ -377,6 +270,7 @@ std::tuple<at::Tensor, at::Tensor> masked_attention_fwd_cpu(
   const float* vp = vf.const_data_ptr<float>();
   float* op = out.data_ptr<float>();
   float* lp = lse.data_ptr<float>();
+  const AttnRowKernels rows = attn_row_kernels();
   at::parallel_for(0, in.B * in.H, 1, [&](int64_t bh0, int64_t bh1) {
     std::vector<float> P(static_cast<size_t>(std::min(kTileQ, Nq) * Nk));  // one tile's scores
     float sums[kTileQ];
@@ -397,7 +291,7 @@ std::tuple<at::Tensor, at::Tensor> masked_attention_fwd_cpu(
         }
         const int64_t nk = jhi - jlo;
         sgemm_rows(false, true, tq, nk, D, 1.0f, Q + i0 * D, D, K + jlo * D, D, 0.0f, P.data(), nk);
-        tile_probabilities(meta, b, i0, jlo, P.data(), tq, nk, scale, L + i0, /*compute_lse=*/true, sums);
+        rows.softmax_fwd(row_tile(meta, b, blk, P.data(), scale, L + i0, sums));
         sgemm_rows(false, false, tq, D, nk, 1.0f, P.data(), nk, V + jlo * D, D, 0.0f, o_tile, D);
         // Rows were exp(s - max); normalise by their sums: exp(s - lse) = exp(s - max) / sum.
         for (int64_t r = 0; r < tq; ++r) {
@@ -437,6 +331,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_attention_bwd_cpu(
   const float *qp = qf.const_data_ptr<float>(), *kp = kf.const_data_ptr<float>(), *vp = vf.const_data_ptr<float>(),
               *opo = of.const_data_ptr<float>(), *gp = gf.const_data_ptr<float>(), *lp = lf.const_data_ptr<float>();
   float *dqp = dq.data_ptr<float>(), *dkp = dk.data_ptr<float>(), *dvp = dv.data_ptr<float>();
+  const AttnRowKernels rows = attn_row_kernels();
   at::parallel_for(0, in.B * in.H, 1, [&](int64_t bh0, int64_t bh1) {
     const size_t tile = static_cast<size_t>(std::min(kTileQ, Nq) * Nk);
     std::vector<float> P(tile), dS(tile), lse_rows(static_cast<size_t>(kTileQ));
@@ -452,13 +347,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_attention_bwd_cpu(
         const float *q_t = Q + i0 * D, *g_t = G + i0 * D, *o_t = O + i0 * D, *k_r = K + jlo * D, *v_r = V + jlo * D;
         sgemm_rows(false, true, tq, nk, D, 1.0f, q_t, D, k_r, D, 0.0f, P.data(), nk);
         std::copy(L + i0, L + i0 + tq, lse_rows.begin());
-        tile_probabilities(meta, b, i0, jlo, P.data(), tq, nk, scale, lse_rows.data(), /*compute_lse=*/false);
+        rows.probs_bwd(row_tile(meta, b, blk, P.data(), scale, lse_rows.data(), nullptr));
         sgemm_rows(true, false, nk, D, tq, 1.0f, P.data(), nk, g_t, D, 1.0f, dV + jlo * D, D);  // dV += P^T dO
         sgemm_rows(false, true, tq, nk, D, 1.0f, g_t, D, v_r, D, 0.0f, dS.data(), nk);          // dP = dO V^T
-        for (int64_t r = 0; r < tq; ++r) {
-          const float delta = dot_lanes(g_t + r * D, o_t + r * D, D);  // sum_d dO * O
-          dscore_lanes(dS.data() + r * nk, P.data() + r * nk, nk, delta);
-        }
+        rows.dscores(dS.data(), P.data(), g_t, o_t, tq, nk, D);
         sgemm_rows(false, false, tq, D, nk, scale, dS.data(), nk, k_r, D, 1.0f, dQ + i0 * D, D);  // dQ += s dS K
         sgemm_rows(true, false, nk, D, tq, scale, dS.data(), nk, q_t, D, 1.0f, dK + jlo * D, D);  // dK += s dS^T Q
       }
