@@ -122,12 +122,54 @@ PyObject* cpu_exp(PyObject*, PyObject* arg) {
   Py_RETURN_NONE;
 }
 
+// Test hook: sgemm_rows (cpu_gemm.h) over numpy float32 matrices, C = alpha op(A) op(B) + beta C,
+// each C-contiguous 2-D with its stored shape (op(A) = A^T when trans_a: A stored k x m).
+PyObject* sgemm_rows_hook(PyObject*, PyObject* args) {
+  int trans_a = 0, trans_b = 0;
+  float alpha = 1.0f, beta = 0.0f;
+  PyObject *ao = nullptr, *bo = nullptr, *co = nullptr;
+  if (!PyArg_ParseTuple(args, "ppfOOfO", &trans_a, &trans_b, &alpha, &ao, &bo, &beta, &co)) return nullptr;
+  Py_buffer a{}, b{}, c{};
+  auto release = [&] {
+    if (a.obj) PyBuffer_Release(&a);
+    if (b.obj) PyBuffer_Release(&b);
+    if (c.obj) PyBuffer_Release(&c);
+  };
+  const int flags = PyBUF_C_CONTIGUOUS | PyBUF_FORMAT;
+  if (PyObject_GetBuffer(ao, &a, flags) != 0 || PyObject_GetBuffer(bo, &b, flags) != 0 ||
+      PyObject_GetBuffer(co, &c, flags | PyBUF_WRITABLE) != 0) {
+    release();
+    return nullptr;
+  }
+  auto is_matrix = [](const Py_buffer& v) {
+    return v.ndim == 2 && v.itemsize == 4 && v.format != nullptr && std::string(v.format) == "f";
+  };
+  if (!is_matrix(a) || !is_matrix(b) || !is_matrix(c)) {
+    release();
+    PyErr_SetString(PyExc_TypeError, "_sgemm_rows: A, B and C must be C-contiguous 2-D float32 arrays");
+    return nullptr;
+  }
+  const int64_t m = trans_a ? a.shape[1] : a.shape[0], k = trans_a ? a.shape[0] : a.shape[1];
+  const int64_t kb = trans_b ? b.shape[1] : b.shape[0], n = trans_b ? b.shape[0] : b.shape[1];
+  if (kb != k || c.shape[0] != m || c.shape[1] != n) {
+    release();
+    PyErr_SetString(PyExc_ValueError, "_sgemm_rows: shapes of op(A), op(B) and C do not agree");
+    return nullptr;
+  }
+  fourm_fast::sgemm_rows(trans_a != 0, trans_b != 0, m, n, k, alpha, static_cast<const float*>(a.buf), a.shape[1],
+                         static_cast<const float*>(b.buf), b.shape[1], beta, static_cast<float*>(c.buf), n);
+  release();
+  Py_RETURN_NONE;
+}
+
 PyMethodDef kMethods[] = {
     {"build_info", build_info, METH_NOARGS, "Build-time facts: version, CUDA kernels and archs."},
     {"_set_cpu_isa", set_cpu_isa, METH_O,
      "Force the CPU micro-kernel: 0 auto, 1 generic, 2 avx2+fma (for tests and benchmarks)."},
     {"_cpu_exp", cpu_exp, METH_O,
      "e^x in place over a float32 numpy array, with the CPU attention kernels' exponential (tests)."},
+    {"_sgemm_rows", sgemm_rows_hook, METH_VARARGS,
+     "(trans_a, trans_b, alpha, A, B, beta, C): the CPU tiles' GEMM on float32 numpy arrays (tests)."},
     {"_set_cpu_gemm_aten", set_cpu_gemm_aten, METH_O,
      "True: CPU tile products through ATen even where BLAS sgemm_ is linked (tests the fallback)."},
     {nullptr, nullptr, 0, nullptr}};

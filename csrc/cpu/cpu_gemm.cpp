@@ -6,6 +6,10 @@
 #include <algorithm>
 #include <atomic>
 #include <climits>
+#include <vector>
+
+#include "cpu_isa.h"
+#include "small_gemm.h"
 
 // The Fortran BLAS entry point, weak so that a PyTorch build without it still loads this
 // extension (the pointer is then null and the ATen path runs).
@@ -46,7 +50,16 @@ void sgemm_rows(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, flo
     }
     return;
   }
-  if (sgemm_ != nullptr && !force_aten.load(std::memory_order_relaxed) && fits_int(m) && fits_int(n) && fits_int(k) && fits_int(lda) && fits_int(ldb) &&
+  const bool aten_forced = force_aten.load(std::memory_order_relaxed);
+#if defined(__x86_64__) || defined(_M_X64)
+  if (!aten_forced && k <= kSmallGemmMaxK && cpu_isa_allows_avx2()) {
+    thread_local std::vector<float> strip;  // one packed strip of B (allocated here, not in the AVX2 file)
+    if (strip.size() < static_cast<size_t>(16 * k)) strip.resize(static_cast<size_t>(16 * kSmallGemmMaxK));
+    small_sgemm_avx2(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, strip.data());
+    return;
+  }
+#endif
+  if (sgemm_ != nullptr && !aten_forced && fits_int(m) && fits_int(n) && fits_int(k) && fits_int(lda) && fits_int(ldb) &&
       fits_int(ldc)) {
     // Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: the same call with the
     // operands swapped, each stored matrix read as its own transpose.

@@ -5,6 +5,8 @@
 // the 2-core EPYC we measure on, more than the arithmetic at generation-step sizes. This calls
 // the BLAS that PyTorch itself links (the Fortran sgemm_ its x86 wheels export from MKL)
 // directly, and falls back to ATen over views of the same memory where no sgemm_ is present.
+// Products with k <= kSmallGemmMaxK go to fourm_fast's own AVX2 kernel where the CPU has it
+// (small_gemm.h: no operand packing).
 #pragma once
 
 #include <cstdint>
@@ -16,10 +18,12 @@ namespace fourm_fast {
 void sgemm_rows(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
                 int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc);
 
-// "blas" when sgemm_rows calls the BLAS sgemm_ directly, "aten" when it goes through at::mm.
+// "blas" when sgemm_rows calls the BLAS sgemm_ directly (for products the small kernel does not
+// take), "aten" when it goes through at::mm.
 const char* cpu_gemm_in_use();
 
-// Tests: true sends sgemm_rows through ATen even where sgemm_ exists (exercises the fallback).
+// Tests: true sends every sgemm_rows product through ATen, even where sgemm_ or the small kernel
+// would run (exercises the fallback).
 void set_cpu_gemm_aten(bool force);
 
 }  // namespace fourm_fast
