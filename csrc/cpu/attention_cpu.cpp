@@ -323,9 +323,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_attention_bwd_cpu(
   const at::Tensor qf = q.detach().to(at::kFloat).contiguous(), kf = k.detach().to(at::kFloat).contiguous(),
                    vf = v.detach().to(at::kFloat).contiguous(), of = out.detach().to(at::kFloat).contiguous(),
                    gf = grad_out.detach().to(at::kFloat).contiguous(), lf = lse.contiguous();
-  at::Tensor dq = at::zeros({in.B, in.H, in.Nq, in.D}, q.options().dtype(at::kFloat));
-  at::Tensor dk = at::zeros({in.B, in.H, in.Nk, in.D}, q.options().dtype(at::kFloat));
-  at::Tensor dv = at::zeros({in.B, in.H, in.Nk, in.D}, q.options().dtype(at::kFloat));
+  // Not zero-filled here: each (batch, head) pair clears its own dK / dV slices just before use
+  // (cache-warm, in parallel, no separate pass over the gradients), and every dQ row is written
+  // once by its block.
+  at::Tensor dq = at::empty({in.B, in.H, in.Nq, in.D}, q.options().dtype(at::kFloat));
+  at::Tensor dk = at::empty({in.B, in.H, in.Nk, in.D}, q.options().dtype(at::kFloat));
+  at::Tensor dv = at::empty({in.B, in.H, in.Nk, in.D}, q.options().dtype(at::kFloat));
   const MetaView meta = make_meta(in);
   const int64_t D = in.D, Nq = in.Nq, Nk = in.Nk;
   const float *qp = qf.const_data_ptr<float>(), *kp = kf.const_data_ptr<float>(), *vp = vf.const_data_ptr<float>(),
@@ -340,9 +343,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_attention_bwd_cpu(
       const float *Q = qp + bh * Nq * D, *K = kp + bh * Nk * D, *V = vp + bh * Nk * D, *O = opo + bh * Nq * D,
                   *G = gp + bh * Nq * D, *L = lp + bh * Nq;
       float *dQ = dqp + bh * Nq * D, *dK = dkp + bh * Nk * D, *dV = dvp + bh * Nk * D;
+      std::fill(dK, dK + Nk * D, 0.0f);  // accumulated over the blocks that see each key
+      std::fill(dV, dV + Nk * D, 0.0f);
       for (const QueryBlock& blk : meta.blocks[b]) {
         const int64_t i0 = blk.i0, tq = blk.rows(), jlo = blk.jlo, jhi = blk.jhi;
-        if (jhi == jlo) continue;  // invisible rows: zero gradients
+        if (jhi == jlo) {  // invisible rows: zero gradients
+          std::fill(dQ + i0 * D, dQ + (i0 + tq) * D, 0.0f);
+          continue;
+        }
         const int64_t nk = jhi - jlo;
         const float *q_t = Q + i0 * D, *g_t = G + i0 * D, *o_t = O + i0 * D, *k_r = K + jlo * D, *v_r = V + jlo * D;
         sgemm_rows(false, true, tq, nk, D, 1.0f, q_t, D, k_r, D, 0.0f, P.data(), nk);
@@ -351,7 +359,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_attention_bwd_cpu(
         sgemm_rows(true, false, nk, D, tq, 1.0f, P.data(), nk, g_t, D, 1.0f, dV + jlo * D, D);  // dV += P^T dO
         sgemm_rows(false, true, tq, nk, D, 1.0f, g_t, D, v_r, D, 0.0f, dS.data(), nk);          // dP = dO V^T
         rows.dscores(dS.data(), P.data(), g_t, o_t, tq, nk, D);
-        sgemm_rows(false, false, tq, D, nk, scale, dS.data(), nk, k_r, D, 1.0f, dQ + i0 * D, D);  // dQ += s dS K
+        sgemm_rows(false, false, tq, D, nk, scale, dS.data(), nk, k_r, D, 0.0f, dQ + i0 * D, D);  // dQ = s dS K
         sgemm_rows(true, false, nk, D, tq, scale, dS.data(), nk, q_t, D, 1.0f, dK + jlo * D, D);  // dK += s dS^T Q
       }
     }
