@@ -4,8 +4,8 @@
 //
 // The exponentials are computed here (exp_lanes) in the same pass that masks and sums, instead of
 // a separate vectorised ATen exp over the tile: MKL's exp measured 1.3-1.5 ns per float on the
-// 2-core EPYC, about as long as the tile's two score products together, and the extra passes over
-// the tile (shift, exp, sum) each re-read it.
+// 2-core EPYC (a 128 x 128 tile: about 23 us, 40% of the forward's two tile products), and the
+// extra passes over the tile (shift, exp, sum) each re-read it.
 #pragma once
 
 #include <cmath>
