@@ -84,9 +84,11 @@ static inline float hmax(VF v) {
 
 // e^x per lane: x = n ln2 + r with n = round(x / ln2) and |r| <= ln2 / 2, e^r by its degree-7
 // Taylor polynomial (truncation below 5e-9 relative), 2^n applied as two powers of two so that
-// results in the subnormal range round once, in the last multiply. Inputs below -112 give exactly
-// 0 (e^-inf = 0: masked scores), above 89 give +inf, NaN stays NaN. tests/test_attention_rows.py
-// measures the error against float64 over the whole float range.
+// results in the subnormal range round once, in the last multiply. Results underflow to exactly 0
+// below about -104 (inputs are clamped to [-112, 89]; e^-inf = 0 for masked scores) and overflow
+// to +inf above about 88.72; NaN stays NaN. tests/test_attention_rows.py measures the error
+// against float64 on every 997th float32 bit pattern whose e^x is finite and nonzero (at most
+// 2 ulp; 0.92 with FMA and 1.2 without on a denser sample).
 static inline VF exp_lanes(VF x) {
   const VF lo = splat(-112.0f), hi = splat(89.0f);
   x = x < lo ? lo : x;  // comparisons with NaN are false: NaN passes both clamps
