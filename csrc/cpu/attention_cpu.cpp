@@ -2,9 +2,10 @@
 // with at::parallel_for; each pair walks its batch row's query blocks (MetaView::make_blocks):
 // runs of one segment, at most kTileQ rows, each with the exact range of keys its queries may see
 // (tokens of a modality are contiguous in 4M's layout, so a decoder block meets one modality's
-// keys). A block's scores are a BLAS product (rows x key range, never N x N) on raw pointers into
-// per-thread scratch (sgemm_rows: no ATen call per product), the mask is applied from per-token
-// metadata, and the rest follows flash attention's algebra: logsumexp saved in the forward pass,
+// keys). A block's scores are one product (rows x key range, never N x N) on raw pointers into
+// per-thread scratch (sgemm_rows: fourm_fast's AVX2 GEMM or BLAS, no ATen call per product); the
+// row passes (attention_cpu_rows.h) apply the mask from per-token metadata and the exponentials,
+// and the rest follows flash attention's algebra: logsumexp saved in the forward pass,
 // probabilities recomputed in the backward pass.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>

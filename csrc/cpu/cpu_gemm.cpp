@@ -54,7 +54,7 @@ void sgemm_rows(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, flo
 #if defined(__x86_64__) || defined(_M_X64)
   if (!aten_forced && k <= kSmallGemmMaxK && cpu_isa_allows_avx2()) {
     thread_local std::vector<float> strip;  // one packed strip of B (allocated here, not in the AVX2 file)
-    if (strip.size() < static_cast<size_t>(16 * k)) strip.resize(static_cast<size_t>(16 * kSmallGemmMaxK));
+    if (strip.empty()) strip.resize(static_cast<size_t>(16 * kSmallGemmMaxK));  // any k <= kSmallGemmMaxK fits
     small_sgemm_avx2(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, strip.data());
     return;
   }
