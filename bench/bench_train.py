@@ -28,6 +28,7 @@ from bench.utils import append_results, environment, set_threads, time_fn, timin
 from fourm_fast.masking import to_ml4m_batch  # noqa: E402
 from fourm_fast.model import FourM, ModalityConfig, preset  # noqa: E402
 from fourm_fast.reference.fourm import forward_4m_eager  # noqa: E402
+from fourm_fast.train.config import COMPILE_MODES  # noqa: E402
 from fourm_fast.train.metrics import flops_per_step, peak_tflops  # noqa: E402
 from fourm_fast.train.synthetic import SyntheticSource  # noqa: E402
 
@@ -48,8 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--quick", action="store_true", help="a reduced model (dim 192, 2 + 2 blocks) for a smoke run")
     ap.add_argument("--no-save", action="store_true")
-    ap.add_argument("--compile", action="store_true",
-                    help="also time fourm_fast with forward_hidden under torch.compile, as train.compile does")
+    ap.add_argument("--compile", nargs="?", const="default", default=None, choices=COMPILE_MODES, metavar="MODE",
+                    help="also time fourm_fast with forward_hidden under torch.compile, as train.compile does "
+                         "(MODE: default, reduce-overhead for CUDA graphs, max-autotune, max-autotune-no-cudagraphs)")
     ap.add_argument("--profile", action="store_true",
                     help="after timing, profile 3 fourm_fast steps: top ops and device busy time vs wall time")
     args = ap.parse_args(argv)
@@ -90,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         "4m_eager": step(lambda: forward_4m_eager(model, ml4m, args.tokens, args.tokens, "mod")),
     }
     if args.compile:
-        compiled_hidden = torch.compile(model.forward_hidden)
+        compiled_hidden = torch.compile(model.forward_hidden, mode=args.compile)
 
         def compiled_loss():
             model.forward_hidden = compiled_hidden  # an instance attribute, as the trainer sets it
@@ -99,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 del model.forward_hidden
 
-        methods["fourm_fast+compile"] = step(compiled_loss)
+        methods["fourm_fast+compile" if args.compile == "default" else f"fourm_fast+compile:{args.compile}"] = step(compiled_loss)
     repeats = args.repeats or (20 if device.type == "cuda" else 5)
     env = environment(args.device)
     peak, peak_note = peak_tflops(device, None)
@@ -109,15 +111,18 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# train step on {env['device_name']} ({torch.get_num_threads()} CPU threads): preset {args.preset}"
           f"{' (quick)' if args.quick else ''}, {n_params / 1e6:.1f}M params, batch {B}, {args.tokens}/{args.tokens} tokens, "
           f"MFU vs {peak:.3f} TFLOP/s ({peak_note}), sha {env['git_sha']}")
-    print(f"{'method':<18} {'median ms':>10} {'p20-p80 ms':>19} {'vs ours':>8} {'tokens/s':>10} {'MFU':>6}")
+    w = max(18, *(len(n) for n in methods))
+    print(f"{'method':<{w}} {'median ms':>10} {'p20-p80 ms':>19} {'vs ours':>8} {'tokens/s':>10} {'MFU':>6}")
     rows, ours = [], None
     for name, fn in methods.items():
         try:
-            t = time_fn(fn, args.device, repeats=repeats, warmup=1)
+            # compiled steps: the first call compiles, and under reduce-overhead the next ones record
+            # the CUDA graphs before they are replayed
+            t = time_fn(fn, args.device, repeats=repeats, warmup=3 if "compile" in name else 1)
         except Exception as exc:  # noqa: BLE001  (a baseline that cannot run is reported, not fatal)
             if name == "fourm_fast":
                 raise
-            print(f"{name:<18} failed: {type(exc).__name__}: {str(exc)[:160]}", flush=True)
+            print(f"{name:<{w}} failed: {type(exc).__name__}: {str(exc)[:160]}", flush=True)
             continue
         ours = t.median_ms if name == "fourm_fast" else ours
         tps = B * 2 * args.tokens / (t.median_ms * 1e-3)
@@ -127,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
                      "time_vs_ours": round(t.median_ms / ours, 3), "tokens_per_s": round(tps, 1),
                      "mfu": round(mfu, 4) if mfu else None, "mfu_peak_note": peak_note})
         mfu_s = f"{100 * mfu:5.1f}%" if mfu else "  n/a"
-        print(f"{name:<18} {t.median_ms:>10.1f} {t.p20_ms:>9.1f}-{t.p80_ms:<9.1f} {t.median_ms / ours:>7.2f}x {tps:>10.0f} {mfu_s}", flush=True)
+        print(f"{name:<{w}} {t.median_ms:>10.1f} {t.p20_ms:>9.1f}-{t.p80_ms:<9.1f} {t.median_ms / ours:>7.2f}x {tps:>10.0f} {mfu_s}", flush=True)
     if not args.no_save:
         print(f"# appended {len(rows)} rows to {append_results('train', rows, env)}")
     if args.profile:

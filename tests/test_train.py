@@ -66,6 +66,8 @@ def test_corrupt_or_mismatched_checkpoints_raise_clear_errors(tmp_path):
 def test_config_errors():
     with pytest.raises(ConfigError, match="unknown key 'train.lrr'"):
         load_config(None, ["train.lrr=1"])
+    with pytest.raises(ConfigError, match="train.compile must be true, false or one of default, reduce-overhead"):
+        load_config(None, ["train.compile=fast"])
     with pytest.raises(ConfigError, match="loss_type must be"):
         load_config(None, ["train.loss_type=sum"])
     with pytest.raises(ConfigError, match="does not exist"):
@@ -82,6 +84,23 @@ def test_grad_accumulation_equals_one_big_batch(tmp_path):
     for ra, rb in zip(rows(tmp_path / "a"), rows(tmp_path / "b")):
         assert abs(float(ra["loss"]) - float(rb["loss"])) <= 1e-5 * abs(float(ra["loss"]))
     assert one["steps"] == acc["steps"] == 3
+
+
+@pytest.mark.parametrize("setting,mode", [("true", "default"), ("reduce-overhead", "reduce-overhead"),
+                                          ("max-autotune-no-cudagraphs", "max-autotune-no-cudagraphs")])
+def test_compile_setting_reaches_torch_compile(tmp_path, monkeypatch, setting, mode):
+    # train.compile: true is inductor's default mode; a mode string is passed to torch.compile as is
+    import fourm_fast.train.trainer as trainer_mod
+
+    seen = []
+
+    def fake_compile(fn, **kwargs):
+        seen.append(kwargs)
+        return fn
+
+    monkeypatch.setattr(trainer_mod.torch, "compile", fake_compile)
+    train(small_cfg(tmp_path, "train.steps=1", f"train.compile={setting}"), log=lambda m: None)
+    assert seen == [{"mode": mode}]
 
 
 def test_compiled_training_matches_eager(tmp_path):

@@ -38,7 +38,7 @@ DEFAULTS: dict[str, Any] = {
         "clip_grad": 3.0,
         "loss_type": "mod",
         "precision": "auto",   # auto: bf16 autocast on GPU, fp32 on CPU; or fp32 / bf16
-        "compile": False,
+        "compile": False,      # true (inductor's default mode) or a torch.compile mode, e.g. reduce-overhead
         "seed": 0,
         "device": "auto",      # auto: cuda when available
         "stop_after": None,    # stop (with a checkpoint) after this step; the schedule still spans steps
@@ -114,6 +114,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 _FLOAT_KEYS = ("lr", "min_lr", "weight_decay", "clip_grad")
+# torch.compile's modes; "reduce-overhead" replays CUDA graphs, which removes per-kernel launch cost
+# from a host-bound GPU step (on the CPU it compiles as "default").
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def validate(cfg: dict) -> None:
@@ -127,6 +130,8 @@ def validate(cfg: dict) -> None:
         raise ConfigError(f"train.loss_type must be 'mod' or 'token', got {t['loss_type']!r}")
     if t["precision"] not in ("auto", "fp32", "bf16"):
         raise ConfigError(f"train.precision must be auto, fp32 or bf16, got {t['precision']!r}")
+    if t["compile"] not in (True, False) and t["compile"] not in COMPILE_MODES:
+        raise ConfigError(f"train.compile must be true, false or one of {', '.join(COMPILE_MODES)}; got {t['compile']!r}")
     for k in ("steps", "batch_size", "grad_accum"):
         if not isinstance(t[k], int) or t[k] < 1:
             raise ConfigError(f"train.{k} must be a positive int, got {t[k]!r}")

@@ -123,7 +123,8 @@ def train(cfg: dict, resume: bool = False, log=print) -> dict:
     inner = FourM(model_cfg).to(device)
     model = _wrap(inner, cfg["distributed"]["strategy"], device, d.world)
     if tc["compile"]:
-        inner.forward_hidden = torch.compile(inner.forward_hidden)
+        mode = "default" if tc["compile"] is True else tc["compile"]
+        inner.forward_hidden = torch.compile(inner.forward_hidden, mode=mode)
     fused = device.type in ("cuda", "cpu")
     optimizer = torch.optim.AdamW(_param_groups(inner, tc["weight_decay"]), lr=tc["lr"], betas=tuple(tc["betas"]),
                                   fused=fused)
