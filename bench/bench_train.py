@@ -108,11 +108,12 @@ def main(argv: list[str] | None = None) -> int:
     vocab = {i: m.vocab_size for i, m in enumerate(cfg.modalities)}
     flops = flops_per_step(cfg, B, args.tokens, args.tokens, sum(c * vocab[i] for i, c in enumerate(native.dec_counts)))
     n_params = sum(p.numel() for p in model.parameters())
+    measured = device.type == "cpu"  # the CPU peak is probed; a GPU's is its datasheet bf16 figure
     print(f"# train step on {env['device_name']} ({torch.get_num_threads()} CPU threads): preset {args.preset}"
           f"{' (quick)' if args.quick else ''}, {n_params / 1e6:.1f}M params, batch {B}, {args.tokens}/{args.tokens} tokens, "
-          f"MFU vs {peak:.3f} TFLOP/s ({peak_note}), sha {env['git_sha']}")
+          f"sha {env['git_sha']}")
     w = max(18, *(len(n) for n in methods))
-    print(f"{'method':<{w}} {'median ms':>10} {'p20-p80 ms':>19} {'vs ours':>8} {'tokens/s':>10} {'MFU':>6}")
+    print(f"{'method':<{w}} {'median ms':>10} {'p20-p80 ms':>19} {'vs ours':>8} {'tokens/s':>10}")
     rows, ours = [], None
     for name, fn in methods.items():
         try:
@@ -126,13 +127,26 @@ def main(argv: list[str] | None = None) -> int:
             continue
         ours = t.median_ms if name == "fourm_fast" else ours
         tps = B * 2 * args.tokens / (t.median_ms * 1e-3)
-        mfu = flops / (t.median_ms * 1e-3) / (peak * 1e12) if peak else None
         rows.append({"op": "train_step", "method": name, "preset": args.preset, "quick": args.quick, "batch": B,
                      "tokens": args.tokens, "params_m": round(n_params / 1e6, 2), **timing_dict(t),
-                     "time_vs_ours": round(t.median_ms / ours, 3), "tokens_per_s": round(tps, 1),
-                     "mfu": round(mfu, 4) if mfu else None, "mfu_peak_note": peak_note})
-        mfu_s = f"{100 * mfu:5.1f}%" if mfu else "  n/a"
-        print(f"{name:<{w}} {t.median_ms:>10.1f} {t.p20_ms:>9.1f}-{t.p80_ms:<9.1f} {t.median_ms / ours:>7.2f}x {tps:>10.0f} {mfu_s}", flush=True)
+                     "time_vs_ours": round(t.median_ms / ours, 3), "tokens_per_s": round(tps, 1)})
+        print(f"{name:<{w}} {t.median_ms:>10.1f} {t.p20_ms:>9.1f}-{t.p80_ms:<9.1f} {t.median_ms / ours:>7.2f}x {tps:>10.0f}",
+              flush=True)
+    if measured:
+        # A shared VM's speed moves over seconds: a probe that meets a slow moment makes every MFU
+        # too high (a run here once printed 112%). The peak is the faster of a probe before the
+        # steps and one after them.
+        peak = max(peak, peak_tflops(device, None)[0])
+    mfus = []
+    for row in rows:
+        mfu = flops / (row["median_ms"] * 1e-3) / (peak * 1e12) if peak else None
+        row.update(mfu=round(mfu, 4) if mfu else None, mfu_peak_note=peak_note)
+        mfus.append(f"{row['method']} {100 * mfu:.1f}%" if mfu else f"{row['method']} n/a")
+    print(f"# MFU vs {peak:.3f} TFLOP/s ({peak_note}{', best of probes before and after' if measured else ''}): "
+          + ", ".join(mfus))
+    if any(r["mfu"] and r["mfu"] > 1 for r in rows):
+        print("# MFU above 100%: the steps ran faster than both sgemm probes (the machine's speed moved); "
+              "the time ratios are unaffected")
     if not args.no_save:
         print(f"# appended {len(rows)} rows to {append_results('train', rows, env)}")
     if args.profile:
