@@ -17,7 +17,10 @@ tokens per target).
 
 With --count-flops each method also runs once under a FLOP counter (bench/flops.py): the GFLOP
 column and the reference's count over ours ("flop ratio") show how much of a speedup comes from
-executing less arithmetic; where the counts are equal, only a faster rate can win.
+executing less arithmetic; where the counts are equal, only a faster rate can win. On the CPU the
+"ceiling" column bounds that rate: the reference's time over the time our FLOPs would take at the
+measured sgemm rate (the fastest 1024^3 probe so far: one before the cases, one after each), the speedup a run
+with every FLOP at that rate and no other cost would reach.
 
   python bench/bench_generate.py --quick
   python bench/bench_generate.py --batch 4 --repeats 3
@@ -34,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from bench.flops import count_flops  # noqa: E402
+from fourm_fast.train.metrics import measured_cpu_tflops  # noqa: E402
 from bench.utils import append_results, environment, set_threads, time_fn, timing_dict  # noqa: E402
 from fourm_fast.generate import Generator, TargetSpec, build_chained_schedule  # noqa: E402
 from fourm_fast.model import FourM, ModalityConfig, preset  # noqa: E402
@@ -102,7 +106,10 @@ def main(argv: list[str] | None = None) -> int:
     caption = torch.randint(300, 30000, (B, 12), generator=g_ids)
     caption[:, -1] = 3  # [EOS]
     print(f"# generation, tiny preset, batch {B}, on {env['device_name']} ({torch.get_num_threads()} CPU threads), sha {env['git_sha']}")
+    ceiling = args.count_flops and dev == "cpu" and not args.no_reference
+    sgemm_tflops = measured_cpu_tflops() if ceiling else None
     flop_head = f" {'GFLOP':>8} {'flop ratio':>10}" if args.count_flops else ""
+    flop_head += f" {'ceiling':>8}" if ceiling else ""
     print(f"{'case':<28} {'method':<20} {'median s':>9} {'p20-p80 s':>15} {'tokens/s':>9} {'vs 4M':>7}{flop_head}")
     rows = []
     for case, (cond, targets) in cases(args.quick).items():
@@ -145,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
             if name in flops:
                 rows[-1]["gflop"] = round(flops[name] / 1e9, 3)
         ref = times.get("4m_reference")
+        if ceiling:
+            sgemm_tflops = max(sgemm_tflops, measured_cpu_tflops())
         for row in rows[-len(methods):]:
             t = times[row["method"]]
             ratio = ref.median_ms / t.median_ms if ref else None
@@ -154,6 +163,11 @@ def main(argv: list[str] | None = None) -> int:
                 fr = flops["4m_reference"] / flops[row["method"]] if "4m_reference" in flops and flops[row["method"]] else None
                 row["flop_ratio_vs_4m"] = round(fr, 3) if fr else None
                 flop_cols = f" {flops[row['method']] / 1e9:>8.1f} {(f'{fr:.2f}x' if fr else '-'):>10}"
+                if ceiling and row["method"] != "4m_reference" and flops[row["method"]]:
+                    bound = ref.median_ms * 1e-3 / (flops[row["method"]] / (sgemm_tflops * 1e12))
+                    row["speedup_ceiling"] = round(bound, 2)
+                    row["sgemm_tflops"] = round(sgemm_tflops, 4)
+                    flop_cols += f" {bound:>7.2f}x"
             print(f"{case:<28} {row['method']:<20} {t.median_ms / 1e3:>9.2f} {t.p20_ms / 1e3:>7.2f}-{t.p80_ms / 1e3:<7.2f} "
                   f"{row['tokens_per_s']:>9.1f} {(f'{ratio:.2f}x' if ratio else '-'):>7}{flop_cols}", flush=True)
     if not args.no_save:
