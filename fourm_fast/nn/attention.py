@@ -52,13 +52,14 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, k_valid: Tensor | None = None, segment: Tensor | None = None,
                 limit: Tensor | None = None, rank: Tensor | None = None) -> Tensor:
         B, N, C = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
-        q, k = qkv[0], qkv[1]
+        # unbind, not qkv[0], qkv[1], qkv[2]: its backward stacks the three gradients in one op, where
+        # three selects each zero-fill a full-size gradient and autograd then adds them
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if k_valid is None:
             k_valid = torch.ones(B, N, dtype=torch.bool, device=x.device)
-        out = masked_attention(q, k, qkv[2], k_valid, segment, segment, limit, rank, backend=self.backend)
+        out = masked_attention(q, k, v, k_valid, segment, segment, limit, rank, backend=self.backend)
         return self.proj(out.transpose(1, 2).reshape(B, N, C))
 
 
@@ -87,11 +88,10 @@ class CrossAttention(nn.Module):
         Nk = context.shape[1]
         h = self.num_heads
         q = self.q(x).reshape(B, Nq, h, C // h).transpose(1, 2)
-        kv = self.kv(context).reshape(B, Nk, 2, h, C // h).permute(2, 0, 3, 1, 4)
-        k = kv[0]
+        k, v = self.kv(context).reshape(B, Nk, 2, h, C // h).permute(2, 0, 3, 1, 4).unbind(0)  # see Attention
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if context_valid is None:
             context_valid = torch.ones(B, Nk, dtype=torch.bool, device=x.device)
-        out = masked_attention(q, k, kv[1], context_valid, backend=self.backend)
+        out = masked_attention(q, k, v, context_valid, backend=self.backend)
         return self.proj(out.transpose(1, 2).reshape(B, Nq, C))
