@@ -173,6 +173,7 @@ def _setup_context(ctx, inputs, output):
     q, k, v, k_valid, q_segment, k_segment, q_limit, k_rank, scale = inputs
     out, lse = output
     ctx.scale = scale
+    ctx.set_materialize_grads(False)  # lse never gets a gradient: no zeros tensor for it each backward
     ctx.save_for_backward(q, k, v, out, lse, k_valid, q_segment, k_segment, q_limit, k_rank)
 
 
