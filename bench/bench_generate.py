@@ -19,8 +19,8 @@ With --count-flops each method also runs once under a FLOP counter (bench/flops.
 column and the reference's count over ours ("flop ratio") show how much of a speedup comes from
 executing less arithmetic; where the counts are equal, only a faster rate can win. On the CPU the
 "ceiling" column bounds that rate: the reference's time over the time our FLOPs would take at the
-measured sgemm rate (the fastest 1024^3 probe so far: one before the cases, one after each), the speedup a run
-with every FLOP at that rate and no other cost would reach.
+measured sgemm rate (the fastest 1024^3 probe so far: one before the cases, one after each), i.e.
+the speedup a run with every FLOP at that rate and no other cost would reach.
 
   python bench/bench_generate.py --quick
   python bench/bench_generate.py --batch 4 --repeats 3
@@ -37,11 +37,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from bench.flops import count_flops  # noqa: E402
-from fourm_fast.train.metrics import measured_cpu_tflops  # noqa: E402
 from bench.utils import append_results, environment, set_threads, time_fn, timing_dict  # noqa: E402
 from fourm_fast.generate import Generator, TargetSpec, build_chained_schedule  # noqa: E402
 from fourm_fast.model import FourM, ModalityConfig, preset  # noqa: E402
 from fourm_fast.reference.generate import empty_target, generate_4m, image_input, sequence_input  # noqa: E402
+from fourm_fast.train.metrics import measured_cpu_tflops  # noqa: E402
 
 AR_LEN = {"caption": 32, "det": 96}
 SENTINELS = {n: [0] + list(range(30322, 30522)) for n in AR_LEN}
