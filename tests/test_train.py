@@ -165,6 +165,44 @@ def test_two_processes_match_one(tmp_path, strategy):
     assert len(rows(tmp_path / strategy)) == 3
 
 
+def _worker_pid(parent: int, rank: int) -> int | None:
+    """The torchrun worker of ``parent`` whose environment says RANK=rank (Linux /proc)."""
+    for child in Path(f"/proc/{parent}/task/{parent}/children").read_text().split():
+        try:
+            env = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in env:
+            return int(child)
+    return None
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="finds the torchrun workers through Linux /proc")
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_sigterm_on_one_process_stops_every_process(tmp_path, strategy):
+    # A signal that reaches one worker only: every worker must stop after the same step, save and
+    # exit 0; a worker stopping alone would leave the others hanging in the next collective.
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}", "-m",
+           "fourm_fast.train", "--steps", "100000", "--out", str(tmp_path), *SMALL, f"distributed.strategy={strategy}",
+           "checkpoint.every=0"]
+    proc = subprocess.Popen(cmd, env=_env(), stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and not ((tmp_path / "metrics.csv").exists() and len(rows(tmp_path)) >= 2):
+            time.sleep(0.2)
+        worker = _worker_pid(proc.pid, 1)
+        assert worker is not None, "no worker with RANK=1 under torchrun"
+        os.kill(worker, signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-4000:]
+    assert "SIGTERM: saved step" in err  # logged by rank 0, which never got the signal itself
+    saved = sorted((tmp_path / "checkpoints").iterdir())
+    assert saved and int(saved[-1].name.split("-")[1]) == len(rows(tmp_path))
+
+
 def test_cli_runs_the_shipped_config_with_overrides(tmp_path):
     cmd = [sys.executable, "-m", "fourm_fast", "train", "--config", str(ROOT / "configs" / "tiny.yaml"), "--steps", "2",
            "--out", str(tmp_path), *SMALL]

@@ -58,10 +58,13 @@ class _Distributed:
         self.rank = int(os.environ.get("RANK", "0"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.active = self.world > 1
+        self.cpu_group = None  # gloo group for host-side agreement (the stop flag) without a GPU sync
 
     def init(self, device_kind: str):
         if self.active and not dist.is_initialized():
             dist.init_process_group("nccl" if device_kind == "cuda" else "gloo")
+        if self.active:
+            self.cpu_group = dist.new_group(backend="gloo") if device_kind == "cuda" else dist.group.WORLD
 
     def close(self):
         if self.active and dist.is_initialized():
@@ -69,10 +72,18 @@ class _Distributed:
 
 
 class _StopFlag:
-    """SIGTERM / SIGINT: finish the current step, save a checkpoint, exit cleanly."""
+    """SIGTERM / SIGINT: finish the current step, save a checkpoint, exit cleanly.
+
+    The handler only records the signal; ``poll`` turns it into the decision ``signal`` once per
+    step. Under torchrun a signal may reach one process and not the others (or reach them in
+    different steps); all of them must then stop after the same step, or the next collective
+    (gradient all-reduce, FSDP2's checkpoint gather) would hang. ``poll`` takes the maximum signal
+    number over the processes on a CPU (gloo) group: one small host-side all-reduce per step.
+    """
 
     def __init__(self):
-        self.signal = None
+        self.signal = None  # the decision: a signal name (or "stop_after=N"); None while training on
+        self._pending = 0  # signal number received and not yet polled
         self._old = {}
 
     def __enter__(self):
@@ -81,7 +92,16 @@ class _StopFlag:
         return self
 
     def _handle(self, signum, _frame):
-        self.signal = signal.Signals(signum).name
+        self._pending = signum
+
+    def poll(self, d: "_Distributed") -> None:
+        n = self._pending  # a snapshot: a signal arriving after it waits for the next step's poll
+        if d.active:
+            flag = torch.tensor([n], dtype=torch.int64)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=d.cpu_group)
+            n = int(flag.item())
+        if n and self.signal is None:
+            self.signal = signal.Signals(n).name
 
     def __exit__(self, *exc):
         for s, h in self._old.items():
@@ -197,6 +217,7 @@ def train(cfg: dict, resume: bool = False, log=print) -> dict:
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             steps_done = step + 1
+            stop.poll(d)  # every process decides alike whether this step is the last
             if steps_done % cfg["log"]["every"] == 0 or steps_done == total or stop.signal:
                 stats = torch.stack([loss_sum, *mod_sums.values()])
                 if d.active:
