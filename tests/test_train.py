@@ -63,6 +63,25 @@ def test_corrupt_or_mismatched_checkpoints_raise_clear_errors(tmp_path):
         train(small_cfg(tmp_path / "empty", "train.steps=4"), resume=True, log=lambda m: None)
 
 
+def test_resume_after_a_crash_drops_the_lost_steps_from_metrics(tmp_path):
+    # A run that dies after its last checkpoint has logged steps the resumed run trains again:
+    # metrics.csv keeps one row per step, the resumed ones.
+    import shutil
+
+    train(small_cfg(tmp_path, "train.steps=5", "checkpoint.every=3", "checkpoint.keep=5"), log=lambda m: None)
+    shutil.rmtree(tmp_path / "checkpoints" / "step-0000005")  # as if it had died after step 5's log row
+    assert [int(r["step"]) for r in rows(tmp_path)] == [1, 2, 3, 4, 5]
+    train(small_cfg(tmp_path, "train.steps=6", "checkpoint.every=3", "checkpoint.keep=5"), resume=True,
+          log=lambda m: None)
+    assert [int(r["step"]) for r in rows(tmp_path)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_data_errors_are_config_errors(tmp_path):
+    # the CLI turns ConfigError into a one-line message and exit code 2, not a traceback
+    with pytest.raises(ConfigError, match="sentinels"):
+        train(small_cfg(tmp_path, "train.steps=1", "data.num_sentinels=100000"), log=lambda m: None)
+
+
 def test_config_errors():
     with pytest.raises(ConfigError, match="unknown key 'train.lrr'"):
         load_config(None, ["train.lrr=1"])

@@ -2,7 +2,7 @@
 
 The arithmetic follows ml-4m (fourm/utils/generation.py and build_chained_generation_schedules in
 fourm/models/generate.py) operation for operation, in float64 numpy, so the tables match the
-reference's to the last bit (tests/test_generate_schedules.py checks shared/parity/schedules.json).
+reference's to the last bit (tests/test_generate.py checks shared/parity/schedules.json).
 Quirks kept on purpose, because 4M's released settings depend on them:
 
 - cosine: per-step counts are Python's round() (half to even) of the drop in a cosine curve; the

@@ -63,15 +63,22 @@ class MetricsLog:
 
     FIELDS = ["step", "loss", "lr", "grad_norm", "tokens_per_s", "step_time_s", "mfu"]
 
-    def __init__(self, out: Path, modalities: list[str], tensorboard: bool, resume: bool):
+    def __init__(self, out: Path, modalities: list[str], tensorboard: bool, resume: bool, resume_step: int = 0):
+        """resume: keep the rows of steps up to resume_step (the checkpoint's), drop later ones: a run
+        that died after its last checkpoint logged steps that the resumed run logs again."""
         out.mkdir(parents=True, exist_ok=True)
         self.path = out / "metrics.csv"
         self.fields = self.FIELDS + [f"loss_{m}" for m in modalities]
-        keep_rows = resume and self.path.exists()
-        self._file = self.path.open("a" if keep_rows else "w", newline="")
-        self._csv = csv.DictWriter(self._file, fieldnames=self.fields)
-        if not keep_rows:
-            self._csv.writeheader()
+        kept = []
+        if resume and self.path.exists():
+            with self.path.open(newline="") as f:
+                kept = [r for r in csv.DictReader(f) if r.get("step", "").isdigit() and int(r["step"]) <= resume_step]
+        self._file = self.path.open("w", newline="")
+        self._csv = csv.DictWriter(self._file, fieldnames=self.fields, extrasaction="ignore")
+        self._csv.writeheader()
+        for r in kept:
+            self._csv.writerow(r)
+        self._file.flush()
         self._tb = None
         self.tb_note = None
         if tensorboard:

@@ -13,6 +13,7 @@ from ..data.loader import TokenShards
 from ..data.shards import ShardError, read_manifest
 from ..masking import ModalitySpec, TokenBudgetSampler
 from ..model import FourMBatch, FourMConfig, ModalityConfig, batch_from_layout
+from .config import ConfigError
 from .synthetic import _alpha_table
 
 
@@ -42,9 +43,9 @@ class ShardSource:
         for m in model_cfg.modalities:
             entry = self.ds.manifest["tokens"][m.name]
             if m.vocab_size < entry["num_codes"]:
-                raise ValueError(f"{m.name}: model vocab_size {m.vocab_size} < the tokenizer's {entry['num_codes']}")
+                raise ConfigError(f"{m.name}: model vocab_size {m.vocab_size} < the tokenizer's {entry['num_codes']}")
             if m.kind == "image" and m.num_tokens != self.ds.arrays[m.name].shape[1]:
-                raise ValueError(f"{m.name}: the model expects {m.num_tokens} tokens, the shards hold "
+                raise ConfigError(f"{m.name}: the model expects {m.num_tokens} tokens, the shards hold "
                                  f"{self.ds.arrays[m.name].shape[1]}")
         from ..tokenizers.text import TextTokenizer
         from pathlib import Path

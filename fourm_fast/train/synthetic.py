@@ -12,6 +12,7 @@ import torch
 
 from ..masking import ModalitySpec, TokenBudgetSampler
 from ..model import FourMBatch, FourMConfig, batch_from_layout
+from .config import ConfigError
 
 
 def _alpha_table(value, names):
@@ -30,9 +31,9 @@ class SyntheticSource:
         self.num_sentinels = int(data_cfg["num_sentinels"])
         for m in self.mods:
             if m.kind == "sequence" and m.vocab_size <= self.num_sentinels + 2:
-                raise ValueError(f"{m.name}: vocab_size {m.vocab_size} leaves no room for {self.num_sentinels} sentinels")
+                raise ConfigError(f"{m.name}: vocab_size {m.vocab_size} leaves no room for {self.num_sentinels} sentinels")
             if m.kind == "sequence" and self.num_sentinels < m.max_length // 2 + 3:
-                raise ValueError(f"data.num_sentinels {self.num_sentinels} is too few for {m.name} (max_length {m.max_length})")
+                raise ConfigError(f"data.num_sentinels {self.num_sentinels} is too few for {m.name} (max_length {m.max_length})")
         self.sampler = TokenBudgetSampler(
             specs, data_cfg["num_input_tokens"], data_cfg["num_target_tokens"],
             _alpha_table(data_cfg["alphas_in"], self.names), _alpha_table(data_cfg["alphas_tg"], self.names),

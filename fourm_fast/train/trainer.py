@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from ..model import FourM, ModalityConfig, preset
 from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import ConfigError
 from .metrics import MetricsLog, Progress, flops_per_step, peak_tflops
 from .synthetic import SyntheticSource, slice_batch
 
@@ -135,7 +136,7 @@ def train(cfg: dict, resume: bool = False, log=print) -> dict:
     writer = d.rank == 0
     B, accum = tc["batch_size"], tc["grad_accum"]
     if B % (d.world * accum):
-        raise ValueError(f"train.batch_size {B} must be divisible by processes x grad_accum = {d.world * accum}")
+        raise ConfigError(f"train.batch_size {B} must be divisible by processes x grad_accum = {d.world * accum}")
     per_rank, micro = B // d.world, B // (d.world * accum)
 
     torch.manual_seed(tc["seed"])
@@ -180,7 +181,7 @@ def train(cfg: dict, resume: bool = False, log=print) -> dict:
     use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else nullcontext
     peak, peak_note = peak_tflops(device, cfg["log"].get("peak_tflops"))
-    metrics = MetricsLog(out, list(inner.decoder_embeddings), cfg["log"]["tensorboard"], resume) if writer else None
+    metrics = MetricsLog(out, list(inner.decoder_embeddings), cfg["log"]["tensorboard"], resume, start) if writer else None
     if writer and metrics.tb_note:
         log(metrics.tb_note)
     progress = Progress(total, writer and cfg["log"]["progress"])
