@@ -169,6 +169,9 @@ def test_from_ml4m_errors_name_the_problem():
         FourM.from_ml4m("/nonexistent/ckpt.safetensors", ml4m_config())
     with pytest.raises(ValueError, match="act_layer"):
         FourM.from_ml4m(sd, {**ml4m_config(), "act_layer": "ReLU"})
+    FourM.from_ml4m(sd, {**ml4m_config(), "image_size": 224, "patch_size": 16})  # 14 x 14, as the weights
+    with pytest.raises(ValueError, match="patch_size 8 gives a 28x28 token grid, but tok_.*holds 14x14"):
+        FourM.from_ml4m(sd, {**ml4m_config(), "image_size": 224, "patch_size": 8})
 
 
 def test_reduced_vocabulary_checkpoints_load():

@@ -80,6 +80,8 @@ def test_data_errors_are_config_errors(tmp_path):
     # the CLI turns ConfigError into a one-line message and exit code 2, not a traceback
     with pytest.raises(ConfigError, match="sentinels"):
         train(small_cfg(tmp_path, "train.steps=1", "data.num_sentinels=100000"), log=lambda m: None)
+    with pytest.raises(ConfigError, match="decoder_causal_mask=True"):
+        train(small_cfg(tmp_path, "train.steps=1", "model.overrides.decoder_causal_mask=true"), log=lambda m: None)
 
 
 def test_config_errors():

@@ -73,6 +73,12 @@ def config_from_ml4m(config: dict, sd: dict[str, Tensor]) -> FourMConfig:
             mods.append(ModalityConfig(n, "image", vocab, grid=grid))
         else:
             mods.append(ModalityConfig(n, "sequence", vocab, max_length=positions, max_sincos_pos_emb=max(512, positions)))
+    if "image_size" in config and "patch_size" in config:  # the grid is read from pos_emb; they must agree
+        side = int(config["image_size"]) // int(config["patch_size"])
+        for m in mods:
+            if m.kind == "image" and m.grid != side:
+                raise ValueError(f"from_ml4m: image_size {config['image_size']} / patch_size {config['patch_size']} "
+                                 f"gives a {side}x{side} token grid, but {m.name}'s pos_emb holds {m.grid}x{m.grid}")
     act = config.get("act_layer", "SiLU")
     if act not in _ACTS:
         raise ValueError(f"from_ml4m: act_layer {act!r} is not supported (SiLU or GELU)")

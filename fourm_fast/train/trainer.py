@@ -32,7 +32,13 @@ def build_model_config(cfg: dict):
         mods = tuple(modalities_from_shards(cfg["data"]["path"], cfg["data"]["max_text_tokens"]))
     else:
         mods = tuple(ModalityConfig(**m) for m in cfg["modalities"])
-    return preset(cfg["model"]["preset"], mods, **cfg["model"].get("overrides", {}))
+    model_cfg = preset(cfg["model"]["preset"], mods, **cfg["model"].get("overrides", {}))
+    if not model_cfg.decoder_sep_mask or model_cfg.decoder_causal_mask:
+        # the sampler's layout carries 4M's default decoder mask; other settings would be ignored
+        raise ConfigError("training uses 4M's default decoder mask (decoder_sep_mask true, decoder_causal_mask "
+                          f"false); got decoder_sep_mask={model_cfg.decoder_sep_mask}, "
+                          f"decoder_causal_mask={model_cfg.decoder_causal_mask}")
+    return model_cfg
 
 
 def cosine_factor(step: int, total: int, warmup: int, lr: float, min_lr: float) -> float:
