@@ -201,6 +201,46 @@ def test_dispatcher_backends_agree_and_explain():
         masked_attention(q, k, v, k_valid, backend="nope")
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_flash_attn_backend_packs_rows_as_varlen_sequences(monkeypatch, dtype):
+    # flash-attn is not installable here: a stand-in checks the varlen contract (int32 cu_seqlens,
+    # host max lengths, no empty sequence) and computes each sequence, so this tests the packing,
+    # the zeros of rows without keys, strided inputs and gradients through index_select/index_copy.
+    import sys
+
+    import flash_attn_double
+    from fourm_fast.ops.attention import FlashAttnBackend
+
+    monkeypatch.setitem(sys.modules, "flash_attn", flash_attn_double.module())
+    gen = torch.Generator().manual_seed(5)
+    B, H, Nq, Nk, d = 4, 3, 7, 11, 16
+    q = torch.randn(B, Nq, H, d, generator=gen).to(dtype).transpose(1, 2)  # a strided view, as nn.Attention passes
+    k, v = (torch.randn(B, H, Nk, d, generator=gen).to(dtype) for _ in range(2))
+    k_valid = torch.rand(B, Nk, generator=gen) > 0.4
+    k_valid[1] = False  # a row with no key: zeros, and it never reaches the kernel
+    k_valid[2] = True
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    out = FlashAttnBackend()(AttentionInputs(q, k, v, k_valid, None, None, None, None, 0.3))
+    ref_in = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = masked_attention_reference(*ref_in, k_valid, scale=0.3)
+    assert out.shape == (B, H, Nq, d) and out.dtype == dtype
+    assert bool((out[1] == 0).all())
+    tol = 2e-2 if dtype == torch.bfloat16 else 3e-3  # inputs rounded to the dtype; float32 inside
+    torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
+    g = torch.randn(out.shape, generator=gen).to(dtype)
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    for name, a, b in zip("qkv", grads, torch.autograd.grad(ref, ref_in, g.double())):
+        torch.testing.assert_close(a.double(), b, atol=2 * tol, rtol=2 * tol, msg=lambda m: f"d{name}: {m}")
+    assert bool((grads[0][1] == 0).all())
+    # with flash-attn importable, the reasons left are the ones that apply
+    a = AttentionInputs(q, k, v, k_valid, None, None, None, None, 0.3)
+    assert FlashAttnBackend().not_supported_reasons(a) == ["flash-attn runs on CUDA only"]
+    seg = torch.zeros(B, Nq, dtype=torch.int32)
+    odd = AttentionInputs(q[..., :12], k[..., :12], v[..., :12], k_valid, seg, seg[:, :1].expand(B, Nk), None, None, 0.3)
+    reasons = "; ".join(FlashAttnBackend().not_supported_reasons(odd))
+    assert "multiple of 8" in reasons and "not expressible" in reasons
+
+
 def test_opcheck_and_compile():
     gen = torch.Generator().manual_seed(2)
     q, k, v = (torch.randn(2, 3, 19, 16, generator=gen, requires_grad=True) for _ in range(3))

@@ -85,7 +85,15 @@ class SdpaDenseBackend(Backend):
 
 
 class FlashAttnBackend(Backend):
+    """flash-attn's varlen kernel for the padding-only pattern (encoder self-attention, decoder
+    cross-attention): each batch row is one sequence of its Nq queries over its valid keys, packed
+    with index_select; rows without a valid key are left out and output zeros. flash-attn's varlen
+    API takes the longest key count as a host int, so a call syncs with the device once.
+    Segments and ranks (4M's decoder self-attention: bidirectional and causal modalities in one
+    row) have no varlen form and are rejected."""
+
     name = "flash_attn"
+    MAX_HEAD_DIM = 256  # flash-attn 2's largest head dim; it also needs d % 8 == 0
 
     def not_supported_reasons(self, a):
         reasons = []
@@ -97,13 +105,35 @@ class FlashAttnBackend(Backend):
             reasons.append("flash-attn runs on CUDA only")
         if a.q.dtype not in (torch.float16, torch.bfloat16):
             reasons.append("flash-attn needs float16 or bfloat16")
+        d = a.q.shape[-1]
+        if d % 8 or d > self.MAX_HEAD_DIM:
+            reasons.append(f"flash-attn needs a head dim that is a multiple of 8 and at most {self.MAX_HEAD_DIM}, got {d}")
         if a.q_segment is not None or a.q_limit is not None:
             reasons.append("segment/rank masks are not expressible as flash-attn varlen sequences")
-        reasons.append("the flash-attn varlen path is not wired up yet")
         return reasons
 
     def __call__(self, a):
-        raise NotImplementedError
+        from flash_attn import flash_attn_varlen_func
+
+        B, H, Nq, d = a.q.shape
+        Nk = a.k.shape[2]
+        counts = a.k_valid.sum(1, dtype=torch.int32)  # keys per batch row
+        rows = torch.nonzero(counts > 0).squeeze(1)  # rows with a key: one varlen sequence each
+        k_idx = torch.nonzero(a.k_valid.reshape(-1)).squeeze(1)
+        q_idx = (rows[:, None] * Nq + torch.arange(Nq, device=rows.device)).reshape(-1)
+
+        def packed(t, n, idx):  # (B, H, n, d) -> (len(idx), H, d): the rows of t at token ids idx
+            return t.transpose(1, 2).reshape(B * n, H, d).index_select(0, idx)
+
+        cu_k = F.pad(counts[rows].cumsum(0, dtype=torch.int32), (1, 0))
+        cu_q = torch.arange(rows.numel() + 1, device=rows.device, dtype=torch.int32) * Nq
+        max_k = int(counts.max()) if counts.numel() else 0  # the one host sync
+        out = a.q.new_zeros(B * Nq, H, d)
+        if rows.numel():
+            o = flash_attn_varlen_func(packed(a.q, Nq, q_idx), packed(a.k, Nk, k_idx), packed(a.v, Nk, k_idx), cu_q, cu_k,
+                                       Nq, max_k, softmax_scale=a.scale, causal=False)
+            out = out.index_copy(0, q_idx, o.to(out.dtype))
+        return out.reshape(B, Nq, H, d).transpose(1, 2)
 
 
 BACKENDS: dict[str, Backend] = {b.name: b for b in (FourmFastBackend(), FlashAttnBackend(), SdpaDenseBackend())}
