@@ -23,13 +23,13 @@ def _metadata(B, Nq, Nk, kind, gen):
     return k_valid, meta
 
 
-def _check(q, k, v, k_valid, meta, atol):
+def _check(q, k, v, k_valid, meta, atol, g=None):
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
     out = masked_attention(q, k, v, k_valid, **meta)
     ref_in = [t.detach().double().requires_grad_() for t in (q, k, v)]
     ref = masked_attention_reference(*ref_in, k_valid, **meta)
     torch.testing.assert_close(out.double(), ref, atol=atol, rtol=atol)
-    g = torch.randn_like(out)
+    g = torch.randn_like(out) if g is None else g
     grads = torch.autograd.grad(out, (q, k, v), g)
     ref_grads = torch.autograd.grad(ref, ref_in, g.double())
     for name, a, b in zip("qkv", grads, ref_grads):
@@ -100,7 +100,12 @@ def test_non_contiguous_views():
     q, k, v = (x[:, :, i].transpose(1, 2) for i in range(3))  # (B, H, N, d) strided views
     gen = torch.Generator().manual_seed(5)
     k_valid, meta = _metadata(B, N, N, "both", gen)
-    _check(q, k, v, k_valid, meta, atol=2e-5)
+    g = torch.randn(B, N, H, d, generator=gen).transpose(1, 2)  # grad_out as nn.Attention's reshape sends it
+    _check(q, k, v, k_valid, meta, atol=2e-5, g=g)
+    # rows that overlap (stride 0 along N) cannot be read in place: copied, same result
+    k1 = torch.randn(B, H, 1, d, generator=gen).expand(B, H, N, d)
+    _check(q, k1, v, k_valid, meta, atol=2e-5, g=g)
+    _check(q[:, :, :1], k, v, k_valid, {n: (t[:, :1] if n[0] == "q" else t) for n, t in meta.items()}, atol=2e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -206,10 +206,25 @@ AttnRowTile row_tile(const MetaView& meta, int64_t b, const QueryBlock& blk, flo
 // 1042-1468 against 2305-3118).
 constexpr int64_t kDirectMaxQ = 1;
 
-// float32 (B, H, N, D) with unit stride on D (any other strides) -> the input itself or a copy.
+// float32 (B, H, N, D) whose rows are unit-stride and do not overlap -> the input itself (any batch,
+// head and row strides: nn.Attention's q, k, v are views into one qkv projection, its grad_out a
+// transposed view), else a contiguous float32 copy. Reading views in place saves a copy of each
+// operand in the forward and again in the backward.
 at::Tensor float_rows(const at::Tensor& t) {
   at::Tensor f = t.detach().to(at::kFloat);
-  return f.stride(3) == 1 ? f : f.contiguous();
+  const bool rows_ok = f.stride(3) == 1 && (f.size(2) <= 1 || f.stride(2) >= f.size(3));
+  return rows_ok ? f : f.contiguous();
+}
+
+// Row r of pair (b, h) is at(b, h) + r * ld; ld is a valid GEMM leading dimension (>= D).
+struct RowsView {
+  const float* base;
+  int64_t sb, sh, ld;
+  const float* at(int64_t b, int64_t h) const { return base + b * sb + h * sh; }
+};
+
+RowsView rows_view(const at::Tensor& f) {
+  return {f.const_data_ptr<float>(), f.stride(0), f.stride(1), f.size(2) <= 1 ? f.size(3) : f.stride(2)};
 }
 
 // Forward for few queries (an autoregressive decoding step), straight from the strided inputs:
@@ -279,12 +294,9 @@ std::tuple<at::Tensor, at::Tensor> masked_attention_fwd_cpu(
     forward_direct(meta, in, float_rows(q), float_rows(k), float_rows(v), out, lse, scale);
     return {out.to(q.scalar_type()), lse};
   }
-  const at::Tensor qf = q.detach().to(at::kFloat).contiguous(), kf = k.detach().to(at::kFloat).contiguous(),
-                   vf = v.detach().to(at::kFloat).contiguous();
+  const at::Tensor qf = float_rows(q), kf = float_rows(k), vf = float_rows(v);
   const int64_t D = in.D, Nq = in.Nq, Nk = in.Nk;
-  const float* qp = qf.const_data_ptr<float>();
-  const float* kp = kf.const_data_ptr<float>();
-  const float* vp = vf.const_data_ptr<float>();
+  const RowsView qv = rows_view(qf), kv = rows_view(kf), vv = rows_view(vf);
   float* op = out.data_ptr<float>();
   float* lp = lse.data_ptr<float>();
   const AttnRowKernels rows = attn_row_kernels();
@@ -293,10 +305,10 @@ std::tuple<at::Tensor, at::Tensor> masked_attention_fwd_cpu(
     std::vector<float> P(static_cast<size_t>(std::min(kTileQ, Nq) * Nk));  // one tile's scores
     float sums[kTileQ];
     for (int64_t bh = next(); bh < pairs; bh = next()) {
-      const int64_t b = bh / in.H;
-      const float* Q = qp + bh * Nq * D;
-      const float* K = kp + bh * Nk * D;
-      const float* V = vp + bh * Nk * D;
+      const int64_t b = bh / in.H, h = bh % in.H;
+      const float* Q = qv.at(b, h);
+      const float* K = kv.at(b, h);
+      const float* V = vv.at(b, h);
       float* O = op + bh * Nq * D;
       float* L = lp + bh * Nq;
       for (const QueryBlock& blk : meta.blocks[b]) {
@@ -308,9 +320,9 @@ std::tuple<at::Tensor, at::Tensor> masked_attention_fwd_cpu(
           continue;
         }
         const int64_t nk = jhi - jlo;
-        sgemm_rows(false, true, tq, nk, D, 1.0f, Q + i0 * D, D, K + jlo * D, D, 0.0f, P.data(), nk);
+        sgemm_rows(false, true, tq, nk, D, 1.0f, Q + i0 * qv.ld, qv.ld, K + jlo * kv.ld, kv.ld, 0.0f, P.data(), nk);
         rows.softmax_fwd(row_tile(meta, b, blk, P.data(), scale, L + i0, sums));
-        sgemm_rows(false, false, tq, D, nk, 1.0f, P.data(), nk, V + jlo * D, D, 0.0f, o_tile, D);
+        sgemm_rows(false, false, tq, D, nk, 1.0f, P.data(), nk, V + jlo * vv.ld, vv.ld, 0.0f, o_tile, D);
         // Rows were exp(s - max); normalise by their sums: exp(s - lse) = exp(s - max) / sum.
         for (int64_t r = 0; r < tq; ++r) {
           const float inv = sums[r] > 0.0f ? 1.0f / sums[r] : 0.0f;
@@ -338,9 +350,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_attention_bwd_cpu(
                         lse.scalar_type() == at::kFloat,
                     "masked_attention backward: lse must be float32 (B, H, Nq)");
   const float scale = static_cast<float>(scale_d);
-  const at::Tensor qf = q.detach().to(at::kFloat).contiguous(), kf = k.detach().to(at::kFloat).contiguous(),
-                   vf = v.detach().to(at::kFloat).contiguous(), of = out.detach().to(at::kFloat).contiguous(),
-                   gf = grad_out.detach().to(at::kFloat).contiguous(), lf = lse.contiguous();
+  const at::Tensor qf = float_rows(q), kf = float_rows(k), vf = float_rows(v), of = float_rows(out),
+                   gf = float_rows(grad_out), lf = lse.contiguous();
   // Not zero-filled here: each (batch, head) pair clears its own dK / dV slices just before use
   // (cache-warm, in parallel, no separate pass over the gradients), and every dQ row is written
   // once by its block.
@@ -349,8 +360,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_attention_bwd_cpu(
   at::Tensor dv = at::empty({in.B, in.H, in.Nk, in.D}, q.options().dtype(at::kFloat));
   const MetaView meta = make_meta(in);
   const int64_t D = in.D, Nq = in.Nq, Nk = in.Nk;
-  const float *qp = qf.const_data_ptr<float>(), *kp = kf.const_data_ptr<float>(), *vp = vf.const_data_ptr<float>(),
-              *opo = of.const_data_ptr<float>(), *gp = gf.const_data_ptr<float>(), *lp = lf.const_data_ptr<float>();
+  const RowsView qv = rows_view(qf), kv = rows_view(kf), vv = rows_view(vf), ov = rows_view(of), gv = rows_view(gf);
+  const float* lp = lf.const_data_ptr<float>();
   float *dqp = dq.data_ptr<float>(), *dkp = dk.data_ptr<float>(), *dvp = dv.data_ptr<float>();
   const AttnRowKernels rows = attn_row_kernels();
   const int64_t pairs = in.B * in.H;
@@ -358,9 +369,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_attention_bwd_cpu(
     const size_t tile = static_cast<size_t>(std::min(kTileQ, Nq) * Nk);
     std::vector<float> P(tile), dS(tile), lse_rows(static_cast<size_t>(kTileQ));
     for (int64_t bh = next(); bh < pairs; bh = next()) {
-      const int64_t b = bh / in.H;
-      const float *Q = qp + bh * Nq * D, *K = kp + bh * Nk * D, *V = vp + bh * Nk * D, *O = opo + bh * Nq * D,
-                  *G = gp + bh * Nq * D, *L = lp + bh * Nq;
+      const int64_t b = bh / in.H, h = bh % in.H;
+      const float *Q = qv.at(b, h), *K = kv.at(b, h), *V = vv.at(b, h), *O = ov.at(b, h), *G = gv.at(b, h),
+                  *L = lp + bh * Nq;
       float *dQ = dqp + bh * Nq * D, *dK = dkp + bh * Nk * D, *dV = dvp + bh * Nk * D;
       std::fill(dK, dK + Nk * D, 0.0f);  // accumulated over the blocks that see each key
       std::fill(dV, dV + Nk * D, 0.0f);
@@ -371,15 +382,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_attention_bwd_cpu(
           continue;
         }
         const int64_t nk = jhi - jlo;
-        const float *q_t = Q + i0 * D, *g_t = G + i0 * D, *o_t = O + i0 * D, *k_r = K + jlo * D, *v_r = V + jlo * D;
-        sgemm_rows(false, true, tq, nk, D, 1.0f, q_t, D, k_r, D, 0.0f, P.data(), nk);
+        const float *q_t = Q + i0 * qv.ld, *g_t = G + i0 * gv.ld, *o_t = O + i0 * ov.ld, *k_r = K + jlo * kv.ld,
+                    *v_r = V + jlo * vv.ld;
+        sgemm_rows(false, true, tq, nk, D, 1.0f, q_t, qv.ld, k_r, kv.ld, 0.0f, P.data(), nk);
         std::copy(L + i0, L + i0 + tq, lse_rows.begin());
         rows.probs_bwd(row_tile(meta, b, blk, P.data(), scale, lse_rows.data(), nullptr));
-        sgemm_rows(true, false, nk, D, tq, 1.0f, P.data(), nk, g_t, D, 1.0f, dV + jlo * D, D);  // dV += P^T dO
-        sgemm_rows(false, true, tq, nk, D, 1.0f, g_t, D, v_r, D, 0.0f, dS.data(), nk);          // dP = dO V^T
-        rows.dscores(dS.data(), P.data(), g_t, o_t, tq, nk, D);
-        sgemm_rows(false, false, tq, D, nk, scale, dS.data(), nk, k_r, D, 0.0f, dQ + i0 * D, D);  // dQ = s dS K
-        sgemm_rows(true, false, nk, D, tq, scale, dS.data(), nk, q_t, D, 1.0f, dK + jlo * D, D);  // dK += s dS^T Q
+        sgemm_rows(true, false, nk, D, tq, 1.0f, P.data(), nk, g_t, gv.ld, 1.0f, dV + jlo * D, D);  // dV += P^T dO
+        sgemm_rows(false, true, tq, nk, D, 1.0f, g_t, gv.ld, v_r, vv.ld, 0.0f, dS.data(), nk);      // dP = dO V^T
+        rows.dscores(dS.data(), P.data(), g_t, gv.ld, o_t, ov.ld, tq, nk, D);
+        sgemm_rows(false, false, tq, D, nk, scale, dS.data(), nk, k_r, kv.ld, 0.0f, dQ + i0 * D, D);  // dQ = s dS K
+        sgemm_rows(true, false, nk, D, tq, scale, dS.data(), nk, q_t, qv.ld, 1.0f, dK + jlo * D, D);  // dK += s dS^T Q
       }
     }
   });

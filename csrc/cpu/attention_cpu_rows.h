@@ -213,10 +213,10 @@ static inline float dot(const float* a, const float* b, int64_t n) {
   return hsum(acc) + tail;
 }
 
-static void dscores(float* ds, const float* p, const float* g, const float* o, int64_t rows, int64_t keys,
-                    int64_t D) {
+static void dscores(float* ds, const float* p, const float* g, int64_t ldg, const float* o, int64_t ldo, int64_t rows,
+                    int64_t keys, int64_t D) {
   for (int64_t r = 0; r < rows; ++r) {
-    const float delta = dot(g + r * D, o + r * D, D);  // sum_d dO * O
+    const float delta = dot(g + r * ldg, o + r * ldo, D);  // sum_d dO * O
     float* dsr = ds + r * keys;
     const float* pr = p + r * keys;
     int64_t c = 0;

@@ -27,9 +27,10 @@ struct AttnRowKernels {
   // s = raw scores -> probabilities exp(s * scale - lse) at visible keys, 0 elsewhere (all 0 for
   // a row whose lse is -inf).
   void (*probs_bwd)(const AttnRowTile& t);
-  // ds = dP -> dS = P (dP - delta), delta = sum_d dO * O per row; p, ds rows x keys, g, o rows x D.
-  void (*dscores)(float* ds, const float* p, const float* g, const float* o, int64_t rows, int64_t keys,
-                  int64_t D);
+  // ds = dP -> dS = P (dP - delta), delta = sum_d dO * O per row; p, ds rows x keys; g, o rows x D
+  // with row strides ldg, ldo.
+  void (*dscores)(float* ds, const float* p, const float* g, int64_t ldg, const float* o, int64_t ldo, int64_t rows,
+                  int64_t keys, int64_t D);
   // x[0:n] = e^x in place, with the row passes' exponential (a test hook measures its error).
   void (*exp_inplace)(float* x, int64_t n);
   const char* isa;

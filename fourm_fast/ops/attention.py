@@ -211,8 +211,11 @@ def _backward(ctx, grad_out, grad_lse):
     q, k, v, out, lse, k_valid, q_segment, k_segment, q_limit, k_rank = ctx.saved_tensors
     if grad_out is None:
         return (None,) * 9
+    # grad_out usually arrives as a transposed view (nn.Attention reshapes out.transpose(1, 2)): the
+    # CPU executor reads such rows in place; the CUDA kernel takes it contiguous.
+    g = grad_out if grad_out.device.type == "cpu" else grad_out.contiguous()
     dq, dk, dv = torch.ops.fourm_fast.masked_attention_bwd.default(
-        grad_out.contiguous(), q, k, v, out, lse, k_valid, q_segment, k_segment, q_limit, k_rank, ctx.scale)
+        g, q, k, v, out, lse, k_valid, q_segment, k_segment, q_limit, k_rank, ctx.scale)
     return dq, dk, dv, None, None, None, None, None, None
 
 
