@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from bench.utils import append_results, environment, set_threads, time_fn, timing_dict  # noqa: E402
+from bench.utils import append_results, environment, set_threads, time_cpu_interleaved, time_fn, timing_dict  # noqa: E402
 from fourm_fast.masking import to_ml4m_batch  # noqa: E402
 from fourm_fast.model import FourM, ModalityConfig, preset  # noqa: E402
 from fourm_fast.reference.fourm import forward_4m_eager  # noqa: E402
@@ -115,21 +115,30 @@ def main(argv: list[str] | None = None) -> int:
     w = max(18, *(len(n) for n in methods))
     print(f"{'method':<{w}} {'median ms':>10} {'p20-p80 ms':>19} {'vs ours':>8} {'tokens/s':>10}")
     rows, ours = [], None
+    ready = {}
     for name, fn in methods.items():
         try:
             # compiled steps: the first call compiles, and under reduce-overhead the next ones record
             # the CUDA graphs before they are replayed
-            t = time_fn(fn, args.device, repeats=repeats, warmup=3 if "compile" in name else 1)
+            for _ in range(3 if "compile" in name else 1):
+                fn()
         except Exception as exc:  # noqa: BLE001  (a baseline that cannot run is reported, not fatal)
             if name == "fourm_fast":
                 raise
             print(f"{name:<{w}} failed: {type(exc).__name__}: {str(exc)[:160]}", flush=True)
             continue
+        ready[name] = fn
+    if device.type == "cpu":
+        timings = time_cpu_interleaved(ready, repeats)
+    else:
+        timings = {name: time_fn(fn, args.device, repeats=repeats, warmup=0) for name, fn in ready.items()}
+    for name, t in timings.items():
         ours = t.median_ms if name == "fourm_fast" else ours
         tps = B * 2 * args.tokens / (t.median_ms * 1e-3)
         rows.append({"op": "train_step", "method": name, "preset": args.preset, "quick": args.quick, "batch": B,
                      "tokens": args.tokens, "params_m": round(n_params / 1e6, 2), **timing_dict(t),
-                     "time_vs_ours": round(t.median_ms / ours, 3), "tokens_per_s": round(tps, 1)})
+                     "time_vs_ours": round(t.median_ms / ours, 3), "tokens_per_s": round(tps, 1),
+                     "interleaved": device.type == "cpu"})
         print(f"{name:<{w}} {t.median_ms:>10.1f} {t.p20_ms:>9.1f}-{t.p80_ms:<9.1f} {t.median_ms / ours:>7.2f}x {tps:>10.0f}",
               flush=True)
     if measured:

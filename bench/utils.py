@@ -1,6 +1,7 @@
 """One timing utility and one results writer for every benchmark in bench/.
 
-CPU: repeated runs after warm-up, median and p20/p80 of wall time. CUDA: CUDA events around each
+CPU: repeated runs after warm-up, median and p20/p80 of wall time (methods compared side by side
+can be timed interleaved, round by round). CUDA: CUDA events around each
 run, warm-up, an L2 flush before every run, median and p20/p80. Results append as JSON lines to
 bench/results/<name>.jsonl with the machine, device, git sha, versions and date.
 """
@@ -56,6 +57,21 @@ def time_cpu(fn: Callable[[], object], repeats: int = 5, warmup: int = 1, max_se
         if max_seconds is not None and time.perf_counter() - start > max_seconds:
             break
     return _summarise(samples)
+
+
+def time_cpu_interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, Timing]:
+    """CPU, already warmed up: `repeats` rounds of one run of each function, the order rotating
+    every round. On a shared VM whose speed moves by tens of % within minutes, timing the methods
+    one after the other let the drift decide the ratio (bench_train: 0.87x and 1.14x in two
+    back-to-back runs); interleaved, a slow spell costs every method alike."""
+    names = list(fns)
+    samples: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(repeats):
+        for n in names[r % len(names):] + names[: r % len(names)]:
+            t0 = time.perf_counter()
+            fns[n]()
+            samples[n].append((time.perf_counter() - t0) * 1e3)
+    return {n: _summarise(s) for n, s in samples.items()}
 
 
 _L2_FLUSH: torch.Tensor | None = None
