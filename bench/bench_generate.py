@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from bench.flops import count_flops  # noqa: E402
-from bench.utils import append_results, environment, set_threads, time_fn, timing_dict  # noqa: E402
+from bench.utils import append_results, environment, set_threads, time_cpu_interleaved, time_fn, timing_dict  # noqa: E402
 from fourm_fast.generate import Generator, TargetSpec, build_chained_schedule  # noqa: E402
 from fourm_fast.model import FourM, ModalityConfig, preset  # noqa: E402
 from fourm_fast.reference.generate import empty_target, generate_4m, image_input, sequence_input  # noqa: E402
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--quick", action="store_true", help="two cases, batch 2, one repeat")
     ap.add_argument("--no-reference", action="store_true")
-    ap.add_argument("--reference-max-seconds", type=float, default=120.0, help="stop repeating the slow baseline after this")
+    ap.add_argument("--reference-max-seconds", type=float, default=120.0, help="CPU: start no new timing round (one run of every method) after this; CUDA: stop repeating the slow baseline")
     ap.add_argument("--no-save", action="store_true")
     ap.add_argument("--count-flops", action="store_true", help="also count each method's executed FLOPs (one extra run each)")
     args = ap.parse_args(argv)
@@ -138,17 +138,22 @@ def main(argv: list[str] | None = None) -> int:
             methods["fourm_fast-nocache"] = lambda: ours(False)
         if not args.no_reference:
             methods["4m_reference"] = reference
-        times, flops = {}, {}
-        for name, fn in methods.items():
-            if args.count_flops:
-                flops[name] = count_flops(fn)
-            slow = name == "4m_reference"
-            t = time_fn(fn, dev, repeats=repeats, warmup=0 if slow else 1,
-                        max_seconds=args.reference_max_seconds if slow else None)
-            times[name] = t
+        flops = {name: count_flops(fn) for name, fn in methods.items()} if args.count_flops else {}
+        if dev == "cpu":  # interleaved rounds: the VM's drift costs every method alike
+            ours_only = {n: f for n, f in methods.items() if n != "4m_reference"}
+            for fn in ours_only.values():  # warm-up (the slow reference gets none)
+                fn()
+            times = time_cpu_interleaved(methods, repeats,
+                                         max_seconds=args.reference_max_seconds if "4m_reference" in methods else None)
+        else:
+            times = {name: time_fn(fn, dev, repeats=repeats, warmup=0 if name == "4m_reference" else 1,
+                                   max_seconds=args.reference_max_seconds if name == "4m_reference" else None)
+                     for name, fn in methods.items()}
+        for name in methods:
+            t = times[name]
             tps = n_gen / (t.median_ms * 1e-3)
             rows.append({"op": "generate", "case": case, "method": name, "batch": B, "generated_tokens": n_gen,
-                         **timing_dict(t), "tokens_per_s": round(tps, 2)})
+                         **timing_dict(t), "tokens_per_s": round(tps, 2), "interleaved": dev == "cpu"})
             if name in flops:
                 rows[-1]["gflop"] = round(flops[name] / 1e9, 3)
         ref = times.get("4m_reference")

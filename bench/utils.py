@@ -59,14 +59,19 @@ def time_cpu(fn: Callable[[], object], repeats: int = 5, warmup: int = 1, max_se
     return _summarise(samples)
 
 
-def time_cpu_interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, Timing]:
+def time_cpu_interleaved(fns: dict[str, Callable[[], object]], repeats: int,
+                         max_seconds: float | None = None) -> dict[str, Timing]:
     """CPU, already warmed up: `repeats` rounds of one run of each function, the order rotating
-    every round. On a shared VM whose speed moves by tens of % within minutes, timing the methods
-    one after the other let the drift decide the ratio (bench_train: 0.87x and 1.14x in two
+    every round; no new round starts after max_seconds (every method keeps the same number of
+    runs). On a shared VM whose speed moves by tens of % within minutes, timing the methods one
+    after the other let the drift decide the ratio (bench_train: 0.87x and 1.14x in two
     back-to-back runs); interleaved, a slow spell costs every method alike."""
     names = list(fns)
     samples: dict[str, list[float]] = {n: [] for n in names}
+    start = time.perf_counter()
     for r in range(repeats):
+        if r and max_seconds is not None and time.perf_counter() - start > max_seconds:
+            break
         for n in names[r % len(names):] + names[: r % len(names)]:
             t0 = time.perf_counter()
             fns[n]()
