@@ -61,7 +61,7 @@ def time_cpu(fn: Callable[[], object], repeats: int = 5, warmup: int = 1, max_se
 
 def time_cpu_interleaved(fns: dict[str, Callable[[], object]], repeats: int,
                          max_seconds: float | None = None) -> dict[str, Timing]:
-    """CPU, already warmed up: `repeats` rounds of one run of each function, the order rotating
+    """CPU, warmed up by the caller (a slow baseline may be left cold): `repeats` rounds of one run of each function, the order rotating
     every round; no new round starts after max_seconds (every method keeps the same number of
     runs). On a shared VM whose speed moves by tens of % within minutes, timing the methods one
     after the other let the drift decide the ratio (bench_train: 0.87x and 1.14x in two

@@ -94,7 +94,7 @@ def test_queries_that_see_nothing_get_zeros_and_zero_grads():
     assert (k.grad[1] == 0).all() and (v.grad[1] == 0).all()
 
 
-def test_non_contiguous_views():
+def test_non_contiguous_views(cpu_gemm, cpu_isa):  # strided leading dims through each GEMM path
     B, N, H, d = 2, 33, 3, 32
     x = torch.randn(B, N, 3, H, d)
     q, k, v = (x[:, :, i].transpose(1, 2) for i in range(3))  # (B, H, N, d) strided views

@@ -88,7 +88,8 @@ class FlashAttnBackend(Backend):
     """flash-attn's varlen kernel for the padding-only pattern (encoder self-attention, decoder
     cross-attention): each batch row is one sequence of its Nq queries over its valid keys, packed
     with index_select; rows without a valid key are left out and output zeros. flash-attn's varlen
-    API takes the longest key count as a host int, so a call syncs with the device once.
+    API takes the longest key count as a host int, and the packing indices come from nonzero: a
+    call syncs with the device three times.
     Segments and ranks (4M's decoder self-attention: bidirectional and causal modalities in one
     row) have no varlen form and are rejected."""
 
@@ -127,9 +128,9 @@ class FlashAttnBackend(Backend):
 
         cu_k = F.pad(counts[rows].cumsum(0, dtype=torch.int32), (1, 0))
         cu_q = torch.arange(rows.numel() + 1, device=rows.device, dtype=torch.int32) * Nq
-        max_k = int(counts.max()) if counts.numel() else 0  # the one host sync
+        max_k = int(counts.max()) if counts.numel() else 0  # a host sync, as the two nonzero calls
         out = a.q.new_zeros(B * Nq, H, d)
-        if rows.numel():
+        if rows.numel() and Nq:
             o = flash_attn_varlen_func(packed(a.q, Nq, q_idx), packed(a.k, Nk, k_idx), packed(a.v, Nk, k_idx), cu_q, cu_k,
                                        Nq, max_k, softmax_scale=a.scale, causal=False)
             out = out.index_copy(0, q_idx, o.to(out.dtype))
