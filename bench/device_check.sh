@@ -7,6 +7,7 @@
 # Stages, in priority order, each bounded by its own cap and by one overall deadline
 # (DEADLINE_S, default 540 s) so the call ends inside the lease: environment, build (sm_90 only),
 # the CUDA tests (GPU vs CPU twin vs float64 reference), compute-sanitizer memcheck, GPU benchmarks.
+# SKIP_STAGES="a b" leaves the named stages out (those an earlier run of the same kernels covered).
 # A stage the deadline cuts off is reported as such, never silently dropped.
 #
 # The device tool returns at most 8 files, so logs and JSONL rows are staged in $STAGE and packed
@@ -35,6 +36,7 @@ status=0
 # run_stage NAME CAP CMD...: runs CMD under its budget, logs to $STAGE/NAME.log, records the outcome.
 run_stage() {
   local name=$1 cap=$2; shift 2
+  case " ${SKIP_STAGES:-} " in *" $name "*) stamp "$name: SKIPPED (SKIP_STAGES)"; return 0;; esac
   local t; t=$(budget "$cap")
   if (( t < 10 )); then stamp "$name: SKIPPED (deadline)"; status=1; return; fi
   stamp "$name: start (budget ${t}s)"

@@ -82,28 +82,46 @@ def time_cpu_interleaved(fns: dict[str, Callable[[], object]], repeats: int,
 _L2_FLUSH: torch.Tensor | None = None
 
 
-def time_cuda(fn: Callable[[], object], repeats: int = 20, warmup: int = 3) -> Timing:
-    """CUDA-event timing of fn on the current stream, flushing L2 (256 MiB write) before each run."""
+def time_cuda(fn: Callable[[], object], repeats: int = 20, warmup: int = 3, backlog: bool = False) -> Timing:
+    """CUDA-event timing of fn on the current stream, flushing L2 (256 MiB write) before each run.
+
+    By default the span between the events includes any time the GPU waits for the host to launch
+    fn's kernels, so a call whose launches outlast its kernels (autograd, Python checks) measures
+    the host. With backlog=True a spin kernel (torch.cuda._sleep) sits ahead of the start event,
+    long enough (3x the host's launch time of fn, at least 1 ms) that every kernel of fn is queued
+    before the start event fires: the span is then the device's time alone."""
     global _L2_FLUSH
     if _L2_FLUSH is None:
         _L2_FLUSH = torch.empty(256 * 1024 * 1024 // 4, dtype=torch.float32, device="cuda")
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
+    spin_cycles = 0
+    if backlog:
+        t0 = time.perf_counter()
+        fn()  # launches only: the host does not wait for the kernels
+        launch_ms = (time.perf_counter() - t0) * 1e3
+        torch.cuda.synchronize()
+        spin_cycles = int(max(1.0, 3.0 * launch_ms) * 2.0e6)  # cycles at 2 GHz (H100/H200 run at <= 1.98)
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
     for s, e in zip(starts, ends):
         _L2_FLUSH.zero_()
+        if spin_cycles:
+            torch.cuda._sleep(spin_cycles)
         s.record()
         fn()
         e.record()
+        if spin_cycles:
+            torch.cuda.synchronize()  # one backlog at a time: the next spin must not overlap this run
     torch.cuda.synchronize()
     return _summarise([s.elapsed_time(e) for s, e in zip(starts, ends)])
 
 
-def time_fn(fn: Callable[[], object], device: str, repeats: int, warmup: int = 1, max_seconds: float | None = None) -> Timing:
+def time_fn(fn: Callable[[], object], device: str, repeats: int, warmup: int = 1, max_seconds: float | None = None,
+            backlog: bool = False) -> Timing:
     if device.startswith("cuda"):
-        return time_cuda(fn, repeats=repeats, warmup=warmup)
+        return time_cuda(fn, repeats=repeats, warmup=warmup, backlog=backlog)
     return time_cpu(fn, repeats=repeats, warmup=warmup, max_seconds=max_seconds)
 
 
