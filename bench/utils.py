@@ -1,9 +1,10 @@
 """One timing utility and one results writer for every benchmark in bench/.
 
 CPU: repeated runs after warm-up, median and p20/p80 of wall time (methods compared side by side
-can be timed interleaved, round by round). CUDA: CUDA events around each
-run, warm-up, an L2 flush before every run, median and p20/p80. Results append as JSON lines to
-bench/results/<name>.jsonl with the machine, device, git sha, versions and date.
+can be timed interleaved, round by round). CUDA: CUDA events around each run, warm-up, an L2
+flush before every run, median and p20/p80; with backlog=True the kernels are queued behind a
+spin kernel first, so the span is device time without launch overhead. Results append as JSON
+lines to bench/results/<name>.jsonl with the machine, device, git sha, versions and date.
 """
 from __future__ import annotations
 
@@ -61,9 +62,9 @@ def time_cpu(fn: Callable[[], object], repeats: int = 5, warmup: int = 1, max_se
 
 def time_cpu_interleaved(fns: dict[str, Callable[[], object]], repeats: int,
                          max_seconds: float | None = None) -> dict[str, Timing]:
-    """CPU, warmed up by the caller (a slow baseline may be left cold): `repeats` rounds of one run of each function, the order rotating
-    every round; no new round starts after max_seconds (every method keeps the same number of
-    runs). On a shared VM whose speed moves by tens of % within minutes, timing the methods one
+    """CPU, warmed up by the caller (a slow baseline may be left cold): `repeats` rounds of one run
+    of each function, the order rotating every round; no new round starts after max_seconds (every
+    method keeps the same number of runs). On a shared VM whose speed moves by tens of % within minutes, timing the methods one
     after the other let the drift decide the ratio (bench_train: 0.87x and 1.14x in two
     back-to-back runs); interleaved, a slow spell costs every method alike."""
     names = list(fns)

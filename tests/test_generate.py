@@ -293,8 +293,16 @@ def test_multi_condition_guidance_values(model):
     with torch.no_grad():
         u, c_rgb, c_cap = (_image_logits(model, _uncond(md, model, hide, SENTINELS), "depth", pos)
                            for hide in (["rgb", "caption"], ["caption"], ["rgb"]))
-    expected = (u + 2.0 * (c_rgb - u) - 0.5 * (c_cap - u)).argmax(-1)
-    assert torch.equal(st.tokens["depth"], expected)
+    guided = u + 2.0 * (c_rgb - u) - 0.5 * (c_cap - u)
+    expected = guided.argmax(-1)
+    # Exact wherever the best logit leads the runner-up by more than float rounding of the two
+    # computations; on a near-tie (another BLAS may order sums differently) either token is right.
+    top2 = guided.topk(2, dim=-1).values
+    decisive = (top2[..., 0] - top2[..., 1]) > 1e-4
+    assert decisive.float().mean() > 0.9
+    assert torch.equal(st.tokens["depth"][decisive], expected[decisive])
+    picked = guided.gather(-1, st.tokens["depth"][..., None]).squeeze(-1)
+    assert bool((picked >= top2[..., 0] - 1e-4).all())
     # the caption's term matters here: dropping it would change tokens, so the check can fail
     assert not torch.equal(expected, (u + 2.0 * (c_rgb - u)).argmax(-1))
 
