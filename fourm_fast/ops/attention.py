@@ -124,7 +124,8 @@ class FlashAttnBackend(Backend):
         q_idx = (rows[:, None] * Nq + torch.arange(Nq, device=rows.device)).reshape(-1)
 
         def packed(t, n, idx):  # (B, H, n, d) -> (len(idx), H, d): the rows of t at token ids idx
-            return t.transpose(1, 2).reshape(B * n, H, d).index_select(0, idx)
+            # one gather from the (B, n, H, d) view, without first copying t into that layout
+            return t.transpose(1, 2)[idx // n, idx % n]
 
         cu_k = F.pad(counts[rows].cumsum(0, dtype=torch.int32), (1, 0))
         cu_q = torch.arange(rows.numel() + 1, device=rows.device, dtype=torch.int32) * Nq
