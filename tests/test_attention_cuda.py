@@ -85,10 +85,23 @@ def _check(q, k, v, k_valid, meta, g, scale=None):
 
 
 def _metadata(B, Nq, Nk, kind, gen):
-    """(k_valid, meta) on the CPU. Every kind leaves some queries without a visible key."""
+    """(k_valid, meta) on the CPU. Every kind but "tail" and "halves" leaves some queries without a
+    visible key; those two make whole tiles fully visible (the kernels' per-element-rule-free
+    path) next to partial and skipped ones."""
     if kind == "decoder":
         assert Nq == Nk
         return decoder_layout_metadata(B, Nk, gen)
+    if kind in ("tail", "halves"):
+        k_valid = torch.ones(B, Nk, dtype=torch.bool)
+        k_valid[0, Nk - Nk // 5:] = False  # sample 0 padded at the end, the others full
+        meta = dict(q_segment=None, k_segment=None, q_limit=None, k_rank=None)
+        if kind == "halves":  # two contiguous segments: the first bidirectional, the second causal
+            qi, kj = torch.arange(Nq, dtype=torch.int32), torch.arange(Nk, dtype=torch.int32)
+            meta["q_segment"] = (qi * 2 // Nq).expand(B, Nq).contiguous()
+            meta["k_segment"] = (kj * 2 // Nk).expand(B, Nk).contiguous()
+            meta["k_rank"] = kj.expand(B, Nk).contiguous()
+            meta["q_limit"] = torch.where(qi * 2 // Nq == 0, Nk, qi * Nk // Nq).to(torch.int32).expand(B, Nq).contiguous()
+        return k_valid, meta
     k_valid = torch.rand(B, Nk, generator=gen) > 0.2
     meta = dict(q_segment=None, k_segment=None, q_limit=None, k_rank=None)
     if kind in ("segments", "both"):
@@ -114,7 +127,7 @@ def _inputs(B, H, Nq, Nk, d, kind, dtype, seed):
 
 SHAPES = [(1, 1, 1, 1, 16), (2, 3, 17, 17, 32), (1, 3, 128, 128, 64), (2, 1, 257, 257, 128), (2, 3, 17, 128, 64),
           (1, 3, 257, 17, 16), (3, 1, 1, 257, 128), (2, 3, 128, 257, 32)]
-KINDS = ["padding", "segments", "ranks", "both", "blocks", "decoder"]
+KINDS = ["padding", "segments", "ranks", "both", "blocks", "decoder", "tail", "halves"]
 CASES = [(s, kind) for s in SHAPES for kind in KINDS if kind != "decoder" or s[2] == s[3]]
 
 

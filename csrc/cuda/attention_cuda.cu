@@ -7,6 +7,10 @@
 // exactly like the CPU executor; every block owns one tile of one side and walks only the tiles
 // of the other side that attn_tiles_may_meet admits. The walk is block-uniform (all threads scan
 // the same bounds), and a block that meets nothing still writes its zeros (and lse = -inf).
+// Tiles that attn_tiles_all_visible proves fully visible (all of an unpadded encoder but its
+// last tile, the inside of a decoder image modality) skip the per-element rule in the
+// tensor-core kernels. Those kernels exponentiate in base 2 (attn_prob2: scale * log2 e folded
+// into the scores, one ex2 per probability); lse is stored in natural log, as the CPU stores it.
 //
 // Tensor-core path (bf16 / fp16, head dim up to 128, templated on kD = 32, 64 or 128; sm80+):
 // 128 threads = 4 warps, every warp owns 16 rows of the block's 64-row tile; the other side is
@@ -121,7 +125,7 @@ __device__ __forceinline__ BlockPos block_pos(int64_t H, int tiles, int slices) 
 }
 
 // ---------------------------------------------------------------------------------------------
-// Per-tile bounds, one thread per (batch, tile), built as the CPU executor builds them.
+// Per-tile bounds, one thread per (batch, tile), from the shared attn_*_tile_start / _add.
 __global__ void tile_bounds_kernel(AttnMetaArgs meta, int64_t B, int64_t N, int tile, int tiles, bool keys,
                                    AttnTileBounds* __restrict__ out) {
   const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -130,23 +134,11 @@ __global__ void tile_bounds_kernel(AttnMetaArgs meta, int64_t B, int64_t N, int 
   const int64_t lo = (idx % tiles) * tile, hi = min(N, lo + tile);
   AttnTileBounds r;
   if (keys) {
-    r = {INT32_MAX, INT32_MIN, INT32_MAX, 0, false};
-    for (int64_t j = lo; j < hi; ++j) {
-      const AttnKeyMeta km = attn_tiles::key_meta(meta, b, j, N);
-      if (!km.valid) continue;
-      r.any_valid = true;
-      r.seg_min = min(r.seg_min, km.segment);
-      r.seg_max = max(r.seg_max, km.segment);
-      r.rank_min = min(r.rank_min, km.rank);
-    }
+    r = kernels::attn_key_tile_start(hi - lo == tile);
+    for (int64_t j = lo; j < hi; ++j) kernels::attn_key_tile_add(r, attn_tiles::key_meta(meta, b, j, N));
   } else {
-    r = {INT32_MAX, INT32_MIN, 0, INT32_MIN, true};
-    for (int64_t i = lo; i < hi; ++i) {
-      const AttnQueryMeta qm = attn_tiles::query_meta(meta, b, i, N);
-      r.seg_min = min(r.seg_min, qm.segment);
-      r.seg_max = max(r.seg_max, qm.segment);
-      r.limit_max = max(r.limit_max, qm.limit);
-    }
+    r = kernels::attn_query_tile_start();
+    for (int64_t i = lo; i < hi; ++i) kernels::attn_query_tile_add(r, attn_tiles::query_meta(meta, b, i, N));
   }
   out[idx] = r;
 }
@@ -283,6 +275,7 @@ __global__ void __launch_bounds__(kMmaThreads) attn_fwd_mma_kernel(const AttnArg
   float l[2] = {0.0f, 0.0f};  // this lane's share of the row sums
   const AttnTileBounds mine = a.q_bounds[pos.b * a.q_tiles + pos.tile];
   const AttnTileBounds* others = a.k_bounds + pos.b * a.k_tiles;
+  const float scale2 = a.scale * kernels::kAttnLog2e;
 
   run_tiles(
       a.k_tiles,
@@ -293,30 +286,44 @@ __global__ void __launch_bounds__(kMmaThreads) attn_fwd_mma_kernel(const AttnArg
         attn_tiles::copy_tile_async<kTile, kD, kMmaThreads>(v_s(st), vg, a.v.sn, j0, a.Nk, a.d_cols);
         stage_key_meta<kTile>(a, pos.b, j0, km_s(st));
       },
-      [&](int, int st) {
+      [&](int t, int st) {
         float s[kTile / 8][4] = {};
         attn_tiles::warp_mma_nt<kBf16, kD, kTile>(s, q_s + warp * 16 * P, P, k_s(st), P, lane);
-        // Mask and scale; invisible scores become -inf, which is also what marks them below.
+        // Scores in base 2 (x = s * scale * log2 e, p = 2^(x - max)); invisible ones become -inf.
+        // A tile that the bounds prove fully visible skips the per-element rule (block-uniform).
         float tmax[2] = {neg_inf(), neg_inf()};
+        if (kernels::attn_tiles_all_visible(mine, others[t], hs, hr)) {
 #pragma unroll
-        for (int nt = 0; nt < kTile / 8; ++nt) {
+          for (int nt = 0; nt < kTile / 8; ++nt) {
 #pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const AttnKeyMeta km = staged_key_meta<kTile>(km_s(st), nt * 8 + 2 * c4 + e);
+            for (int e = 0; e < 4; ++e) {
+              s[nt][e] *= scale2;
+              tmax[e >> 1] = fmaxf(tmax[e >> 1], s[nt][e]);
+            }
+          }
+        } else {
 #pragma unroll
-            for (int h = 0; h < 2; ++h) {
-              float& x = s[nt][2 * h + e];
-              x = kernels::attn_visible(qm[h], km, hs, hr) ? x * a.scale : neg_inf();
-              tmax[h] = fmaxf(tmax[h], x);
+          for (int nt = 0; nt < kTile / 8; ++nt) {
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              const AttnKeyMeta km = staged_key_meta<kTile>(km_s(st), nt * 8 + 2 * c4 + e);
+#pragma unroll
+              for (int h = 0; h < 2; ++h) {
+                float& x = s[nt][2 * h + e];
+                x = kernels::attn_visible(qm[h], km, hs, hr) ? x * scale2 : neg_inf();
+                tmax[h] = fmaxf(tmax[h], x);
+              }
             }
           }
         }
-        // Online softmax: rescale what was accumulated under the old row maximum.
-        float alpha[2];
+        // Online softmax: rescale what was accumulated under the old row maximum. While a row has
+        // seen nothing (max -inf) it subtracts 0 instead, so -inf scores give 0, never NaN.
+        float alpha[2], sub[2];
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           const float m_new = fmaxf(m[h], attn_tiles::quad_max(tmax[h]));
-          alpha[h] = m_new == neg_inf() ? 1.0f : expf(m[h] - m_new);  // m = -inf -> 0
+          sub[h] = m_new == neg_inf() ? 0.0f : m_new;
+          alpha[h] = exp2f(m[h] - sub[h]);  // m = -inf -> 0
           m[h] = m_new;
           l[h] *= alpha[h];
         }
@@ -325,7 +332,7 @@ __global__ void __launch_bounds__(kMmaThreads) attn_fwd_mma_kernel(const AttnArg
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
             float& x = s[nt][e];
-            x = x == neg_inf() ? 0.0f : expf(x - m[e >> 1]);
+            x = exp2f(x - sub[e >> 1]);
             l[e >> 1] += x;
           }
         }
@@ -342,7 +349,7 @@ __global__ void __launch_bounds__(kMmaThreads) attn_fwd_mma_kernel(const AttnArg
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const float sum = attn_tiles::quad_sum(l[h]);
-    lse_row[h] = kernels::attn_lse(m[h], sum);
+    lse_row[h] = kernels::attn_lse_from2(m[h], sum);
     inv[h] = sum > 0.0f ? 1.0f / sum : 0.0f;  // a query that sees nothing outputs zeros
   }
   uint16_t* rows = q_s + warp * 16 * P;  // only this warp ever read these Q rows
@@ -397,6 +404,8 @@ __global__ void __launch_bounds__(kMmaThreads) attn_bwd_dq_mma_kernel(const Attn
   float dq[kD / 8][4] = {};
   const AttnTileBounds mine = a.q_bounds[pos.b * a.q_tiles + pos.tile];
   const AttnTileBounds* others = a.k_bounds + pos.b * a.k_tiles;
+  const float scale2 = a.scale * kernels::kAttnLog2e;
+  const float lse2[2] = {lse[0] * kernels::kAttnLog2e, lse[1] * kernels::kAttnLog2e};  // -inf stays -inf
 
   run_tiles(
       a.k_tiles,
@@ -407,21 +416,33 @@ __global__ void __launch_bounds__(kMmaThreads) attn_bwd_dq_mma_kernel(const Attn
         attn_tiles::copy_tile_async<kBk, kD, kMmaThreads>(v_s(st), vg, a.v.sn, j0, a.Nk, a.d_cols);
         stage_key_meta<kBk>(a, pos.b, j0, km_s(st));
       },
-      [&](int, int st) {
+      [&](int t, int st) {
         float s[kBk / 8][4] = {};
         float dp[kBk / 8][4] = {};
         attn_tiles::warp_mma_nt<kBf16, kD, kBk>(s, q_s + warp * 16 * P, P, k_s(st), P, lane);
         attn_tiles::warp_mma_nt<kBf16, kD, kBk>(dp, do_s + warp * 16 * P, P, v_s(st), P, lane);
+        if (kernels::attn_tiles_all_visible(mine, others[t], hs, hr)) {  // block-uniform
 #pragma unroll
-        for (int nt = 0; nt < kBk / 8; ++nt) {
+          for (int nt = 0; nt < kBk / 8; ++nt) {
 #pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const AttnKeyMeta km = staged_key_meta<kBk>(km_s(st), nt * 8 + 2 * c4 + e);
+            for (int e = 0; e < 4; ++e) {
+              const float p = kernels::attn_prob2(s[nt][e] * scale2, lse2[e >> 1]);
+              s[nt][e] = kernels::attn_dscore(p, dp[nt][e], delta[e >> 1]);
+            }
+          }
+        } else {
 #pragma unroll
-            for (int h = 0; h < 2; ++h) {
-              float& x = s[nt][2 * h + e];
-              const float p = kernels::attn_visible(qm[h], km, hs, hr) ? kernels::attn_prob(x * a.scale, lse[h]) : 0.0f;
-              x = kernels::attn_dscore(p, dp[nt][2 * h + e], delta[h]);
+          for (int nt = 0; nt < kBk / 8; ++nt) {
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              const AttnKeyMeta km = staged_key_meta<kBk>(km_s(st), nt * 8 + 2 * c4 + e);
+#pragma unroll
+              for (int h = 0; h < 2; ++h) {
+                float& x = s[nt][2 * h + e];
+                const float p =
+                    kernels::attn_visible(qm[h], km, hs, hr) ? kernels::attn_prob2(x * scale2, lse2[h]) : 0.0f;
+                x = kernels::attn_dscore(p, dp[nt][2 * h + e], delta[h]);
+              }
             }
           }
         }
@@ -469,6 +490,7 @@ __global__ void __launch_bounds__(kMmaThreads) attn_bwd_dkdv_mma_kernel(const At
   float dv[kD / 8][4] = {};
   const AttnTileBounds mine = a.k_bounds[pos.b * a.k_tiles + pos.tile];
   const AttnTileBounds* others = a.q_bounds + pos.b * a.q_tiles;
+  const float scale2 = a.scale * kernels::kAttnLog2e;
 
   run_tiles(
       a.q_tiles,
@@ -479,24 +501,25 @@ __global__ void __launch_bounds__(kMmaThreads) attn_bwd_dkdv_mma_kernel(const At
         attn_tiles::copy_tile_async<kBq, kD, kMmaThreads>(do_s(st), dog, a.dout.sn, i0, a.Nq, a.d_cols);
         stage_query_meta<kBq>(a, pos.b, pos.bh, i0, qm_s(st), true);
       },
-      [&](int, int st) {
+      [&](int t, int st) {
         const int32_t* meta = qm_s(st);
         const float* lse_s = reinterpret_cast<const float*>(meta) + 2 * kBq;
         const float* delta_s = reinterpret_cast<const float*>(meta) + 3 * kBq;
         // Rows are this warp's 16 keys, columns the kBq queries of the tile.
         float pt[kBq / 8][4] = {};
         attn_tiles::warp_mma_nt<kBf16, kD, kBq>(pt, k_s + warp * 16 * P, P, q_s(st), P, lane);
+        const bool full = kernels::attn_tiles_all_visible(others[t], mine, hs, hr);  // block-uniform
 #pragma unroll
         for (int nt = 0; nt < kBq / 8; ++nt) {
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
             const int col = nt * 8 + 2 * c4 + e;
             const AttnQueryMeta qm{meta[col], meta[kBq + col]};
-            const float lse = lse_s[col];
+            const float lse2 = lse_s[col] * kernels::kAttnLog2e;  // -inf stays -inf
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
               float& x = pt[nt][2 * h + e];
-              x = kernels::attn_visible(qm, km[h], hs, hr) ? kernels::attn_prob(x * a.scale, lse) : 0.0f;
+              x = full || kernels::attn_visible(qm, km[h], hs, hr) ? kernels::attn_prob2(x * scale2, lse2) : 0.0f;
             }
           }
         }

@@ -40,21 +40,61 @@ FF_INLINE I attn_visible_lanes(I valid, I k_segment, I k_rank, const AttnQueryMe
   return m;
 }
 
-// Conservative tile test: can any key of a tile be visible to any query of a tile? The CUDA
-// executor uses it to skip tiles (the CPU executor finds exact key ranges per query block); a
-// false "maybe" only costs time, a false "no" would be a bug, so it only uses bounds.
+// Conservative tile tests over per-tile bounds. The CUDA executor uses them to skip tiles (the CPU
+// executor finds exact key ranges per query block) and to drop the per-element mask on tiles where
+// every pair is visible. A false "maybe" or "not all" only costs time; a false "no" or "all" would
+// be a bug, so both only use bounds.
 struct AttnTileBounds {
-  int32_t seg_min, seg_max;  // over the tile's tokens (valid keys only for a key tile)
-  int32_t rank_min;          // key tiles: smallest rank of a valid key
-  int32_t limit_max;         // query tiles: largest limit
-  bool any_valid;            // key tiles: at least one valid key
+  int32_t seg_min, seg_max;    // over the tile's tokens (valid keys only for a key tile)
+  int32_t rank_min, rank_max;  // key tiles: smallest and largest rank of a valid key
+  int32_t limit_min;           // query tiles: smallest limit
+  int32_t limit_max;           // query tiles: largest limit
+  bool any_valid;              // key tiles: at least one valid key
+  bool all_valid;              // key tiles: a full tile (no key past the end) of valid keys
 };
+
+// Bounds of a key tile: start from attn_key_tile_start (full_tile: the tile has no key past the
+// end) and add each of its keys.
+FF_INLINE AttnTileBounds attn_key_tile_start(bool full_tile) {
+  return {INT32_MAX, INT32_MIN, INT32_MAX, INT32_MIN, 0, 0, false, full_tile};
+}
+
+FF_INLINE void attn_key_tile_add(AttnTileBounds& r, const AttnKeyMeta& k) {
+  if (!k.valid) {
+    r.all_valid = false;
+    return;
+  }
+  r.any_valid = true;
+  r.seg_min = k.segment < r.seg_min ? k.segment : r.seg_min;
+  r.seg_max = k.segment > r.seg_max ? k.segment : r.seg_max;
+  r.rank_min = k.rank < r.rank_min ? k.rank : r.rank_min;
+  r.rank_max = k.rank > r.rank_max ? k.rank : r.rank_max;
+}
+
+// Bounds of a query tile over its real queries (those past the end are never stored).
+FF_INLINE AttnTileBounds attn_query_tile_start() { return {INT32_MAX, INT32_MIN, 0, 0, INT32_MAX, INT32_MIN, true, true}; }
+
+FF_INLINE void attn_query_tile_add(AttnTileBounds& r, const AttnQueryMeta& q) {
+  r.seg_min = q.segment < r.seg_min ? q.segment : r.seg_min;
+  r.seg_max = q.segment > r.seg_max ? q.segment : r.seg_max;
+  r.limit_min = q.limit < r.limit_min ? q.limit : r.limit_min;
+  r.limit_max = q.limit > r.limit_max ? q.limit : r.limit_max;
+}
 
 FF_INLINE bool attn_tiles_may_meet(const AttnTileBounds& q, const AttnTileBounds& k, bool has_segments,
                                    bool has_ranks) {
   if (!k.any_valid) return false;
   if (has_segments && (k.seg_max < q.seg_min || q.seg_max < k.seg_min)) return false;
   if (has_ranks && k.rank_min > q.limit_max) return false;
+  return true;
+}
+
+// Every key of tile k is visible to every query of tile q (queries past the end excluded).
+FF_INLINE bool attn_tiles_all_visible(const AttnTileBounds& q, const AttnTileBounds& k, bool has_segments,
+                                      bool has_ranks) {
+  if (!k.all_valid) return false;
+  if (has_segments && !(q.seg_min == q.seg_max && k.seg_min == k.seg_max && q.seg_min == k.seg_min)) return false;
+  if (has_ranks && k.rank_max > q.limit_min) return false;
   return true;
 }
 
@@ -67,6 +107,21 @@ FF_INLINE float attn_lse(float row_max, float row_sum) {
 // Probability of a visible key from its scaled score and the row's logsumexp.
 FF_INLINE float attn_prob(float scaled_score, float lse) {
   return lse == -positive_infinity_f32() ? 0.0f : expf(scaled_score - lse);
+}
+
+// Base-2 forms of the same numbers, for executors whose fast exponential is 2^x (the GPU's ex2):
+// exp(s * scale - lse) = 2^(s * scale * log2(e) - lse * log2(e)). lse2 = lse * log2(e) keeps -inf
+// for a row that sees no key, whose probabilities are then exactly 0 whatever the score.
+constexpr float kAttnLog2e = 1.4426950408889634f;
+constexpr float kAttnLn2 = 0.6931471805599453f;
+
+FF_INLINE float attn_prob2(float score2, float lse2) {
+  return lse2 == -positive_infinity_f32() ? 0.0f : exp2f(score2 - lse2);
+}
+
+// lse from a base-2 running maximum (of s * scale * log2(e)) and the sum of 2^(x - max).
+FF_INLINE float attn_lse_from2(float max2, float sum) {
+  return sum > 0.0f ? (max2 + log2f(sum)) * kAttnLn2 : -positive_infinity_f32();
 }
 
 // Backward through softmax: dS = P (dP - delta), delta = sum_d dO * O. T is float, or a vector of
