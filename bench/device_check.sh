@@ -6,7 +6,8 @@
 #
 # Stages, in priority order, each bounded by its own cap and by one overall deadline
 # (DEADLINE_S, default 540 s) so the call ends inside the lease: environment, build (sm_90 only),
-# the CUDA tests (GPU vs CPU twin vs float64 reference), compute-sanitizer memcheck, GPU benchmarks.
+# the CUDA tests (GPU vs CPU twin vs float64 reference), compute-sanitizer memcheck, GPU benchmarks
+# (with an Nsight Compute read of the attention kernels, bench/attention_probe.py, where ncu exists).
 # SKIP_STAGES="a b" leaves the named stages out (those an earlier run of the same kernels covered).
 # A stage the deadline cuts off is reported as such, never silently dropped.
 #
@@ -86,6 +87,13 @@ if [ "$gpu" = 1 ]; then
   export FOURM_FAST_RESULTS_DIR="$STAGE"
   # Most-wanted first: the open issues' GPU goals (attention, train, generate), then the landed ops.
   run_stage bench_attention 100 $PY bench/bench_attention.py --device cuda --batch 64
+  if command -v ncu >/dev/null 2>&1; then  # where the attention kernels lose to SDPA: pipes, occupancy, memory
+    run_stage ncu_attention 60 ncu --clock-control none --kernel-name regex:attn_ --launch-skip 3 --launch-count 3 \
+      --section SpeedOfLight --section Occupancy --section LaunchStats --section ComputeWorkloadAnalysis \
+      $PY bench/attention_probe.py --pattern encoder --calls 3
+  else
+    stamp "ncu_attention: SKIPPED (ncu not on PATH)"
+  fi
   run_stage bench_train 240 $PY bench/bench_train.py --device cuda --preset B --batch 64 --repeats 10 --compile reduce-overhead --profile
   run_stage train_run 120 $PY bench/train_run_check.py --device cuda --preset B --batch 64 --steps 40
   run_stage bench_generate 60 $PY bench/bench_generate.py --device cuda --quick
