@@ -85,9 +85,9 @@ def _check(q, k, v, k_valid, meta, g, scale=None):
 
 
 def _metadata(B, Nq, Nk, kind, gen):
-    """(k_valid, meta) on the CPU. Every kind but "tail" and "halves" leaves some queries without a
-    visible key; those two make whole tiles fully visible (the kernels' per-element-rule-free
-    path) next to partial and skipped ones."""
+    """(k_valid, meta) on the CPU. Every kind but "tail" leaves some queries without a visible key
+    ("halves" only where Nq != Nk). "tail" and "halves" make whole tiles fully visible (the
+    kernels' path without the per-element rule, from Nk = 64 up) next to partial and skipped ones."""
     if kind == "decoder":
         assert Nq == Nk
         return decoder_layout_metadata(B, Nk, gen)

@@ -1,14 +1,15 @@
 // CUDA executor of masked_attention (forward and backward). Semantics match
 // csrc/cpu/attention_cpu.cpp: visibility from O(N) metadata (attn_visible), lse saved by the
 // forward pass (-inf and zero output for a query that sees no key), probabilities recomputed from
-// lse in the backward pass (attn_prob, attn_dscore), all in fp32.
+// lse in the backward pass (attn_prob, or its base-2 form attn_prob2 in the tensor-core kernels;
+// attn_dscore), all in fp32.
 //
-// Tile skipping. A small kernel computes AttnTileBounds per (batch, tile) of queries and of keys,
-// exactly like the CPU executor; every block owns one tile of one side and walks only the tiles
+// Tile skipping. A small kernel computes AttnTileBounds per (batch, tile) of queries and of keys
+// (attn_*_tile_start / _add); every block owns one tile of one side and walks only the tiles
 // of the other side that attn_tiles_may_meet admits. The walk is block-uniform (all threads scan
 // the same bounds), and a block that meets nothing still writes its zeros (and lse = -inf).
-// Tiles that attn_tiles_all_visible proves fully visible (all of an unpadded encoder but its
-// last tile, the inside of a decoder image modality) skip the per-element rule in the
+// Tiles that attn_tiles_all_visible proves fully visible (the full tiles of an unpadded encoder,
+// the inside of a decoder image modality) skip the per-element rule in the
 // tensor-core kernels. Those kernels exponentiate in base 2 (attn_prob2: scale * log2 e folded
 // into the scores, one ex2 per probability); lse is stored in natural log, as the CPU stores it.
 //
