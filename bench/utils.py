@@ -64,9 +64,9 @@ def time_cpu_interleaved(fns: dict[str, Callable[[], object]], repeats: int,
                          max_seconds: float | None = None) -> dict[str, Timing]:
     """CPU, warmed up by the caller (a slow baseline may be left cold): `repeats` rounds of one run
     of each function, the order rotating every round; no new round starts after max_seconds (every
-    method keeps the same number of runs). On a shared VM whose speed moves by tens of % within minutes, timing the methods one
-    after the other let the drift decide the ratio (bench_train: 0.87x and 1.14x in two
-    back-to-back runs); interleaved, a slow spell costs every method alike."""
+    method keeps the same number of runs). On a shared VM whose speed moves by tens of % within
+    minutes, timing the methods one after the other let the drift decide the ratio (bench_train:
+    0.87x and 1.14x in two back-to-back runs); interleaved, a slow spell costs every method alike."""
     names = list(fns)
     samples: dict[str, list[float]] = {n: [] for n in names}
     start = time.perf_counter()
