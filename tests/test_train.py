@@ -192,6 +192,22 @@ def _worker_pid(parent: int, rank: int) -> int | None:
     return None
 
 
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="lists threads through Linux /proc")
+def test_ddp_process_group_is_torn_down_before_interpreter_exit(tmp_path):
+    # CI once saw a DDP worker abort after a successful run ("terminate called without an active
+    # exception"): the group, held by DDP's reducer in a reference cycle, was destroyed during
+    # interpreter finalization. train() must leave no gloo thread behind on any rank. (Under FSDP2,
+    # torch's own DTensor caches keep the group alive past train(), so only DDP is checked.)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+           str(ROOT / "tests" / "train_then_list_threads.py"), str(tmp_path), "ddp"]
+    res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-4000:]
+    lines = [ln for ln in res.stdout.splitlines() if " threads: " in ln]
+    assert len(lines) == 2, res.stdout
+    for ln in lines:
+        assert "gloo" not in ln, ln
+
+
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="finds the torchrun workers through Linux /proc")
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
 def test_sigterm_on_one_process_stops_every_process(tmp_path, strategy):

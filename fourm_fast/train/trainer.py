@@ -8,6 +8,7 @@ and one process with the same global batch take the same steps, up to float summ
 """
 from __future__ import annotations
 
+import gc
 import math
 import os
 import random
@@ -74,8 +75,16 @@ class _Distributed:
             self.cpu_group = dist.new_group(backend="gloo") if device_kind == "cuda" else dist.group.WORLD
 
     def close(self):
+        """Tear the process groups down here, not at interpreter exit. Left to exit, gloo's worker
+        threads are joined during finalization; one that then needs the GIL (to free a tensor Python
+        handed to a collective) is killed inside a destructor, and the process aborts ("terminate
+        called without an active exception") after a successful run. The caller drops the model
+        wrapper first: DDP's reducer holds the group, from a reference cycle that only gc frees."""
         if self.active and dist.is_initialized():
+            dist.barrier(group=self.cpu_group)  # every process is past its last collective and checkpoint
+            self.cpu_group = None
             dist.destroy_process_group()
+            gc.collect()
 
 
 class _StopFlag:
@@ -259,5 +268,6 @@ def train(cfg: dict, resume: bool = False, log=print) -> dict:
                 break
     if writer:
         metrics.close()
+    del model  # holds the process group (see _Distributed.close)
     d.close()
     return {"steps": steps_done, "out": str(out), "last": last, "stopped_by": stop.signal, "rank": d.rank}
