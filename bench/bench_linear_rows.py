@@ -1,11 +1,17 @@
 #!/usr/bin/env python
-"""x @ W.T on the CPU for a few rows: F.linear's operand order against (W @ x.T).T, the order
-fourm_fast/nn/few_rows.py takes for 2-32 float32 rows (a decoding step's linear layers and head).
+"""x @ W.T on the CPU for a few float32 rows, with W cold in memory as in a decoding step:
+F.linear, the swapped order (W @ x.T).T, and fourm_fast.ops.rows_linear side by side.
 
-Rows and widths are 4M's tiny preset (dim 384, MLP hidden 1024, qkv 1152) and its vocabularies
-(8192, 16384, 30522). Each pair of timings alternates the two orders and keeps the best of
---repeats, so a drifting machine hurts both alike. "ratio" is F.linear's time over the swapped
-order's: above 1 the swap wins. Rerun it on another CPU before trusting the threshold there.
+Shapes are 4M's tiny preset (dim 384: qkv 1152, MLP 1024, projections 384) and its largest head
+(30522, the text vocabulary). A decoding step reads every weight once and the whole set does not
+fit in cache, so each call here takes the next of enough copies of W to fill --pool-mib: the time
+is that of streaming W from memory. Each method's median over --calls calls is reported as GB/s of
+weight read, against a roofline: the best of three timed reads of a --pool-mib tensor (sum), on the
+same threads. "vs linear" is F.linear's time over the method's: above 1 the method wins.
+
+fourm_fast/nn/few_rows.py sends FEW_ROWS_MIN-FEW_ROWS_MAX rows times a weight of at least
+ROWS_LINEAR_MIN_BYTES (the output heads) to rows_linear; rerun this on another CPU before trusting
+that choice there.
 
   python bench/bench_linear_rows.py
   python bench/bench_linear_rows.py --threads 1
@@ -13,6 +19,7 @@ order's: above 1 the swap wins. Rerun it on another CPU before trusting the thre
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -23,49 +30,91 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from bench.utils import append_results, environment, set_threads  # noqa: E402
-from fourm_fast.nn.few_rows import FEW_ROWS_MAX  # noqa: E402
+from fourm_fast.nn.few_rows import FEW_ROWS_MAX, FEW_ROWS_MIN, ROWS_LINEAR_MIN_BYTES  # noqa: E402
+from fourm_fast.ops import rows_linear  # noqa: E402
 
-SHAPES = [(384, 384), (1152, 384), (1024, 384), (384, 1024), (8192, 384), (16384, 384), (30522, 384)]
-ROWS = [1, 4, 8, 32, 128, 512]
+SHAPES = [(384, 384), (1024, 384), (1152, 384), (384, 1024), (8192, 384), (30522, 384)]
+ROWS = [1, 2, 4, 8, 12, 16, 32]
+METHODS = {
+    "linear": lambda x, w: F.linear(x, w),
+    "swapped": lambda x, w: torch.mm(w, x.t()).t(),
+    "rows_linear": rows_linear,
+}
 
 
-def best_of_alternating(a, b, repeats: int) -> tuple[float, float]:
-    a(), b()  # warm-up
-    ta, tb = [], []
-    for _ in range(repeats):
-        for fn, out in ((a, ta), (b, tb)):
-            start = time.perf_counter()
-            fn()
-            out.append(time.perf_counter() - start)
-    return min(ta) * 1e3, min(tb) * 1e3
+def stream_gbps(pool_mib: int) -> float:
+    """Read bandwidth of this process's threads: best of three sums over a pool_mib tensor."""
+    t = torch.ones(pool_mib * 2**20 // 4)
+    t.sum()
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        t.sum()
+        best = min(best, time.perf_counter() - start)
+    return t.numel() * 4 / best / 1e9
+
+
+class ColdPool:
+    """Copies of one weight taken round-robin across every method and cell, so a copy comes back
+    only after the whole pool (--pool-mib, far beyond the last-level cache) has been read."""
+
+    def __init__(self, n: int, k: int, pool_mib: int, g: torch.Generator):
+        copies = max(2, pool_mib * 2**20 // (n * k * 4))
+        self.copies = [torch.randn(n, k, generator=g) for _ in range(copies)]
+        self.cursor = 0
+
+    def next(self) -> torch.Tensor:
+        w = self.copies[self.cursor % len(self.copies)]
+        self.cursor += 1
+        return w
+
+
+def median_cold_ms(fn, x, pool: ColdPool, calls: int) -> float:
+    fn(x, pool.next())
+    times = []
+    for _ in range(calls):
+        w = pool.next()
+        start = time.perf_counter()
+        fn(x, w)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--calls", type=int, default=40, help="timed calls per method and cell")
+    ap.add_argument("--pool-mib", type=int, default=1024,
+                    help="weight copies per shape fill this much memory (more than the last-level cache)")
     ap.add_argument("--no-save", action="store_true")
     args = ap.parse_args(argv)
     set_threads(args.threads)
     env = environment("cpu")
-    print(f"# x @ W.T, float32, on {env['device_name']} ({torch.get_num_threads()} threads), sha {env['git_sha']}; "
-          f"few_rows swaps for 2-{FEW_ROWS_MAX} rows")
-    print(f"{'N':>6} {'K':>5} " + " ".join(f"{f'{m} rows':>9}" for m in ROWS))
+    roof = stream_gbps(args.pool_mib)
+    print(f"# x @ W.T, float32, W cold, on {env['device_name']} ({torch.get_num_threads()} threads), sha "
+          f"{env['git_sha']}; roofline (sum over {args.pool_mib} MiB) {roof:.1f} GB/s; few_rows takes rows_linear "
+          f"for {FEW_ROWS_MIN}-{FEW_ROWS_MAX} rows and weights of {ROWS_LINEAR_MIN_BYTES >> 20} MiB or more")
+    print(f"{'N':>6} {'K':>4} {'rows':>4}  " + "  ".join(f"{m + ' GB/s':>16}" for m in METHODS)
+          + f"  {'rows_linear vs linear':>21}")
     g = torch.Generator().manual_seed(0)
-    rows = []
+    results = []
     for n, k in SHAPES:
-        w = torch.randn(n, k, generator=g)
-        cells = []
+        pool = ColdPool(n, k, args.pool_mib, g)
+        gb = n * k * 4 / 1e9
         for m in ROWS:
             x = torch.randn(m, k, generator=g)
-            lin, swapped = best_of_alternating(lambda: F.linear(x, w), lambda: torch.mm(w, x.t()).t(), args.repeats)
-            ratio = lin / swapped
-            cells.append(f"{ratio:>8.2f}x")
-            rows.append({"op": "linear_rows", "n": n, "k": k, "rows": m, "linear_ms": round(lin, 4),
-                         "swapped_ms": round(swapped, 4), "ratio": round(ratio, 3), "repeats": args.repeats})
-        print(f"{n:>6} {k:>5} " + " ".join(cells), flush=True)
+            ms = {name: median_cold_ms(fn, x, pool, args.calls) for name, fn in METHODS.items()}
+            cells = "  ".join(f"{gb / (t / 1e3):>16.1f}" for t in ms.values())
+            ratio = ms["linear"] / ms["rows_linear"]
+            print(f"{n:>6} {k:>4} {m:>4}  {cells}  {ratio:>20.2f}x", flush=True)
+            for name, t in ms.items():
+                results.append({"op": "linear_rows", "method": name, "n": n, "k": k, "rows": m,
+                                "median_ms": round(t, 4), "gbps": round(gb / (t / 1e3), 2),
+                                "roofline_gbps": round(roof, 2), "vs_linear": round(ms["linear"] / t, 3),
+                                "calls": args.calls, "weights": "cold"})
+        del pool
     if not args.no_save:
-        print(f"# appended {len(rows)} rows to {append_results('linear_rows', rows, env)}")
+        print(f"# appended {len(results)} rows to {append_results('linear_rows', results, env)}")
     return 0
 
 

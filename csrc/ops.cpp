@@ -47,6 +47,21 @@ TORCH_LIBRARY(fourm_fast, m) {
       "span_mask(Tensor lengths, Tensor input_budget, Tensor target_budget, Tensor keep_mode, int max_tokens, "
       "int modality, int seed, int offset) -> (Tensor source, Tensor num_input, Tensor num_target, "
       "Tensor top_sentinel)");
+  m.def("rows_linear(Tensor x, Tensor weight) -> Tensor");
+}
+
+namespace {
+// rows_linear exists for the CPU: on a GPU, cuBLAS already runs few-row products at memory speed,
+// and fourm_fast/nn/few_rows.py sends CUDA tensors to F.linear.
+void rows_linear_cuda_unsupported(const c10::OperatorHandle&, torch::jit::Stack*) {
+  TORCH_CHECK(false, "rows_linear: CPU only (a GPU's F.linear already runs few-row products at memory speed); "
+              "got CUDA tensors: use torch.nn.functional.linear, or fourm_fast.nn.few_rows.few_rows_linear, "
+              "which picks it");
+}
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fourm_fast, CUDA, m) {
+  m.impl("rows_linear", torch::CppFunction::makeFromBoxedFunction<&rows_linear_cuda_unsupported>());
 }
 
 #ifndef FOURM_FAST_WITH_CUDA

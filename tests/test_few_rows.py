@@ -1,12 +1,13 @@
-"""fourm_fast.nn.few_rows: the swapped operand order for a few rows agrees with F.linear to float32
-rounding, is taken exactly where its docstring says, and the Mlp helper matches Mlp.forward."""
+"""fourm_fast.nn.few_rows: rows_linear for a few rows agrees with F.linear to float32 rounding, is
+taken exactly where the docstring says, and the Mlp helper matches Mlp.forward."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 from fourm_fast.model import ModalityConfig, preset
 from fourm_fast.model.blocks import Mlp
-from fourm_fast.nn.few_rows import FEW_ROWS_MAX, few_rows_linear, few_rows_mlp
+from fourm_fast.nn.few_rows import FEW_ROWS_MAX, FEW_ROWS_MIN, ROWS_LINEAR_MIN_BYTES, few_rows_linear, few_rows_mlp
+from fourm_fast.ops import rows_linear
 
 
 def _operands(rows: int, k: int, n: int, bias: bool, seed: int = 0):
@@ -17,8 +18,8 @@ def _operands(rows: int, k: int, n: int, bias: bool, seed: int = 0):
     return x, w, b
 
 
-@pytest.mark.parametrize("rows", [0, 1, 2, 3, 17, FEW_ROWS_MAX, FEW_ROWS_MAX + 1, 97])
-@pytest.mark.parametrize("n", [1, 7, 384, 4099])
+@pytest.mark.parametrize("rows", [0, 1, 3, FEW_ROWS_MIN, 7, FEW_ROWS_MAX, FEW_ROWS_MAX + 1, 97])
+@pytest.mark.parametrize("n", [1, 7, 384, 17000])  # 17000 x 64 floats: over ROWS_LINEAR_MIN_BYTES
 @pytest.mark.parametrize("bias", [False, True])
 def test_matches_linear_to_float32_rounding(rows, n, bias):
     x, w, b = _operands(rows, 64, n, bias)
@@ -29,13 +30,13 @@ def test_matches_linear_to_float32_rounding(rows, n, bias):
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("rows", [1, 2, 5, FEW_ROWS_MAX, FEW_ROWS_MAX + 1])
-def test_order_is_swapped_exactly_for_2_to_32_float32_cpu_rows(rows):
-    x, w, b = _operands(rows, 48, 130, True, seed=rows)
-    swapped = torch.mm(w, x.t()).t() + b
+@pytest.mark.parametrize("rows", [1, FEW_ROWS_MIN - 1, FEW_ROWS_MIN, 7, FEW_ROWS_MAX, FEW_ROWS_MAX + 1])
+@pytest.mark.parametrize("n", [ROWS_LINEAR_MIN_BYTES // (4 * 48) - 1, ROWS_LINEAR_MIN_BYTES // (4 * 48) + 1])
+def test_rows_linear_is_taken_exactly_for_few_float32_cpu_rows_and_large_weights(rows, n):
+    x, w, b = _operands(rows, 48, n, True, seed=rows)
     got = few_rows_linear(x, w, b)
-    if 2 <= rows <= FEW_ROWS_MAX:
-        assert torch.equal(got, swapped)
+    if FEW_ROWS_MIN <= rows <= FEW_ROWS_MAX and w.numel() * 4 >= ROWS_LINEAR_MIN_BYTES:
+        assert torch.equal(got, rows_linear(x, w) + b)
     else:
         assert torch.equal(got, F.linear(x, w, b))
 

@@ -1,28 +1,24 @@
-"""Linear layers on a handful of rows (one autoregressive decoding step), in the operand order the
-CPU's BLAS runs fastest.
+"""Linear layers on a handful of rows (one autoregressive decoding step) at the speed of
+streaming their weights.
 
-``x @ W.T`` with few rows is weight-bound: the whole weight streams from memory for a few dot
-products per element. PyTorch's CPU build hands ``F.linear`` to MKL as an (M x K) by (K x N)^T
-product, and for 2-32 rows MKL runs that order well below memory speed on the 2-core AMD EPYC
-(AVX2) we measure on; the same product as ``(W @ x.T).T`` (N x K by K x M) streams W at memory
-speed. Measured there by ``bench/bench_linear_rows.py`` (``F.linear`` time / ``(W @ x.T).T`` time,
-best of 7 alternating, float32, K = 384; rows in bench/results/linear_rows.jsonl):
+``x @ W.T`` with few rows is weight-bound: the whole weight streams from memory for a few
+multiply-adds per element. BLAS handles that shape unevenly across CPUs: on the 2-core AMD EPYC
+(AVX2) MKL's ``F.linear`` ran well below memory speed for 2-32 rows and the swapped order
+``(W @ x.T).T`` did not, while on the 2-core Xeon (AVX-512) the swapped order is the slow one
+(11.8 GB/s against F.linear's 15.0 for 4 rows of the 30522 x 384 head). So 2 to FEW_ROWS_MAX
+float32 rows on the CPU go to fourm_fast.ops.rows_linear, which reads each weight row from memory
+once per thread block with software prefetch and does not depend on the BLAS. Weights cold in
+memory, as in a decoding step, on the Xeon (``bench/bench_linear_rows.py``; GB/s of weight read):
 
-    rows              4      8     32          rows              4      8     32
-    N 30522, 2 thr   3.4x   2.6x   1.6x        N 30522, 1 thr   2.2x   1.4x   1.3x
-    N 8192,  2 thr   3.1x   2.1x   1.7x        N 8192,  1 thr   2.2x   1.8x   1.3x
-    N 1024,  2 thr   1.3x   0.9x   1.2x        N 1024,  1 thr   0.9x   0.6x   1.1x
+    rows                   2      4      8     12     16     24
+    30522 x 384 F.linear  21.8   15.0   13.6   12.3   11.7   10.6
+                rows_lin  19.7   17.9   15.8   13.3   11.2    8.6
+    1024 x 384  F.linear  21.4   17.0   14.6   12.9   11.7   10.4
+                rows_lin  20.0   18.2   15.9   14.3   11.1    8.8
 
-The wide products (the output heads) win on either thread count. The narrow ones (the blocks'
-projections) win at 4 and 32 rows on 2 threads, break even at 8, and lose at 4-8 rows on 1
-thread. End to end the heads dominate: one cached
-caption decoding (bench_generate's "rgb->caption ar32", batch 4) went from 1.29 s to 0.85 s on 2
-threads and 1.41 s to 1.12 s on 1 thread with every layer swapped, against 1.00 s and 1.17 s with
-the heads alone, so every layer takes the swap. One row is a matrix-vector product either
-way, and from a few dozen rows on the order stops mattering or goes the other way (the transposed
-result then also costs a copy downstream), so only 2-32 float32 rows on the CPU take the swapped
-order; everything else is ``F.linear``. The two orders sum each dot product differently, so results
-agree to float32 rounding, not bitwise.
+Past a dozen rows the AVX2 kernel's arithmetic starts to show against MKL's AVX-512, so more rows
+(and one row, a matrix-vector product either way) keep ``F.linear``, as do other dtypes and GPUs.
+rows_linear's sums agree with F.linear to float32 rounding, not bitwise.
 """
 from __future__ import annotations
 
@@ -30,19 +26,25 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-FEW_ROWS_MAX = 32
+from ..ops.rows_linear import rows_linear
+
+FEW_ROWS_MIN, FEW_ROWS_MAX = 4, 12
+# Weights from this size on stream long enough for rows_linear's prefetching to pay; smaller ones
+# are dominated by per-call costs, where F.linear is cheaper.
+ROWS_LINEAR_MIN_BYTES = 4 << 20
 
 
-def _swapped(rows: int, x: Tensor) -> bool:
-    return x.device.type == "cpu" and x.dtype == torch.float32 and 2 <= rows <= FEW_ROWS_MAX
+def _few_rows_path(rows: int, x: Tensor, weight: Tensor) -> bool:
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
+            and FEW_ROWS_MIN <= rows <= FEW_ROWS_MAX and weight.numel() * 4 >= ROWS_LINEAR_MIN_BYTES)
 
 
 def few_rows_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """``F.linear(x, weight, bias)``: x (..., K), weight (N, K), bias (N,) or None -> (..., N)."""
     rows = x.numel() // max(x.shape[-1], 1)
-    if not _swapped(rows, x) or weight.dtype != x.dtype:
+    if not _few_rows_path(rows, x, weight):
         return F.linear(x, weight, bias)
-    y = torch.mm(weight, x.reshape(rows, x.shape[-1]).t()).t()
+    y = rows_linear(x.reshape(rows, x.shape[-1]), weight)
     if bias is not None:
         y = y + bias
     return y.reshape(*x.shape[:-1], weight.shape[0])

@@ -1,0 +1,139 @@
+"""rows_linear on the CPU: fp64 parity within float32's dot-product bound on hostile shapes, one
+order of summation for every kernel and thread count, strided inputs, non-finite values, bad
+input, opcheck, autograd and torch.compile."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fourm_fast._extension import extension
+from fourm_fast.ops import rows_linear
+
+op = torch.ops.fourm_fast.rows_linear.default
+
+
+def _operands(r: int, k: int, n: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(r, k, generator=g), torch.randn(n, k, generator=g)
+
+
+def _assert_within_dot_bound(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None:
+    # A float32 sum of K products, each lane an FMA chain and the 8 lanes added in a tree, is off
+    # from the exact value by at most about K * u * sum|x_k w_k| (u = 2^-24); 1.01 covers the
+    # rounding of the bound itself.
+    exact = x.double() @ w.double().t()
+    bound = max(x.shape[1], 1) * 2.0**-24 * 1.01 * (x.double().abs() @ w.double().abs().t())
+    err = (y.double() - exact).abs()
+    assert bool((err <= bound + 1e-30).all()), f"max error {err.max().item():.3g}, bound {bound.max().item():.3g}"
+
+
+@pytest.mark.parametrize("r", [1, 2, 3, 4, 5, 6, 7, 13])
+@pytest.mark.parametrize("k", [1, 7, 8, 9, 17, 384, 1031])
+@pytest.mark.parametrize("n", [1, 2, 3, 31, 257])
+def test_matches_fp64_within_the_float32_dot_bound(cpu_isa, r, k, n):
+    x, w = _operands(r, k, n, seed=r * 1000 + k + n)
+    y = rows_linear(x, w)
+    assert y.shape == (r, n) and y.dtype == torch.float32 and y.is_contiguous()
+    _assert_within_dot_bound(y, x, w)
+
+
+@pytest.mark.parametrize("k", [5, 8, 23, 384])
+def test_every_kernel_and_thread_count_gives_the_same_bits(k):
+    # The lane order is the op's definition: the AVX2 kernel must return the portable loop's bits,
+    # and splitting the weight rows over threads must not change any sum.
+    x, w = _operands(11, k, 1500, seed=k)
+    ext = extension()
+    ext._set_cpu_isa(1)
+    try:
+        generic = rows_linear(x, w)
+    finally:
+        ext._set_cpu_isa(0)
+    auto = rows_linear(x, w)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one_thread = rows_linear(x, w)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(auto, generic)
+    assert torch.equal(one_thread, auto)
+
+
+def test_strided_inputs_and_empty_shapes():
+    x, w = _operands(6, 40, 50)
+    want = rows_linear(x, w)
+    big_x = torch.zeros(12, 90)
+    big_x[::2, 3:43] = x  # row stride 180, unit stride along K
+    wt = w.t().contiguous().t()  # K-major weight: stride (1, N), copied by the op
+    assert torch.equal(rows_linear(big_x[::2, 3:43], w), want)
+    assert torch.equal(rows_linear(x, wt), want)
+    xs = torch.zeros(6, 80)
+    xs[:, ::2] = x  # stride 2 along K: copied
+    assert torch.equal(rows_linear(xs[:, ::2], w), want)
+    assert rows_linear(torch.zeros(0, 40), w).shape == (0, 50)
+    assert rows_linear(x, torch.zeros(0, 40)).shape == (6, 0)
+    zero_k = rows_linear(torch.zeros(3, 0), torch.zeros(4, 0))
+    assert zero_k.shape == (3, 4) and torch.equal(zero_k, torch.zeros(3, 4))
+
+
+def test_non_finite_values_propagate_like_linear():
+    x, w = _operands(5, 33, 9)
+    x[1, 4] = float("nan")
+    x[3, 0] = float("inf")
+    w[2, 7] = float("-inf")
+    got, want = rows_linear(x, w), F.linear(x, w)
+    assert torch.equal(torch.isnan(got), torch.isnan(want))
+    assert torch.equal(torch.isinf(got), torch.isinf(want))
+    finite = torch.isfinite(want)
+    torch.testing.assert_close(got[finite], want[finite], rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("x, w, exc, message", [
+    (torch.zeros(3), torch.zeros(4, 3), ValueError, "x must be 2-D"),
+    (torch.zeros(2, 3, 4), torch.zeros(4, 4), ValueError, "x must be 2-D"),
+    (torch.zeros(2, 3), torch.zeros(3), ValueError, "weight must be 2-D"),
+    (torch.zeros(2, 3), torch.zeros(4, 5), ValueError, "x has K = 3 but weight has K = 5"),
+    (torch.zeros(2, 3, dtype=torch.float64), torch.zeros(4, 3, dtype=torch.float64), TypeError, "float32 only"),
+    (torch.zeros(2, 3, dtype=torch.bfloat16), torch.zeros(4, 3), TypeError, "float32 only"),
+    (torch.zeros(2, 3), torch.zeros(4, 3, dtype=torch.float16), TypeError, "float32 only"),
+])
+def test_bad_input_raises_clear_errors(x, w, exc, message):
+    with pytest.raises(exc, match=message):
+        rows_linear(x, w)
+    with pytest.raises(exc, match=message):  # the fake impl agrees with the kernel's checks
+        rows_linear(x.to("meta"), w.to("meta"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_tensors_raise_and_point_to_linear():
+    x, w = _operands(4, 16, 8)
+    with pytest.raises(RuntimeError, match="rows_linear: CPU only"):
+        rows_linear(x.cuda(), w.cuda())
+
+
+def test_opcheck():
+    x, w = _operands(5, 24, 37)
+    torch.library.opcheck(op, (x.requires_grad_(), w.requires_grad_()))
+    torch.library.opcheck(op, (x.detach(), w.detach()))
+
+
+def test_gradients_agree_with_linear():
+    x, w = _operands(6, 19, 23, seed=3)
+    x.requires_grad_(True)
+    w.requires_grad_(True)
+    g = torch.randn(6, 23)
+    got = torch.autograd.grad((rows_linear(x, w) * g).sum(), (x, w))
+    want = torch.autograd.grad((F.linear(x, w) * g).sum(), (x, w))
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
+
+
+def test_torch_compile_fullgraph():
+    torch._dynamo.reset()
+
+    @torch.compile(fullgraph=True)
+    def head(x, w, b):
+        return rows_linear(x, w) + b
+
+    x, w = _operands(4, 32, 45)
+    b = torch.randn(45)
+    torch.testing.assert_close(head(x, w, b), rows_linear(x, w) + b)
