@@ -1,14 +1,14 @@
 // CPU executor of rows_linear: x (R x K) times weight (N x K) transposed, for the few rows of one
 // autoregressive decoding step.
 //
-// Such a product is bound by streaming the weight from memory (R multiply-adds per weight float).
-// BLAS libraries split it across threads poorly at this shape: on 2 threads MKL's F.linear read a
-// 30522 x 384 head at about 15 GB/s where a plain parallel sum reads 22 GB/s (Xeon, AVX-512), and on
-// the EPYC it ran well below memory speed in the (M x K)(K x N) order (fourm_fast/nn/few_rows.py).
-// Here each thread takes a contiguous block of weight rows, reads each row from memory once and
-// multiplies it with every row of x, which stays in L1/L2. Each output is one dot product in the
-// fixed lane order of csrc/kernels/rows_linear_math.h, so results do not depend on the thread
-// count, and the AVX2 kernel returns the bits of the portable one.
+// Such a product is bound by streaming the weight from memory (R multiply-adds per weight float),
+// and BLAS libraries run it unevenly: MKL's F.linear read the 30522 x 384 head cold at 14.2 GB/s
+// for 4 rows on the 2-core Xeon, against 23.8 GB/s for a plain sum (bench/bench_linear_rows.py;
+// fourm_fast/nn/few_rows.py has the table and the EPYC's story). Here each thread takes a
+// contiguous block of weight rows, prefetches ahead of the multiply-adds, reads each row from
+// memory once and multiplies it with every row of x, which stays in L1/L2: 18.3 GB/s there.
+// Each output is one dot product in the fixed lane order of csrc/kernels/rows_linear_math.h, so
+// results do not depend on the thread count, and the AVX2 kernel returns the portable loop's bits.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -101,21 +101,23 @@ __attribute__((target("avx2,fma"))) inline void column_avx2(const float* x, int6
   for (; r < R; ++r) tile_avx2<1, NW>(x + r * ldx, ldx, w, ldw, K, mask, y + r * N, N);
 }
 
-// 16 rows (24 KiB at K = 384) ahead read best of 4 and 16 on the Xeon.
+// Prefetch distance in weight rows: of 4 and 16 tried on the Xeon, 16 (24 KiB at K = 384) read faster.
 constexpr int64_t kPrefetchRows = 16;
 
 __attribute__((target("avx2,fma"))) void rows_block_avx2(const float* x, int64_t ldx, const float* w,
                                                           int64_t ldw, float* y, int64_t R, int64_t N,
                                                           int64_t K, int64_t n0, int64_t n1) {
   const __m256i mask = tail_mask(K % 8);
+  const int64_t row_bytes = K * static_cast<int64_t>(sizeof(float));
   int64_t n = n0;
   for (; n + 2 <= n1; n += 2) {
-    // A core keeps few misses in flight on its own: with the multiply-adds between loads it read
-    // the weight at half the rate a bare sum does. Ask for the rows kPrefetchRows ahead now.
+    // A core keeps few misses in flight by itself once multiply-adds sit between the loads:
+    // without this, 4 rows of the head read at 15 GB/s; asking kPrefetchRows ahead gave 19.
     if (n + kPrefetchRows + 2 <= n1) {
-      const char* ahead = reinterpret_cast<const char*>(w + (n + kPrefetchRows) * ldw);
-      const int64_t bytes = 2 * K * static_cast<int64_t>(sizeof(float));
-      for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(ahead + b, _MM_HINT_T0);
+      for (int j = 0; j < 2; ++j) {
+        const char* ahead = reinterpret_cast<const char*>(w + (n + kPrefetchRows + j) * ldw);
+        for (int64_t b = 0; b < row_bytes; b += 64) _mm_prefetch(ahead + b, _MM_HINT_T0);
+      }
     }
     column_avx2<2>(x, ldx, w + n * ldw, ldw, y + n, R, N, K, mask);
   }

@@ -6,7 +6,7 @@ its self-attention keys and values are appended to a per-layer cache, and the cr
 keys and values of the encoder output are projected once per encoder pass. The arithmetic per
 token is the decoder's own (same modules, same masked_attention op), so with the cache off
 (``use_cache=False``, the 4M way) the tokens are the same. A step has only R rows, so its linear
-layers go through fourm_fast.nn.few_rows (the faster operand order for a few rows on the CPU).
+layers go through fourm_fast.nn.few_rows (rows_linear for the heads on the CPU).
 """
 from __future__ import annotations
 

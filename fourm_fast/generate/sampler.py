@@ -102,7 +102,7 @@ class Generator:
         """Target-head logits of the guided decoder output. The head is linear without bias, so
         u + sum_i w_i (c_i - u) of the logits equals the head applied to the same combination of
         the hidden states: one (R, dim) x (dim, V) product instead of P. An autoregressive step
-        has a few rows, for which fourm_fast.nn.few_rows picks the faster operand order."""
+        has a few rows, for which fourm_fast.nn.few_rows streams the head through rows_linear."""
         layer = self.model.decoder_embeddings[name].to_logits
 
         def head(rows: Tensor) -> Tensor:

@@ -3,22 +3,27 @@ streaming their weights.
 
 ``x @ W.T`` with few rows is weight-bound: the whole weight streams from memory for a few
 multiply-adds per element. BLAS handles that shape unevenly across CPUs: on the 2-core AMD EPYC
-(AVX2) MKL's ``F.linear`` ran well below memory speed for 2-32 rows and the swapped order
-``(W @ x.T).T`` did not, while on the 2-core Xeon (AVX-512) the swapped order is the slow one
-(11.8 GB/s against F.linear's 15.0 for 4 rows of the 30522 x 384 head). So 2 to FEW_ROWS_MAX
-float32 rows on the CPU go to fourm_fast.ops.rows_linear, which reads each weight row from memory
-once per thread block with software prefetch and does not depend on the BLAS. Weights cold in
-memory, as in a decoding step, on the Xeon (``bench/bench_linear_rows.py``; GB/s of weight read):
+(AVX2) MKL's ``F.linear`` ran well below memory speed for 2-32 rows of the output heads (and the
+swapped order ``(W @ x.T).T`` did not), while on the 2-core Xeon (AVX-512) the swapped order is
+the slow one. So FEW_ROWS_MIN-FEW_ROWS_MAX float32 rows times a weight of ROWS_LINEAR_MIN_BYTES or
+more (the output heads) go to fourm_fast.ops.rows_linear, which streams the weight with software
+prefetch and does not depend on the BLAS; everything else is ``F.linear``. Weights cold in memory,
+as in a decoding step, GB/s of weight read on the Xeon (``bench/bench_linear_rows.py`` at 829bc81,
+roofline 23.8 GB/s, rows in bench/results/linear_rows.jsonl):
 
-    rows                   2      4      8     12     16     24
-    30522 x 384 F.linear  21.8   15.0   13.6   12.3   11.7   10.6
-                rows_lin  19.7   17.9   15.8   13.3   11.2    8.6
-    1024 x 384  F.linear  21.4   17.0   14.6   12.9   11.7   10.4
-                rows_lin  20.0   18.2   15.9   14.3   11.1    8.8
+    rows                    1      2      4      8     12     16     32
+    30522 x 384 F.linear  24.1   22.7   14.2   13.4   12.3   11.5    9.0
+                swapped   24.3   11.6   11.8   11.7   11.9   12.3    9.7
+                rows_lin  21.6   20.1   18.3   16.1   14.3   11.3    6.6
+    8192 x 384  F.linear  23.2   22.3   12.7    9.3    7.9   10.9    8.9
+                rows_lin  22.2   19.3   18.0   15.3   13.9   10.9    6.5
+    1024 x 384  F.linear  23.9   23.9   16.9   14.3   12.8   12.1    9.8
+                rows_lin  21.9   19.2   16.4   15.4   12.4   11.2    6.8
 
-Past a dozen rows the AVX2 kernel's arithmetic starts to show against MKL's AVX-512, so more rows
-(and one row, a matrix-vector product either way) keep ``F.linear``, as do other dtypes and GPUs.
-rows_linear's sums agree with F.linear to float32 rounding, not bitwise.
+On the blocks' own weights (1.5 MiB and less) rows_linear is within about 10% of F.linear either
+way, and per-call costs decide, so they keep F.linear; so do 1-3 rows, past a dozen rows (where
+the AVX2 kernel's arithmetic shows against MKL's AVX-512), other dtypes and GPUs. rows_linear's
+sums agree with F.linear to float32 rounding, not bitwise.
 """
 from __future__ import annotations
 
