@@ -1,5 +1,5 @@
-"""bench/flops.py counts fourm_fast's masked_attention like the eager attention it replaces, so the
-benchmarks' FLOP ratios compare like with like."""
+"""bench/flops.py counts fourm_fast's masked_attention like the eager attention it replaces and
+rows_linear like F.linear, so the benchmarks' FLOP ratios compare like with like."""
 import sys
 from pathlib import Path
 
@@ -26,3 +26,11 @@ def test_masked_attention_counts_as_eager_forward_and_backward():
         assert fwd == count_flops(lambda: _eager(q, k, v)) == 4 * B * H * Nq * Nk * d
     both = count_flops(lambda: masked_attention(q, k, v, valid).sum().backward())
     assert both == count_flops(lambda: _eager(q, k, v).sum().backward()) == 3 * fwd
+
+
+def test_rows_linear_counts_as_the_linear_it_replaces():
+    from fourm_fast.ops import rows_linear
+
+    x, w = torch.randn(5, 24), torch.randn(37, 24)
+    with torch.no_grad():
+        assert count_flops(lambda: rows_linear(x, w)) == count_flops(lambda: torch.nn.functional.linear(x, w)) == 2 * 5 * 37 * 24
