@@ -2,8 +2,8 @@
 """x @ W.T on the CPU for a few float32 rows, with W cold in memory as in a decoding step:
 F.linear, the swapped order (W @ x.T).T, and fourm_fast.ops.rows_linear side by side.
 
-Shapes are 4M's tiny preset (dim 384: qkv 1152, MLP 1024, projections 384) and its largest head
-(30522, the text vocabulary). A decoding step reads every weight once and the whole set does not
+Shapes are 4M's tiny preset (dim 384: qkv 1152, MLP 1024, projections 384) with its 8192 and
+30522 (text) heads, and the base preset's blocks (dim 768: qkv 2304, MLP 3072) and text head. A decoding step reads every weight once and the whole set does not
 fit in cache, so each call here takes the next of enough copies of W to fill --pool-mib: the time
 is that of streaming W from memory. Each method's median over --calls calls is reported as GB/s of
 weight read, against a roofline: the best of three timed reads of a --pool-mib tensor (sum), on the
@@ -33,7 +33,8 @@ from bench.utils import append_results, environment, set_threads  # noqa: E402
 from fourm_fast.nn.few_rows import FEW_ROWS_MAX, FEW_ROWS_MIN, ROWS_LINEAR_MIN_BYTES  # noqa: E402
 from fourm_fast.ops import rows_linear  # noqa: E402
 
-SHAPES = [(384, 384), (1024, 384), (1152, 384), (384, 1024), (8192, 384), (30522, 384)]
+SHAPES = [(384, 384), (1024, 384), (1152, 384), (384, 1024), (8192, 384), (30522, 384),
+          (2304, 768), (3072, 768), (768, 3072), (30522, 768)]
 ROWS = [1, 2, 4, 8, 12, 16, 32]
 METHODS = {
     "linear": lambda x, w: F.linear(x, w),

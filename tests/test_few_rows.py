@@ -71,3 +71,10 @@ def test_mlp_helper_matches_mlp_forward(gated):
     x = torch.randn(5, 1, 96)
     with torch.no_grad():
         torch.testing.assert_close(few_rows_mlp(mlp, x), mlp(x), rtol=1e-5, atol=1e-5)
+
+
+def test_weights_strided_along_k_keep_linear():
+    # rows_linear would copy a 4+ MiB weight on every call: such weights stay on F.linear.
+    x = torch.randn(5, 48)
+    w = torch.randn(48, 30000).t()  # (30000, 48), stride 1 along N
+    assert torch.equal(few_rows_linear(x, w), F.linear(x, w))

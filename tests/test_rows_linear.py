@@ -36,11 +36,18 @@ def test_matches_fp64_within_the_float32_dot_bound(cpu_isa, r, k, n):
     _assert_within_dot_bound(y, x, w)
 
 
-@pytest.mark.parametrize("k", [5, 8, 23, 384])
-def test_every_kernel_and_thread_count_gives_the_same_bits(k):
-    # The lane order is the op's definition: the AVX2 kernel must return the portable loop's bits,
-    # and splitting the weight rows over threads must not change any sum.
-    x, w = _operands(11, k, 1500, seed=k)
+def _underflowing(k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    # Every product underflows to -0, so a lane that holds any is -0: the tail lanes must keep it.
+    return torch.full((5, k), -1e-30), torch.full((70, k), 1e-30)
+
+
+@pytest.mark.skipif(extension().build_info()["cpu_kernel"] == "generic", reason="this CPU runs the portable loop only")
+@pytest.mark.parametrize("k", [5, 8, 9, 23, 384])
+@pytest.mark.parametrize("values", ["random", "underflow"])
+def test_every_kernel_and_thread_count_gives_the_same_bits(k, values):
+    # The lane order is the op's definition: the AVX2 kernel must return the portable loop's bits
+    # (signed zeros included), and splitting the weight rows over threads must not change a sum.
+    x, w = _operands(11, k, 1500, seed=k) if values == "random" else _underflowing(k)
     ext = extension()
     ext._set_cpu_isa(1)
     try:
@@ -54,6 +61,9 @@ def test_every_kernel_and_thread_count_gives_the_same_bits(k):
         one_thread = rows_linear(x, w)
     finally:
         torch.set_num_threads(threads)
+    if values == "underflow" and k >= 8:  # every lane then holds a product: the sum is -0
+        assert bool((generic == 0).all()) and bool(torch.signbit(generic).all())
+    assert torch.equal(torch.signbit(auto), torch.signbit(generic))
     assert torch.equal(auto, generic)
     assert torch.equal(one_thread, auto)
 
@@ -137,3 +147,8 @@ def test_torch_compile_fullgraph():
     x, w = _operands(4, 32, 45)
     b = torch.randn(45)
     torch.testing.assert_close(head(x, w, b), rows_linear(x, w) + b)
+
+
+def test_sparse_input_raises_instead_of_crashing():
+    with pytest.raises(NotImplementedError, match="rows_linear"):
+        rows_linear(torch.zeros(2, 3).to_sparse(), torch.zeros(4, 3))

@@ -41,10 +41,16 @@ __attribute__((target("avx2,fma"))) inline float combine_avx2(__m256 acc) {
   return _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
 }
 
-// Lanes past K load as 0: fma(0, 0, a) leaves every lane as the portable loop leaves it.
 __attribute__((target("avx2,fma"))) inline __m256i tail_mask(int64_t rem) {
   const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(rem)), idx);
+}
+
+// The last K % 8 floats of an x row; the lanes past K read -0 (and the weight's read +0), so their
+// fma adds -0, which leaves every lane as the portable loop leaves it, -0 included (+0 would turn
+// a lane of underflowed products from -0 into +0).
+__attribute__((target("avx2,fma"))) inline __m256 x_tail(const float* p, __m256i mask) {
+  return _mm256_blendv_ps(_mm256_set1_ps(-0.0f), _mm256_maskload_ps(p, mask), _mm256_castsi256_ps(mask));
 }
 
 // An NX x NW tile: NX rows of x against NW weight rows, NX * NW independent accumulators (a single
@@ -77,7 +83,7 @@ __attribute__((target("avx2,fma"))) inline void tile_avx2(const float* x, int64_
     for (int j = 0; j < NW; ++j) wv[j] = _mm256_maskload_ps(w + j * ldw + K8, mask);
 #pragma GCC unroll 8
     for (int i = 0; i < NX; ++i) {
-      const __m256 xv = _mm256_maskload_ps(x + i * ldx + K8, mask);
+      const __m256 xv = x_tail(x + i * ldx + K8, mask);
 #pragma GCC unroll 8
       for (int j = 0; j < NW; ++j) acc[i][j] = _mm256_fmadd_ps(xv, wv[j], acc[i][j]);
     }
@@ -89,8 +95,8 @@ __attribute__((target("avx2,fma"))) inline void tile_avx2(const float* x, int64_
   }
 }
 
-// All rows of x against weight rows n0..n1, two weight rows at a time (a 6 x 2 tile holds 12
-// accumulators, 2 weight vectors and 1 x vector: 15 of the 16 AVX2 registers).
+// All rows of x against NW weight rows (a 6 x 2 tile holds 12 accumulators, 2 weight vectors and
+// 1 x vector: 15 of the 16 AVX2 registers).
 template <int NW>
 __attribute__((target("avx2,fma"))) inline void column_avx2(const float* x, int64_t ldx, const float* w, int64_t ldw,
                                                              float* y, int64_t R, int64_t N, int64_t K, __m256i mask) {
@@ -112,7 +118,8 @@ __attribute__((target("avx2,fma"))) void rows_block_avx2(const float* x, int64_t
   int64_t n = n0;
   for (; n + 2 <= n1; n += 2) {
     // A core keeps few misses in flight by itself once multiply-adds sit between the loads:
-    // without this, 4 rows of the head read at 15 GB/s; asking kPrefetchRows ahead gave 19.
+    // without this, 4 rows of the head read at 15 GB/s, with it 19 (a smaller-pool run than the
+    // table's 18.3).
     if (n + kPrefetchRows + 2 <= n1) {
       for (int j = 0; j < 2; ++j) {
         const char* ahead = reinterpret_cast<const char*>(w + (n + kPrefetchRows + j) * ldw);

@@ -1,6 +1,6 @@
 // Arithmetic of rows_linear: y[r, n] = sum_k x[r, k] * w[n, k] in one fixed order, so every
 // executor (the portable loop, the AVX2 kernel) returns the same bits for the same inputs,
-// whatever the thread count.
+// whatever the thread count (signed zeros included; a NaN stays NaN, its payload may differ).
 //
 // The order: lane l (0..7) accumulates the products with k = l, l + 8, l + 16, ... by fused
 // multiply-adds in increasing k, starting from +0; the lanes then combine as

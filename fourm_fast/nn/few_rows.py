@@ -6,10 +6,10 @@ multiply-adds per element. BLAS handles that shape unevenly across CPUs: on the 
 (AVX2) MKL's ``F.linear`` ran well below memory speed for 2-32 rows of the output heads (and the
 swapped order ``(W @ x.T).T`` did not), while on the 2-core Xeon (AVX-512) the swapped order is
 the slow one. So FEW_ROWS_MIN-FEW_ROWS_MAX float32 rows times a weight of ROWS_LINEAR_MIN_BYTES or
-more (the output heads) go to fourm_fast.ops.rows_linear, which streams the weight with software
-prefetch and does not depend on the BLAS; everything else is ``F.linear``. Weights cold in memory,
-as in a decoding step, GB/s of weight read on the Xeon (``bench/bench_linear_rows.py`` at 829bc81,
-roofline 23.8 GB/s, rows in bench/results/linear_rows.jsonl):
+more go to fourm_fast.ops.rows_linear, which streams the weight with software prefetch and does
+not depend on the BLAS; everything else is ``F.linear``. Weights cold in memory, as in a decoding
+step, GB/s of weight read on the Xeon (``bench/bench_linear_rows.py``, roofline about 23 GB/s,
+rows in bench/results/linear_rows.jsonl; 829bc81 for dim 384, 5fa01fc for dim 768):
 
     rows                    1      2      4      8     12     16     32
     30522 x 384 F.linear  24.1   22.7   14.2   13.4   12.3   11.5    9.0
@@ -19,11 +19,17 @@ roofline 23.8 GB/s, rows in bench/results/linear_rows.jsonl):
                 rows_lin  22.2   19.3   18.0   15.3   13.9   10.9    6.5
     1024 x 384  F.linear  23.9   23.9   16.9   14.3   12.8   12.1    9.8
                 rows_lin  21.9   19.2   16.4   15.4   12.4   11.2    6.8
+    3072 x 768  F.linear  23.8   22.5   12.6    9.7    8.1    9.8    8.0
+                rows_lin  20.6   19.6   17.8   14.0   11.6    9.5    6.0
 
-On the blocks' own weights (1.5 MiB and less) rows_linear is within about 10% of F.linear either
-way, and per-call costs decide, so they keep F.linear; so do 1-3 rows, past a dozen rows (where
-the AVX2 kernel's arithmetic shows against MKL's AVX-512), other dtypes and GPUs. rows_linear's
-sums agree with F.linear to float32 rounding, not bitwise.
+The weights of 4 MiB and more are the heads at the tiny preset (dim 384) and also the blocks' qkv
+and MLP weights from dim 768 on, where rows_linear won by 1.16-1.44x at 4-12 rows. On the tiny
+preset's block weights (1.5 MiB and less) it is within about 10% of F.linear either way and
+per-call costs decide, so they keep F.linear; so do 1-3 rows, past a dozen rows (where the AVX2
+kernel's arithmetic shows against MKL's AVX-512), weights not unit-stride along K (rows_linear
+would copy them on every call), other dtypes and GPUs. Not remeasured on the EPYC: there the
+swapped order had beaten F.linear on 2-3 and 13-32 rows, which now take F.linear.
+rows_linear's sums agree with F.linear to float32 rounding, not bitwise.
 """
 from __future__ import annotations
 
@@ -41,7 +47,8 @@ ROWS_LINEAR_MIN_BYTES = 4 << 20
 
 def _few_rows_path(rows: int, x: Tensor, weight: Tensor) -> bool:
     return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
-            and FEW_ROWS_MIN <= rows <= FEW_ROWS_MAX and weight.numel() * 4 >= ROWS_LINEAR_MIN_BYTES)
+            and FEW_ROWS_MIN <= rows <= FEW_ROWS_MAX and weight.numel() * 4 >= ROWS_LINEAR_MIN_BYTES
+            and weight.stride(-1) == 1)
 
 
 def few_rows_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:

@@ -20,7 +20,8 @@ def rows_linear(x: Tensor, weight: Tensor) -> Tensor:
     Returns:
         ``(R, N)`` float32. Each entry is one dot product in a fixed order (csrc/kernels/
         rows_linear_math.h), so results do not depend on the thread count and the AVX2 kernel
-        returns the portable loop's bits; they agree with F.linear to float32 rounding, not bitwise.
+        returns the portable loop's bits (NaN stays NaN; its payload may differ); they agree with
+        F.linear to float32 rounding, not bitwise.
         Differentiable in both arguments. CPU only: on a GPU F.linear already runs few-row
         products at memory speed, and CUDA tensors raise.
     """

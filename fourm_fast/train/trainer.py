@@ -67,10 +67,12 @@ class _Distributed:
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.active = self.world > 1
         self.cpu_group = None  # gloo group for host-side agreement (the stop flag) without a GPU sync
+        self.owns_group = False  # train() created the process group (a caller's group is left alone)
 
     def init(self, device_kind: str):
         if self.active and not dist.is_initialized():
             dist.init_process_group("nccl" if device_kind == "cuda" else "gloo")
+            self.owns_group = True
         if self.active:
             self.cpu_group = dist.new_group(backend="gloo") if device_kind == "cuda" else dist.group.WORLD
 
@@ -79,8 +81,11 @@ class _Distributed:
         threads are joined during finalization; one that then needs the GIL (to free a tensor Python
         handed to a collective) is killed inside a destructor, and the process aborts ("terminate
         called without an active exception") after a successful run. The caller drops the model
-        wrapper first: DDP's reducer holds the group, from a reference cycle that only gc frees."""
-        if self.active and dist.is_initialized():
+        wrapper first: DDP's reducer holds the group, from a reference cycle that only gc frees.
+        Under FSDP2, torch's DTensor state keeps the group alive past this point (its threads then
+        still end at exit), which this cannot reach. An exception in train() skips this (a barrier
+        there could wait on a process that is gone)."""
+        if self.active and self.owns_group and dist.is_initialized():
             dist.barrier(group=self.cpu_group)  # every process is past its last collective and checkpoint
             self.cpu_group = None
             dist.destroy_process_group()
