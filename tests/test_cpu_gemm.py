@@ -1,6 +1,7 @@
 """sgemm_rows, the GEMM under the CPU attention tiles (csrc/cpu/cpu_gemm.h): fourm_fast's own AVX2
-kernel for small k (csrc/cpu/small_gemm_avx2.cpp), MKL's sgemm_ and the ATen fallback, against
-float64 with the standard error bound of a float32 dot product."""
+kernel for small k (csrc/cpu/small_gemm_avx2.cpp), MKL's sgemm_ and ATen (the fallback, and the
+larger products on AVX-512 CPUs), against float64 with the standard error bound of a float32 dot
+product."""
 
 import numpy as np
 import pytest
@@ -44,6 +45,20 @@ SHAPES = [(1, 1, 1), (1, 17, 3), (5, 1, 64), (6, 16, 64), (7, 17, 64), (13, 33, 
 @pytest.mark.parametrize("m,n,k", SHAPES)
 def test_matches_float64_within_the_error_bound(m, n, k, trans_a, trans_b, cpu_isa, cpu_gemm):
     _check(trans_a, trans_b, m, n, k)
+
+
+@pytest.mark.skipif(extension().build_info()["cpu_kernel"] == "generic", reason="this CPU has no AVX2+FMA")
+@pytest.mark.parametrize("trans_a,trans_b", [(False, False), (False, True), (True, False), (True, True)])
+def test_avx2_kernel_on_every_shape(trans_a, trans_b):
+    # On an AVX-512 CPU, auto sends the larger products to ATen; ISA code 2 (AVX2 kernels, no
+    # AVX-512 preference) keeps fourm_fast's own kernel on them, so it stays tested there too.
+    extension()._set_cpu_isa(2)
+    try:
+        for m, n, k in SHAPES:
+            _check(trans_a, trans_b, m, n, k)
+            _check(trans_a, trans_b, m, n, k, alpha=-2.0, beta=0.5)
+    finally:
+        extension()._set_cpu_isa(0)
 
 
 @pytest.mark.parametrize("alpha,beta", [(0.125, 0.0), (1.0, 1.0), (-2.0, 0.5)])

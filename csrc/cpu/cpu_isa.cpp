@@ -17,6 +17,14 @@ bool cpu_has_avx2_fma() {
 #endif
 }
 
+bool cpu_has_avx512f() {
+#if defined(__x86_64__) || defined(_M_X64)
+  return __builtin_cpu_supports("avx512f");
+#else
+  return false;
+#endif
+}
+
 }  // namespace
 
 void set_cpu_isa(int isa) {
@@ -24,6 +32,8 @@ void set_cpu_isa(int isa) {
   TORCH_CHECK_VALUE(isa != 2 || cpu_has_avx2_fma(), "fourm_fast: AVX2+FMA kernels requested but this CPU lacks them");
   g_isa_override.store(isa);
 }
+
+bool cpu_isa_prefers_aten_gemm() { return g_isa_override.load() == 0 && cpu_has_avx512f(); }
 
 bool cpu_isa_allows_avx2() { return g_isa_override.load() != 1 && cpu_has_avx2_fma(); }
 

@@ -10,6 +10,10 @@ void set_cpu_isa(int isa);
 // True when the AVX2+FMA kernels may run (CPU support and no override to portable).
 bool cpu_isa_allows_avx2();
 
+// True when the ISA is left on auto and the CPU has AVX-512F: sgemm_rows then sends large tile
+// products to ATen's GEMM, whose 16-float kernels beat fourm_fast's 8-float one there.
+bool cpu_isa_prefers_aten_gemm();
+
 // "avx2+fma" or "generic": what the CPU kernels use now.
 const char* cpu_isa_in_use();
 
