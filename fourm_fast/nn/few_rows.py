@@ -24,8 +24,8 @@ rows in bench/results/linear_rows.jsonl; 829bc81 for dim 384, 5fa01fc for dim 76
 
 The weights of 4 MiB and more are the heads at the tiny preset (dim 384) and also the blocks' qkv
 and MLP weights from dim 768 on, where rows_linear won by 1.16-1.44x at 4-12 rows. On the tiny
-preset's block weights (1.5 MiB and less) it is within about 10% of F.linear either way and
-per-call costs decide, so they keep F.linear; so do 1-3 rows, past a dozen rows (where the AVX2
+preset's block weights (1.5 MiB and less) it ran at 0.76-1.11x F.linear's speed for 4-12 rows
+(slowest on the 384 x 1024 projection), so they keep F.linear; so do 1-3 rows, past a dozen rows (where the AVX2
 kernel's arithmetic shows against MKL's AVX-512), weights not unit-stride along K (rows_linear
 would copy them on every call), other dtypes and GPUs. Not remeasured on the EPYC: there the
 swapped order had beaten F.linear on 2-3 and 13-32 rows, which now take F.linear.
