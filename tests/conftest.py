@@ -5,12 +5,15 @@ from fourm_fast._extension import extension
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-_ISA_CODES = {"auto": 0, "generic": 1, "avx2": 2}
+_ISA_CODES = {"auto": 0, "generic": 1, "avx2": 2, "avx512": 3}
+# On an AVX-512 CPU auto runs the AVX-512 copies, so the AVX2 ones get a run of their own there.
+_ISA_PARAMS = ["auto", "generic"] + (["avx2"] if extension().build_info()["cpu_kernel"] == "avx512" else [])
 
 
-@pytest.fixture(params=["auto", "generic"])
+@pytest.fixture(params=_ISA_PARAMS)
 def cpu_isa(request):
-    """Run a CPU test with the default micro-kernel and again with the portable one."""
+    """Run a CPU test with the default micro-kernels, again with the portable ones, and on an AVX-512
+    CPU with the AVX2 ones."""
     extension()._set_cpu_isa(_ISA_CODES[request.param])
     try:
         yield request.param

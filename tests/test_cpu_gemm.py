@@ -1,7 +1,6 @@
-"""sgemm_rows, the GEMM under the CPU attention tiles (csrc/cpu/cpu_gemm.h): fourm_fast's own AVX2
-kernel for small k (csrc/cpu/small_gemm_avx2.cpp), MKL's sgemm_ and ATen (the fallback, and the
-larger products on AVX-512 CPUs), against float64 with the standard error bound of a float32 dot
-product."""
+"""sgemm_rows, the GEMM under the CPU attention tiles (csrc/cpu/cpu_gemm.h): fourm_fast's own AVX2 and
+AVX-512 kernels for small k (csrc/cpu/small_gemm_avx2.cpp, small_gemm_avx512.cpp), MKL's sgemm_ and
+ATen (the fallback), against float64 with the standard error bound of a float32 dot product."""
 
 import numpy as np
 import pytest
@@ -47,18 +46,40 @@ def test_matches_float64_within_the_error_bound(m, n, k, trans_a, trans_b, cpu_i
     _check(trans_a, trans_b, m, n, k)
 
 
-@pytest.mark.skipif(extension().build_info()["cpu_kernel"] == "generic", reason="this CPU has no AVX2+FMA")
+def _isa_available(code):
+    try:
+        extension()._set_cpu_isa(code)
+    except ValueError:
+        return False
+    finally:
+        extension()._set_cpu_isa(0)
+    return True
+
+
+@pytest.mark.parametrize("isa", [2, 3], ids=["avx2", "avx512"])
 @pytest.mark.parametrize("trans_a,trans_b", [(False, False), (False, True), (True, False), (True, True)])
-def test_avx2_kernel_on_every_shape(trans_a, trans_b):
-    # On an AVX-512 CPU, auto sends the larger products to ATen; ISA code 2 (AVX2 kernels, no
-    # AVX-512 preference) keeps fourm_fast's own kernel on them, so it stays tested there too.
-    extension()._set_cpu_isa(2)
+def test_each_kernel_on_every_shape(isa, trans_a, trans_b):
+    # Each of fourm_fast's own kernels the CPU can run, forced by its ISA code, on every shape with
+    # and without alpha and beta (the cpu_isa fixture covers the default and the portable path).
+    if not _isa_available(isa):
+        pytest.skip(f"this CPU cannot run ISA code {isa}")
+    extension()._set_cpu_isa(isa)
     try:
         for m, n, k in SHAPES:
             _check(trans_a, trans_b, m, n, k)
             _check(trans_a, trans_b, m, n, k, alpha=-2.0, beta=0.5)
     finally:
         extension()._set_cpu_isa(0)
+
+
+def test_unknown_or_unsupported_isa_is_refused():
+    with pytest.raises(ValueError, match="unknown CPU ISA code 4"):
+        extension()._set_cpu_isa(4)
+    kernel = extension().build_info()["cpu_kernel"]
+    if kernel != "avx512":  # auto picks the widest kernels, so a CPU without them refuses code 3
+        with pytest.raises(ValueError, match="lacks AVX-512F"):
+            extension()._set_cpu_isa(3)
+    assert extension().build_info()["cpu_kernel"] == kernel  # a refused code leaves the choice alone
 
 
 @pytest.mark.parametrize("alpha,beta", [(0.125, 0.0), (1.0, 1.0), (-2.0, 0.5)])

@@ -1,5 +1,5 @@
 // Baseline-ISA copy of the CPU masked_attention row passes (see attention_cpu_rows.h), and the
-// choice between it and the AVX2+FMA copy.
+// choice between it and the AVX2+FMA and AVX-512 copies.
 #define FF_ATTN_ROWS_NS attn_rows_generic
 #include "attention_cpu_rows.h"
 #include "cpu_isa.h"
@@ -13,6 +13,7 @@ AttnRowKernels attn_row_kernels_generic() {
 
 AttnRowKernels attn_row_kernels() {
 #if defined(__x86_64__) || defined(_M_X64)
+  if (cpu_isa_allows_avx512()) return attn_row_kernels_avx512();
   if (cpu_isa_allows_avx2()) return attn_row_kernels_avx2();
 #endif
   return attn_row_kernels_generic();

@@ -1,6 +1,7 @@
-// Row passes of the CPU masked_attention executor, compiled twice: for the baseline ISA
-// (attention_cpu_rows.cpp, 4-float SSE lanes) and with AVX2+FMA (attention_cpu_rows_avx2.cpp,
-// 8-float lanes). FF_ATTN_ROWS_NS names each copy's namespace.
+// Row passes of the CPU masked_attention executor, compiled three times: for the baseline ISA
+// (attention_cpu_rows.cpp, 4-float SSE lanes), with AVX2+FMA (attention_cpu_rows_avx2.cpp, 8-float
+// lanes) and with AVX-512 (attention_cpu_rows_avx512.cpp, 16-float lanes). FF_ATTN_ROWS_NS names
+// each copy's namespace.
 //
 // The exponentials are computed here (exp_lanes) in the same pass that masks and sums, instead of
 // a separate vectorised ATen exp over the tile: MKL's exp measured 1.3-1.5 ns per float on the
@@ -12,7 +13,7 @@
 #include <cstdint>
 #include <cstring>
 
-#if defined(__FMA__)
+#if defined(__FMA__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
@@ -26,7 +27,9 @@
 namespace fourm_fast {
 namespace FF_ATTN_ROWS_NS {
 
-#if defined(__AVX2__)
+#if defined(__AVX512F__)
+constexpr int kLanes = 16;
+#elif defined(__AVX2__)
 constexpr int kLanes = 8;
 #else
 constexpr int kLanes = 4;  // without AVX, GCC lowers compares and selects of 8-float vectors to scalars
@@ -62,7 +65,10 @@ static inline VI load_lanes(const int32_t* p, int64_t n) {
 
 // a * b + c, one rounding where the ISA has FMA.
 static inline VF madd(VF a, VF b, VF c) {
-#if defined(__FMA__) && defined(__AVX2__)
+#if defined(__AVX512F__)
+  return reinterpret_cast<VF>(_mm512_fmadd_ps(reinterpret_cast<__m512>(a), reinterpret_cast<__m512>(b),
+                                              reinterpret_cast<__m512>(c)));
+#elif defined(__FMA__) && defined(__AVX2__)
   return reinterpret_cast<VF>(_mm256_fmadd_ps(reinterpret_cast<__m256>(a), reinterpret_cast<__m256>(b),
                                               reinterpret_cast<__m256>(c)));
 #else

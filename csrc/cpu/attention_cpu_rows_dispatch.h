@@ -42,6 +42,7 @@ AttnRowKernels attn_row_kernels();
 AttnRowKernels attn_row_kernels_generic();
 #if defined(__x86_64__) || defined(_M_X64)
 AttnRowKernels attn_row_kernels_avx2();
+AttnRowKernels attn_row_kernels_avx512();
 #endif
 
 }  // namespace fourm_fast

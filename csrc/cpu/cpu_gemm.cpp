@@ -24,9 +24,6 @@ std::atomic<bool> force_aten{false};
 
 bool fits_int(int64_t v) { return v >= 0 && v <= INT_MAX; }
 
-// Products of at least this many multiply-adds take ATen's GEMM on AVX-512 CPUs (sgemm_rows).
-constexpr int64_t kAtenTileMinWork = 32 * 32 * 64;
-
 at::Tensor rows_view(const float* p, int64_t rows, int64_t cols, int64_t ld, bool trans) {
   // stored (rows x cols) with row stride ld; transposed when trans
   at::Tensor t = at::from_blob(const_cast<float*>(p), {rows, cols}, {ld, 1}, at::TensorOptions().dtype(at::kFloat));
@@ -54,21 +51,20 @@ void sgemm_rows(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, flo
     return;
   }
   const bool aten_forced = force_aten.load(std::memory_order_relaxed);
-  // On an AVX-512 CPU, ATen's GEMM (16-float lanes) beats the AVX2 kernel on an encoder's tiles:
-  // masked_attention forward + backward at B 8, H 12, N 256 took 35.5 ms against 42.5-43.3 on the
-  // 2-core Xeon, and the sgemm_ this process resolves was no faster than the AVX2 kernel there. The
-  // few-row products of a decoding step stay on the AVX2 kernel, where ATen's per-call cost would
-  // dominate.
-  const bool aten_tiles = !aten_forced && m * n * k >= kAtenTileMinWork && cpu_isa_prefers_aten_gemm();
 #if defined(__x86_64__) || defined(_M_X64)
-  if (!aten_forced && !aten_tiles && k <= kSmallGemmMaxK && cpu_isa_allows_avx2()) {
-    thread_local std::vector<float> strip;  // one packed strip of B (allocated here, not in the AVX2 file)
-    if (strip.empty()) strip.resize(static_cast<size_t>(16 * kSmallGemmMaxK));  // any k <= kSmallGemmMaxK fits
-    small_sgemm_avx2(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, strip.data());
+  if (!aten_forced && k <= kSmallGemmMaxK && cpu_isa_allows_avx2()) {
+    // one packed strip of B, sized for the wider (AVX-512) kernel; allocated here, not in an ISA file
+    thread_local std::vector<float> strip;
+    if (strip.empty()) strip.resize(static_cast<size_t>(32 * kSmallGemmMaxK));
+    if (cpu_isa_allows_avx512()) {
+      small_sgemm_avx512(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, strip.data());
+    } else {
+      small_sgemm_avx2(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, strip.data());
+    }
     return;
   }
 #endif
-  if (sgemm_ != nullptr && !aten_forced && !aten_tiles && fits_int(m) && fits_int(n) && fits_int(k) && fits_int(lda) && fits_int(ldb) &&
+  if (sgemm_ != nullptr && !aten_forced && fits_int(m) && fits_int(n) && fits_int(k) && fits_int(lda) && fits_int(ldb) &&
       fits_int(ldc)) {
     // Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: the same call with the
     // operands swapped, each stored matrix read as its own transpose.

@@ -5,9 +5,8 @@
 // the 2-core EPYC we measure on, more than the arithmetic at generation-step sizes. This calls
 // the BLAS that PyTorch itself links (the Fortran sgemm_ its x86 wheels export from MKL)
 // directly, and falls back to ATen over views of the same memory where no sgemm_ is present.
-// Products with k <= kSmallGemmMaxK go to fourm_fast's own AVX2 kernel where the CPU has it
-// (small_gemm.h: no operand packing), except on AVX-512 CPUs, where products of 64K multiply-adds
-// and more go to ATen, whose 16-float kernels win there despite the per-call cost (cpu_gemm.cpp).
+// Products with k <= kSmallGemmMaxK go to fourm_fast's own kernels where the CPU has AVX2+FMA
+// (small_gemm.h: no packing of A; the AVX-512 copy where the CPU has AVX-512F).
 #pragma once
 
 #include <cstdint>

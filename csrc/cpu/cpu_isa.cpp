@@ -28,15 +28,23 @@ bool cpu_has_avx512f() {
 }  // namespace
 
 void set_cpu_isa(int isa) {
-  TORCH_CHECK_VALUE(isa >= 0 && isa <= 2, "fourm_fast: unknown CPU ISA code ", isa, " (0 auto, 1 generic, 2 avx2)");
-  TORCH_CHECK_VALUE(isa != 2 || cpu_has_avx2_fma(), "fourm_fast: AVX2+FMA kernels requested but this CPU lacks them");
+  TORCH_CHECK_VALUE(isa >= 0 && isa <= 3, "fourm_fast: unknown CPU ISA code ", isa,
+                    " (0 auto, 1 generic, 2 avx2, 3 avx512)");
+  TORCH_CHECK_VALUE(isa < 2 || cpu_has_avx2_fma(), "fourm_fast: AVX2+FMA kernels requested but this CPU lacks them");
+  TORCH_CHECK_VALUE(isa != 3 || cpu_has_avx512f(), "fourm_fast: AVX-512 kernels requested but this CPU lacks AVX-512F");
   g_isa_override.store(isa);
 }
 
-bool cpu_isa_prefers_aten_gemm() { return g_isa_override.load() == 0 && cpu_has_avx512f(); }
-
 bool cpu_isa_allows_avx2() { return g_isa_override.load() != 1 && cpu_has_avx2_fma(); }
 
-const char* cpu_isa_in_use() { return cpu_isa_allows_avx2() ? "avx2+fma" : "generic"; }
+bool cpu_isa_allows_avx512() {
+  const int isa = g_isa_override.load();
+  return (isa == 0 || isa == 3) && cpu_has_avx512f() && cpu_has_avx2_fma();
+}
+
+const char* cpu_isa_in_use() {
+  if (cpu_isa_allows_avx512()) return "avx512";
+  return cpu_isa_allows_avx2() ? "avx2+fma" : "generic";
+}
 
 }  // namespace fourm_fast

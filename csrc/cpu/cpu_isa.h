@@ -4,17 +4,18 @@
 
 namespace fourm_fast {
 
-// 0 = fastest this CPU supports, 1 = portable kernels only, 2 = require AVX2+FMA.
+// 0 = fastest this CPU supports, 1 = portable kernels only, 2 = AVX2+FMA kernels (never AVX-512),
+// 3 = require AVX-512F (with AVX2+FMA for the kernels that have no AVX-512 copy).
 void set_cpu_isa(int isa);
 
 // True when the AVX2+FMA kernels may run (CPU support and no override to portable).
 bool cpu_isa_allows_avx2();
 
-// True when the ISA is left on auto and the CPU has AVX-512F: sgemm_rows then sends large tile
-// products to ATen's GEMM, whose 16-float kernels beat fourm_fast's 8-float one there.
-bool cpu_isa_prefers_aten_gemm();
+// True when the AVX-512 copies (small GEMM, attention row passes) may run: the CPU has AVX-512F
+// and AVX2+FMA, and the override is auto or 3.
+bool cpu_isa_allows_avx512();
 
-// "avx2+fma" or "generic": what the CPU kernels use now.
+// "avx512", "avx2+fma" or "generic": the widest CPU kernels in use now.
 const char* cpu_isa_in_use();
 
 }  // namespace fourm_fast
