@@ -6,7 +6,7 @@ time with the host's launches in it, what a caller without CUDA graphs sees.
 
 Methods: fourm_fast (metadata mask, tiles, no N x N); 4M's eager attention with an additive dense
 mask; SDPA with a dense bool mask (SDPA's flash kernel where there is no mask); FlexAttention with
-a block mask (where it runs). Patterns: unmasked, the encoder (padding only) and the decoder
+a block mask (where it runs). On the CPU the methods are timed in interleaved rounds. Patterns: unmasked, the encoder (padding only) and the decoder
 self-attention of a realistic modality mix (five
 image modalities, bidirectional within each, plus a causal caption). Forward and forward+backward.
 
@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from bench.utils import append_results, environment, peak_memory_mib, set_threads, time_fn, timing_dict  # noqa: E402
+from bench.utils import append_results, environment, peak_memory_mib, set_threads, time_cpu_interleaved, time_fn, timing_dict  # noqa: E402
 from fourm_fast.ops import masked_attention  # noqa: E402
 from fourm_fast.reference.attention import attention_4m_dense, visible_mask  # noqa: E402
 
@@ -63,8 +63,9 @@ def main(argv=None) -> int:
     set_threads(args.threads)
     device = args.device
     dtype = getattr(torch, args.dtype or ("bfloat16" if device == "cuda" else "float32"))
-    # CPU: 15 single calls (median) after 2 warm-ups; with 5, one run to the next on the shared
-    # 2-core VM moved the unmasked N = 128 ratio between 1.16x and 1.56x
+    # CPU: 15 rounds of one call of each method, interleaved (median), after 2 warm-ups; with 5
+    # calls timed one method after another, one run to the next on the shared 2-core VM moved the
+    # unmasked N = 128 ratio between 1.16x and 1.56x
     repeats = args.repeats or (20 if device == "cuda" else 15)
     env = environment(device)
     H, d = 12, 64
@@ -104,30 +105,43 @@ def main(argv=None) -> int:
                 print(f"# flex_attention skipped: {type(exc).__name__}: {str(exc)[:120]}")
             flops_fwd = 4.0 * B * H * N * N * d
             for pas in ("fwd", "fwd+bwd"):
-                ours = None
+                runs, failed = {}, {}
                 for name, fn in methods.items():
                     qq, kk, vv = (t.detach().requires_grad_(pas == "fwd+bwd") for t in (q, k, v))
 
-                    def run():
+                    def run(fn=fn, qq=qq, kk=kk, vv=vv):
                         out = fn(qq, kk, vv)
                         if pas == "fwd+bwd":
                             out.float().sum().backward()
 
                     try:
-                        # CUDA: device time (kernels queued behind a spin, so launch overhead is out)
-                        # and, apart, the time with launches in it, as a caller without graphs sees it
-                        t = time_fn(run, device, repeats=repeats, warmup=2, backlog=True)
-                        t_launch = time_fn(run, device, repeats=repeats, warmup=0) if device == "cuda" else None
-                        mem = peak_memory_mib(run, device)
+                        run()  # a baseline that cannot run this case is reported, not timed
+                        runs[name] = run
                     except Exception as exc:  # noqa: BLE001
+                        failed[name] = exc
+                if device == "cpu":  # interleaved rounds: the shared VM's drift costs every method alike
+                    for run in runs.values():
+                        run()  # second warm-up
+                    times = time_cpu_interleaved(runs, repeats)
+                else:
+                    # device time (kernels queued behind a spin, so launch overhead is out) and, apart,
+                    # the time with launches in it, as a caller without graphs sees it
+                    times = {name: time_fn(run, device, repeats=repeats, warmup=2, backlog=True) for name, run in runs.items()}
+                ours = times["fourm_fast"].median_ms
+                for name in methods:
+                    if name in failed:
+                        exc = failed[name]
                         print(f"{pattern:<8} {N:>4} {pas:<8} {name:<18} failed: {type(exc).__name__}: {str(exc)[:100]}")
                         continue
-                    ours = t.median_ms if name == "fourm_fast" else ours
+                    t, run = times[name], runs[name]
+                    t_launch = time_fn(run, device, repeats=repeats, warmup=0) if device == "cuda" else None
+                    mem = peak_memory_mib(run, device)
                     flops = flops_fwd * (3.5 if pas == "fwd+bwd" else 1.0)
                     gflops = flops / (t.median_ms * 1e-3) / 1e9
                     rows.append({"op": "masked_attention", "pattern": pattern, "N": N, "B": B, "H": H, "d": d,
                                  "pass": pas, "dtype": str(dtype).split(".")[-1], "method": name, **timing_dict(t),
                                  "time_vs_ours": round(t.median_ms / ours, 3), "gflops": round(gflops, 2),
+                                 "interleaved": device == "cpu",
                                  **({"timing": "device (queued behind a spin kernel)",
                                      "with_launch_median_ms": round(t_launch.median_ms, 4)} if t_launch else {}),
                                  "peak_mib": None if mem is None else round(mem, 1)})
