@@ -21,49 +21,52 @@ inline __mmask16 first_lanes16(int64_t w) {
   return w <= 0 ? static_cast<__mmask16>(0) : w >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << w) - 1u);
 }
 
-// One MR x 32 tile of C = alpha * op(A) Bp + beta * C over all k (as the AVX2 tile). Without
+// One MR x (16 NV) tile of C = alpha * op(A) Bp + beta * C over all k (as the AVX2 tile); NV = 1
+// for a strip of at most 16 columns, which would waste half of every FMA with NV = 2. Without
 // kFullC only the lanes in m0 / m1 of each 16-float half of C are read and written.
-template <int MR, bool kTransA, bool kFullC>
+template <int MR, int NV, bool kTransA, bool kFullC>
 void tile(int64_t k, const float* a, int64_t lda, const float* bp, float* c, int64_t ldc, float alpha, float beta,
           __mmask16 m0, __mmask16 m1) {
-  __m512 acc0[MR], acc1[MR];
+  __m512 acc[NV][MR];
 #pragma GCC unroll 12
-  for (int r = 0; r < MR; ++r) acc0[r] = acc1[r] = _mm512_setzero_ps();
+  for (int r = 0; r < MR; ++r) {
+    for (int v = 0; v < NV; ++v) acc[v][r] = _mm512_setzero_ps();
+  }
   for (int64_t kk = 0; kk < k; ++kk) {
-    const __m512 b0 = _mm512_loadu_ps(bp + kk * kNR), b1 = _mm512_loadu_ps(bp + kk * kNR + 16);
+    __m512 bv[NV];
+    for (int v = 0; v < NV; ++v) bv[v] = _mm512_loadu_ps(bp + kk * kNR + 16 * v);
 #pragma GCC unroll 12
     for (int r = 0; r < MR; ++r) {
       const __m512 av = _mm512_set1_ps(kTransA ? a[kk * lda + r] : a[r * lda + kk]);
-      acc0[r] = _mm512_fmadd_ps(av, b0, acc0[r]);
-      acc1[r] = _mm512_fmadd_ps(av, b1, acc1[r]);
+      for (int v = 0; v < NV; ++v) acc[v][r] = _mm512_fmadd_ps(av, bv[v], acc[v][r]);
     }
   }
   const __m512 va = _mm512_set1_ps(alpha), vb = _mm512_set1_ps(beta);
 #pragma GCC unroll 12
   for (int r = 0; r < MR; ++r) {
     float* crow = c + r * ldc;
-    __m512 c0 = _mm512_mul_ps(acc0[r], va), c1 = _mm512_mul_ps(acc1[r], va);
-    if (beta != 0.0f) {  // beta == 0 never reads C (it may hold garbage, even NaN)
-      c0 = _mm512_fmadd_ps(vb, kFullC ? _mm512_loadu_ps(crow) : _mm512_maskz_loadu_ps(m0, crow), c0);
-      c1 = _mm512_fmadd_ps(vb, kFullC ? _mm512_loadu_ps(crow + 16) : _mm512_maskz_loadu_ps(m1, crow + 16), c1);
-    }
-    if (kFullC) {
-      _mm512_storeu_ps(crow, c0);
-      _mm512_storeu_ps(crow + 16, c1);
-    } else {
-      _mm512_mask_storeu_ps(crow, m0, c0);
-      _mm512_mask_storeu_ps(crow + 16, m1, c1);
+    for (int v = 0; v < NV; ++v) {
+      const __mmask16 mv = v == 0 ? m0 : m1;
+      __m512 cv = _mm512_mul_ps(acc[v][r], va);
+      if (beta != 0.0f) {  // beta == 0 never reads C (it may hold garbage, even NaN)
+        cv = _mm512_fmadd_ps(vb, kFullC ? _mm512_loadu_ps(crow + 16 * v) : _mm512_maskz_loadu_ps(mv, crow + 16 * v), cv);
+      }
+      if (kFullC) {
+        _mm512_storeu_ps(crow + 16 * v, cv);
+      } else {
+        _mm512_mask_storeu_ps(crow + 16 * v, mv, cv);
+      }
     }
   }
 }
 
-template <bool kTransA, bool kFullC>
+template <int NV, bool kTransA, bool kFullC>
 void row_strips(int64_t m, int64_t k, const float* a, int64_t lda, const float* bp, float* c, int64_t ldc,
                 float alpha, float beta, __mmask16 m0, __mmask16 m1) {
   for (int64_t i = 0; i < m; i += kMR) {
     const float* ai = kTransA ? a + i : a + i * lda;
     float* ci = c + i * ldc;
-#define FF_TILE(R) tile<R, kTransA, kFullC>(k, ai, lda, bp, ci, ldc, alpha, beta, m0, m1)
+#define FF_TILE(R) tile<R, NV, kTransA, kFullC>(k, ai, lda, bp, ci, ldc, alpha, beta, m0, m1)
     switch (m - i < kMR ? m - i : kMR) {
       case 12: FF_TILE(12); break;
       case 11: FF_TILE(11); break;
@@ -95,17 +98,18 @@ void pack_strip(bool trans_b, const float* b, int64_t ldb, int64_t k, int64_t j,
     return;
   }
   // B stored n x k: op(B)[kk][j + jj] = b[(j + jj) * ldb + kk], 8 x 8 transposes of whole groups
-  // of 8 stored rows, element copies for the rest
-  const int64_t full_groups = w / 8;
+  // of 8 stored rows, element copies for the rest. A strip of at most 16 columns fills only its
+  // first 16 (the NV = 1 tile reads no further).
+  const int64_t width = w > 16 ? kNR : 16, full_groups = w / 8;
   int64_t kk = 0;
   for (; kk + 8 <= k; kk += 8) {
     for (int64_t g = 0; g < full_groups; ++g) transpose8x8(b + (j + 8 * g) * ldb + kk, ldb, bp + kk * kNR + 8 * g, kNR);
     for (int64_t q = kk; q < kk + 8; ++q) {
-      for (int64_t jj = 8 * full_groups; jj < kNR; ++jj) bp[q * kNR + jj] = jj < w ? b[(j + jj) * ldb + q] : 0.0f;
+      for (int64_t jj = 8 * full_groups; jj < width; ++jj) bp[q * kNR + jj] = jj < w ? b[(j + jj) * ldb + q] : 0.0f;
     }
   }
   for (; kk < k; ++kk) {
-    for (int64_t jj = 0; jj < kNR; ++jj) bp[kk * kNR + jj] = jj < w ? b[(j + jj) * ldb + kk] : 0.0f;
+    for (int64_t jj = 0; jj < width; ++jj) bp[kk * kNR + jj] = jj < w ? b[(j + jj) * ldb + kk] : 0.0f;
   }
 }
 
@@ -120,11 +124,14 @@ void small_sgemm_avx512(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_
     pack_strip(trans_b, b, ldb, k, j, w, scratch);
     const __mmask16 m0 = first_lanes16(w), m1 = first_lanes16(w - 16);
     if (w == kNR) {
-      trans_a ? row_strips<true, true>(m, k, a, lda, scratch, c + j, ldc, alpha, beta, m0, m1)
-              : row_strips<false, true>(m, k, a, lda, scratch, c + j, ldc, alpha, beta, m0, m1);
+      trans_a ? row_strips<2, true, true>(m, k, a, lda, scratch, c + j, ldc, alpha, beta, m0, m1)
+              : row_strips<2, false, true>(m, k, a, lda, scratch, c + j, ldc, alpha, beta, m0, m1);
+    } else if (w > 16) {
+      trans_a ? row_strips<2, true, false>(m, k, a, lda, scratch, c + j, ldc, alpha, beta, m0, m1)
+              : row_strips<2, false, false>(m, k, a, lda, scratch, c + j, ldc, alpha, beta, m0, m1);
     } else {
-      trans_a ? row_strips<true, false>(m, k, a, lda, scratch, c + j, ldc, alpha, beta, m0, m1)
-              : row_strips<false, false>(m, k, a, lda, scratch, c + j, ldc, alpha, beta, m0, m1);
+      trans_a ? row_strips<1, true, false>(m, k, a, lda, scratch, c + j, ldc, alpha, beta, m0, m1)
+              : row_strips<1, false, false>(m, k, a, lda, scratch, c + j, ldc, alpha, beta, m0, m1);
     }
   }
 }
