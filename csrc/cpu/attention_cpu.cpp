@@ -352,9 +352,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_attention_bwd_cpu(
   const float scale = static_cast<float>(scale_d);
   const at::Tensor qf = float_rows(q), kf = float_rows(k), vf = float_rows(v), of = float_rows(out),
                    gf = float_rows(grad_out), lf = lse.contiguous();
-  // Not zero-filled here: each (batch, head) pair clears its own dK / dV slices just before use
-  // (cache-warm, in parallel, no separate pass over the gradients), and every dQ row is written
-  // once by its block.
+  // Not zero-filled here: each (batch, head) pair initialises its own dK / dV slices (cache-warm,
+  // in parallel, no separate pass over the gradients), and every dQ row is written once by its
+  // block.
   at::Tensor dq = at::empty({in.B, in.H, in.Nq, in.D}, q.options().dtype(at::kFloat));
   at::Tensor dk = at::empty({in.B, in.H, in.Nk, in.D}, q.options().dtype(at::kFloat));
   at::Tensor dv = at::empty({in.B, in.H, in.Nk, in.D}, q.options().dtype(at::kFloat));
@@ -373,9 +373,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_attention_bwd_cpu(
       const float *Q = qv.at(b, h), *K = kv.at(b, h), *V = vv.at(b, h), *O = ov.at(b, h), *G = gv.at(b, h),
                   *L = lp + bh * Nq;
       float *dQ = dqp + bh * Nq * D, *dK = dkp + bh * Nk * D, *dV = dvp + bh * Nk * D;
-      std::fill(dK, dK + Nk * D, 0.0f);  // accumulated over the blocks that see each key
-      std::fill(dV, dV + Nk * D, 0.0f);
-      for (const QueryBlock& blk : meta.blocks[b]) {
+      // dK and dV accumulate over the blocks that see each key. The first block that sees any key
+      // writes its key range with beta 0 (at 128 queries it is the only block): only the keys
+      // outside that range are zero-filled first.
+      const std::vector<QueryBlock>& blocks = meta.blocks[b];
+      const QueryBlock* first = nullptr;
+      for (const QueryBlock& blk : blocks) {
+        if (blk.jhi > blk.jlo) {
+          first = &blk;
+          break;
+        }
+      }
+      const int64_t f_lo = first ? first->jlo : Nk, f_hi = first ? first->jhi : Nk;
+      std::fill(dK, dK + f_lo * D, 0.0f);
+      std::fill(dV, dV + f_lo * D, 0.0f);
+      std::fill(dK + f_hi * D, dK + Nk * D, 0.0f);
+      std::fill(dV + f_hi * D, dV + Nk * D, 0.0f);
+      for (const QueryBlock& blk : blocks) {
         const int64_t i0 = blk.i0, tq = blk.rows(), jlo = blk.jlo, jhi = blk.jhi;
         if (jhi == jlo) {  // invisible rows: zero gradients
           std::fill(dQ + i0 * D, dQ + (i0 + tq) * D, 0.0f);
@@ -387,11 +401,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_attention_bwd_cpu(
         sgemm_rows(false, true, tq, nk, D, 1.0f, q_t, qv.ld, k_r, kv.ld, 0.0f, P.data(), nk);
         std::copy(L + i0, L + i0 + tq, lse_rows.begin());
         rows.probs_bwd(row_tile(meta, b, blk, P.data(), scale, lse_rows.data(), nullptr));
-        sgemm_rows(true, false, nk, D, tq, 1.0f, P.data(), nk, g_t, gv.ld, 1.0f, dV + jlo * D, D);  // dV += P^T dO
+        const float acc = &blk == first ? 0.0f : 1.0f;  // beta: write or accumulate dK, dV
+        sgemm_rows(true, false, nk, D, tq, 1.0f, P.data(), nk, g_t, gv.ld, acc, dV + jlo * D, D);  // dV += P^T dO
         sgemm_rows(false, true, tq, nk, D, 1.0f, g_t, gv.ld, v_r, vv.ld, 0.0f, dS.data(), nk);      // dP = dO V^T
         rows.dscores(dS.data(), P.data(), g_t, gv.ld, o_t, ov.ld, tq, nk, D);
         sgemm_rows(false, false, tq, D, nk, scale, dS.data(), nk, k_r, kv.ld, 0.0f, dQ + i0 * D, D);  // dQ = s dS K
-        sgemm_rows(true, false, nk, D, tq, scale, dS.data(), nk, q_t, qv.ld, 1.0f, dK + jlo * D, D);  // dK += s dS^T Q
+        sgemm_rows(true, false, nk, D, tq, scale, dS.data(), nk, q_t, qv.ld, acc, dK + jlo * D, D);  // dK += s dS^T Q
       }
     }
   });
