@@ -25,6 +25,7 @@ the speedup a run with every FLOP at that rate and no other cost would reach.
   python bench/bench_generate.py --quick
   python bench/bench_generate.py --batch 4 --repeats 3
   python bench/bench_generate.py --count-flops
+  python bench/bench_generate.py --dtype bfloat16    # both methods on bf16 weights
 """
 from __future__ import annotations
 
@@ -83,6 +84,8 @@ def generated_tokens(model, targets: list[TargetSpec], B: int) -> int:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="the model's weights for every method (bfloat16: both run bf16 GEMMs, AMX on CPUs with it)")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
@@ -99,14 +102,15 @@ def main(argv: list[str] | None = None) -> int:
     B = 2 if args.quick else args.batch
     repeats = 1 if args.quick else args.repeats
     dev = args.device
-    model = build_model(dev)
+    model = build_model(dev).to(getattr(torch, args.dtype))
     env = environment(dev)
     g_ids = torch.Generator().manual_seed(1)
     rgb = torch.randint(0, 16384, (B, 196), generator=g_ids)
     caption = torch.randint(300, 30000, (B, 12), generator=g_ids)
     caption[:, -1] = 3  # [EOS]
-    print(f"# generation, tiny preset, batch {B}, on {env['device_name']} ({torch.get_num_threads()} CPU threads), sha {env['git_sha']}")
-    ceiling = args.count_flops and dev == "cpu" and not args.no_reference
+    print(f"# generation, tiny preset, {args.dtype}, batch {B}, on {env['device_name']} ({torch.get_num_threads()} CPU threads), sha {env['git_sha']}")
+    # the ceiling is against the fp32 sgemm rate: float32 runs only
+    ceiling = args.count_flops and dev == "cpu" and not args.no_reference and args.dtype == "float32"
     sgemm_tflops = measured_cpu_tflops() if ceiling else None
     flop_head = f" {'GFLOP':>8} {'flop ratio':>10}" if args.count_flops else ""
     flop_head += f" {'ceiling':>8}" if ceiling else ""
@@ -152,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in methods:
             t = times[name]
             tps = n_gen / (t.median_ms * 1e-3)
-            rows.append({"op": "generate", "case": case, "method": name, "batch": B, "generated_tokens": n_gen,
+            rows.append({"op": "generate", "case": case, "method": name, "batch": B, "dtype": args.dtype, "generated_tokens": n_gen,
                          **timing_dict(t), "tokens_per_s": round(tps, 2), "interleaved": dev == "cpu"})
             if name in flops:
                 rows[-1]["gflop"] = round(flops[name] / 1e9, 3)

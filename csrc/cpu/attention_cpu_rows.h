@@ -47,20 +47,37 @@ static inline VF load(const float* p) {
 }
 static inline void store(float* p, VF v) { std::memcpy(p, &v, sizeof v); }
 
-// The first n (< kLanes) floats of p, the other lanes set to fill; and the matching store.
+// The first n (< kLanes) floats of p, the other lanes set to fill; and the matching store. AVX-512
+// has masked loads and stores for this; elsewhere a variable-length memcpy (which became a chain
+// of branches, the cost of a whole row pass on rows of a dozen keys).
+#if defined(__AVX512F__)
+static inline __mmask16 first_lanes(int64_t n) { return static_cast<__mmask16>((1u << n) - 1u); }
+static inline VF load_part(const float* p, int64_t n, float fill) {
+  return reinterpret_cast<VF>(_mm512_mask_loadu_ps(_mm512_set1_ps(fill), first_lanes(n), p));
+}
+static inline void store_part(float* p, VF v, int64_t n) {
+  _mm512_mask_storeu_ps(p, first_lanes(n), reinterpret_cast<__m512>(v));
+}
+#else
 static inline VF load_part(const float* p, int64_t n, float fill) {
   VF v = splat(fill);
   std::memcpy(&v, p, static_cast<size_t>(n) * sizeof(float));
   return v;
 }
 static inline void store_part(float* p, VF v, int64_t n) { std::memcpy(p, &v, static_cast<size_t>(n) * sizeof(float)); }
+#endif
 
 // Metadata lanes; a null array (metadata kind absent) or the lanes past n read as 0 (hidden, as
 // valid_lanes is 0 there).
 static inline VI load_lanes(const int32_t* p, int64_t n) {
+#if defined(__AVX512F__)
+  if (p == nullptr) return VI{};
+  return reinterpret_cast<VI>(_mm512_maskz_loadu_epi32(first_lanes(n), p));
+#else
   VI v = {};
   if (p != nullptr) std::memcpy(&v, p, static_cast<size_t>(n) * sizeof(int32_t));
   return v;
+#endif
 }
 
 // a * b + c, one rounding where the ISA has FMA.
@@ -77,23 +94,49 @@ static inline VF madd(VF a, VF b, VF c) {
 }
 
 // Lane reductions as a tree (halves, then quarters, ...): a serial chain over 16 lanes cost about
-// as much per row as the row's vector work at 128 keys (perf on the AVX-512 copy).
+// as much per row as the row's vector work at 128 keys (perf on the AVX-512 copy). AVX-512 keeps
+// the tree in registers (same pairing); elsewhere it goes through a small array.
+#if defined(__AVX512F__)
+// 16 lanes -> 8 -> 4 -> 2 -> 1 with op. The halves are split by memcpy: GCC 12's
+// _mm512_reduce_* and _mm512_extractf64x4_pd raise -Wmaybe-uninitialized in its own header.
+template <typename Op256, typename Op128>
+static inline float reduce16(VF v, Op256 op256, Op128 op128) {
+  __m256 lo, hi;
+  std::memcpy(&lo, &v, sizeof lo);
+  std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof lo, sizeof hi);
+  const __m256 h = op256(lo, hi);
+  __m128 q = op128(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+  q = op128(q, _mm_movehl_ps(q, q));
+  q = op128(q, _mm_shuffle_ps(q, q, 1));
+  return _mm_cvtss_f32(q);
+}
+#endif
+
 static inline float hsum(VF v) {
+#if defined(__AVX512F__)
+  return reduce16(v, [](__m256 a, __m256 b) { return _mm256_add_ps(a, b); }, [](__m128 a, __m128 b) { return _mm_add_ps(a, b); });
+#else
   float t[kLanes];
   std::memcpy(t, &v, sizeof v);
   for (int w = kLanes / 2; w >= 1; w /= 2) {
     for (int l = 0; l < w; ++l) t[l] += t[l + w];
   }
   return t[0];
+#endif
 }
 
 static inline float hmax(VF v) {
+#if defined(__AVX512F__)
+  // max_ps(a, b) is a > b ? a : b, the comparison of the portable loop below
+  return reduce16(v, [](__m256 a, __m256 b) { return _mm256_max_ps(a, b); }, [](__m128 a, __m128 b) { return _mm_max_ps(a, b); });
+#else
   float t[kLanes];
   std::memcpy(t, &v, sizeof v);
   for (int w = kLanes / 2; w >= 1; w /= 2) {
     for (int l = 0; l < w; ++l) t[l] = t[l] > t[l + w] ? t[l] : t[l + w];
   }
   return t[0];
+#endif
 }
 
 // e^x per lane: x = n ln2 + r with n = round(x / ln2) and |r| <= ln2 / 2, e^r by its degree-7
