@@ -133,9 +133,18 @@ def test_low_precision_logits_are_read_exactly():
     ],
     ids=["plain", "top_k", "top_p", "all_filters", "cfg"],
 )
-def test_cpu_kernels_agree_bitwise(dtype, strided, kw):
-    """The AVX2 row loops (vectorised load, fixed-point weights, block walk) equal the portable ones."""
+@pytest.mark.parametrize("isa", [2, 3], ids=["avx2", "avx512"])
+def test_cpu_kernels_agree_bitwise(dtype, strided, kw, isa):
+    """The AVX2 and AVX-512 row loops (vectorised load, fixed-point weights, block walk) equal the
+    portable ones."""
     from fourm_fast._extension import extension
+
+    try:
+        extension()._set_cpu_isa(isa)
+    except ValueError:
+        pytest.skip(f"this CPU cannot run ISA code {isa}")
+    finally:
+        extension()._set_cpu_isa(0)
 
     gen = torch.Generator().manual_seed(3)
     V = 3001  # odd: exercises the vector loops' scalar tails
@@ -148,9 +157,10 @@ def test_cpu_kernels_agree_bitwise(dtype, strided, kw):
     try:
         extension()._set_cpu_isa(1)
         generic = sample_tokens(logits, **kw)
+        extension()._set_cpu_isa(isa)
+        fast = sample_tokens(logits, **kw)
     finally:
         extension()._set_cpu_isa(0)
-    fast = sample_tokens(logits, **kw)
     assert torch.equal(generic[0], fast[0]) and torch.equal(generic[1], fast[1])
 
 

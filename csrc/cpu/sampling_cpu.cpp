@@ -34,10 +34,15 @@ void sample_tokens_cpu_impl(const SampleInputs& in, int64_t* tokens, float* prob
   for (size_t r = 0; r < params.size(); ++r) params[r] = reader.row(static_cast<int64_t>(r));
   std::vector<int32_t> status(static_cast<size_t>(R), kernels::kSampleOk);
 #if defined(__x86_64__) || defined(_M_X64)
-  const bool avx2 = cpu_isa_allows_avx2();
+  const bool avx2 = cpu_isa_allows_avx2(), avx512 = cpu_isa_allows_avx512();
 #endif
   at::parallel_for(0, R, 1, [&](int64_t r0, int64_t r1) {
 #if defined(__x86_64__) || defined(_M_X64)
+    if (avx512) {
+      sample_rows_avx512(cond, cs0, cs1, uncond, us0, us1, V, params.data(), per_row ? 1 : 0, seed, offset, r0, r1,
+                         tokens, probs, status.data());
+      return;
+    }
     if (avx2) {
       sample_rows_avx2(cond, cs0, cs1, uncond, us0, us1, V, params.data(), per_row ? 1 : 0, seed, offset, r0, r1,
                        tokens, probs, status.data());

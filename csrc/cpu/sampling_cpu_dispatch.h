@@ -34,6 +34,7 @@ namespace fourm_fast {
 FF_DECLARE_SAMPLE_ROWS(sample_rows_generic)
 #if defined(__x86_64__) || defined(_M_X64)
 FF_DECLARE_SAMPLE_ROWS(sample_rows_avx2)
+FF_DECLARE_SAMPLE_ROWS(sample_rows_avx512)
 #endif
 
 }  // namespace fourm_fast
