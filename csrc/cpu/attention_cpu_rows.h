@@ -110,32 +110,32 @@ static inline float reduce16(VF v, Op256 op256, Op128 op128) {
   q = op128(q, _mm_shuffle_ps(q, q, 1));
   return _mm_cvtss_f32(q);
 }
+#else
+template <typename Op>
+static inline float tree_reduce(VF v, Op op) {
+  float t[kLanes];
+  std::memcpy(t, &v, sizeof v);
+  for (int w = kLanes / 2; w >= 1; w /= 2) {
+    for (int l = 0; l < w; ++l) t[l] = op(t[l], t[l + w]);
+  }
+  return t[0];
+}
 #endif
 
 static inline float hsum(VF v) {
 #if defined(__AVX512F__)
   return reduce16(v, [](__m256 a, __m256 b) { return _mm256_add_ps(a, b); }, [](__m128 a, __m128 b) { return _mm_add_ps(a, b); });
 #else
-  float t[kLanes];
-  std::memcpy(t, &v, sizeof v);
-  for (int w = kLanes / 2; w >= 1; w /= 2) {
-    for (int l = 0; l < w; ++l) t[l] += t[l + w];
-  }
-  return t[0];
+  return tree_reduce(v, [](float a, float b) { return a + b; });
 #endif
 }
 
+// a > b ? a : b at every level (max_ps has exactly this rule, NaN included)
 static inline float hmax(VF v) {
 #if defined(__AVX512F__)
-  // max_ps(a, b) is a > b ? a : b, the comparison of the portable loop below
   return reduce16(v, [](__m256 a, __m256 b) { return _mm256_max_ps(a, b); }, [](__m128 a, __m128 b) { return _mm_max_ps(a, b); });
 #else
-  float t[kLanes];
-  std::memcpy(t, &v, sizeof v);
-  for (int w = kLanes / 2; w >= 1; w /= 2) {
-    for (int l = 0; l < w; ++l) t[l] = t[l] > t[l + w] ? t[l] : t[l + w];
-  }
-  return t[0];
+  return tree_reduce(v, [](float a, float b) { return a > b ? a : b; });
 #endif
 }
 
