@@ -180,7 +180,7 @@ PyObject* sgemm_rows_hook(PyObject*, PyObject* args) {
 PyMethodDef kMethods[] = {
     {"build_info", build_info, METH_NOARGS, "Build-time facts: version, CUDA kernels and archs."},
     {"_set_cpu_isa", set_cpu_isa, METH_O,
-     "Force the CPU micro-kernel: 0 auto, 1 generic, 2 avx2+fma (for tests and benchmarks)."},
+     "Force the CPU micro-kernels: 0 auto, 1 generic, 2 avx2+fma, 3 avx512 (for tests and benchmarks)."},
     {"_cpu_exp", cpu_exp, METH_O,
      "e^x in place over a float32 numpy array, with the CPU attention kernels' exponential (tests)."},
     {"_sgemm_rows", sgemm_rows_hook, METH_VARARGS,

@@ -33,8 +33,9 @@ def _check(trans_a, trans_b, m, n, k, alpha=1.0, beta=0.0, seed=0):
     assert (err <= bound).all(), f"error {err[worst]:.3g} > bound {bound[worst]:.3g} at {worst}"
 
 
-# m around the 6-row register tile, n around the 16-column strip, k up to past the small kernel's
-# limit (512), where MKL takes over
+# m around the register tiles' rows (6 for AVX2, 12 for AVX-512), n around their strips (16 and 32
+# columns, and a one-vector AVX-512 strip of 16 or fewer), k up to past the small kernels' limit
+# (512), where MKL takes over
 SHAPES = [(1, 1, 1), (1, 17, 3), (5, 1, 64), (6, 16, 64), (7, 17, 64), (13, 33, 7), (12, 32, 128),
           (97, 31, 20), (128, 128, 64), (128, 64, 128), (21, 21, 64), (3, 200, 257), (130, 5, 512),
           (17, 19, 513), (2, 40, 1000)]
@@ -80,6 +81,12 @@ def test_unknown_or_unsupported_isa_is_refused():
         with pytest.raises(ValueError, match="lacks AVX-512F"):
             extension()._set_cpu_isa(3)
     assert extension().build_info()["cpu_kernel"] == kernel  # a refused code leaves the choice alone
+    if kernel == "avx512":  # code 2 keeps every kernel on AVX2, even on an AVX-512 CPU
+        extension()._set_cpu_isa(2)
+        try:
+            assert extension().build_info()["cpu_kernel"] == "avx2+fma"
+        finally:
+            extension()._set_cpu_isa(0)
 
 
 @pytest.mark.parametrize("alpha,beta", [(0.125, 0.0), (1.0, 1.0), (-2.0, 0.5)])

@@ -30,8 +30,8 @@ bool cpu_has_avx512f() {
 void set_cpu_isa(int isa) {
   TORCH_CHECK_VALUE(isa >= 0 && isa <= 3, "fourm_fast: unknown CPU ISA code ", isa,
                     " (0 auto, 1 generic, 2 avx2, 3 avx512)");
-  TORCH_CHECK_VALUE(isa < 2 || cpu_has_avx2_fma(), "fourm_fast: AVX2+FMA kernels requested but this CPU lacks them");
   TORCH_CHECK_VALUE(isa != 3 || cpu_has_avx512f(), "fourm_fast: AVX-512 kernels requested but this CPU lacks AVX-512F");
+  TORCH_CHECK_VALUE(isa < 2 || cpu_has_avx2_fma(), "fourm_fast: AVX2+FMA kernels requested but this CPU lacks them");
   g_isa_override.store(isa);
 }
 

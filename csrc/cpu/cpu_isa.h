@@ -4,8 +4,10 @@
 
 namespace fourm_fast {
 
-// 0 = fastest this CPU supports, 1 = portable kernels only, 2 = AVX2+FMA kernels (never AVX-512),
-// 3 = require AVX-512F (with AVX2+FMA for the kernels that have no AVX-512 copy).
+// 0 = fastest this CPU supports, 1 = portable kernels only, 2 = AVX2+FMA kernels (never
+// fourm_fast's AVX-512 copies), 3 = require AVX-512F (with AVX2+FMA for the kernels that have no
+// AVX-512 copy). Only fourm_fast's own kernels follow it: products past them (sgemm_rows with
+// k > kSmallGemmMaxK) run on MKL or ATen, which choose their own ISA.
 void set_cpu_isa(int isa);
 
 // True when the AVX2+FMA kernels may run (CPU support and no override to portable).

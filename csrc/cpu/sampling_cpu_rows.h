@@ -1,6 +1,7 @@
-// The per-row work of the CPU sample_tokens executor, compiled twice: once for the baseline ISA
-// (sampling_cpu.cpp) and once with AVX2+FMA (sampling_cpu_avx2.cpp), where fmaf becomes one
-// instruction instead of a libm call. FF_ROWS_NS names the namespace of each copy.
+// The per-row work of the CPU sample_tokens executor, compiled three times: for the baseline ISA
+// (sampling_cpu.cpp), with AVX2+FMA (sampling_cpu_avx2.cpp), where fmaf becomes one instruction
+// instead of a libm call, and with AVX-512 (sampling_cpu_avx512.cpp, 16-lane loops). FF_ROWS_NS
+// names the namespace of each copy.
 //
 // Each row is read once into a float buffer (guided when CFG is on); thresholds come from radix
 // selection over ordered keys (no sort); the draw is the inverse CDF over fixed-point weights.

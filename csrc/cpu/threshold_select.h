@@ -13,7 +13,9 @@ namespace fourm_fast {
 
 // weights == nullptr means weight 1 per key (then it selects the (budget + 1)-th largest value).
 // n must be >= 1. The arrays are scratch: after each digit they are compacted to the chosen bucket.
-inline uint32_t threshold_select(uint32_t* keys, uint64_t* weights, int64_t n, uint64_t budget) {
+// static: this header is compiled into each ISA copy of the sampling rows; an out-of-line copy
+// with external linkage built with AVX-512 flags could be the one the linker keeps for all.
+static inline uint32_t threshold_select(uint32_t* keys, uint64_t* weights, int64_t n, uint64_t budget) {
   constexpr int kShifts[3] = {21, 10, 0};
   constexpr int kBits[3] = {11, 11, 10};
   thread_local std::vector<uint64_t> mass(2048);

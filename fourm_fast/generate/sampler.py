@@ -107,12 +107,14 @@ class Generator:
         layer = self.model.decoder_embeddings[name].to_logits
 
         def head(rows: Tensor) -> Tensor:
-            if rows.shape[0] <= FEW_ROWS_MAX or rows.dtype != layer.weight.dtype:
+            if (rows.shape[0] <= FEW_ROWS_MAX or rows.device.type != "cpu" or rows.dtype != layer.weight.dtype
+                    or torch.is_autocast_enabled("cpu")):
                 return few_rows_layer(layer, rows)
-            # Many rows (an image step): the logits go to a buffer kept across steps. Fresh, the
-            # 784 x 16384 float32 logits of a guided batch of 4 (51 MB, past glibc's largest mmap
-            # threshold) were page-faulted in on every step: that product took 44 ms, 33 ms into
-            # a reused buffer (2-core Xeon). The caller consumes them before the next step.
+            # Many rows on the CPU (an image step): the logits go to a buffer kept across the
+            # steps of one generate() call. Fresh, the 784 x 16384 float32 logits of a guided
+            # batch of 4 (51 MB, past glibc's largest mmap threshold) were page-faulted in on every
+            # step: that product took 44 ms, 33 ms into a reused buffer (2-core Xeon). Every
+            # caller hands them straight to sample_tokens, before the next step overwrites them.
             out = self._workspace(rows.shape[0], layer.weight.shape[0], rows)
             torch.mm(rows, layer.weight.t(), out=out)
             return out if layer.bias is None else out.add_(layer.bias)
@@ -169,6 +171,7 @@ class Generator:
                     self._image(state, spec, seed, ti)
         finally:
             self._enc_key = self._enc_val = None  # do not hold the last encoder output
+            self._logits_ws = None  # nor the logits buffer
         return state
 
     def _image(self, state: GenerationState, spec: TargetSpec, seed: int, target_index: int) -> None:
