@@ -12,32 +12,36 @@
 namespace fourm_fast {
 
 // weights == nullptr means weight 1 per key (then it selects the (budget + 1)-th largest value).
-// n must be >= 1. The arrays are scratch: after each digit they are compacted to the chosen bucket.
+// With weights (top-p), budget must be below the total weight and keys of weight 0 must lie below
+// every key of positive weight, as filter_cut's are. n must be >= 1. The arrays are scratch: after each digit they are compacted to the chosen bucket.
 // static: this header is compiled into each ISA copy of the sampling rows; an out-of-line copy
 // with external linkage built with AVX-512 flags could be the one the linker keeps for all.
 static inline uint32_t threshold_select(uint32_t* keys, uint64_t* weights, int64_t n, uint64_t budget) {
   constexpr int kShifts[3] = {21, 10, 0};
   constexpr int kBits[3] = {11, 11, 10};
+  // One histogram: a bucket is empty iff its mass is 0. With weights, a key of weight 0 lies below
+  // every key of positive weight (the weights grow with the key, and tokens outside the top-k set
+  // weigh 0 and lie below it), so the weight above it is the total, which exceeds any top-p
+  // budget (floor(top_p * total) with top_p < 1): such keys can never be the answer, and skipping
+  // their buckets changes nothing. Without weights every key weighs 1.
   thread_local std::vector<uint64_t> mass(2048);
-  thread_local std::vector<uint32_t> count(2048);
   uint32_t prefix = 0, mask = 0;
   uint64_t above = 0;  // weight of keys above the current prefix range
   for (int level = 0; level < 3; ++level) {
     const int shift = kShifts[level];
     const uint32_t buckets = 1u << kBits[level], digit_mask = buckets - 1;
     std::fill(mass.begin(), mass.begin() + buckets, 0);
-    std::fill(count.begin(), count.begin() + buckets, 0);
-    for (int64_t i = 0; i < n; ++i) {
-      const uint32_t digit = (keys[i] >> shift) & digit_mask;
-      mass[digit] += weights ? weights[i] : 1u;
-      count[digit] += 1;
+    if (weights) {
+      for (int64_t i = 0; i < n; ++i) mass[(keys[i] >> shift) & digit_mask] += weights[i];
+    } else {
+      for (int64_t i = 0; i < n; ++i) mass[(keys[i] >> shift) & digit_mask] += 1u;
     }
     // Walk digits downwards; the chosen bucket is the lowest non-empty one whose weight above it
     // still fits the budget (the weight above a bucket only grows as the digit falls).
     int64_t chosen = -1;
     uint64_t acc = above, chosen_above = above;
     for (int64_t d = buckets - 1; d >= 0; --d) {
-      if (count[d] == 0) continue;
+      if (mass[d] == 0) continue;
       if (acc > budget) break;
       chosen = d;
       chosen_above = acc;
