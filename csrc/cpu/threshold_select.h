@@ -13,7 +13,8 @@ namespace fourm_fast {
 
 // weights == nullptr means weight 1 per key (then it selects the (budget + 1)-th largest value).
 // With weights (top-p), budget must be below the total weight and keys of weight 0 must lie below
-// every key of positive weight, as filter_cut's are. n must be >= 1. The arrays are scratch: after each digit they are compacted to the chosen bucket.
+// every key of positive weight, as filter_cut's are. n must be >= 1. The arrays are scratch: after
+// each digit they are compacted to the chosen bucket.
 // static: this header is compiled into each ISA copy of the sampling rows; an out-of-line copy
 // with external linkage built with AVX-512 flags could be the one the linker keeps for all.
 static inline uint32_t threshold_select(uint32_t* keys, uint64_t* weights, int64_t n, uint64_t budget) {
