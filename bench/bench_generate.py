@@ -26,6 +26,7 @@ the speedup a run with every FLOP at that rate and no other cost would reach.
   python bench/bench_generate.py --batch 4 --repeats 3
   python bench/bench_generate.py --count-flops
   python bench/bench_generate.py --dtype bfloat16    # both methods on bf16 weights
+  python bench/bench_generate.py --cases ar32 ar96   # a subset
 """
 from __future__ import annotations
 
@@ -90,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--quick", action="store_true", help="two cases, batch 2, one repeat")
+    ap.add_argument("--cases", nargs="+", default=None, metavar="SUBSTR",
+                    help="only the cases whose name contains one of these (e.g. ar32 chain)")
     ap.add_argument("--no-reference", action="store_true")
     ap.add_argument("--reference-max-seconds", type=float, default=120.0, help="CPU: start no new timing round (one run of every method) after this; CUDA: stop repeating the slow baseline")
     ap.add_argument("--no-save", action="store_true")
@@ -116,7 +119,10 @@ def main(argv: list[str] | None = None) -> int:
     flop_head += f" {'ceiling':>8}" if ceiling else ""
     print(f"{'case':<28} {'method':<20} {'median s':>9} {'p20-p80 s':>15} {'tokens/s':>9} {'vs 4M':>7}{flop_head}")
     rows = []
-    for case, (cond, targets) in cases(args.quick).items():
+    chosen = {n: c for n, c in cases(args.quick).items() if not args.cases or any(p in n for p in args.cases)}
+    if not chosen:
+        ap.error(f"--cases {args.cases}: no case matches; the cases are {list(cases(args.quick))}")
+    for case, (cond, targets) in chosen.items():
         n_gen = generated_tokens(model, targets, B)
         ar = any(t.scheme == "autoregressive" for t in targets)
 

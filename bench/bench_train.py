@@ -51,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--quick", action="store_true", help="a reduced model (dim 192, 2 + 2 blocks) for a smoke run")
     ap.add_argument("--no-save", action="store_true")
+    ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                    help="as train.precision: auto is bf16 autocast on a GPU and fp32 on the CPU; bf16 on the "
+                         "CPU autocasts both methods (AMX/AVX-512-BF16 GEMMs where the CPU has them)")
     ap.add_argument("--compile", nargs="?", const="default", default=None, choices=COMPILE_MODES, metavar="MODE",
                     help="also time fourm_fast with forward_hidden under torch.compile, as train.compile does "
                          "(MODE: default, reduce-overhead for CUDA graphs, max-autotune, max-autotune-no-cudagraphs)")
@@ -78,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     ml4m = {n: {k: v.to(device) for k, v in d.items()} for n, d in sorted(ml4m.items())}
     native = native.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else nullcontext
+    use_bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else nullcontext
 
     def step(fn):
         def run():

@@ -6,7 +6,8 @@
 #
 # Stages, in priority order, each bounded by its own cap and by one overall deadline
 # (DEADLINE_S, default 540 s) so the call ends inside the lease: environment, build (sm_90 only),
-# the CUDA tests (GPU vs CPU twin vs float64 reference), compute-sanitizer memcheck, GPU benchmarks
+# the CUDA tests (GPU vs CPU twin vs float64 reference), compute-sanitizer memcheck, racecheck and
+# synccheck, GPU benchmarks
 # (with an Nsight Compute read of the attention kernels, bench/attention_probe.py, where ncu exists).
 # SKIP_STAGES="a b" leaves the named stages out (those an earlier run of the same kernels covered).
 # A stage the deadline cuts off is reported as such, never silently dropped.
@@ -81,6 +82,13 @@ if [ "$gpu" = 1 ]; then
   if command -v compute-sanitizer >/dev/null 2>&1; then
     run_stage sanitizer 90 compute-sanitizer --tool memcheck --error-exitcode 9 $PY bench/sanitize_cases.py
     tail -4 "$STAGE/sanitizer.log"
+    # Shared-memory hazards (cp.async pipelines, barriers) that memcheck does not see: racecheck
+    # is slow, so it gets the attention kernels alone (their pipelined tiles are the newest code).
+    run_stage racecheck 75 compute-sanitizer --tool racecheck --racecheck-report hazard --error-exitcode 9 \
+      $PY bench/sanitize_cases.py --only attention
+    tail -4 "$STAGE/racecheck.log"
+    run_stage synccheck 60 compute-sanitizer --tool synccheck --error-exitcode 9 $PY bench/sanitize_cases.py
+    tail -4 "$STAGE/synccheck.log"
   else
     stamp "sanitizer: SKIPPED (compute-sanitizer not on PATH)"
   fi

@@ -3,7 +3,12 @@
 
 Odd sizes exercise the partial-tile edges; each case is compared with the CPU executor so a
 kernel that reads out of bounds but happens not to crash still fails here.
+
+  python bench/sanitize_cases.py                      # every op
+  python bench/sanitize_cases.py --only attention     # one op (racecheck is slow: device_check.sh
+                                                      # runs it on the attention kernels alone)
 """
+import argparse
 import sys
 
 import torch
@@ -12,8 +17,27 @@ from fourm_fast.masking import ModalitySpec, TokenBudgetSampler
 from fourm_fast.ops import sample_tokens, vq_lookup
 
 
-def main() -> int:
+OPS = ("vq", "sampling", "sampler", "attention")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", nargs="+", choices=OPS, default=list(OPS))
+    only = set(ap.parse_args(argv).only)
     torch.manual_seed(0)
+    failures = 0
+    if "vq" in only:
+        failures += vq_cases()
+    if "sampling" in only:
+        failures += sampling_cases()
+    if "sampler" in only:
+        failures += sampler_cases()
+    if "attention" in only:
+        failures += attention_cases()
+    return 1 if failures else 0
+
+
+def vq_cases() -> int:
     failures = 0
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         for metric in ("l2", "cosine"):
@@ -27,6 +51,11 @@ def main() -> int:
                 status = "ok" if agree >= 0.95 else "MISMATCH"
                 failures += status != "ok"
                 print(f"vq_lookup {str(dtype):15} {metric:6} N={N:4} K={K:5} D={D:4}: agree {agree:.3f} {status}")
+    return failures
+
+
+def sampling_cases() -> int:
+    failures = 0
     for dtype in (torch.float32, torch.bfloat16):
         for V in (1, 97, 1031, 30000):
             logits = (torch.randn(37, V) * 2).to(dtype)
@@ -38,6 +67,11 @@ def main() -> int:
                 same = torch.equal(g[0].cpu(), c[0]) and torch.equal(g[1].cpu(), c[1])
                 failures += not same
                 print(f"sample_tokens {str(dtype):15} V={V:6} {sorted(kw)}: {'ok' if same else 'MISMATCH'}")
+    return failures
+
+
+def sampler_cases() -> int:
+    failures = 0
     specs = [ModalitySpec("a", "image", 7), ModalitySpec("b", "sequence", 5), ModalitySpec("c", "image", 196)]
     alphas = {"a": [0.5, 0.01], "b": [1.0, 0.0], "c": [0.3, 2.0]}
     for B in (1, 33, 1000):
@@ -48,8 +82,7 @@ def main() -> int:
         same = same and torch.equal(cpu.budgets.input, gpu.budgets.input.cpu())
         failures += not same
         print(f"token sampler B={B:5}: {'ok' if same else 'MISMATCH'}")
-    failures += attention_cases()
-    return 1 if failures else 0
+    return failures
 
 
 def attention_cases() -> int:

@@ -11,8 +11,10 @@ inline void check_rows_linear_inputs(const at::Tensor& x, const at::Tensor& weig
   TORCH_CHECK_VALUE(weight.dim() == 2, "rows_linear: weight must be 2-D (N, K), got shape ", weight.sizes());
   TORCH_CHECK_VALUE(x.size(1) == weight.size(1), "rows_linear: x has K = ", x.size(1), " but weight has K = ",
                     weight.size(1), " (x ", x.sizes(), ", weight ", weight.sizes(), ")");
-  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat,
-                   "rows_linear: float32 only, got x ", x.scalar_type(), " and weight ", weight.scalar_type());
+  const auto st = x.scalar_type();
+  TORCH_CHECK_TYPE((st == at::kFloat || st == at::kBFloat16 || st == at::kHalf) && weight.scalar_type() == st,
+                   "rows_linear: x and weight must both be float32, bfloat16 or float16, got x ", st, " and weight ",
+                   weight.scalar_type());
   TORCH_CHECK_VALUE(x.device() == weight.device(), "rows_linear: x and weight must be on the same device, got ",
                     x.device(), " and ", weight.device());
 }

@@ -160,6 +160,27 @@ def test_decode_step_views_of_a_cache(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d", [16, 20, 64])
+def test_decode_step_reads_a_half_cache_as_its_float32_widening(dtype, d):
+    """One query reads a 16-bit cache in place, widening each element (exact): the result must be
+    the float32 computation on the widened tensors, rounded once. Covers D not a multiple of 8 and
+    a cache whose rows are not unit-stride along D (copied first)."""
+    B, H, cap, t = 2, 3, 40, 31
+    gen = torch.Generator().manual_seed(5)
+    kc, vc = (torch.randn(B, H, cap, d, generator=gen).to(dtype) for _ in range(2))
+    q = torch.randn(B, H, 1, d, generator=gen).to(dtype)
+    k_valid = torch.rand(B, t, generator=gen) < 0.7
+    k_valid[0] = False  # a sample that sees nothing: zeros
+    strided_k = kc.transpose(2, 3).contiguous().transpose(2, 3)[:, :, :t]  # stride 1 along the keys
+    for k, v in ((kc[:, :, :t], vc[:, :, :t]), (strided_k, vc[:, :, :t])):
+        out = masked_attention(q, k, v, k_valid)
+        want = masked_attention(q.float(), k.float(), v.float(), k_valid).to(dtype)
+        assert out.dtype == dtype
+        assert torch.equal(out, want)
+    assert bool((out[0] == 0).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_error_bound(dtype):
     # FlashAttention's rule: |out - ref| <= 2 |naive_lowprec - ref| + eps, naive_lowprec being the
     # reference computed eagerly in the low-precision dtype.

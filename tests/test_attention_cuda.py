@@ -164,6 +164,9 @@ def test_cuda_non_contiguous_views(d, dtype):
     buf = torch.randn(B, H, N, d + 1, generator=gen).to(dtype).to(DEVICE)
     k_b = torch.randn(B, 1, N, d, generator=gen).to(dtype).to(DEVICE).expand(B, H, N, d)
     _check(buf[..., 1:], k_b, v, k_valid, meta, g)
+    # A grad_out with every stride 0, as out.sum().backward() hands it over.
+    g0 = torch.randn(1, 1, 1, 1, generator=gen).to(dtype).to(DEVICE).expand(B, H, N, d)
+    _check(q, k, v, k_valid, meta, g0)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

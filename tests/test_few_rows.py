@@ -6,7 +6,8 @@ import torch.nn.functional as F
 
 from fourm_fast.model import ModalityConfig, preset
 from fourm_fast.model.blocks import Mlp
-from fourm_fast.nn.few_rows import FEW_ROWS_MAX, FEW_ROWS_MIN, ROWS_LINEAR_MIN_BYTES, few_rows_linear, few_rows_mlp
+from fourm_fast.nn.few_rows import (FEW_ROWS_MAX, FEW_ROWS_MAX_HALF, FEW_ROWS_MIN, HALF_ROWS_MAX_K, HALF_ROWS_MIN_BYTES,
+                                    ROWS_LINEAR_MIN_BYTES, few_rows_linear, few_rows_mlp)
 from fourm_fast.ops import rows_linear
 
 
@@ -39,6 +40,23 @@ def test_rows_linear_is_taken_exactly_for_few_float32_cpu_rows_and_large_weights
         assert torch.equal(got, rows_linear(x, w) + b)
     else:
         assert torch.equal(got, F.linear(x, w, b))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows", [1, FEW_ROWS_MAX_HALF, FEW_ROWS_MAX_HALF + 1])
+@pytest.mark.parametrize("n, k", [(HALF_ROWS_MIN_BYTES // (2 * 64) - 1, 64), (HALF_ROWS_MIN_BYTES // (2 * 64) + 1, 64),
+                                  (300, HALF_ROWS_MAX_K), (300, HALF_ROWS_MAX_K + 8)])
+def test_rows_linear_is_taken_exactly_for_few_half_rows(dtype, rows, n, k):
+    x, w, b = _operands(rows, k, n, True, seed=rows)
+    x, w, b = x.to(dtype), w.to(dtype), b.to(dtype)
+    got = few_rows_linear(x, w, b)
+    assert got.dtype == dtype
+    if rows <= FEW_ROWS_MAX_HALF and w.numel() * 2 >= HALF_ROWS_MIN_BYTES and k <= HALF_ROWS_MAX_K:
+        assert torch.equal(got, rows_linear(x, w) + b)
+    else:
+        assert torch.equal(got, F.linear(x, w, b))
+    # either way within the rounding of the 16-bit result of a float32 sum
+    torch.testing.assert_close(got.float(), F.linear(x.float(), w.float(), b.float()), rtol=1e-2, atol=2e-2)
 
 
 def test_other_dtypes_and_leading_dims_and_strided_inputs():

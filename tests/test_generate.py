@@ -226,6 +226,34 @@ def test_kv_cache_equals_full_decoding_in_fp32():
                 torch.testing.assert_close(lc, lu, rtol=1e-5, atol=1e-5)
 
 
+def test_kv_cache_in_bfloat16_streams_weights_through_rows_linear(monkeypatch):
+    """A bf16 model decodes its steps through rows_linear (the threshold lowered so this small
+    model's weights take it) and the cached steps agree with full decoding to bf16 rounding."""
+    import fourm_fast.nn.few_rows as few_rows
+
+    monkeypatch.setattr(few_rows, "HALF_ROWS_MIN_BYTES", 0)
+    calls = []
+    real = few_rows.rows_linear
+    monkeypatch.setattr(few_rows, "rows_linear", lambda x, w: calls.append(x.dtype) or real(x, w))
+    model = _model(seed=5).to(torch.bfloat16)
+    g = Generator(model, SENTINELS)
+    st = g.new_state(3)
+    st.set_image("rgb", torch.randint(0, 64, (3, 16), generator=torch.Generator().manual_seed(2)))
+    ctx, valid = g._encode(st, [{"rgb"}])
+    c, u = CachedDecoder(model, "caption", ctx, valid, 11), UncachedDecoder(model, "caption", ctx, valid, 11)
+    worst = 0.0
+    with torch.no_grad():
+        for _ in range(11):
+            ids = torch.randint(0, 50, (3,))
+            lc, lu = c.step(ids), u.step(ids)
+            assert lc.dtype == torch.bfloat16
+            worst = max(worst, (lc.float() - lu.float()).abs().max().item())
+    assert calls and set(calls) == {torch.bfloat16}
+    # decoder_norm outputs are O(1); bf16 keeps 8 bits, and two layers of differently shaped
+    # products round differently
+    assert worst < 0.1, worst
+
+
 def test_autoregressive_stops_per_sample_at_end_sentinel(model, monkeypatch):
     """Row b emits [S_2] at step b + 1: its sequence is the b + 1 tokens before it."""
     s2 = SENTINELS["caption"][2]

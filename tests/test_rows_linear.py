@@ -1,6 +1,7 @@
 """rows_linear on the CPU: fp64 parity within float32's dot-product bound on hostile shapes, one
-order of summation for every kernel and thread count, strided inputs, non-finite values, bad
-input, opcheck, autograd and torch.compile."""
+order of summation for every kernel and thread count, 16-bit inputs summed exactly as their
+float32 widening, strided inputs, non-finite values, bad input, opcheck, autograd and
+torch.compile."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -68,6 +69,52 @@ def test_every_kernel_and_thread_count_gives_the_same_bits(k, values):
     assert torch.equal(one_thread, auto)
 
 
+HALF_DTYPES = [torch.bfloat16, torch.float16]
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("r, k, n", [(1, 1, 1), (4, 7, 3), (5, 9, 31), (12, 384, 257), (3, 1031, 40)])
+def test_half_inputs_are_the_float32_sum_rounded_once(cpu_isa, dtype, r, k, n):
+    # The definition: widen (exact), sum in the float32 order, round once to the dtype.
+    x, w = _operands(r, k, n, seed=r + k + n)
+    x, w = x.to(dtype), w.to(dtype)
+    y = rows_linear(x, w)
+    assert y.dtype == dtype and y.shape == (r, n)
+    assert torch.equal(y, rows_linear(x.float(), w.float()).to(dtype))
+    _assert_within_dot_bound(rows_linear(x.float(), w.float()), x.float(), w.float())
+
+
+@pytest.mark.skipif(extension().build_info()["cpu_kernel"] == "generic", reason="this CPU runs the portable loop only")
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("k", [5, 8, 9, 23, 384])
+def test_half_weights_give_the_portable_loops_bits(dtype, k):
+    # Tails (K % 8) of 16-bit weights go through a zero-padded copy: same lanes as the loop.
+    x, w = _operands(7, k, 700, seed=k)
+    x, w = x.to(dtype), w.to(dtype)
+    ext = extension()
+    ext._set_cpu_isa(1)
+    try:
+        generic = rows_linear(x, w)
+    finally:
+        ext._set_cpu_isa(0)
+    assert torch.equal(rows_linear(x, w), generic)
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_half_strided_inputs_and_empty_shapes(dtype):
+    x, w = _operands(6, 40, 50)
+    x, w = x.to(dtype), w.to(dtype)
+    want = rows_linear(x, w)
+    xs = torch.zeros(12, 80, dtype=dtype)
+    xs[::2, ::2] = x  # strides (160, 2)
+    assert torch.equal(rows_linear(xs[::2, ::2], w), want)
+    assert torch.equal(rows_linear(x, w.t().contiguous().t()), want)  # K-major weight: copied
+    assert rows_linear(x[:0], w).dtype == dtype and rows_linear(x[:0], w).shape == (0, 50)
+    assert rows_linear(x, w[:0]).shape == (6, 0)
+    zero_k = rows_linear(torch.zeros(3, 0, dtype=dtype), torch.zeros(4, 0, dtype=dtype))
+    assert zero_k.dtype == dtype and torch.equal(zero_k, torch.zeros(3, 4, dtype=dtype))
+
+
 def test_strided_inputs_and_empty_shapes():
     x, w = _operands(6, 40, 50)
     want = rows_linear(x, w)
@@ -102,9 +149,11 @@ def test_non_finite_values_propagate_like_linear():
     (torch.zeros(2, 3, 4), torch.zeros(4, 4), ValueError, "x must be 2-D"),
     (torch.zeros(2, 3), torch.zeros(3), ValueError, "weight must be 2-D"),
     (torch.zeros(2, 3), torch.zeros(4, 5), ValueError, "x has K = 3 but weight has K = 5"),
-    (torch.zeros(2, 3, dtype=torch.float64), torch.zeros(4, 3, dtype=torch.float64), TypeError, "float32 only"),
-    (torch.zeros(2, 3, dtype=torch.bfloat16), torch.zeros(4, 3), TypeError, "float32 only"),
-    (torch.zeros(2, 3), torch.zeros(4, 3, dtype=torch.float16), TypeError, "float32 only"),
+    (torch.zeros(2, 3, dtype=torch.float64), torch.zeros(4, 3, dtype=torch.float64), TypeError,
+     "must both be float32, bfloat16 or float16, got x Double and weight Double"),
+    (torch.zeros(2, 3, dtype=torch.bfloat16), torch.zeros(4, 3), TypeError, "got x BFloat16 and weight Float"),
+    (torch.zeros(2, 3), torch.zeros(4, 3, dtype=torch.float16), TypeError, "got x Float and weight Half"),
+    (torch.zeros(2, 3, dtype=torch.int32), torch.zeros(4, 3, dtype=torch.int32), TypeError, "got x Int"),
 ])
 def test_bad_input_raises_clear_errors(x, w, exc, message):
     with pytest.raises(exc, match=message):
@@ -120,8 +169,10 @@ def test_cuda_tensors_raise_and_point_to_linear():
         rows_linear(x.cuda(), w.cuda())
 
 
-def test_opcheck():
+@pytest.mark.parametrize("dtype", [torch.float32, *HALF_DTYPES])
+def test_opcheck(dtype):
     x, w = _operands(5, 24, 37)
+    x, w = x.to(dtype), w.to(dtype)
     torch.library.opcheck(op, (x.requires_grad_(), w.requires_grad_()))
     torch.library.opcheck(op, (x.detach(), w.detach()))
 

@@ -11,10 +11,14 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
 #include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "../attention_checks.h"
@@ -140,31 +144,45 @@ MetaView make_meta(const AttnInputs& in) {
 // live in attention_cpu_rows.h.
 typedef float f32x8 __attribute__((vector_size(32)));
 
-inline float dot_lanes(const float* a, const float* b, int64_t n) {
+// Eight values of a K or V row as floats (16-bit types widen exactly, so a bfloat16 cache read in
+// place gives the bits its float32 copy would).
+// (An out-parameter: returning a 32-byte vector by value from this non-AVX file changes the ABI.)
+template <class T>
+inline void load8(const T* p, f32x8& v) {
+  if constexpr (std::is_same_v<T, float>) {
+    std::memcpy(&v, p, sizeof v);  // unaligned load
+  } else {
+    for (int i = 0; i < 8; ++i) v[i] = static_cast<float>(p[i]);
+  }
+}
+
+template <class T>
+inline float dot_lanes(const float* a, const T* b, int64_t n) {
   f32x8 acc = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
   int64_t d = 0;
   for (; d + 8 <= n; d += 8) {
     f32x8 x, y;
-    std::memcpy(&x, a + d, sizeof x);  // unaligned loads
-    std::memcpy(&y, b + d, sizeof y);
+    std::memcpy(&x, a + d, sizeof x);
+    load8(b + d, y);
     acc += x * y;
   }
   float tail = 0.0f;
-  for (; d < n; ++d) tail += a[d] * b[d];
+  for (; d < n; ++d) tail += a[d] * static_cast<float>(b[d]);
   return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail;
 }
 
 // acc[0:n] += w * x[0:n]; acc is a private scratch row, so nothing aliases it.
-inline void axpy_lanes(float* __restrict acc, float w, const float* __restrict x, int64_t n) {
+template <class T>
+inline void axpy_lanes(float* __restrict acc, float w, const T* __restrict x, int64_t n) {
   int64_t d = 0;
   for (; d + 8 <= n; d += 8) {
     f32x8 a, y;
     std::memcpy(&a, acc + d, sizeof a);
-    std::memcpy(&y, x + d, sizeof y);
+    load8(x + d, y);
     a += w * y;
     std::memcpy(acc + d, &a, sizeof a);
   }
-  for (; d < n; ++d) acc[d] += w * x[d];
+  for (; d < n; ++d) acc[d] += w * static_cast<float>(x[d]);
 }
 
 // Runs worker(next) on at::parallel_for's threads; next() hands out 0, 1, 2, ... from one shared
@@ -229,12 +247,15 @@ RowsView rows_view(const at::Tensor& f) {
 
 // Forward for few queries (an autoregressive decoding step), straight from the strided inputs:
 // per query, the list of its visible keys, their scores and max, then exp-weights and the
-// weighted sum of values (the same algebra as the tiles, without a BLAS call per tile).
+// weighted sum of values (the same algebra as the tiles, without a BLAS call per tile). K and V
+// (the key/value cache) are read in their own dtype, widened per element: a bfloat16 cache is not
+// copied to float32 on every step. kf and vf have unit stride along D.
+template <class T>
 void forward_direct(const MetaView& meta, const AttnInputs& in, const at::Tensor& qf, const at::Tensor& kf,
                     const at::Tensor& vf, at::Tensor& out, at::Tensor& lse, float scale) {
   const float* qp = qf.const_data_ptr<float>();
-  const float* kp = kf.const_data_ptr<float>();
-  const float* vp = vf.const_data_ptr<float>();
+  const T* kp = kf.const_data_ptr<T>();
+  const T* vp = vf.const_data_ptr<T>();
   float* op = out.data_ptr<float>();
   float* lp = lse.data_ptr<float>();
   const int64_t D = in.D, Nq = in.Nq, Nk = in.Nk, H = in.H;
@@ -247,8 +268,8 @@ void forward_direct(const MetaView& meta, const AttnInputs& in, const at::Tensor
     std::vector<float> acc(static_cast<size_t>(D));
     for (int64_t bh = bh0; bh < bh1; ++bh) {
       const int64_t b = bh / H, h = bh % H;
-      const float* K = kp + b * ks0 + h * ks1;
-      const float* V = vp + b * vs0 + h * vs1;
+      const T* K = kp + b * ks0 + h * ks1;
+      const T* V = vp + b * vs0 + h * vs1;
       for (int64_t i = 0; i < Nq; ++i) {
         const float* qi = qp + b * qs0 + h * qs1 + i * qs2;
         int64_t n = 0;
@@ -291,7 +312,13 @@ std::tuple<at::Tensor, at::Tensor> masked_attention_fwd_cpu(
   if (out.numel() == 0 && lse.numel() == 0) return {out.to(q.scalar_type()), lse};
   const MetaView meta = make_meta(in);
   if (in.Nq <= kDirectMaxQ) {
-    forward_direct(meta, in, float_rows(q), float_rows(k), float_rows(v), out, lse, scale);
+    const at::Tensor kd = k.stride(3) == 1 ? k.detach() : k.detach().contiguous();
+    const at::Tensor vd = v.stride(3) == 1 ? v.detach() : v.detach().contiguous();
+    switch (q.scalar_type()) {
+      case at::kBFloat16: forward_direct<c10::BFloat16>(meta, in, float_rows(q), kd, vd, out, lse, scale); break;
+      case at::kHalf: forward_direct<c10::Half>(meta, in, float_rows(q), kd, vd, out, lse, scale); break;
+      default: forward_direct<float>(meta, in, float_rows(q), float_rows(k), float_rows(v), out, lse, scale);
+    }
     return {out.to(q.scalar_type()), lse};
   }
   const at::Tensor qf = float_rows(q), kf = float_rows(k), vf = float_rows(v);

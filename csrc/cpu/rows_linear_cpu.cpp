@@ -9,9 +9,17 @@
 // memory once and multiplies it with every row of x, which stays in L1/L2: 18.3 GB/s there.
 // Each output is one dot product in the fixed lane order of csrc/kernels/rows_linear_math.h, so
 // results do not depend on the thread count, and the AVX2 kernel returns the portable loop's bits.
+// bfloat16 / float16 weights are widened in registers as they stream (half the bytes of float32);
+// x is widened once up front, the sums are float32 and rounded once to the inputs' dtype.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 #include <torch/library.h>
+
+#include <algorithm>
+#include <type_traits>
+#include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
@@ -26,7 +34,8 @@ namespace fourm_fast {
 namespace {
 
 // Weight rows n0..n1 against all R rows of x; y is R x N row-major.
-void rows_block_generic(const float* x, int64_t ldx, const float* w, int64_t ldw, float* y, int64_t R,
+template <class W>
+void rows_block_generic(const float* x, int64_t ldx, const W* w, int64_t ldw, float* y, int64_t R,
                         int64_t N, int64_t K, int64_t n0, int64_t n1) {
   for (int64_t n = n0; n < n1; ++n) {
     for (int64_t r = 0; r < R; ++r) y[r * N + n] = kernels::rows_linear_dot(x + r * ldx, w + n * ldw, K);
@@ -53,12 +62,37 @@ __attribute__((target("avx2,fma"))) inline __m256 x_tail(const float* p, __m256i
   return _mm256_blendv_ps(_mm256_set1_ps(-0.0f), _mm256_maskload_ps(p, mask), _mm256_castsi256_ps(mask));
 }
 
+// Eight weights as floats: a plain load, or 16-bit values widened exactly (bfloat16 is the high
+// half of a float32; float16 through F16C).
+__attribute__((target("avx2,fma"))) inline __m256 load_w8(const float* p) { return _mm256_loadu_ps(p); }
+
+__attribute__((target("avx2,fma"))) inline __m256 load_w8(const c10::BFloat16* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+__attribute__((target("avx2,fma,f16c"))) inline __m256 load_w8(const c10::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+// The last K % 8 weights of a row; the lanes past K read +0.
+__attribute__((target("avx2,fma"))) inline __m256 load_w_tail(const float* p, int64_t, __m256i mask) {
+  return _mm256_maskload_ps(p, mask);
+}
+
+template <class W>
+__attribute__((target("avx2,fma,f16c"))) inline __m256 load_w_tail(const W* p, int64_t rem, __m256i) {
+  W part[8] = {};  // value-initialised: +0 in both 16-bit formats
+  for (int64_t i = 0; i < rem; ++i) part[i] = p[i];
+  return load_w8(part);
+}
+
 // An NX x NW tile: NX rows of x against NW weight rows, NX * NW independent accumulators (a single
 // chain of fused multiply-adds waits on its own latency; eight or more keep both FMA units busy).
 // Each weight vector loaded is used NX times and each x vector NW times.
-template <int NX, int NW>
-__attribute__((target("avx2,fma"))) inline void tile_avx2(const float* x, int64_t ldx, const float* w, int64_t ldw,
-                                                           int64_t K, __m256i mask, float* y, int64_t ldy) {
+template <int NX, int NW, class W>
+__attribute__((target("avx2,fma,f16c"))) inline void tile_avx2(const float* x, int64_t ldx, const W* w, int64_t ldw,
+                                                                int64_t K, __m256i mask, float* y, int64_t ldy) {
   __m256 acc[NX][NW];
 #pragma GCC unroll 8
   for (int i = 0; i < NX; ++i) {
@@ -69,7 +103,7 @@ __attribute__((target("avx2,fma"))) inline void tile_avx2(const float* x, int64_
   for (int64_t k = 0; k < K8; k += 8) {
     __m256 wv[NW];
 #pragma GCC unroll 8
-    for (int j = 0; j < NW; ++j) wv[j] = _mm256_loadu_ps(w + j * ldw + k);
+    for (int j = 0; j < NW; ++j) wv[j] = load_w8(w + j * ldw + k);
 #pragma GCC unroll 8
     for (int i = 0; i < NX; ++i) {
       const __m256 xv = _mm256_loadu_ps(x + i * ldx + k);
@@ -80,7 +114,7 @@ __attribute__((target("avx2,fma"))) inline void tile_avx2(const float* x, int64_
   if (K8 < K) {
     __m256 wv[NW];
 #pragma GCC unroll 8
-    for (int j = 0; j < NW; ++j) wv[j] = _mm256_maskload_ps(w + j * ldw + K8, mask);
+    for (int j = 0; j < NW; ++j) wv[j] = load_w_tail(w + j * ldw + K8, K - K8, mask);
 #pragma GCC unroll 8
     for (int i = 0; i < NX; ++i) {
       const __m256 xv = x_tail(x + i * ldx + K8, mask);
@@ -97,9 +131,10 @@ __attribute__((target("avx2,fma"))) inline void tile_avx2(const float* x, int64_
 
 // All rows of x against NW weight rows (a 6 x 2 tile holds 12 accumulators, 2 weight vectors and
 // 1 x vector: 15 of the 16 AVX2 registers).
-template <int NW>
-__attribute__((target("avx2,fma"))) inline void column_avx2(const float* x, int64_t ldx, const float* w, int64_t ldw,
-                                                             float* y, int64_t R, int64_t N, int64_t K, __m256i mask) {
+template <int NW, class W>
+__attribute__((target("avx2,fma,f16c"))) inline void column_avx2(const float* x, int64_t ldx, const W* w, int64_t ldw,
+                                                                  float* y, int64_t R, int64_t N, int64_t K,
+                                                                  __m256i mask) {
   int64_t r = 0;
   for (; r + 6 <= R; r += 6) tile_avx2<6, NW>(x + r * ldx, ldx, w, ldw, K, mask, y + r * N, N);
   for (; r + 4 <= R; r += 4) tile_avx2<4, NW>(x + r * ldx, ldx, w, ldw, K, mask, y + r * N, N);
@@ -110,11 +145,12 @@ __attribute__((target("avx2,fma"))) inline void column_avx2(const float* x, int6
 // Prefetch distance in weight rows: of 4 and 16 tried on the Xeon, 16 (24 KiB at K = 384) read faster.
 constexpr int64_t kPrefetchRows = 16;
 
-__attribute__((target("avx2,fma"))) void rows_block_avx2(const float* x, int64_t ldx, const float* w,
-                                                          int64_t ldw, float* y, int64_t R, int64_t N,
-                                                          int64_t K, int64_t n0, int64_t n1) {
+template <class W>
+__attribute__((target("avx2,fma,f16c"))) void rows_block_avx2(const float* x, int64_t ldx, const W* w, int64_t ldw,
+                                                               float* y, int64_t R, int64_t N, int64_t K, int64_t n0,
+                                                               int64_t n1) {
   const __m256i mask = tail_mask(K % 8);
-  const int64_t row_bytes = K * static_cast<int64_t>(sizeof(float));
+  const int64_t row_bytes = K * static_cast<int64_t>(sizeof(W));
   int64_t n = n0;
   for (; n + 2 <= n1; n += 2) {
     // A core keeps few misses in flight by itself once multiply-adds sit between the loads:
@@ -132,35 +168,68 @@ __attribute__((target("avx2,fma"))) void rows_block_avx2(const float* x, int64_t
 }
 #endif
 
-at::Tensor rows_linear_cpu(const at::Tensor& x_in, const at::Tensor& weight_in) {
-  check_rows_linear_inputs(x_in, weight_in);
-  // Unit stride along K is all the kernels need; other layouts are copied once.
-  const at::Tensor x = x_in.stride(1) == 1 ? x_in : x_in.contiguous();
-  const at::Tensor w = weight_in.stride(1) == 1 ? weight_in : weight_in.contiguous();
-  const int64_t R = x.size(0), K = x.size(1), N = w.size(0);
-  at::Tensor y = at::empty({R, N}, x.options());
-  if (R == 0 || N == 0) return y;
-  const float* xp = x.data_ptr<float>();
-  const float* wp = w.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  const int64_t ldx = R > 1 ? x.stride(0) : K;
-  const int64_t ldw = N > 1 ? w.stride(0) : K;
-  // At least 64 KiB of weight per task: small layers do not pay for waking a thread.
+// y = x w^T for weight rows split over threads. For 16-bit weights the float32 sums go to yf and
+// each task rounds its own columns into y16 (the inputs' dtype), cache-warm; for float32, yf is y.
+template <class W>
+void rows_linear_run(const float* xp, int64_t ldx, const W* wp, int64_t ldw, float* yf, W* y16, int64_t R,
+                     int64_t N, int64_t K) {
+  // At least 64 KiB of float32 weight (32 KiB of 16-bit) per task: small layers do not pay for
+  // waking a thread.
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1));
 #ifdef FF_HAVE_X86
-  const bool avx2 = cpu_isa_allows_avx2();
+  // F16C comes with every AVX2 CPU fourm_fast targets; the float16 path checks it all the same.
+  const bool avx2 = cpu_isa_allows_avx2() && (!std::is_same_v<W, c10::Half> || __builtin_cpu_supports("f16c"));
 #else
   const bool avx2 = false;
 #endif
   at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
 #ifdef FF_HAVE_X86
     if (avx2) {
-      rows_block_avx2(xp, ldx, wp, ldw, yp, R, N, K, n0, n1);
-      return;
-    }
+      rows_block_avx2(xp, ldx, wp, ldw, yf, R, N, K, n0, n1);
+    } else
 #endif
-    rows_block_generic(xp, ldx, wp, ldw, yp, R, N, K, n0, n1);
+    {
+      rows_block_generic(xp, ldx, wp, ldw, yf, R, N, K, n0, n1);
+    }
+    if constexpr (!std::is_same_v<W, float>) {
+      for (int64_t r = 0; r < R; ++r) {
+        for (int64_t n = n0; n < n1; ++n) y16[r * N + n] = static_cast<W>(yf[r * N + n]);  // round to nearest even
+      }
+    }
   });
+}
+
+at::Tensor rows_linear_cpu(const at::Tensor& x_in, const at::Tensor& weight_in) {
+  check_rows_linear_inputs(x_in, weight_in);
+  // Unit stride along K is all the kernels need; a weight of another layout is copied once.
+  const at::Tensor w = weight_in.stride(1) == 1 ? weight_in : weight_in.contiguous();
+  const int64_t R = x_in.size(0), K = x_in.size(1), N = w.size(0);
+  at::Tensor y = at::empty({R, N}, x_in.options());
+  if (R == 0 || N == 0) return y;
+  const int64_t ldw = N > 1 ? w.stride(0) : K;
+  if (x_in.scalar_type() == at::kFloat) {
+    const at::Tensor x = x_in.stride(1) == 1 ? x_in : x_in.contiguous();
+    const int64_t ldx = R > 1 ? x.stride(0) : K;
+    rows_linear_run(x.const_data_ptr<float>(), ldx, w.const_data_ptr<float>(), ldw, y.data_ptr<float>(),
+                    static_cast<float*>(nullptr), R, N, K);
+    return y;
+  }
+  // 16-bit: x widened here (R x K values, small next to the weight) and the float32 sums kept in
+  // scratch, without an ATen op for either (a decoding step makes ~40 of these calls).
+  std::vector<float> xf(static_cast<size_t>(R * K)), yf(static_cast<size_t>(R * N));
+  auto run = [&](auto tag) {
+    using W = decltype(tag);
+    const W* xp = x_in.const_data_ptr<W>();
+    for (int64_t r = 0; r < R; ++r) {
+      for (int64_t k = 0; k < K; ++k) xf[r * K + k] = static_cast<float>(xp[r * x_in.stride(0) + k * x_in.stride(1)]);
+    }
+    rows_linear_run(xf.data(), K, w.const_data_ptr<W>(), ldw, yf.data(), y.data_ptr<W>(), R, N, K);
+  };
+  if (x_in.scalar_type() == at::kBFloat16) {
+    run(c10::BFloat16());
+  } else {
+    run(c10::Half());
+  }
   return y;
 }
 

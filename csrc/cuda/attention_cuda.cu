@@ -885,6 +885,11 @@ struct MetaHolder {
   }
 };
 
+void check_grid(int64_t blocks, const char* what) {
+  TORCH_CHECK_VALUE(blocks <= std::numeric_limits<int32_t>::max(), "masked_attention (CUDA): ", what, " needs ", blocks,
+                    " thread blocks, more than the supported 2^31 - 1; split the batch");
+}
+
 // AttnTileBounds of every (batch, tile) of one side, as raw bytes on the device.
 at::Tensor tile_bounds(const AttnInputs& in, const AttnMetaArgs& meta, bool keys, int tile, cudaStream_t stream) {
   const int64_t N = keys ? in.Nk : in.Nq;
@@ -894,6 +899,7 @@ at::Tensor tile_bounds(const AttnInputs& in, const AttnMetaArgs& meta, bool keys
   constexpr int kThreads = 128;
   const int64_t count = in.B * tiles;
   if (count == 0) return bytes;
+  check_grid(ceil_div(count, kThreads), keys ? "the key tile bounds" : "the query tile bounds");
   tile_bounds_kernel<<<static_cast<unsigned>(ceil_div(count, kThreads)), kThreads, 0, stream>>>(
       meta, in.B, N, tile, static_cast<int>(tiles), keys, reinterpret_cast<AttnTileBounds*>(bytes.data_ptr()));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -914,11 +920,6 @@ at::Tensor mma_operand(const at::Tensor& t) {
   at::Tensor padded = at::zeros({t.size(0), t.size(1), t.size(2), ceil_div(D, 8) * 8}, t.options());
   padded.narrow(3, 0, D).copy_(t);
   return padded;
-}
-
-void check_grid(int64_t blocks, const char* what) {
-  TORCH_CHECK_VALUE(blocks <= std::numeric_limits<int32_t>::max(), "masked_attention (CUDA): ", what, " needs ", blocks,
-                    " thread blocks, more than the supported 2^31 - 1; split the batch");
 }
 
 template <class Kernel>

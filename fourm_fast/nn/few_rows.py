@@ -30,6 +30,16 @@ kernel's arithmetic shows against MKL's AVX-512), weights not unit-stride along 
 would copy them on every call), other dtypes and GPUs. Not remeasured on the EPYC: there the
 swapped order had beaten F.linear on 2-3 and 13-32 rows, which now take F.linear.
 rows_linear's sums agree with F.linear to float32 rounding, not bitwise.
+
+bfloat16 / float16 (x and weight of one dtype, as in a model cast to bf16): rows_linear widens the
+weight in registers as it streams. bf16 F.linear read the tiny preset's weights at only 6-13 GB/s
+for 1-8 rows (``bench_linear_rows.py --dtype bfloat16``, 2-core Xeon, rows with dtype bfloat16 in
+linear_rows.jsonl). rows_linear read them at 10-17 GB/s for 1-4 rows: 1.14-2.11x F.linear's
+speed, the heads included. From 8 rows its widening and multiply-adds cost more than the memory
+(0.77-1.15x), and the weight with K = 3072 lost at every row count (0.43-0.83x). So
+1-FEW_ROWS_MAX_HALF 16-bit rows times a weight of HALF_ROWS_MIN_BYTES or more with K <=
+HALF_ROWS_MAX_K take rows_linear; the rest take F.linear. (The swapped order read the heads faster
+still at 2-4 rows, 19-21 GB/s; it is not used.)
 """
 from __future__ import annotations
 
@@ -43,9 +53,17 @@ FEW_ROWS_MIN, FEW_ROWS_MAX = 4, 12
 # Weights from this size on stream long enough for rows_linear's prefetching to pay; smaller ones
 # are dominated by per-call costs, where F.linear is cheaper.
 ROWS_LINEAR_MIN_BYTES = 4 << 20
+FEW_ROWS_MAX_HALF = 4
+HALF_ROWS_MIN_BYTES = 256 << 10
+HALF_ROWS_MAX_K = 1024
+_HALF = (torch.bfloat16, torch.float16)
 
 
 def _few_rows_path(rows: int, x: Tensor, weight: Tensor) -> bool:
+    if x.dtype in _HALF:
+        return (x.device.type == "cpu" and weight.dtype == x.dtype and 1 <= rows <= FEW_ROWS_MAX_HALF
+                and weight.numel() * 2 >= HALF_ROWS_MIN_BYTES and weight.shape[-1] <= HALF_ROWS_MAX_K
+                and weight.stride(-1) == 1)
     return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
             and FEW_ROWS_MIN <= rows <= FEW_ROWS_MAX and weight.numel() * 4 >= ROWS_LINEAR_MIN_BYTES
             and weight.stride(-1) == 1)

@@ -172,6 +172,14 @@ def masked_attention(q: Tensor, k: Tensor, v: Tensor, k_valid: Tensor, q_segment
 
     Returns:
         ``(B, H, Nq, d)`` in q's dtype. A query that sees no key outputs zeros (zero gradients).
+
+    Values are not checked for NaN or inf (that would cost a pass over K and V). A non-finite value
+    in a visible key propagates, as in any attention. Rows of masked keys must hold finite values
+    too: as with SDPA or 4M's additive mask, a masked key gets weight 0, and 0 * NaN is NaN. Whether
+    such a row reaches an output depends on the backend's tiling; the CPU tiles, for example, skip
+    trailing padding keys but not masked keys between visible ones. The CUDA kernel's fp16
+    backward rounds the score gradient dS to fp16 for its tensor cores, as FlashAttention does, so
+    |dS| beyond 65504 (large loss scales) overflows; the CPU computes in float32.
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     a = AttentionInputs(q, k, v, k_valid, q_segment, k_segment, q_limit, k_rank, scale)

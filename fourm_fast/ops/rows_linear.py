@@ -1,4 +1,4 @@
-"""``x @ weight.T`` for a few float32 rows on the CPU, at the speed of streaming the weight.
+"""``x @ weight.T`` for a few rows on the CPU, at the speed of streaming the weight.
 
 One autoregressive decoding step multiplies a handful of rows by every weight matrix of the
 decoder and by the output head: R multiply-adds per weight float, so the time is that of reading
@@ -14,18 +14,33 @@ def rows_linear(x: Tensor, weight: Tensor) -> Tensor:
     """``x @ weight.T`` without bias.
 
     Args:
-        x: ``(R, K)`` float32 on the CPU, unit stride along K preferred (other layouts are copied).
-        weight: ``(N, K)`` float32 on the CPU (an ``nn.Linear`` weight).
+        x: ``(R, K)`` float32, bfloat16 or float16 on the CPU, unit stride along K preferred
+            (other layouts are copied).
+        weight: ``(N, K)`` on the CPU, x's dtype (an ``nn.Linear`` weight).
 
     Returns:
-        ``(R, N)`` float32. Each entry is one dot product in a fixed order (csrc/kernels/
-        rows_linear_math.h), so results do not depend on the thread count and the AVX2 kernel
-        returns the portable loop's bits (NaN stays NaN; its payload may differ); they agree with
-        F.linear to float32 rounding, not bitwise.
+        ``(R, N)`` in x's dtype. Each entry is one float32 dot product in a fixed order
+        (csrc/kernels/rows_linear_math.h; 16-bit inputs are widened exactly), rounded once to the
+        dtype, so results do not depend on the thread count and the AVX2 kernel returns the
+        portable loop's bits (NaN stays NaN; its payload may differ). They agree with F.linear to
+        the rounding of a float32 sum, not bitwise. 16-bit weights stream at half float32's bytes.
         Differentiable in both arguments. CPU only: on a GPU F.linear already runs few-row
         products at memory speed, and CUDA tensors raise.
     """
     return torch.ops.fourm_fast.rows_linear.default(x, weight)
+
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+_ATEN_NAMES = {torch.float32: "Float", torch.float64: "Double", torch.bfloat16: "BFloat16", torch.float16: "Half",
+               torch.int8: "Char", torch.uint8: "Byte", torch.int16: "Short", torch.int32: "Int",
+               torch.int64: "Long", torch.bool: "Bool"}
+
+
+def _aten_name(dtype: torch.dtype) -> str:
+    # The C++ check prints ATen's scalar type names; the fake impl prints the same.
+    return _ATEN_NAMES.get(dtype, str(dtype))
 
 
 def _check_inputs(x: Tensor, weight: Tensor) -> None:
@@ -34,8 +49,9 @@ def _check_inputs(x: Tensor, weight: Tensor) -> None:
     torch._check_value(weight.dim() == 2, lambda: f"rows_linear: weight must be 2-D (N, K), got shape {tuple(weight.shape)}")
     torch._check_value(x.shape[1] == weight.shape[1],
                        lambda: f"rows_linear: x has K = {x.shape[1]} but weight has K = {weight.shape[1]}")
-    torch._check_type(x.dtype == torch.float32 and weight.dtype == torch.float32,
-                      lambda: f"rows_linear: float32 only, got x {x.dtype} and weight {weight.dtype}")
+    torch._check_type(x.dtype in _DTYPES and weight.dtype == x.dtype,
+                      lambda: "rows_linear: x and weight must both be float32, bfloat16 or float16, got x "
+                              f"{_aten_name(x.dtype)} and weight {_aten_name(weight.dtype)}")
     torch._check_value(x.device == weight.device,
                        lambda: f"rows_linear: x and weight must be on the same device, got {x.device} and {weight.device}")
 
