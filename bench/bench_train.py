@@ -8,7 +8,7 @@ Methods (forward + backward + AdamW step on the same sampled batch):
                  dense B x N x N masks, eager attention, boolean indexing for the loss), fed the same
                  draw in ml-4m's batch format
 Reported: median step time, tokens/s (encoder + decoder slots x batch), ratio, and MFU against a
-measured sgemm rate (CPU) or the bf16 dense peak (GPU). On a GPU also the device time of each step
+measured sgemm rate (CPU; a bf16 matmul rate with --precision bf16) or the bf16 dense peak (GPU). On a GPU also the device time of each step
 (queued behind a spin kernel, so launches are out of it): wall over device time is how host-bound
 the step is. A baseline that fails, in warm-up or while timed, is reported and left out.
 
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         methods["fourm_fast+compile" if args.compile == "default" else f"fourm_fast+compile:{args.compile}"] = step(compiled_loss)
     repeats = args.repeats or (20 if device.type == "cuda" else 5)
     env = environment(args.device)
-    peak, peak_note = peak_tflops(device, None)
+    peak, peak_note = peak_tflops(device, None, bf16=use_bf16)
     vocab = {i: m.vocab_size for i, m in enumerate(cfg.modalities)}
     flops = flops_per_step(cfg, B, args.tokens, args.tokens, sum(c * vocab[i] for i, c in enumerate(native.dec_counts)))
     n_params = sum(p.numel() for p in model.parameters())
@@ -160,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
         ours = t.median_ms if name == "fourm_fast" else ours
         tps = B * 2 * args.tokens / (t.median_ms * 1e-3)
         rows.append({"op": "train_step", "method": name, "preset": args.preset, "quick": args.quick, "batch": B,
-                     "tokens": args.tokens, "params_m": round(n_params / 1e6, 2), **timing_dict(t),
+                     "tokens": args.tokens, "precision": "bf16" if use_bf16 else "fp32",
+                     "params_m": round(n_params / 1e6, 2), **timing_dict(t),
                      "time_vs_ours": round(t.median_ms / ours, 3), "tokens_per_s": round(tps, 1),
                      "interleaved": device.type == "cpu",
                      **({"device_median_ms": round(device_times[name].median_ms, 3)} if name in device_times else {})})
@@ -171,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         # A shared VM's speed moves over seconds: a probe that meets a slow moment makes every MFU
         # too high (a run here once printed 112%). The peak is the faster of a probe before the
         # steps and one after them.
-        peak = max(peak, peak_tflops(device, None)[0])
+        peak = max(peak, peak_tflops(device, None, bf16=use_bf16)[0])
     mfus = []
     for row in rows:
         mfu = flops / (row["median_ms"] * 1e-3) / (peak * 1e12) if peak else None

@@ -29,13 +29,14 @@ def flops_per_step(cfg: FourMConfig, batch: int, n_enc: int, n_dec: int, vocab_t
     return 3.0 * fwd
 
 
-def measured_cpu_tflops() -> float:
-    """What this machine's CPU sustains on a 1024^3 fp32 matmul (the MFU denominator on CPU).
+def measured_cpu_tflops(dtype: torch.dtype = torch.float32) -> float:
+    """What this machine's CPU sustains on a 1024^3 matmul in dtype (the MFU denominator on CPU;
+    bfloat16 for bf16 autocast, which runs AMX / AVX-512-BF16 GEMMs where the CPU has them).
 
     The best of five timed pairs: a peak is the fastest rate the CPU reaches, and on a shared VM a
     single timing caught a slow moment (a bench_train run reported 119% MFU against it)."""
-    a = torch.randn(1024, 1024)
-    b = torch.randn(1024, 1024)
+    a = torch.randn(1024, 1024).to(dtype)
+    b = torch.randn(1024, 1024).to(dtype)
     a @ b
     best = float("inf")
     for _ in range(5):
@@ -46,7 +47,9 @@ def measured_cpu_tflops() -> float:
     return 2 * 2 * 1024**3 / best / 1e12
 
 
-def peak_tflops(device: torch.device, override: float | None) -> tuple[float, str]:
+def peak_tflops(device: torch.device, override: float | None, bf16: bool = False) -> tuple[float, str]:
+    """MFU denominator: the override, a GPU's bf16 datasheet peak, or on the CPU a measured matmul
+    rate (float32, or bfloat16 when the step runs under bf16 autocast)."""
     if override:
         return float(override), "configured"
     if device.type == "cuda":
@@ -55,6 +58,8 @@ def peak_tflops(device: torch.device, override: float | None) -> tuple[float, st
             if key in name:
                 return value, f"{name} bf16 dense peak"
         return 0.0, f"unknown peak for {name}"
+    if bf16:
+        return measured_cpu_tflops(torch.bfloat16), "measured CPU bf16 matmul"
     return measured_cpu_tflops(), "measured CPU sgemm"
 
 

@@ -200,7 +200,7 @@ def train(cfg: dict, resume: bool = False, log=print) -> dict:
     precision = tc["precision"]
     use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else nullcontext
-    peak, peak_note = peak_tflops(device, cfg["log"].get("peak_tflops"))
+    peak, peak_note = peak_tflops(device, cfg["log"].get("peak_tflops"), bf16=use_bf16)
     metrics = MetricsLog(out, list(inner.decoder_embeddings), cfg["log"]["tensorboard"], resume, start) if writer else None
     if writer and metrics.tb_note:
         log(metrics.tb_note)
