@@ -10,9 +10,6 @@
 // k16 step: scores computed in registers feed the next product without a trip through smem.
 #pragma once
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
 #include <cstdint>
 
 #include "../kernels/attention_math.h"
@@ -78,30 +75,8 @@ __device__ __forceinline__ float quad_max(float v) {
 // ---------------------------------------------------------------------------------------------
 // 16-bit data.
 
-// Four transposed 8x8 b16 matrices: lane l supplies the row address of matrix l / 8, row l % 8,
-// and receives in r[i] the elements (2 * (l % 4), l / 4) and (2 * (l % 4) + 1, l / 4) of matrix
-// i, i.e. the B fragment of a k x n operand stored row-major as [k][n].
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* smem_row) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(cuda_ptx::smem_address(smem_row)));
-#endif
-}
-
-// Two floats -> one register of two 16-bit values, `lo` in the low half (the lower column).
-template <bool kBf16>
-__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
-  uint32_t bits;
-  if constexpr (kBf16) {
-    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    __builtin_memcpy(&bits, &v, sizeof(bits));
-  } else {
-    const __half2 v = __floats2half2_rn(lo, hi);
-    __builtin_memcpy(&bits, &v, sizeof(bits));
-  }
-  return bits;
-}
+using cuda_ptx::ldmatrix_x4_trans;
+using cuda_ptx::pack2;
 
 // Smem row pitch of a tile of head dim kD: 16 bytes past a multiple of 64, so the 8 row addresses
 // of an ldmatrix phase fall in 8 distinct 16-byte bank groups.

@@ -1,10 +1,21 @@
 // Thin wrappers over the sm_80+ PTX instructions the CUDA kernels use: asynchronous global->shared
 // copies (cp.async), shared->register matrix loads (ldmatrix) and the 16x8x16 tensor-core MMA with
-// fp32 accumulators. ldmatrix and mma need sm80+ (callers guard them); cp.async degrades to a
+// fp32 accumulators, packing of two floats into a 16-bit pair, and the dynamic shared-memory
+// declaration. ldmatrix and mma need sm80+ (callers guard them); cp.async degrades to a
 // synchronous copy below sm80.
+//
+// Everything the attention kernels (attention_kernels.cuh) do that is not plain C++ goes through
+// this header or a CUDA built-in, so tests/cuda_emulation/ can run those kernels on the host
+// with its own ptx.cuh in place of this one.
 #pragma once
 
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
 #include <cstdint>
+
+// The kernel's dynamic shared memory, 16-byte aligned (cp.async and ldmatrix need it).
+#define FF_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
 
 namespace fourm_fast {
 namespace cuda_ptx {
@@ -53,6 +64,32 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem_r
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(smem_address(smem_row)));
 #endif
+}
+
+// Four transposed 8x8 b16 matrices: lane l supplies the row address of matrix l / 8, row l % 8,
+// and receives in r[i] the elements (2 * (l % 4), l / 4) and (2 * (l % 4) + 1, l / 4) of matrix
+// i, i.e. the B fragment of a k x n operand stored row-major as [k][n].
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* smem_row) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_address(smem_row)));
+#endif
+}
+
+// Two floats -> one register of two 16-bit values (round to nearest even), `lo` in the low half
+// (the lower column).
+template <bool kBf16>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+  uint32_t bits;
+  if constexpr (kBf16) {
+    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    __builtin_memcpy(&bits, &v, sizeof(bits));
+  } else {
+    const __half2 v = __floats2half2_rn(lo, hi);
+    __builtin_memcpy(&bits, &v, sizeof(bits));
+  }
+  return bits;
 }
 
 // acc(16x8, fp32) += A(16x16, row-major) * B(16x8, "col": stored as 8 rows of 16 k-values).

@@ -1,0 +1,257 @@
+// Host emulation of the CUDA features the masked_attention kernels use, so that the kernels of
+// csrc/cuda/attention_kernels.cuh (the exact source the extension compiles) run on a CPU:
+//   - one std::thread per GPU thread, blocks run one after another;
+//   - __syncthreads / __syncwarp are std::barrier waits; __shfl_xor_sync exchanges through the
+//     warp's slots between two barrier waits (every lane must take part, as on the GPU);
+//   - dynamic shared memory is a per-block buffer filled with 0xFF bytes (NaN in every float
+//     format), so a read of smem nobody wrote shows up as NaN in the results;
+//   - cp.async copies are deferred until the issuing thread's cp.async.wait_group retires their
+//     group (the latest moment the PTX ISA allows), so a read that the pipeline does not wait for
+//     sees stale data; copies never committed or never waited for are dropped at block exit;
+//   - ldmatrix (plain and .trans) and mma.m16n8k16 (bf16 / fp16 in, fp32 accumulate) move the
+//     fragments of the PTX ISA's layouts between the lanes of a warp. The products are summed in
+//     float64 and rounded once, which a GPU's tensor cores do not promise: tolerances, not bits.
+// What it cannot show: timing-dependent behaviour of real hardware (memory ordering between
+// blocks, bank conflicts, register limits). compute-sanitizer's racecheck on a GPU covers races.
+#pragma once
+
+#include <algorithm>
+#include <barrier>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
+
+using std::max;
+using std::min;
+
+struct alignas(16) uint4 {
+  unsigned x, y, z, w;
+};
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __align__(n) alignas(n)
+
+namespace emu {
+
+struct Dim3 {
+  unsigned x = 0, y = 0, z = 0;
+};
+
+constexpr int kMaxWarps = 8;
+
+struct Warp {
+  std::unique_ptr<std::barrier<>> bar;
+  const void* addr[32];
+  uint32_t a[32][4], b[32][2];
+  float f[32];
+};
+
+struct PendingCopy {
+  void* dst;
+  unsigned char bytes[16];
+};
+
+// One thread's cp.async state: committed groups (oldest first) and the copies not yet committed.
+struct AsyncCopies {
+  std::vector<std::vector<PendingCopy>> groups;
+  std::vector<PendingCopy> open;
+};
+
+struct Block {
+  std::unique_ptr<std::barrier<>> bar;
+  unsigned char* smem = nullptr;
+  size_t smem_bytes = 0;
+  Warp warps[kMaxWarps];
+};
+
+inline thread_local Dim3 thread_idx, block_idx, block_dim;
+inline thread_local Block* block;
+inline thread_local AsyncCopies async_copies;
+
+[[noreturn]] inline void fail(const char* what) {
+  std::fprintf(stderr, "CUDA EMULATION: %s\n", what);
+  std::fflush(stderr);
+  std::abort();
+}
+
+inline unsigned char* dynamic_smem() { return block->smem; }
+inline Warp& warp() { return block->warps[thread_idx.x / 32]; }
+inline int lane() { return static_cast<int>(thread_idx.x % 32); }
+
+inline void check_smem(const void* p, size_t n, size_t align) {
+  const auto u = reinterpret_cast<uintptr_t>(p), s = reinterpret_cast<uintptr_t>(block->smem);
+  if (u < s || u + n > s + block->smem_bytes) fail("shared-memory access outside the dynamic allocation");
+  if ((u - s) % align != 0) fail("misaligned shared-memory access");
+}
+
+inline void syncthreads() { block->bar->arrive_and_wait(); }
+inline void syncwarp() { warp().bar->arrive_and_wait(); }
+
+inline float shfl_xor(unsigned mask, float v, int offset) {
+  if (mask != 0xffffffffu) fail("__shfl_xor_sync with a partial mask");
+  Warp& w = warp();
+  w.f[lane()] = v;
+  w.bar->arrive_and_wait();
+  const float r = w.f[lane() ^ offset];
+  w.bar->arrive_and_wait();
+  return r;
+}
+
+// ---- 16-bit formats ------------------------------------------------------------------------
+inline float bf16_to_float(uint16_t h) {
+  const uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline uint16_t float_to_bf16(float f) {  // round to nearest even, NaN stays NaN
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+inline float fp16_to_float(uint16_t h) {
+  _Float16 x;
+  std::memcpy(&x, &h, 2);
+  return static_cast<float>(x);
+}
+
+inline uint16_t float_to_fp16(float f) {  // the compiler's conversion rounds to nearest even
+  const _Float16 x = static_cast<_Float16>(f);
+  uint16_t h;
+  std::memcpy(&h, &x, 2);
+  return h;
+}
+
+// ---- cp.async ------------------------------------------------------------------------------
+inline void cp_async_16(void* dst, const void* src, bool valid) {
+  check_smem(dst, 16, 16);
+  PendingCopy c{dst, {}};
+  if (valid) {
+    if (reinterpret_cast<uintptr_t>(src) % 16 != 0) fail("cp.async source not 16-byte aligned");
+    std::memcpy(c.bytes, src, 16);  // global memory does not change during a kernel
+  }  // else src-size 0: the destination is zero-filled
+  async_copies.open.push_back(c);
+}
+
+inline void cp_async_commit() {
+  async_copies.groups.push_back(std::move(async_copies.open));
+  async_copies.open.clear();
+}
+
+inline void cp_async_wait(int pending) {
+  auto& g = async_copies.groups;
+  while (static_cast<int>(g.size()) > pending) {
+    for (const PendingCopy& c : g.front()) std::memcpy(c.dst, c.bytes, 16);
+    g.erase(g.begin());
+  }
+}
+
+// ---- ldmatrix / mma ------------------------------------------------------------------------
+// ldmatrix.m8n8.x4(.trans).b16: lane l gives the address of row l % 8 of matrix l / 8. Plain:
+// r[i] of lane l = elements (l / 4, 2 (l % 4) .. +1) of matrix i; .trans: elements
+// (2 (l % 4), l / 4) and (2 (l % 4) + 1, l / 4).
+inline void ldmatrix_x4(uint32_t (&r)[4], const void* row_addr, bool trans) {
+  check_smem(row_addr, 16, 16);
+  Warp& w = warp();
+  const int l = lane();
+  w.addr[l] = row_addr;
+  w.bar->arrive_and_wait();
+  for (int i = 0; i < 4; ++i) {
+    if (!trans) {
+      const auto* row = static_cast<const uint16_t*>(w.addr[i * 8 + l / 4]);
+      r[i] = static_cast<uint32_t>(row[2 * (l % 4)]) | (static_cast<uint32_t>(row[2 * (l % 4) + 1]) << 16);
+    } else {
+      const auto* r0 = static_cast<const uint16_t*>(w.addr[i * 8 + 2 * (l % 4)]);
+      const auto* r1 = static_cast<const uint16_t*>(w.addr[i * 8 + 2 * (l % 4) + 1]);
+      r[i] = static_cast<uint32_t>(r0[l / 4]) | (static_cast<uint32_t>(r1[l / 4]) << 16);
+    }
+  }
+  w.bar->arrive_and_wait();
+}
+
+// mma.m16n8k16.row.col.f32: with g = lane / 4, c = lane % 4, A's a[0..3] hold (g, 2c..), (g+8, 2c..),
+// (g, 2c+8..), (g+8, 2c+8..); B's b[0..1] hold (k 2c.., n g), (k 2c+8.., n g); C's c[0..3] hold
+// (g, 2c), (g, 2c+1), (g+8, 2c), (g+8, 2c+1).
+template <bool kBf16>
+inline void mma_16x8x16(float (&acc)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  Warp& w = warp();
+  const int l = lane();
+  for (int i = 0; i < 4; ++i) w.a[l][i] = a[i];
+  w.b[l][0] = b[0];
+  w.b[l][1] = b[1];
+  w.bar->arrive_and_wait();
+  auto value = [](uint32_t reg, int half) {
+    const auto h = static_cast<uint16_t>(half ? reg >> 16 : reg & 0xffffu);
+    return kBf16 ? bf16_to_float(h) : fp16_to_float(h);
+  };
+  float A[16][16], B[16][8];
+  for (int t = 0; t < 32; ++t) {
+    const int g = t / 4, c = t % 4;
+    for (int e = 0; e < 2; ++e) {
+      A[g][2 * c + e] = value(w.a[t][0], e);
+      A[g + 8][2 * c + e] = value(w.a[t][1], e);
+      A[g][2 * c + 8 + e] = value(w.a[t][2], e);
+      A[g + 8][2 * c + 8 + e] = value(w.a[t][3], e);
+      B[2 * c + e][g] = value(w.b[t][0], e);
+      B[2 * c + 8 + e][g] = value(w.b[t][1], e);
+    }
+  }
+  const int g = l / 4, c = l % 4;
+  const int rows[4] = {g, g, g + 8, g + 8}, cols[4] = {2 * c, 2 * c + 1, 2 * c, 2 * c + 1};
+  for (int i = 0; i < 4; ++i) {
+    double s = 0.0;
+    for (int k = 0; k < 16; ++k) s += static_cast<double>(A[rows[i]][k]) * B[k][cols[i]];
+    acc[i] = static_cast<float>(acc[i] + s);
+  }
+  w.bar->arrive_and_wait();
+}
+
+// ---- launch --------------------------------------------------------------------------------
+// A 1-D grid of `blocks` blocks of `threads` threads; `body` is the kernel call.
+template <class F>
+void launch(long blocks, int threads, size_t smem_bytes, F&& body) {
+  if (threads % 32 != 0 || threads / 32 > kMaxWarps) fail("block size must be whole warps, at most 8");
+  for (long b = 0; b < blocks; ++b) {
+    Block blk;
+    blk.bar = std::make_unique<std::barrier<>>(threads);
+    for (int w = 0; w < threads / 32; ++w) blk.warps[w].bar = std::make_unique<std::barrier<>>(32);
+    std::vector<unsigned char> smem(smem_bytes ? smem_bytes : 1, 0xFF);
+    blk.smem = smem.data();
+    blk.smem_bytes = smem_bytes;
+    std::vector<std::thread> pool;
+    pool.reserve(threads);
+    for (int t = 0; t < threads; ++t) {
+      pool.emplace_back([&, t] {
+        thread_idx = {static_cast<unsigned>(t), 0, 0};
+        block_idx = {static_cast<unsigned>(b), 0, 0};
+        block_dim = {static_cast<unsigned>(threads), 1, 1};
+        block = &blk;
+        async_copies = {};
+        body();
+      });
+    }
+    for (auto& t : pool) t.join();
+  }
+}
+
+}  // namespace emu
+
+#define threadIdx emu::thread_idx
+#define blockIdx emu::block_idx
+#define blockDim emu::block_dim
+#define __syncthreads() emu::syncthreads()
+#define __syncwarp() emu::syncwarp()
+#define __shfl_xor_sync(mask, v, offset) emu::shfl_xor(mask, v, offset)
