@@ -5,12 +5,16 @@ C++ on tests/cuda_emulation/cuda_emu.h: a std::thread per GPU thread, barriers f
 __syncthreads, the PTX ISA's fragment layouts for ldmatrix / mma, cp.async copies deferred to the
 latest moment the ISA allows, NaN-filled smem and outputs. The harness launches the kernels as
 csrc/cuda/attention_cuda.cu does and compares out, lse, dq, dk, dv with a float64 reference of
-the op's rule, under AddressSanitizer and UndefinedBehaviorSanitizer. CI has no GPU; this is what
-checks the CUDA kernels' logic there (tiling, masking, tile skipping, pipelining, fragment
-bookkeeping). Timing, real races and register limits stay for a GPU (bench/device_check.sh).
+the op's rule, under AddressSanitizer and UndefinedBehaviorSanitizer. Built once more under
+ThreadSanitizer, the emulation is a race check: GPU threads are host threads, so a shared-memory
+access that no __syncthreads / __syncwarp orders against another thread's is a data race there.
+CI has no GPU; this is what checks the CUDA kernels' logic there (tiling, masking, tile skipping,
+pipelining, barriers, fragment bookkeeping). Timing, the hardware's memory model and register
+limits stay for a GPU (bench/device_check.sh).
 """
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -39,9 +43,16 @@ def _stage(root: Path, mutate=None) -> Path:
     return root
 
 
-def _build(root: Path, sanitize: bool) -> Path:
+SANITIZERS = {
+    "memory": ["-O1", "-g", "-fsanitize=address,undefined", "-fno-sanitize-recover=all"],
+    "thread": ["-O1", "-g", "-fsanitize=thread"],
+    None: ["-O1"],
+}
+
+
+def _build(root: Path, sanitize: str | None) -> Path:
     exe = root / "harness"
-    flags = ["-O1", "-g", "-fsanitize=address,undefined", "-fno-sanitize-recover=all"] if sanitize else ["-O1"]
+    flags = SANITIZERS[sanitize]
     cmd = [COMPILER, "-std=c++20", *flags, "-pthread", f"-I{root}", str(root / "attention_harness.cpp"), "-o", str(exe)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, f"building the emulation failed:\n{done.stderr[-4000:]}"
@@ -49,12 +60,22 @@ def _build(root: Path, sanitize: bool) -> Path:
 
 
 def _run(exe: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=900)
+    env = dict(os.environ, TSAN_OPTIONS="halt_on_error=1")  # a race fails at once
+    return subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=900, env=env)
 
 
 @pytest.fixture(scope="module")
 def harness(tmp_path_factory) -> Path:
-    return _build(_stage(tmp_path_factory.mktemp("attention_emulation")), sanitize=True)
+    return _build(_stage(tmp_path_factory.mktemp("attention_emulation")), sanitize="memory")
+
+
+def _drop_barrier_after_compute(root: Path) -> None:
+    # run_tiles' barrier after compute(t) is what lets the next loads overwrite that stage
+    src = root / "cuda" / "attention_kernels.cuh"
+    text = src.read_text()
+    old = "    compute(t, stage);\n    __syncthreads();\n"
+    assert text.count(old) == 1
+    src.write_text(text.replace(old, "    compute(t, stage);\n"))
 
 
 def _assert_clean(done: subprocess.CompletedProcess) -> None:
@@ -82,6 +103,19 @@ def test_the_emulation_catches_a_pipeline_that_does_not_wait(tmp_path):
         assert text.count("cuda_ptx::cp_async_wait<1>();") == 1
         src.write_text(text.replace("cuda_ptx::cp_async_wait<1>();", "cuda_ptx::cp_async_wait<2>();"))
 
-    exe = _build(_stage(tmp_path / "mutant", drop_a_wait), sanitize=False)
+    exe = _build(_stage(tmp_path / "mutant", drop_a_wait), sanitize=None)
     done = _run(exe, "fixed", "3")
     assert done.returncode == 1 and "FAIL" in done.stdout, done.stdout[-2000:]
+
+
+def test_no_shared_memory_races_in_the_kernels(tmp_path):
+    done = _run(_build(_stage(tmp_path / "tsan"), sanitize="thread"), "race")
+    assert "ThreadSanitizer" not in done.stderr, done.stderr[-4000:]
+    _assert_clean(done)
+
+
+def test_the_race_check_catches_a_missing_barrier(tmp_path):
+    # Without that barrier the results still match (the emulated copies land at the next wait),
+    # so only the race check can see it.
+    done = _run(_build(_stage(tmp_path / "tsan_mutant", _drop_barrier_after_compute), sanitize="thread"), "race")
+    assert "ThreadSanitizer: data race" in done.stderr, (done.returncode, done.stderr[-2000:])

@@ -5,6 +5,9 @@
 // bounds at each kernel's granularity, dynamic smem sizes. Keep them in step with it.
 //
 //   attention_harness fixed [COUNT]      the fixed case list (its first COUNT cases)
+//   attention_harness race               a few cases that walk several streamed tiles with each
+//                                        kernel: built with -fsanitize=thread, an smem access
+//                                        that no barrier orders is reported as a data race
 //   attention_harness random SEED COUNT  COUNT random cases
 // Prints one line per case and "fails: N"; exits 1 if any case failed.
 //
@@ -437,6 +440,19 @@ std::vector<Case> fixed_cases() {
   };
 }
 
+// Several tiles on the streamed side for every kernel (both pipeline stages reused), kept small:
+// ThreadSanitizer runs them about ten times slower.
+std::vector<Case> race_cases() {
+  using D = Dtype;
+  using M = Meta;
+  return {
+      {1, 1, 70, 150, 32, M::kRandom, D::kFloat16, 0},
+      {1, 1, 130, 150, 64, M::kCausal, D::kBFloat16, 0},
+      {1, 1, 70, 100, 128, M::kRandom, D::kBFloat16, 0},
+      {1, 1, 70, 150, 72, M::kRandom, D::kFloat32, 0},
+  };
+}
+
 std::vector<Case> random_cases(unsigned seed, int count) {
   std::mt19937 r(seed);
   const int ns[] = {1, 5, 31, 32, 33, 63, 64, 65, 96, 129, 150};
@@ -459,11 +475,13 @@ int main(int argc, char** argv) {
   if (mode == "fixed" && argc <= 3) {
     cases = fixed_cases();
     if (argc == 3) cases.resize(std::min<size_t>(cases.size(), static_cast<size_t>(std::atoi(argv[2]))));
+  } else if (mode == "race" && argc == 2) {
+    cases = race_cases();
   } else if (mode == "random" && argc == 4) {
     rng.seed(static_cast<unsigned>(std::atoi(argv[2])));
     cases = random_cases(static_cast<unsigned>(std::atoi(argv[2])), std::atoi(argv[3]));
   } else {
-    std::fprintf(stderr, "usage: %s fixed [COUNT] | random SEED COUNT\n", argv[0]);
+    std::fprintf(stderr, "usage: %s fixed [COUNT] | race | random SEED COUNT\n", argv[0]);
     return 2;
   }
   for (const Case& c : cases) run(c);
