@@ -1,5 +1,5 @@
 // CUDA executor of masked_attention (forward and backward): the host side, launching the kernels
-// of attention_kernels.cuh (which tests/test_attention_kernels_on_host.py also runs on a CPU
+// of attention_kernels.cuh (which tests/test_gpu_kernels_on_host.py also runs on a CPU
 // through an emulation of the CUDA features they use). Semantics match
 // csrc/cpu/attention_cpu.cpp: visibility from O(N) metadata (attn_visible), lse saved by the
 // forward pass (-inf and zero output for a query that sees no key), probabilities recomputed from

@@ -17,6 +17,13 @@
 // The kernel's dynamic shared memory, 16-byte aligned (cp.async and ldmatrix need it).
 #define FF_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
 
+// 1 in the device pass for sm80+ (ldmatrix, mma.sync and asynchronous cp.async exist), else 0.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#define FF_CUDA_SM80 1
+#else
+#define FF_CUDA_SM80 0
+#endif
+
 namespace fourm_fast {
 namespace cuda_ptx {
 

@@ -29,15 +29,8 @@ using fourm_fast::kernels::AttnTileBounds;
 
 namespace {
 
-// 16-bit storage types for the kernels' scalar_t (delta_kernel reads them through float()).
-struct Bf16 {
-  uint16_t bits;
-  operator float() const { return emu::bf16_to_float(bits); }
-};
-struct Fp16 {
-  uint16_t bits;
-  operator float() const { return emu::fp16_to_float(bits); }
-};
+using emu::Bf16;
+using emu::Fp16;
 
 enum class Dtype { kFloat32, kFloat16, kBFloat16 };
 // kContiguousSegments: three segments in order, the middle one bidirectional, the others causal

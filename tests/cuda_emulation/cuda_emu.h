@@ -1,13 +1,17 @@
-// Host emulation of the CUDA features the masked_attention kernels use, so that the kernels of
-// csrc/cuda/attention_kernels.cuh (the exact source the extension compiles) run on a CPU:
-//   - one std::thread per GPU thread, blocks run one after another;
+// Host emulation of the CUDA features the masked_attention and vq_lookup kernels use, so that the
+// kernels of csrc/cuda/attention_kernels.cuh and vq_kernels.cuh (the exact source the extension
+// compiles) run on a CPU:
+//   - one std::thread per GPU thread, blocks run one after another (a 1-D or 2-D grid);
+//   - static __shared__ arrays are function-local statics: shared by the threads of a block, and
+//     by the blocks after it, which run later (the kernels must not read them before writing);
 //   - __syncthreads / __syncwarp are std::barrier waits; __shfl_xor_sync exchanges through the
 //     warp's slots between two barrier waits (every lane must take part, as on the GPU);
 //   - dynamic shared memory is a per-block buffer filled with 0xFF bytes (NaN in every float
 //     format), so a read of smem nobody wrote shows up as NaN in the results;
-//   - cp.async copies are deferred until the issuing thread's cp.async.wait_group retires their
-//     group (the latest moment the PTX ISA allows), so a read that the pipeline does not wait for
-//     sees stale data; copies never committed or never waited for are dropped at block exit;
+//   - a cp.async copy poisons its destination (0xFF bytes) when issued and delivers the data only
+//     when the issuing thread's cp.async.wait_group retires its group (the latest moment the PTX
+//     ISA allows): a read that the pipeline does not wait for, or of a stage being refilled, sees
+//     NaN; copies never committed or never waited for are dropped at block exit (they stay NaN);
 //   - ldmatrix (plain and .trans) and mma.m16n8k16 (bf16 / fp16 in, fp32 accumulate) move the
 //     fragments of the PTX ISA's layouts between the lanes of a warp. The products are summed in
 //     float64 and rounded once, which a GPU's tensor cores do not promise: tolerances, not bits.
@@ -24,6 +28,7 @@
 #include <cstring>
 #include <memory>
 #include <thread>
+#include <utility>
 #include <vector>
 
 using std::max;
@@ -32,6 +37,12 @@ using std::min;
 struct alignas(16) uint4 {
   unsigned x, y, z, w;
 };
+struct alignas(8) float2 {
+  float x, y;
+};
+struct alignas(16) float4 {
+  float x, y, z, w;
+};
 
 #define __global__
 #define __device__
@@ -39,6 +50,7 @@ struct alignas(16) uint4 {
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 #define __align__(n) alignas(n)
+#define __shared__ static
 
 namespace emu {
 
@@ -73,7 +85,7 @@ struct Block {
   Warp warps[kMaxWarps];
 };
 
-inline thread_local Dim3 thread_idx, block_idx, block_dim;
+inline thread_local Dim3 thread_idx, block_idx, block_dim, grid_dim;
 inline thread_local Block* block;
 inline thread_local AsyncCopies async_copies;
 
@@ -122,22 +134,67 @@ inline uint16_t float_to_bf16(float f) {  // round to nearest even, NaN stays Na
   return static_cast<uint16_t>(u >> 16);
 }
 
+// IEEE binary16 by bits (no _Float16: GCC supports it on x86 only from version 12).
 inline float fp16_to_float(uint16_t h) {
-  _Float16 x;
-  std::memcpy(&x, &h, 2);
-  return static_cast<float>(x);
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const int exp = (h >> 10) & 0x1f;
+  const uint32_t man = h & 0x3ffu;
+  uint32_t u;
+  if (exp == 0x1f) {
+    u = sign | 0x7f800000u | (man << 13);  // inf / NaN
+  } else if (exp != 0) {
+    u = sign | (static_cast<uint32_t>(exp - 15 + 127) << 23) | (man << 13);
+  } else if (man == 0) {
+    u = sign;  // signed zero
+  } else {     // subnormal: man * 2^-24, exact in float
+    const float f = std::ldexp(static_cast<float>(man), -24);
+    std::memcpy(&u, &f, 4);
+    u |= sign;
+  }
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
 }
 
-inline uint16_t float_to_fp16(float f) {  // the compiler's conversion rounds to nearest even
-  const _Float16 x = static_cast<_Float16>(f);
-  uint16_t h;
-  std::memcpy(&h, &x, 2);
-  return h;
+inline uint16_t float_to_fp16(float f) {  // round to nearest even, NaN stays NaN
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  const auto sign = static_cast<uint16_t>((u >> 16) & 0x8000u);
+  const float a = std::fabs(f);
+  if (std::isnan(f)) return static_cast<uint16_t>(sign | 0x7e00u);
+  if (a >= 65520.0f) return static_cast<uint16_t>(sign | 0x7c00u);  // rounds past the largest half
+  if (a < 0x1p-14f) {  // subnormal half: a multiple of 2^-24, rounded to nearest even by rint
+    return static_cast<uint16_t>(sign | static_cast<uint16_t>(std::nearbyint(a * 0x1p24f)));
+  }
+  uint32_t bits;
+  std::memcpy(&bits, &a, 4);
+  const uint32_t exp = (bits >> 23) - 127 + 15, man = bits & 0x7fffffu;
+  uint32_t h = (exp << 10) | (man >> 13);
+  const uint32_t rest = man & 0x1fffu;  // the 13 dropped bits
+  if (rest > 0x1000u || (rest == 0x1000u && (h & 1u))) ++h;  // may carry into the exponent: still right
+  return static_cast<uint16_t>(sign | h);
 }
+
+// Storage types the harnesses instantiate the kernels' scalar_t with (what c10::BFloat16 and
+// c10::Half are to the extension): converting from float rounds to nearest even.
+struct Bf16 {
+  uint16_t bits;
+  Bf16() = default;
+  explicit Bf16(float f) : bits(float_to_bf16(f)) {}
+  operator float() const { return bf16_to_float(bits); }
+};
+
+struct Fp16 {
+  uint16_t bits;
+  Fp16() = default;
+  explicit Fp16(float f) : bits(float_to_fp16(f)) {}
+  operator float() const { return fp16_to_float(bits); }
+};
 
 // ---- cp.async ------------------------------------------------------------------------------
 inline void cp_async_16(void* dst, const void* src, bool valid) {
   check_smem(dst, 16, 16);
+  std::memset(dst, 0xFF, 16);  // in flight: what a reader sees before the wait is garbage (NaN)
   PendingCopy c{dst, {}};
   if (valid) {
     if (reinterpret_cast<uintptr_t>(src) % 16 != 0) fail("cp.async source not 16-byte aligned");
@@ -219,32 +276,40 @@ inline void mma_16x8x16(float (&acc)[4], const uint32_t (&a)[4], const uint32_t 
   w.bar->arrive_and_wait();
 }
 
-// ---- launch --------------------------------------------------------------------------------
-// A 1-D grid of `blocks` blocks of `threads` threads; `body` is the kernel call.
+// ---- launch ---------------------------------------------------------------------------------
+// A grid of blocks_x x blocks_y blocks of `threads` threads; `body` is the kernel call.
+template <class F>
+void launch(long blocks_x, long blocks_y, int threads, size_t smem_bytes, F&& body) {
+  if (threads % 32 != 0 || threads / 32 > kMaxWarps) fail("block size must be whole warps, at most 8");
+  for (long by = 0; by < blocks_y; ++by) {
+    for (long bx = 0; bx < blocks_x; ++bx) {
+      Block blk;
+      blk.bar = std::make_unique<std::barrier<>>(threads);
+      for (int w = 0; w < threads / 32; ++w) blk.warps[w].bar = std::make_unique<std::barrier<>>(32);
+      std::vector<unsigned char> smem(smem_bytes ? smem_bytes : 1, 0xFF);
+      blk.smem = smem.data();
+      blk.smem_bytes = smem_bytes;
+      std::vector<std::thread> pool;
+      pool.reserve(threads);
+      for (int t = 0; t < threads; ++t) {
+        pool.emplace_back([&, t] {
+          thread_idx = {static_cast<unsigned>(t), 0, 0};
+          block_idx = {static_cast<unsigned>(bx), static_cast<unsigned>(by), 0};
+          block_dim = {static_cast<unsigned>(threads), 1, 1};
+          grid_dim = {static_cast<unsigned>(blocks_x), static_cast<unsigned>(blocks_y), 1};
+          block = &blk;
+          async_copies = {};
+          body();
+        });
+      }
+      for (auto& t : pool) t.join();
+    }
+  }
+}
+
 template <class F>
 void launch(long blocks, int threads, size_t smem_bytes, F&& body) {
-  if (threads % 32 != 0 || threads / 32 > kMaxWarps) fail("block size must be whole warps, at most 8");
-  for (long b = 0; b < blocks; ++b) {
-    Block blk;
-    blk.bar = std::make_unique<std::barrier<>>(threads);
-    for (int w = 0; w < threads / 32; ++w) blk.warps[w].bar = std::make_unique<std::barrier<>>(32);
-    std::vector<unsigned char> smem(smem_bytes ? smem_bytes : 1, 0xFF);
-    blk.smem = smem.data();
-    blk.smem_bytes = smem_bytes;
-    std::vector<std::thread> pool;
-    pool.reserve(threads);
-    for (int t = 0; t < threads; ++t) {
-      pool.emplace_back([&, t] {
-        thread_idx = {static_cast<unsigned>(t), 0, 0};
-        block_idx = {static_cast<unsigned>(b), 0, 0};
-        block_dim = {static_cast<unsigned>(threads), 1, 1};
-        block = &blk;
-        async_copies = {};
-        body();
-      });
-    }
-    for (auto& t : pool) t.join();
-  }
+  launch(blocks, 1, threads, smem_bytes, std::forward<F>(body));
 }
 
 }  // namespace emu
@@ -252,6 +317,7 @@ void launch(long blocks, int threads, size_t smem_bytes, F&& body) {
 #define threadIdx emu::thread_idx
 #define blockIdx emu::block_idx
 #define blockDim emu::block_dim
+#define gridDim emu::grid_dim
 #define __syncthreads() emu::syncthreads()
 #define __syncwarp() emu::syncwarp()
 #define __shfl_xor_sync(mask, v, offset) emu::shfl_xor(mask, v, offset)

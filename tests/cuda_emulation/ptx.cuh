@@ -6,6 +6,7 @@
 #include <cstdint>
 
 #define FF_DYNAMIC_SMEM(name) unsigned char* name = emu::dynamic_smem()
+#define FF_CUDA_SM80 1
 
 namespace fourm_fast {
 namespace cuda_ptx {
