@@ -2,6 +2,7 @@
 steps, guidance, the key/value cache, and agreement with the restated 4M loop."""
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -228,7 +229,9 @@ def test_kv_cache_equals_full_decoding_in_fp32():
 
 def test_kv_cache_in_bfloat16_streams_weights_through_rows_linear(monkeypatch):
     """A bf16 model decodes its steps through rows_linear (the threshold lowered so this small
-    model's weights take it) and the cached steps agree with full decoding to bf16 rounding."""
+    model's weights take it), and the cached steps are as close to a float32 run of the same
+    weights as 4M's way (the whole prefix re-run in bf16) is: FlashAttention's rule, error at most
+    twice the low-precision baseline's plus eps."""
     import fourm_fast.nn.few_rows as few_rows
 
     monkeypatch.setattr(few_rows, "HALF_ROWS_MIN_BYTES", 0)
@@ -236,22 +239,27 @@ def test_kv_cache_in_bfloat16_streams_weights_through_rows_linear(monkeypatch):
     real = few_rows.rows_linear
     monkeypatch.setattr(few_rows, "rows_linear", lambda x, w: calls.append(x.dtype) or real(x, w))
     model = _model(seed=5).to(torch.bfloat16)
-    g = Generator(model, SENTINELS)
-    st = g.new_state(3)
-    st.set_image("rgb", torch.randint(0, 64, (3, 16), generator=torch.Generator().manual_seed(2)))
-    ctx, valid = g._encode(st, [{"rgb"}])
-    c, u = CachedDecoder(model, "caption", ctx, valid, 11), UncachedDecoder(model, "caption", ctx, valid, 11)
-    worst = 0.0
+    exact = copy.deepcopy(model).float()  # the same (bf16-representable) weights in float32
+    st = None
+    outs = {}
+    for name, m in (("bf16", model), ("fp32", exact)):
+        g = Generator(m, SENTINELS)
+        st = g.new_state(3)
+        st.set_image("rgb", torch.randint(0, 64, (3, 16), generator=torch.Generator().manual_seed(2)))
+        ctx, valid = g._encode(st, [{"rgb"}])
+        outs[name] = (CachedDecoder(m, "caption", ctx, valid, 11), UncachedDecoder(m, "caption", ctx, valid, 11))
+    ids_gen = torch.Generator().manual_seed(8)
+    cached_err = baseline_err = 0.0
     with torch.no_grad():
         for _ in range(11):
-            ids = torch.randint(0, 50, (3,))
-            lc, lu = c.step(ids), u.step(ids)
-            assert lc.dtype == torch.bfloat16
-            worst = max(worst, (lc.float() - lu.float()).abs().max().item())
+            ids = torch.randint(0, 50, (3,), generator=ids_gen)
+            cached, uncached = (d.step(ids) for d in outs["bf16"])
+            ref = outs["fp32"][1].step(ids).double()
+            assert cached.dtype == torch.bfloat16
+            cached_err = max(cached_err, (cached.double() - ref).abs().max().item())
+            baseline_err = max(baseline_err, (uncached.double() - ref).abs().max().item())
     assert calls and set(calls) == {torch.bfloat16}
-    # decoder_norm outputs are O(1); bf16 keeps 8 bits, and two layers of differently shaped
-    # products round differently
-    assert worst < 0.1, worst
+    assert cached_err <= 2 * baseline_err + 1e-3, (cached_err, baseline_err)
 
 
 def test_autoregressive_stops_per_sample_at_end_sentinel(model, monkeypatch):

@@ -81,7 +81,13 @@ def test_half_inputs_are_the_float32_sum_rounded_once(cpu_isa, dtype, r, k, n):
     y = rows_linear(x, w)
     assert y.dtype == dtype and y.shape == (r, n)
     assert torch.equal(y, rows_linear(x.float(), w.float()).to(dtype))
-    _assert_within_dot_bound(rows_linear(x.float(), w.float()), x.float(), w.float())
+    # and so within float32's dot bound plus the one rounding to the dtype (unit roundoff u16 of
+    # the result, and half its smallest subnormal step)
+    exact = x.double() @ w.double().t()
+    dot = max(k, 1) * 2.0**-24 * 1.01 * (x.double().abs() @ w.double().abs().t())
+    u16 = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-11
+    tiny = 2.0**-134 if dtype == torch.bfloat16 else 2.0**-25
+    assert bool(((y.double() - exact).abs() <= (1 + u16) * dot + u16 * exact.abs() + tiny).all())
 
 
 @pytest.mark.skipif(extension().build_info()["cpu_kernel"] == "generic", reason="this CPU runs the portable loop only")
@@ -98,6 +104,40 @@ def test_half_weights_give_the_portable_loops_bits(dtype, k):
     finally:
         ext._set_cpu_isa(0)
     assert torch.equal(rows_linear(x, w), generic)
+
+
+@pytest.mark.skipif(extension().build_info()["cpu_kernel"] == "generic", reason="this CPU runs the portable loop only")
+@pytest.mark.parametrize("k", [5, 9, 16, 23])
+def test_bfloat16_underflowing_lanes_keep_their_signed_zeros(k):
+    # bf16 has float32's exponent range: products of 1e-30 and -1e-30 underflow to -0, and the
+    # 16-bit tail's zero padding must leave such lanes as the portable loop leaves them.
+    x, w = (t.to(torch.bfloat16) for t in _underflowing(k))
+    ext = extension()
+    ext._set_cpu_isa(1)
+    try:
+        generic = rows_linear(x, w)
+    finally:
+        ext._set_cpu_isa(0)
+    auto = rows_linear(x, w)
+    assert torch.equal(auto, generic) and torch.equal(torch.signbit(auto), torch.signbit(generic))
+    if k >= 8:
+        assert bool((auto == 0).all()) and bool(torch.signbit(auto).all())
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_half_non_finite_values_and_overflow_like_linear(dtype):
+    x, w = _operands(5, 33, 9)
+    x[1, 4] = float("nan")
+    x[3, 0] = float("inf")
+    w[2, 7] = float("-inf")
+    x, w = x.to(dtype), w.to(dtype)
+    got, want = rows_linear(x, w), F.linear(x.float(), w.float()).to(dtype)
+    assert torch.equal(torch.isnan(got), torch.isnan(want)) and torch.equal(torch.isinf(got), torch.isinf(want))
+    assert torch.equal(got[torch.isinf(want)], want[torch.isinf(want)])  # the signs too
+    if dtype == torch.float16:  # a finite float32 sum past 65504 rounds to inf, as F.linear's does
+        big = rows_linear(torch.full((2, 8), 200.0, dtype=dtype), torch.full((3, 8), 50.0, dtype=dtype))
+        assert bool(torch.isposinf(big).all())
+        assert torch.equal(big, F.linear(torch.full((2, 8), 200.0, dtype=dtype), torch.full((3, 8), 50.0, dtype=dtype)))
 
 
 @pytest.mark.parametrize("dtype", HALF_DTYPES)

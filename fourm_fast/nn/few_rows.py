@@ -27,7 +27,8 @@ and MLP weights from dim 768 on, where rows_linear won by 1.16-1.44x at 4-12 row
 preset's block weights (1.5 MiB and less) it ran at 0.76-1.11x F.linear's speed for 4-12 rows
 (slowest on the 384 x 1024 projection), so they keep F.linear; so do 1-3 rows, past a dozen rows (where the AVX2
 kernel's arithmetic shows against MKL's AVX-512), weights not unit-stride along K (rows_linear
-would copy them on every call), other dtypes and GPUs. Not remeasured on the EPYC: there the
+would copy them on every call), float64 and GPUs (16-bit dtypes: below). Not remeasured on the
+EPYC: there the
 swapped order had beaten F.linear on 2-3 and 13-32 rows, which now take F.linear.
 rows_linear's sums agree with F.linear to float32 rounding, not bitwise.
 
@@ -38,8 +39,14 @@ linear_rows.jsonl). rows_linear read them at 10-17 GB/s for 1-4 rows: 1.14-2.11x
 speed, the heads included. From 8 rows its widening and multiply-adds cost more than the memory
 (0.77-1.15x), and the weight with K = 3072 lost at every row count (0.43-0.83x). So
 1-FEW_ROWS_MAX_HALF 16-bit rows times a weight of HALF_ROWS_MIN_BYTES or more with K <=
-HALF_ROWS_MAX_K take rows_linear; the rest take F.linear. (The swapped order read the heads faster
-still at 2-4 rows, 19-21 GB/s; it is not used.)
+HALF_ROWS_MAX_K take rows_linear; the rest take F.linear. The swapped order ``(W @ x.T).T`` read
+2-4 bf16 rows faster still on the heads and the dim-768 blocks (19-26 GB/s against rows_linear's
+13-19). It is not used: rows_linear's speed is its own code's, while which order a BLAS runs fast
+depends on the BLAS build and the CPU (in float32 the swapped order was the slow one here and the
+fast one on the EPYC). float16 follows the bfloat16 policy, measured after it was set
+(``--dtype float16``, the same file): F.linear read 5.6-13.6 GB/s and the swapped order no better,
+rows_linear 1.10-2.11x F.linear at 1-4 rows on every weight with K <= 1024, still 1.03-1.46x at
+8 rows, and 0.93-1.35x at 1-4 rows with K = 3072.
 """
 from __future__ import annotations
 
