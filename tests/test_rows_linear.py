@@ -37,6 +37,16 @@ def test_matches_fp64_within_the_float32_dot_bound(cpu_isa, r, k, n):
     _assert_within_dot_bound(y, x, w)
 
 
+def _portable_loop(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """rows_linear with the vector kernels switched off (ISA code 1)."""
+    ext = extension()
+    ext._set_cpu_isa(1)
+    try:
+        return rows_linear(x, w)
+    finally:
+        ext._set_cpu_isa(0)
+
+
 def _underflowing(k: int) -> tuple[torch.Tensor, torch.Tensor]:
     # Every product underflows to -0, so a lane that holds any is -0: the tail lanes must keep it.
     return torch.full((5, k), -1e-30), torch.full((70, k), 1e-30)
@@ -49,12 +59,7 @@ def test_every_kernel_and_thread_count_gives_the_same_bits(k, values):
     # The lane order is the op's definition: the AVX2 kernel must return the portable loop's bits
     # (signed zeros included), and splitting the weight rows over threads must not change a sum.
     x, w = _operands(11, k, 1500, seed=k) if values == "random" else _underflowing(k)
-    ext = extension()
-    ext._set_cpu_isa(1)
-    try:
-        generic = rows_linear(x, w)
-    finally:
-        ext._set_cpu_isa(0)
+    generic = _portable_loop(x, w)
     auto = rows_linear(x, w)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -97,12 +102,7 @@ def test_half_weights_give_the_portable_loops_bits(dtype, k):
     # Tails (K % 8) of 16-bit weights go through a zero-padded copy: same lanes as the loop.
     x, w = _operands(7, k, 700, seed=k)
     x, w = x.to(dtype), w.to(dtype)
-    ext = extension()
-    ext._set_cpu_isa(1)
-    try:
-        generic = rows_linear(x, w)
-    finally:
-        ext._set_cpu_isa(0)
+    generic = _portable_loop(x, w)
     assert torch.equal(rows_linear(x, w), generic)
 
 
@@ -112,12 +112,7 @@ def test_bfloat16_underflowing_lanes_keep_their_signed_zeros(k):
     # bf16 has float32's exponent range: products of 1e-30 and -1e-30 underflow to -0, and the
     # 16-bit tail's zero padding must leave such lanes as the portable loop leaves them.
     x, w = (t.to(torch.bfloat16) for t in _underflowing(k))
-    ext = extension()
-    ext._set_cpu_isa(1)
-    try:
-        generic = rows_linear(x, w)
-    finally:
-        ext._set_cpu_isa(0)
+    generic = _portable_loop(x, w)
     auto = rows_linear(x, w)
     assert torch.equal(auto, generic) and torch.equal(torch.signbit(auto), torch.signbit(generic))
     if k >= 8:
