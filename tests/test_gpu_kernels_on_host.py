@@ -1,10 +1,10 @@
-"""The CUDA kernels of masked_attention and vq_lookup, run without a GPU.
+"""The CUDA kernels of masked_attention, vq_lookup and sample_tokens, run without a GPU.
 
-csrc/cuda/attention_kernels.cuh and vq_kernels.cuh (the exact device code the extension compiles)
-are built as host C++ on tests/cuda_emulation/cuda_emu.h: a std::thread per GPU thread, barriers
+csrc/cuda/*_kernels.cuh (the exact device code the extension compiles) are built as host C++ on tests/cuda_emulation/cuda_emu.h: a std::thread per GPU thread, barriers
 for __syncthreads, the PTX ISA's fragment layouts for ldmatrix / mma, cp.async copies that poison
 their destination until their wait retires them, NaN-filled smem and outputs. The harnesses launch
-the kernels as csrc/cuda/*_cuda.cu do and check the results against float64 references, under
+the kernels as csrc/cuda/*_cuda.cu do and check the results against float64 references (for
+sample_tokens: bit for bit against the CPU executor's torch-free row code), under
 AddressSanitizer and UndefinedBehaviorSanitizer. Built once more under ThreadSanitizer, the
 emulation is a race check: GPU threads are host threads, so a shared-memory access that no
 __syncthreads / __syncwarp orders against another thread's is a data race there.
@@ -25,7 +25,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 EMU = ROOT / "tests" / "cuda_emulation"
-KERNEL_HEADERS = ("attention_kernels.cuh", "attention_tiles.cuh", "vq_kernels.cuh")
+KERNEL_HEADERS = ("attention_kernels.cuh", "attention_tiles.cuh", "vq_kernels.cuh", "sampling_kernels.cuh")
+CPU_HEADERS = ("sampling_cpu_rows.h", "threshold_select.h")  # the sampling oracle
 SANITIZERS = {
     "memory": ["-O1", "-g", "-fsanitize=address,undefined", "-fno-sanitize-recover=all"],
     "thread": ["-O1", "-g", "-fsanitize=thread"],
@@ -51,6 +52,9 @@ def _stage(root: Path, mutate=None) -> Path:
     """The kernel headers in their csrc layout, the emulated ptx.cuh in place of the real one."""
     (root / "cuda").mkdir(parents=True)
     (root / "kernels").mkdir()
+    (root / "cpu").mkdir()
+    for name in CPU_HEADERS:
+        shutil.copy(ROOT / "csrc" / "cpu" / name, root / "cpu" / name)
     for name in KERNEL_HEADERS:
         shutil.copy(ROOT / "csrc" / "cuda" / name, root / "cuda" / name)
     shutil.copy(EMU / "ptx.cuh", root / "cuda" / "ptx.cuh")
@@ -160,4 +164,34 @@ def test_the_race_check_catches_a_missing_vq_barrier(tmp_path):
                                                     "    cuda_ptx::cp_async_wait<kStages - 2>();\n    __syncthreads();\n",
                                                     "    cuda_ptx::cp_async_wait<kStages - 2>();\n"))
     done = _run(_build(root, "vq_harness", "thread"), "race")
+    assert "ThreadSanitizer: data race" in done.stderr, (done.returncode, done.stderr[-2000:])
+
+
+# ---- sample_tokens -------------------------------------------------------------------------
+
+def test_sampling_kernel_matches_the_cpu_executor_bit_for_bit(staged):
+    # both kernel variants (row in smem, row re-read), a grid smaller than R (blocks loop over
+    # rows), every dtype, CFG, all filters, argmax, per-row settings, bad parameters, NaN / +inf /
+    # all -inf rows
+    _assert_clean(_run(_build(staged, "sampling_harness", "memory"), "fixed"))
+
+
+def test_sampling_kernel_has_no_shared_memory_races(staged):
+    _assert_clean(_run(_build(staged, "sampling_harness", "thread"), "race"))
+
+
+def test_the_sampling_check_catches_a_wrong_draw(tmp_path):
+    # the warp holding the crossing of the draw target, picked one warp off
+    root = _stage(tmp_path, lambda r: _replace_once(r, "sampling_kernels.cuh", "const int w = __ffs(hit) - 1;",
+                                                    "const int w = (__ffs(hit) - 1) ^ 1;"))
+    done = _run(_build(root, "sampling_harness", None), "fixed")
+    assert done.returncode == 1 and "FAIL" in done.stdout, done.stdout[-2000:]
+
+
+def test_the_race_check_catches_a_missing_sampling_barrier(tmp_path):
+    # the barrier between zeroing the histogram and the load's atomics into it
+    root = _stage(tmp_path, lambda r: _replace_once(r, "sampling_kernels.cuh",
+                                                    "    __syncthreads();  // zeroed histogram before the load's atomics\n",
+                                                    ""))
+    done = _run(_build(root, "sampling_harness", "thread"), "race")
     assert "ThreadSanitizer: data race" in done.stderr, (done.returncode, done.stderr[-2000:])

@@ -1,11 +1,13 @@
-// Host emulation of the CUDA features the masked_attention and vq_lookup kernels use, so that the
-// kernels of csrc/cuda/attention_kernels.cuh and vq_kernels.cuh (the exact source the extension
-// compiles) run on a CPU:
+// Host emulation of the CUDA features the masked_attention, vq_lookup and sample_tokens kernels
+// use, so that the kernels of csrc/cuda/*_kernels.cuh (the exact source the extension compiles)
+// run on a CPU:
 //   - one std::thread per GPU thread, blocks run one after another (a 1-D or 2-D grid);
 //   - static __shared__ arrays are function-local statics: shared by the threads of a block, and
 //     by the blocks after it, which run later (the kernels must not read them before writing);
-//   - __syncthreads / __syncwarp are std::barrier waits; __shfl_xor_sync exchanges through the
-//     warp's slots between two barrier waits (every lane must take part, as on the GPU);
+//   - __syncthreads / __syncwarp are std::barrier waits; the warp collectives (__shfl*_sync,
+//     __ballot_sync, __any_sync) exchange through the warp's slots between two barrier waits, so
+//     every lane must take part, as the full masks they are called with promise; shared-memory
+//     atomics are host atomics;
 //   - dynamic shared memory is a per-block buffer filled with 0xFF bytes (NaN in every float
 //     format), so a read of smem nobody wrote shows up as NaN in the results;
 //   - a cp.async copy poisons its destination (0xFF bytes) when issued and delivers the data only
@@ -21,6 +23,7 @@
 
 #include <algorithm>
 #include <barrier>
+#include <climits>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -37,12 +40,14 @@ using std::min;
 struct alignas(16) uint4 {
   unsigned x, y, z, w;
 };
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
 struct alignas(8) float2 {
   float x, y;
 };
 struct alignas(16) float4 {
   float x, y, z, w;
 };
+inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
 
 #define __global__
 #define __device__
@@ -58,13 +63,13 @@ struct Dim3 {
   unsigned x = 0, y = 0, z = 0;
 };
 
-constexpr int kMaxWarps = 8;
+constexpr int kMaxWarps = 16;
 
 struct Warp {
   std::unique_ptr<std::barrier<>> bar;
   const void* addr[32];
   uint32_t a[32][4], b[32][2];
-  float f[32];
+  uint64_t raw[32];  // one shuffled value per lane (up to 8 bytes)
 };
 
 struct PendingCopy {
@@ -108,14 +113,66 @@ inline void check_smem(const void* p, size_t n, size_t align) {
 inline void syncthreads() { block->bar->arrive_and_wait(); }
 inline void syncwarp() { warp().bar->arrive_and_wait(); }
 
-inline float shfl_xor(unsigned mask, float v, int offset) {
-  if (mask != 0xffffffffu) fail("__shfl_xor_sync with a partial mask");
+inline void check_full(unsigned mask, const char* what) {
+  if (mask != 0xffffffffu) fail(what);
+}
+
+// Every lane posts v; lane l receives the value of lane src(l) (its own when src(l) is out of range).
+template <class T, class Src>
+inline T exchange(T v, Src src) {
+  static_assert(sizeof(T) <= 8, "shuffles move at most 8 bytes");
   Warp& w = warp();
-  w.f[lane()] = v;
+  const int l = lane();
+  uint64_t bits = 0;
+  std::memcpy(&bits, &v, sizeof(T));
+  w.raw[l] = bits;
   w.bar->arrive_and_wait();
-  const float r = w.f[lane() ^ offset];
+  const int from = src(l);
+  const uint64_t got = w.raw[from >= 0 && from < 32 ? from : l];
   w.bar->arrive_and_wait();
+  T r;
+  std::memcpy(&r, &got, sizeof(T));
   return r;
+}
+
+template <class T>
+inline T shfl_xor(unsigned mask, T v, int offset) {
+  check_full(mask, "__shfl_xor_sync with a partial mask");
+  return exchange(v, [&](int l) { return l ^ offset; });
+}
+
+template <class T>
+inline T shfl_up(unsigned mask, T v, unsigned delta) {
+  check_full(mask, "__shfl_up_sync with a partial mask");
+  return exchange(v, [&](int l) { return l - static_cast<int>(delta); });
+}
+
+template <class T>
+inline T shfl(unsigned mask, T v, int src_lane) {
+  check_full(mask, "__shfl_sync with a partial mask");
+  return exchange(v, [&](int) { return src_lane & 31; });
+}
+
+inline unsigned ballot(unsigned mask, bool pred) {
+  check_full(mask, "__ballot_sync with a partial mask");
+  Warp& w = warp();
+  w.raw[lane()] = pred ? 1u : 0u;
+  w.bar->arrive_and_wait();
+  unsigned bits = 0;
+  for (int i = 0; i < 32; ++i) bits |= static_cast<unsigned>(w.raw[i]) << i;
+  w.bar->arrive_and_wait();
+  return bits;
+}
+
+template <class T>
+inline T atomic_add(T* p, T v) {
+  return __atomic_fetch_add(p, v, __ATOMIC_RELAXED);
+}
+
+inline float uint_as_float(unsigned u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
 }
 
 // ---- 16-bit formats ------------------------------------------------------------------------
@@ -177,10 +234,14 @@ inline uint16_t float_to_fp16(float f) {  // round to nearest even, NaN stays Na
 
 // Storage types the harnesses instantiate the kernels' scalar_t with (what c10::BFloat16 and
 // c10::Half are to the extension): converting from float rounds to nearest even.
+struct FromBits {};  // c10's T(bits, T::from_bits()) constructor tag
+
 struct Bf16 {
   uint16_t bits;
   Bf16() = default;
   explicit Bf16(float f) : bits(float_to_bf16(f)) {}
+  Bf16(unsigned short b, FromBits) : bits(b) {}
+  static constexpr FromBits from_bits() { return {}; }
   operator float() const { return bf16_to_float(bits); }
 };
 
@@ -188,6 +249,8 @@ struct Fp16 {
   uint16_t bits;
   Fp16() = default;
   explicit Fp16(float f) : bits(float_to_fp16(f)) {}
+  Fp16(unsigned short b, FromBits) : bits(b) {}
+  static constexpr FromBits from_bits() { return {}; }
   operator float() const { return fp16_to_float(bits); }
 };
 
@@ -321,3 +384,11 @@ void launch(long blocks, int threads, size_t smem_bytes, F&& body) {
 #define __syncthreads() emu::syncthreads()
 #define __syncwarp() emu::syncwarp()
 #define __shfl_xor_sync(mask, v, offset) emu::shfl_xor(mask, v, offset)
+#define __shfl_up_sync(mask, v, delta) emu::shfl_up(mask, v, delta)
+#define __shfl_sync(mask, v, src) emu::shfl(mask, v, src)
+#define __ballot_sync(mask, pred) emu::ballot(mask, pred)
+#define __any_sync(mask, pred) (emu::ballot(mask, pred) != 0u)
+#define atomicAdd(p, v) emu::atomic_add(p, v)
+#define __ffs(x) __builtin_ffs(static_cast<int>(x))
+#define __ldg(p) (*(p))
+#define __uint_as_float(u) emu::uint_as_float(u)
