@@ -241,8 +241,8 @@ struct RadixState {
   uint64_t above;   // weight of the candidates above the current prefix range
 };
 
-// The top-p weight of a candidate: mass_weight(ff_exp(ff_sub(g, m)), bits), see
-// the top of sampling_cuda.cu for why the integer form is the same value.
+// The top-p weight of a candidate: mass_weight(ff_exp(ff_sub(g, m)), bits); the comment on
+// kernels::mass_weight (sampling_math.h) says why its integer form is the same value.
 __device__ __forceinline__ uint64_t top_p_weight(float g, float m, int bits) {
   return kernels::mass_weight(kernels::ff_exp(kernels::ff_sub(g, m)), bits);
 }

@@ -3,7 +3,9 @@
 // run on a CPU:
 //   - one std::thread per GPU thread, blocks run one after another (a 1-D or 2-D grid);
 //   - static __shared__ arrays are function-local statics: shared by the threads of a block, and
-//     by the blocks after it, which run later (the kernels must not read them before writing);
+//     by the blocks after it, which run later. They start zeroed, where a GPU's start as garbage,
+//     so a kernel that reads one before writing it would pass here (none does; a template static
+//     cannot be poisoned through a linker section with GCC);
 //   - __syncthreads / __syncwarp are std::barrier waits; the warp collectives (__shfl*_sync,
 //     __ballot_sync, __any_sync) exchange through the warp's slots between two barrier waits, so
 //     every lane must take part, as the full masks they are called with promise; shared-memory
@@ -138,13 +140,13 @@ inline T exchange(T v, Src src) {
 template <class T>
 inline T shfl_xor(unsigned mask, T v, int offset) {
   check_full(mask, "__shfl_xor_sync with a partial mask");
-  return exchange(v, [&](int l) { return l ^ offset; });
+  return exchange(v, [&](int l) { return l ^ (offset & 31); });  // PTX uses the low 5 bits
 }
 
 template <class T>
 inline T shfl_up(unsigned mask, T v, unsigned delta) {
   check_full(mask, "__shfl_up_sync with a partial mask");
-  return exchange(v, [&](int l) { return l - static_cast<int>(delta); });
+  return exchange(v, [&](int l) { return l - static_cast<int>(delta & 31u); });
 }
 
 template <class T>
@@ -343,7 +345,7 @@ inline void mma_16x8x16(float (&acc)[4], const uint32_t (&a)[4], const uint32_t 
 // A grid of blocks_x x blocks_y blocks of `threads` threads; `body` is the kernel call.
 template <class F>
 void launch(long blocks_x, long blocks_y, int threads, size_t smem_bytes, F&& body) {
-  if (threads % 32 != 0 || threads / 32 > kMaxWarps) fail("block size must be whole warps, at most 8");
+  if (threads % 32 != 0 || threads / 32 > kMaxWarps) fail("block size must be whole warps, at most 16");
   for (long by = 0; by < blocks_y; ++by) {
     for (long bx = 0; bx < blocks_x; ++bx) {
       Block blk;

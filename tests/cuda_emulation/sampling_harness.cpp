@@ -48,6 +48,8 @@ std::vector<Settings> settings_list() {
       {{0.7f}, {5.0f}, {0.9f}, {0.01f}, {3.0f}},                      // every filter, CFG 3
       {{0.0f}, {0.0f}, {1.0f}, {0.0f}, {2.0f}},                       // argmax
       {{2.0f}, {0.25f}, {0.5f}, {0.0f}, {1.5f}},                      // top-k as a fraction of V
+      {{1.0f}, {0.0f}, {0.9f}, {0.0f}, {1.0f}},                       // T = 1 with top-p (4M's default)
+      {{1.0f}, {5.0f}, {0.8f}, {0.0f}, {2.0f}},                       // T = 1, top-k and top-p
       {{1.0f, 0.0f, 0.5f, 1.3f}, {0.0f, 3.0f, 1.0f, 40.0f}, {1.0f, 0.8f, 0.3f, 1.0f},  // per row
        {0.0f, 0.0f, 0.2f, 0.05f}, {1.0f, 2.0f, 0.5f, 4.0f}},
   };
@@ -75,17 +77,23 @@ void run_variant(const Case& c, const std::vector<T>& cond, const std::vector<T>
   for (int i = 0; i < 5; ++i) {
     for (long r = 0; r < (per_row ? R : 1); ++r) cols[i].push_back((*src[i])[r % src[i]->size()]);
   }
-  if (c.special && per_row && R > 5) {
-    cols[0][3] = -1.0f;                                      // a bad temperature
-    cols[2][4] = std::numeric_limits<float>::quiet_NaN();    // a bad top_p
+  if (c.special && per_row && R > 5) {  // one bad parameter of each kind (statuses 1-6)
+    cols[0][3] = -1.0f;                                      // temperature
+    cols[2][4] = std::numeric_limits<float>::quiet_NaN();    // top_p
+    cols[1][5] = 2.5f;                                       // top_k neither a fraction nor whole
+    if (R > 8) cols[3][8] = 1.5f;                            // min_p
+    if (R > 9) cols[4][9] = std::numeric_limits<float>::infinity();  // cfg_scale
   }
   const int64_t seed = 1234, offset = 77;
   SampleArgs<T> a{};
   a.cond = cond.data();
-  a.uncond = kCfg ? uncond.data() : nullptr;
+  // uncond rows start one element past a multiple of V + 1, so cond and uncond sit at different
+  // 16-byte offsets and the kernel takes its scalar load path (as for the two halves of one
+  // [2B, V] tensor with odd B * V)
+  a.uncond = kCfg ? uncond.data() + 1 : nullptr;
   a.cs0 = V;
   a.cs1 = 1;
-  a.us0 = kCfg ? V : 0;
+  a.us0 = kCfg ? V + 1 : 0;
   a.us1 = kCfg ? 1 : 0;
   a.R = R;
   a.V = V;
@@ -112,7 +120,7 @@ void run_variant(const Case& c, const std::vector<T>& cond, const std::vector<T>
   std::vector<int64_t> want_tokens(R);
   std::vector<float> want_probs(R);
   std::vector<int32_t> want_status(R);
-  oracle::sample_rows<T>(cond.data(), V, 1, kCfg ? uncond.data() : nullptr, kCfg ? V : 0, kCfg ? 1 : 0, V,
+  oracle::sample_rows<T>(cond.data(), V, 1, kCfg ? uncond.data() + 1 : nullptr, kCfg ? V + 1 : 0, kCfg ? 1 : 0, V,
                          params.data(), per_row ? 1 : 0, static_cast<uint64_t>(seed), static_cast<uint64_t>(offset), 0,
                          R, want_tokens.data(), want_probs.data(), want_status.data());
   for (long r = 0; r < R; ++r) {
@@ -133,7 +141,7 @@ template <class T>
 void run_case(const Case& c) {
   const long R = c.R;
   const int V = c.V;
-  std::vector<T> cond(R * V), uncond(R * V);
+  std::vector<T> cond(R * V), uncond(R * (V + 1) + 1);
   for (auto& v : cond) v = T(randn());
   for (auto& v : uncond) v = T(randn());
   const float nan = std::numeric_limits<float>::quiet_NaN(), inf = std::numeric_limits<float>::infinity();
@@ -142,6 +150,9 @@ void run_case(const Case& c) {
     cond[1 * V + V / 3] = T(inf);     // row 1: +inf -> error status
     for (int t = 0; t < V; ++t) cond[2 * V + t] = T(-inf);  // row 2: nothing to sample
     if (R > 6) cond[6 * V + V - 1] = T(40.0f);  // row 6: one dominant logit at the end
+    if (R > 7 && V > 8) {  // row 7: 3 finite logits, so a top-k of 5..V-1 keeps them all
+      for (int t = 3; t < V; ++t) cond[7 * V + t] = T(-inf);
+    }
   }
   const Settings s = settings_list()[c.settings];
   for (long grid : {R, std::max<long>(1, R / 3)}) {
@@ -168,20 +179,24 @@ void run(const Case& c) {
   if (failures == before) std::printf("  ok\n");
 }
 
-// V of 1, odd, below and above a block's 512 threads and its 16-byte vectors; every dtype, CFG,
-// all filters, argmax, per-row settings with bad rows, NaN / +inf / all -inf rows.
+// V of 1, odd, below and above a block's 512 threads and its 16-byte vectors, and one large
+// enough that the draw re-walks several steps per chunk; every dtype, CFG (uncond at another
+// alignment than cond), all filters, argmax, T = 1 with top-p, per-row settings with a bad
+// parameter of each kind, NaN / +inf / all -inf rows, top-k above a row's finite logits.
 std::vector<Case> fixed_cases() {
   using D = Dtype;
   return {
       {3, 1, D::kFloat32, false, 0, 0},    {4, 97, D::kFloat32, false, 1, 0},  {8, 1031, D::kFloat32, true, 1, 1},
       {5, 3000, D::kBFloat16, false, 0, 0}, {8, 1031, D::kBFloat16, true, 4, 1}, {4, 517, D::kFloat16, false, 3, 0},
       {7, 2048, D::kFloat16, true, 2, 1},   {9, 4099, D::kFloat32, false, 4, 1}, {6, 33, D::kBFloat16, false, 1, 0},
+      {4, 1500, D::kFloat32, false, 5, 0},  {10, 997, D::kBFloat16, true, 4, 1}, {3, 3001, D::kFloat16, true, 6, 0},
+      {2, 40000, D::kFloat32, false, 5, 0},  // the draw's chunks span several steps
   };
 }
 
 std::vector<Case> race_cases() {
   using D = Dtype;
-  return {{3, 1031, D::kFloat32, true, 1, 0}, {3, 2000, D::kBFloat16, false, 4, 0}};
+  return {{3, 1031, D::kFloat32, true, 1, 0}, {10, 700, D::kBFloat16, false, 4, 1}};
 }
 
 }  // namespace
