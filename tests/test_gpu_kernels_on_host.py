@@ -60,9 +60,8 @@ def _stage(root: Path, mutate=None) -> Path:
     shutil.copy(EMU / "ptx.cuh", root / "cuda" / "ptx.cuh")
     for header in (ROOT / "csrc" / "kernels").glob("*.h"):
         shutil.copy(header, root / "kernels" / header.name)
-    for source in EMU.glob("*.cpp"):
+    for source in [*EMU.glob("*.cpp"), *EMU.glob("*.h")]:  # harnesses, cuda_emu.h, harness_main.h
         shutil.copy(source, root / source.name)
-    shutil.copy(EMU / "cuda_emu.h", root / "cuda_emu.h")
     if mutate:
         mutate(root)
     return root

@@ -4,17 +4,15 @@
 // (forward_mma / forward_simt, compute_delta, backward_mma / backward_simt): grid sizes, tile
 // bounds at each kernel's granularity, dynamic smem sizes. Keep them in step with it.
 //
-//   attention_harness fixed [COUNT]      the fixed case list (its first COUNT cases)
-//   attention_harness race               a few cases that walk several streamed tiles with each
-//                                        kernel: built with -fsanitize=thread, an smem access
-//                                        that no barrier orders is reported as a data race
-//   attention_harness random SEED COUNT  COUNT random cases
-// Prints one line per case and "fails: N"; exits 1 if any case failed.
+// Modes (harness_main.h): fixed [COUNT], race (a few cases that walk several streamed tiles with
+// each kernel: built with -fsanitize=thread, an smem access that no barrier orders is reported
+// as a data race), random SEED COUNT.
 //
 // Outputs start as 0xFF bytes (NaN), operand columns past d_cols hold NaN (never to be read),
 // and smem starts as NaN (cuda_emu.h): an element that is read before it is written, or never
 // written, fails the comparison.
 #include "cuda_emu.h"
+#include "harness_main.h"
 
 #include <limits>
 #include <random>
@@ -54,17 +52,11 @@ const char* dtype_name(Dtype d) {
 
 long ceil_div(long a, long b) { return (a + b - 1) / b; }
 
-std::mt19937 rng(1234);
-int pick(int n) { return static_cast<int>(rng() % static_cast<unsigned>(n)); }
-float randn() {
-  static std::normal_distribution<float> normal(0.0f, 1.0f);
-  return normal(rng);
-}
-
-int failures = 0;
+using harness::pick;
+using harness::randn;
 
 void fail(const Case& c, const std::string& what) {
-  ++failures;
+  ++harness::failures;
   std::printf("  FAIL B%d H%d Nq%d Nk%d D%d meta%d %s pad%d: %s\n", c.B, c.H, c.Nq, c.Nk, c.D, static_cast<int>(c.meta),
               dtype_name(c.dtype), c.pad, what.c_str());
 }
@@ -391,16 +383,16 @@ void run_case(const Case& c) {
 }
 
 void run(const Case& c) {
-  std::printf("case B%d H%d Nq%d Nk%d D%d meta%d %s pad%d\n", c.B, c.H, c.Nq, c.Nk, c.D, static_cast<int>(c.meta),
-              dtype_name(c.dtype), c.pad);
-  std::fflush(stdout);
-  const int before = failures;
-  switch (c.dtype) {
-    case Dtype::kFloat32: run_case<float>(c); break;
-    case Dtype::kFloat16: run_case<Fp16>(c); break;
-    case Dtype::kBFloat16: run_case<Bf16>(c); break;
-  }
-  if (failures == before) std::printf("  ok\n");
+  char label[120];
+  std::snprintf(label, sizeof label, "B%d H%d Nq%d Nk%d D%d meta%d %s pad%d", c.B, c.H, c.Nq, c.Nk, c.D,
+                static_cast<int>(c.meta), dtype_name(c.dtype), c.pad);
+  harness::report(label, [&] {
+    switch (c.dtype) {
+      case Dtype::kFloat32: run_case<float>(c); break;
+      case Dtype::kFloat16: run_case<Fp16>(c); break;
+      case Dtype::kBFloat16: run_case<Bf16>(c); break;
+    }
+  });
 }
 
 // Every kernel and tier, partial tiles on both sides, the full-tile fast path (all valid, whole
@@ -463,21 +455,5 @@ std::vector<Case> random_cases(unsigned seed, int count) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  const std::string mode = argc > 1 ? argv[1] : "fixed";
-  std::vector<Case> cases;
-  if (mode == "fixed" && argc <= 3) {
-    cases = fixed_cases();
-    if (argc == 3) cases.resize(std::min<size_t>(cases.size(), static_cast<size_t>(std::atoi(argv[2]))));
-  } else if (mode == "race" && argc == 2) {
-    cases = race_cases();
-  } else if (mode == "random" && argc == 4) {
-    rng.seed(static_cast<unsigned>(std::atoi(argv[2])));
-    cases = random_cases(static_cast<unsigned>(std::atoi(argv[2])), std::atoi(argv[3]));
-  } else {
-    std::fprintf(stderr, "usage: %s fixed [COUNT] | race | random SEED COUNT\n", argv[0]);
-    return 2;
-  }
-  for (const Case& c : cases) run(c);
-  std::printf("fails: %d\n", failures);
-  return failures != 0;
+  return harness::main<Case>(argc, argv, 1234, {fixed_cases(), race_cases(), random_cases}, run);
 }

@@ -5,9 +5,9 @@
 // size), run with both kernel variants (row in smem, row re-read from global memory) and with a
 // grid of fewer blocks than rows, so blocks loop over rows as they do past 2^31 - 1 rows.
 //
-//   sampling_harness fixed     the fixed case list
-//   sampling_harness race      a few cases for -fsanitize=thread
+// Modes (harness_main.h): fixed [COUNT], race (a few cases for -fsanitize=thread).
 #include "cuda_emu.h"
+#include "harness_main.h"
 
 #include <cstdio>
 #include <limits>
@@ -57,13 +57,7 @@ std::vector<Settings> settings_list() {
 
 const char* dtype_name(Dtype d) { return d == Dtype::kFloat32 ? "f32" : (d == Dtype::kFloat16 ? "f16" : "bf16"); }
 
-std::mt19937 rng(7);
-float randn() {
-  static std::normal_distribution<float> normal(0.0f, 2.0f);
-  return normal(rng);
-}
-
-int failures = 0;
+float randn() { return harness::randn(2.0f); }  // logits of a few units, as a model's
 
 template <class T, bool kCfg, bool kSmem>
 void run_variant(const Case& c, const std::vector<T>& cond, const std::vector<T>& uncond, const Settings& s,
@@ -127,7 +121,7 @@ void run_variant(const Case& c, const std::vector<T>& cond, const std::vector<T>
     const bool same_prob = std::memcmp(&probs[r], &want_probs[r], 4) == 0 ||
                            (std::isnan(probs[r]) && std::isnan(want_probs[r]));
     if (tokens[r] != want_tokens[r] || !same_prob || status[r] != want_status[r]) {
-      ++failures;
+      ++harness::failures;
       std::printf("  FAIL R%d V%d %s cfg%d settings%d special%d %s grid%ld: row %ld got (%lld, %a, %d), CPU (%lld, %a, %d)\n",
                   c.R, c.V, dtype_name(c.dtype), c.cfg, c.settings, c.special, kSmem ? "smem" : "global", grid, r,
                   static_cast<long long>(tokens[r]), probs[r], status[r], static_cast<long long>(want_tokens[r]),
@@ -167,16 +161,16 @@ void run_case(const Case& c) {
 }
 
 void run(const Case& c) {
-  std::printf("case R%d V%d %s cfg%d settings%d special%d\n", c.R, c.V, dtype_name(c.dtype), c.cfg, c.settings,
-              c.special);
-  std::fflush(stdout);
-  const int before = failures;
-  switch (c.dtype) {
-    case Dtype::kFloat32: run_case<float>(c); break;
-    case Dtype::kFloat16: run_case<Fp16>(c); break;
-    case Dtype::kBFloat16: run_case<Bf16>(c); break;
-  }
-  if (failures == before) std::printf("  ok\n");
+  char label[120];
+  std::snprintf(label, sizeof label, "R%d V%d %s cfg%d settings%d special%d", c.R, c.V, dtype_name(c.dtype), c.cfg,
+                c.settings, c.special);
+  harness::report(label, [&] {
+    switch (c.dtype) {
+      case Dtype::kFloat32: run_case<float>(c); break;
+      case Dtype::kFloat16: run_case<Fp16>(c); break;
+      case Dtype::kBFloat16: run_case<Bf16>(c); break;
+    }
+  });
 }
 
 // V of 1, odd, below and above a block's 512 threads and its 16-byte vectors, and one large
@@ -202,17 +196,5 @@ std::vector<Case> race_cases() {
 }  // namespace
 
 int main(int argc, char** argv) {
-  const std::string mode = argc > 1 ? argv[1] : "fixed";
-  std::vector<Case> cases;
-  if (mode == "fixed" && argc <= 2) {
-    cases = fixed_cases();
-  } else if (mode == "race" && argc == 2) {
-    cases = race_cases();
-  } else {
-    std::fprintf(stderr, "usage: %s fixed | race\n", argv[0]);
-    return 2;
-  }
-  for (const Case& c : cases) run(c);
-  std::printf("fails: %d\n", failures);
-  return failures != 0;
+  return harness::main<Case>(argc, argv, 7, {fixed_cases(), race_cases(), {}}, run);
 }

@@ -5,14 +5,14 @@
 // search_simt, the finalize launch) except the code split, which is forced to one tile per split
 // here so that every case has several (the GPU picks it from its SM count). Keep them in step.
 //
-//   vq_harness fixed         the fixed case list
-//   vq_harness race          a few multi-tile cases for -fsanitize=thread
+// Modes (harness_main.h): fixed [COUNT], race (a few multi-tile cases for -fsanitize=thread).
 //
 // Checks per row, against float64: a finite row gets a finite code whose score (on the prepared,
 // dtype-rounded codes) is within the dot product's rounding of the best score; its distance is
 // vq_exact_distance of that code; a row with NaN/inf gets (-1, NaN); codes with a non-finite entry
 // are never picked. The split candidates start NaN-filled, so a split that writes nothing fails.
 #include "cuda_emu.h"
+#include "harness_main.h"
 
 #include <limits>
 #include <random>
@@ -39,16 +39,10 @@ struct Case {
 
 const char* dtype_name(Dtype d) { return d == Dtype::kFloat32 ? "f32" : (d == Dtype::kFloat16 ? "f16" : "bf16"); }
 
-std::mt19937 rng(99);
-float randn() {
-  static std::normal_distribution<float> normal(0.0f, 1.0f);
-  return normal(rng);
-}
-
-int failures = 0;
+using harness::randn;
 
 void fail(const Case& c, const std::string& what) {
-  ++failures;
+  ++harness::failures;
   std::printf("  FAIL N%d K%d D%d %s %s%s: %s\n", c.N, c.K, c.D, c.metric == VqMetric::L2 ? "l2" : "cosine",
               dtype_name(c.dtype), c.poison ? " poison" : "", what.c_str());
 }
@@ -217,22 +211,22 @@ void run_case(const Case& c) {
 }
 
 void run(const Case& c) {
-  std::printf("case N%d K%d D%d %s %s%s\n", c.N, c.K, c.D, c.metric == VqMetric::L2 ? "l2" : "cosine",
-              dtype_name(c.dtype), c.poison ? " poison" : "");
-  std::fflush(stdout);
-  const int before = failures;
-  switch (c.dtype) {
-    case Dtype::kFloat32: run_case<float, false>(c); break;
-    case Dtype::kFloat16:
-      run_case<Fp16, true>(c);
-      run_case<Fp16, false>(c);
-      break;
-    case Dtype::kBFloat16:
-      run_case<Bf16, true>(c);
-      run_case<Bf16, false>(c);
-      break;
-  }
-  if (failures == before) std::printf("  ok\n");
+  char label[120];
+  std::snprintf(label, sizeof label, "N%d K%d D%d %s %s%s", c.N, c.K, c.D, c.metric == VqMetric::L2 ? "l2" : "cosine",
+                dtype_name(c.dtype), c.poison ? " poison" : "");
+  harness::report(label, [&] {
+    switch (c.dtype) {
+      case Dtype::kFloat32: run_case<float, false>(c); break;
+      case Dtype::kFloat16:
+        run_case<Fp16, true>(c);
+        run_case<Fp16, false>(c);
+        break;
+      case Dtype::kBFloat16:
+        run_case<Bf16, true>(c);
+        run_case<Bf16, false>(c);
+        break;
+    }
+  });
 }
 
 // Partial row and code tiles, D below, at and past a chunk (16 / 32) and not a multiple of 8,
@@ -256,17 +250,5 @@ std::vector<Case> race_cases() {
 }  // namespace
 
 int main(int argc, char** argv) {
-  const std::string mode = argc > 1 ? argv[1] : "fixed";
-  std::vector<Case> cases;
-  if (mode == "fixed" && argc <= 2) {
-    cases = fixed_cases();
-  } else if (mode == "race" && argc == 2) {
-    cases = race_cases();
-  } else {
-    std::fprintf(stderr, "usage: %s fixed | race\n", argv[0]);
-    return 2;
-  }
-  for (const Case& c : cases) run(c);
-  std::printf("fails: %d\n", failures);
-  return failures != 0;
+  return harness::main<Case>(argc, argv, 99, {fixed_cases(), race_cases(), {}}, run);
 }
