@@ -6,8 +6,10 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #include <string>
+#include <vector>
 
 #include "cpu/attention_cpu_rows_dispatch.h"
+#include "cpu/bf16_gemm.h"
 #include "cpu/cpu_gemm.h"
 #include "cpu/cpu_isa.h"
 
@@ -177,14 +179,63 @@ PyObject* sgemm_rows_hook(PyObject*, PyObject* args) {
   Py_RETURN_NONE;
 }
 
+// Test hook: bf16_gemm_amx (bf16_gemm.h), C = alpha op(A) op(B) + beta C. A and B are C-contiguous
+// 2-D numpy arrays of float32 or of uint16 holding bfloat16 bits, each with its stored shape; C is
+// float32. Refused (RuntimeError) where cpu_isa_allows_amx() is false.
+PyObject* bf16_gemm_hook(PyObject*, PyObject* args) {
+  int trans_a = 0, trans_b = 0;
+  float alpha = 1.0f, beta = 0.0f;
+  PyObject *ao = nullptr, *bo = nullptr, *co = nullptr;
+  if (!PyArg_ParseTuple(args, "ppfOOfO", &trans_a, &trans_b, &alpha, &ao, &bo, &beta, &co)) return nullptr;
+  if (!fourm_fast::cpu_isa_allows_amx()) {
+    PyErr_SetString(PyExc_RuntimeError, "_bf16_gemm: the AMX kernels are not available (CPU or ISA override)");
+    return nullptr;
+  }
+  Py_buffer a{}, b{}, c{};
+  auto release = [&] {
+    if (a.obj) PyBuffer_Release(&a);
+    if (b.obj) PyBuffer_Release(&b);
+    if (c.obj) PyBuffer_Release(&c);
+  };
+  const int flags = PyBUF_C_CONTIGUOUS | PyBUF_FORMAT;
+  if (PyObject_GetBuffer(ao, &a, flags) != 0 || PyObject_GetBuffer(bo, &b, flags) != 0 ||
+      PyObject_GetBuffer(co, &c, flags | PyBUF_WRITABLE) != 0) {
+    release();
+    return nullptr;
+  }
+  auto format = [](const Py_buffer& v) { return v.format != nullptr ? std::string(v.format) : std::string(); };
+  auto operand = [&](const Py_buffer& v) { return v.ndim == 2 && ((v.itemsize == 4 && format(v) == "f") || (v.itemsize == 2 && format(v) == "H")); };
+  if (!operand(a) || !operand(b) || c.ndim != 2 || c.itemsize != 4 || format(c) != "f") {
+    release();
+    PyErr_SetString(PyExc_TypeError, "_bf16_gemm: A, B must be C-contiguous 2-D float32 or uint16 (bfloat16 bits) arrays, C float32");
+    return nullptr;
+  }
+  const int64_t m = trans_a ? a.shape[1] : a.shape[0], k = trans_a ? a.shape[0] : a.shape[1];
+  const int64_t kb = trans_b ? b.shape[1] : b.shape[0], n = trans_b ? b.shape[0] : b.shape[1];
+  if (kb != k || c.shape[0] != m || c.shape[1] != n) {
+    release();
+    PyErr_SetString(PyExc_ValueError, "_bf16_gemm: shapes of op(A), op(B) and C do not agree");
+    return nullptr;
+  }
+  const fourm_fast::Bf16GemmOperand A{a.buf, a.shape[1], trans_a != 0, a.itemsize == 4},
+      B{b.buf, b.shape[1], trans_b != 0, b.itemsize == 4};
+  std::vector<char> scratch(fourm_fast::bf16_gemm_scratch_bytes(m, n, k) + 64);
+  void* aligned = scratch.data() + (64 - reinterpret_cast<uintptr_t>(scratch.data()) % 64) % 64;
+  fourm_fast::bf16_gemm_amx(m, n, k, alpha, A, B, beta, static_cast<float*>(c.buf), n, aligned);
+  release();
+  Py_RETURN_NONE;
+}
+
 PyMethodDef kMethods[] = {
     {"build_info", build_info, METH_NOARGS, "Build-time facts: version, CUDA kernels and archs."},
     {"_set_cpu_isa", set_cpu_isa, METH_O,
-     "Force the CPU micro-kernels: 0 auto, 1 generic, 2 avx2+fma, 3 avx512 (for tests and benchmarks)."},
+     "Force the CPU micro-kernels: 0 auto, 1 generic, 2 avx2+fma, 3 avx512, 4 avx512+amx (tests and benchmarks)."},
     {"_cpu_exp", cpu_exp, METH_O,
      "e^x in place over a float32 numpy array, with the CPU attention kernels' exponential (tests)."},
     {"_sgemm_rows", sgemm_rows_hook, METH_VARARGS,
      "(trans_a, trans_b, alpha, A, B, beta, C): the CPU tiles' GEMM on float32 numpy arrays (tests)."},
+    {"_bf16_gemm", bf16_gemm_hook, METH_VARARGS,
+     "(trans_a, trans_b, alpha, A, B, beta, C): the AMX bfloat16 GEMM; A, B float32 or uint16 bfloat16 bits (tests)."},
     {"_set_cpu_gemm_aten", set_cpu_gemm_aten, METH_O,
      "True: CPU tile products through ATen even where BLAS sgemm_ is linked (tests the fallback)."},
     {nullptr, nullptr, 0, nullptr}};

@@ -5,9 +5,11 @@ from fourm_fast._extension import extension
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-_ISA_CODES = {"auto": 0, "generic": 1, "avx2": 2, "avx512": 3}
+_ISA_CODES = {"auto": 0, "generic": 1, "avx2": 2, "avx512": 3, "amx": 4}
 # On an AVX-512 CPU auto runs the AVX-512 copies, so the AVX2 ones get a run of their own there.
-_ISA_PARAMS = ["auto", "generic"] + (["avx2"] if extension().build_info()["cpu_kernel"] == "avx512" else [])
+# (With AMX, auto also runs the bfloat16 attention tiles on AMX; generic and avx2 run their
+# float32-widening copies.)
+_ISA_PARAMS = ["auto", "generic"] + (["avx2"] if extension().build_info()["cpu_kernel"].startswith("avx512") else [])
 
 
 @pytest.fixture(params=_ISA_PARAMS)

@@ -74,17 +74,26 @@ def test_each_kernel_on_every_shape(isa, trans_a, trans_b):
 
 
 def test_unknown_or_unsupported_isa_is_refused():
-    with pytest.raises(ValueError, match="unknown CPU ISA code 4"):
-        extension()._set_cpu_isa(4)
+    with pytest.raises(ValueError, match="unknown CPU ISA code 5"):
+        extension()._set_cpu_isa(5)
     kernel = extension().build_info()["cpu_kernel"]
-    if kernel != "avx512":  # auto picks the widest kernels, so a CPU without them refuses code 3
+    if not kernel.startswith("avx512"):  # auto picks the widest kernels, so a CPU without them refuses code 3
         with pytest.raises(ValueError, match="lacks AVX-512F"):
             extension()._set_cpu_isa(3)
+    if kernel != "avx512+amx":
+        with pytest.raises(ValueError, match="no AMX-BF16"):
+            extension()._set_cpu_isa(4)
     assert extension().build_info()["cpu_kernel"] == kernel  # a refused code leaves the choice alone
-    if kernel == "avx512":  # code 2 keeps every kernel on AVX2, even on an AVX-512 CPU
+    if kernel.startswith("avx512"):  # code 2 keeps every kernel on AVX2, even on an AVX-512 CPU
         extension()._set_cpu_isa(2)
         try:
             assert extension().build_info()["cpu_kernel"] == "avx2+fma"
+        finally:
+            extension()._set_cpu_isa(0)
+    if kernel == "avx512+amx":  # code 3 keeps AVX-512 and leaves AMX out
+        extension()._set_cpu_isa(3)
+        try:
+            assert extension().build_info()["cpu_kernel"] == "avx512"
         finally:
             extension()._set_cpu_isa(0)
 

@@ -6,8 +6,9 @@ namespace fourm_fast {
 
 // 0 = fastest this CPU supports, 1 = portable kernels only, 2 = AVX2+FMA kernels (never
 // fourm_fast's AVX-512 copies), 3 = require AVX-512F (with AVX2+FMA for the kernels that have no
-// AVX-512 copy). Only fourm_fast's own kernels follow it: products past them (sgemm_rows with
-// k > kSmallGemmMaxK) run on MKL or ATen, which choose their own ISA.
+// AVX-512 copy; never AMX), 4 = require AMX-BF16 as well (the bfloat16 attention tiles on AMX).
+// Only fourm_fast's own kernels follow it: products past them (sgemm_rows with k >
+// kSmallGemmMaxK) run on MKL or ATen, which choose their own ISA.
 void set_cpu_isa(int isa);
 
 // True when the AVX2+FMA kernels may run (CPU support and no override to portable).
@@ -17,7 +18,12 @@ bool cpu_isa_allows_avx2();
 // and AVX2+FMA, and the override is auto or 3.
 bool cpu_isa_allows_avx512();
 
-// "avx512", "avx2+fma" or "generic": the widest CPU kernels in use now.
+// True when the AMX bfloat16 GEMM (bf16_gemm.h) may run: the AVX-512 kernels may, the CPU has
+// AMX-BF16 and AVX512-BF16, Linux granted the process the AMX tile state, and the override is
+// auto or 4.
+bool cpu_isa_allows_amx();
+
+// "avx512+amx", "avx512", "avx2+fma" or "generic": the widest CPU kernels in use now.
 const char* cpu_isa_in_use();
 
 }  // namespace fourm_fast

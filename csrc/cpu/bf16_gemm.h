@@ -1,0 +1,36 @@
+// A bfloat16 GEMM on Intel AMX tiles (AMX-BF16) with float32 accumulation, for the bfloat16 CPU
+// attention tiles.
+//
+// The float32 tiles (small_gemm.h) run the FMA units at most 32 multiply-adds per cycle and core;
+// one AMX TDPBF16PS does a 16 x 16 x 32 product. At 4M's tile shapes the product itself then costs
+// less than packing its operands, so both operands are packed once per call into the layouts the
+// tile loads take: op(A) row-major with k padded to 32, op(B) in AMX's pair-interleaved ("VNNI")
+// layout. float32 operands (the attention probabilities and score gradients) are rounded to
+// bfloat16 (nearest even) as they are packed, as a GPU flash kernel rounds P and dS for its
+// tensor cores; products accumulate in float32.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace fourm_fast {
+
+// One operand: a row-major matrix of bfloat16 bits (f32 == false) or float32, row stride ld in
+// elements, read as its transpose when trans (then stored k x m for A, n x k for B).
+struct Bf16GemmOperand {
+  const void* data;
+  int64_t ld;
+  bool trans;
+  bool f32;
+};
+
+// Bytes of scratch bf16_gemm_amx needs for these sizes (64-byte aligned by the caller).
+size_t bf16_gemm_scratch_bytes(int64_t m, int64_t n, int64_t k);
+
+// C (m x n, float32, row stride ldc) = alpha * op(A) op(B) + beta * C; beta == 0 never reads C.
+// Only where cpu_isa_allows_amx() (cpu_isa.h): the CPU has AMX-BF16 and AVX512-BF16 and the kernel
+// granted this process the tile state.
+void bf16_gemm_amx(int64_t m, int64_t n, int64_t k, float alpha, const Bf16GemmOperand& a,
+                   const Bf16GemmOperand& b, float beta, float* c, int64_t ldc, void* scratch);
+
+}  // namespace fourm_fast

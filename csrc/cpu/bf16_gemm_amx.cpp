@@ -1,0 +1,245 @@
+// See bf16_gemm.h. Compiled with AMX-TILE, AMX-BF16, AVX512-BF16/BW/VL (an *_amx.cpp file); called
+// only where cpu_isa_allows_amx().
+//
+// Layouts (m16, n16: m, n rounded up to 16; k32: k rounded up to 32; padding is zeros, so padded
+// rows, columns and k steps add nothing):
+//   Ap: op(A) as m16 rows of k32 bfloat16; an A tile is 16 rows x 32 values of it.
+//   Bp: op(B) as k32 / 2 rows of n16 32-bit words, word (p, j) = op(B)[2p][j] | op(B)[2p+1][j] << 16
+//       (the pair layout TDPBF16PS takes); a B tile is 16 such rows x 16 words.
+// C is computed in 32 x 32 blocks (four 16 x 16 float32 accumulator tiles, two A and two B tiles:
+// all eight tile registers) into a scratch block, then scaled into C with masked stores.
+// GCC 12's avx512fintrin.h builds its "undefined" pass-through vectors by self-initialisation,
+// which -Wall reports at every inlined unpack; nothing here reads an uninitialised value.
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include <immintrin.h>
+
+#include <cstring>
+
+#include "bf16_gemm.h"
+
+// Only intrinsics and plain loops here, no std:: templates (see small_gemm_avx2.cpp).
+
+namespace fourm_fast {
+namespace {
+
+constexpr int64_t kBlock = 32;  // rows and columns of C per block: two tiles each way
+
+int64_t round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
+int64_t clamp16(int64_t x) { return x < 0 ? 0 : x > 16 ? 16 : x; }
+int64_t clamp32(int64_t x) { return x < 0 ? 0 : x > 32 ? 32 : x; }
+__mmask16 lanes16(int64_t w) { return static_cast<__mmask16>((1u << clamp16(w)) - 1u); }
+__mmask32 lanes32(int64_t w) { return w >= 32 ? ~static_cast<__mmask32>(0) : static_cast<__mmask32>((1u << clamp32(w)) - 1u); }
+
+// 16 values at p (float32 or bfloat16 bits), the first count of them, as bfloat16 bits; the rest 0.
+__m256i load16(const char* p, bool f32, int64_t count) {
+  if (f32) return reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(lanes16(count), p)));
+  return _mm256_maskz_loadu_epi16(lanes16(count), p);
+}
+
+// 32 values at p as bfloat16 bits, the first count of them; the rest 0.
+__m512i load32(const char* p, bool f32, int64_t count) {
+  if (f32) {
+    const float* f = reinterpret_cast<const float*>(p);
+    const __m512 lo = _mm512_maskz_loadu_ps(lanes16(count), f);
+    const __m512 hi = _mm512_maskz_loadu_ps(lanes16(count - 16), f + 16);
+    return reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo));
+  }
+  return _mm512_maskz_loadu_epi16(lanes32(count), p);
+}
+
+// Word i = row0[i] | row1[i] << 16 for i < 16 (the first count values of each row; a null row is 0).
+__m512i pairs16(const char* row0, const char* row1, bool f32, int64_t count) {
+  const __m256i z = _mm256_setzero_si256();
+  const __m512i lo = _mm512_cvtepu16_epi32(row0 ? load16(row0, f32, count) : z);
+  const __m512i hi = _mm512_cvtepu16_epi32(row1 ? load16(row1, f32, count) : z);
+  return _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16));
+}
+
+// v[i][j] -> v[j][i] for a 16 x 16 matrix of 32-bit words: words interleaved within 128-bit lanes
+// (pairs of rows, then quads), which leaves 4 x 4 blocks transposed in place, then the lanes
+// exchanged in two rounds of 128-bit shuffles.
+void transpose16(__m512i v[16]) {
+  __m512i a[16], b[16];
+  for (int i = 0; i < 16; i += 2) {
+    a[i] = _mm512_unpacklo_epi32(v[i], v[i + 1]);
+    a[i + 1] = _mm512_unpackhi_epi32(v[i], v[i + 1]);
+  }
+  for (int g = 0; g < 16; g += 4) {  // b[g + c], lane L: column 4L + c of rows g .. g + 3
+    b[g + 0] = _mm512_unpacklo_epi64(a[g + 0], a[g + 2]);
+    b[g + 1] = _mm512_unpackhi_epi64(a[g + 0], a[g + 2]);
+    b[g + 2] = _mm512_unpacklo_epi64(a[g + 1], a[g + 3]);
+    b[g + 3] = _mm512_unpackhi_epi64(a[g + 1], a[g + 3]);
+  }
+  for (int c = 0; c < 4; ++c) {  // column 4L + c = lane L of b[c], b[4 + c], b[8 + c], b[12 + c]
+    const __m512i e0 = _mm512_shuffle_i32x4(b[c], b[4 + c], 0x88), e1 = _mm512_shuffle_i32x4(b[c], b[4 + c], 0xDD);
+    const __m512i f0 = _mm512_shuffle_i32x4(b[8 + c], b[12 + c], 0x88),
+                  f1 = _mm512_shuffle_i32x4(b[8 + c], b[12 + c], 0xDD);
+    v[c] = _mm512_shuffle_i32x4(e0, f0, 0x88);
+    v[8 + c] = _mm512_shuffle_i32x4(e0, f0, 0xDD);
+    v[4 + c] = _mm512_shuffle_i32x4(e1, f1, 0x88);
+    v[12 + c] = _mm512_shuffle_i32x4(e1, f1, 0xDD);
+  }
+}
+
+// op(A) -> Ap (see the top of the file).
+void pack_a(const Bf16GemmOperand& a, int64_t m, int64_t k, int64_t m16, int64_t k32, uint16_t* ap) {
+  const int64_t es = a.f32 ? 4 : 2;
+  const char* base = static_cast<const char*>(a.data);
+  if (!a.trans) {
+    for (int64_t r = 0; r < m16; ++r) {
+      uint16_t* dst = ap + r * k32;
+      for (int64_t kk = 0; kk < k32; kk += 32) {
+        const __m512i v = r < m ? load32(base + (r * a.ld + kk) * es, a.f32, k - kk) : _mm512_setzero_si512();
+        _mm512_storeu_si512(dst + kk, v);
+      }
+    }
+    return;
+  }
+  // A stored k x m: row r of op(A) is column r. Pairs of stored rows interleave into words that
+  // run along r; a 16 x 16 word transpose turns them into 16 rows of op(A), 32 values each.
+  for (int64_t r0 = 0; r0 < m16; r0 += 16) {
+    for (int64_t k0 = 0; k0 < k32; k0 += 32) {
+      __m512i v[16];
+      for (int w = 0; w < 16; ++w) {
+        const int64_t kk = k0 + 2 * w;
+        const char* row0 = kk < k ? base + (kk * a.ld + r0) * es : nullptr;
+        const char* row1 = kk + 1 < k ? base + ((kk + 1) * a.ld + r0) * es : nullptr;
+        v[w] = pairs16(row0, row1, a.f32, m - r0);
+      }
+      transpose16(v);
+      for (int r = 0; r < 16; ++r) _mm512_storeu_si512(ap + (r0 + r) * k32 + k0, v[r]);
+    }
+  }
+}
+
+// op(B) -> Bp (see the top of the file).
+void pack_b(const Bf16GemmOperand& b, int64_t n, int64_t k, int64_t n16, int64_t k32, uint32_t* bp) {
+  const int64_t es = b.f32 ? 4 : 2;
+  const char* base = static_cast<const char*>(b.data);
+  if (!b.trans) {  // B stored k x n: stored rows 2p and 2p + 1 interleave into word row p
+    for (int64_t p = 0; p < k32 / 2; ++p) {
+      const int64_t kk = 2 * p;
+      for (int64_t j0 = 0; j0 < n16; j0 += 16) {
+        const char* row0 = kk < k ? base + (kk * b.ld + j0) * es : nullptr;
+        const char* row1 = kk + 1 < k ? base + ((kk + 1) * b.ld + j0) * es : nullptr;
+        _mm512_storeu_si512(bp + p * n16 + j0, pairs16(row0, row1, b.f32, n - j0));
+      }
+    }
+    return;
+  }
+  // B stored n x k: word p of stored row j is already the pair (op(B)[2p][j], op(B)[2p + 1][j]);
+  // 16 stored rows of 16 words, transposed, are 16 word rows of Bp.
+  for (int64_t j0 = 0; j0 < n16; j0 += 16) {
+    for (int64_t k0 = 0; k0 < k32; k0 += 32) {
+      __m512i v[16];
+      for (int j = 0; j < 16; ++j) {
+        v[j] = j0 + j < n ? load32(base + ((j0 + j) * b.ld + k0) * es, b.f32, k - k0) : _mm512_setzero_si512();
+      }
+      transpose16(v);
+      for (int p = 0; p < 16; ++p) _mm512_storeu_si512(bp + (k0 / 2 + p) * n16 + j0, v[p]);
+    }
+  }
+}
+
+// The 64-byte tile configuration (palette 1): tiles 0-3 accumulators, 4-5 A, 6-7 B, each 16 rows
+// of 64 bytes.
+struct TileConfig {
+  uint8_t palette, start_row, reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+void load_tile_config() {
+  TileConfig cfg;
+  std::memset(&cfg, 0, sizeof cfg);
+  cfg.palette = 1;
+  for (int t = 0; t < 8; ++t) {
+    cfg.colsb[t] = 64;
+    cfg.rows[t] = 16;
+  }
+  _tile_loadconfig(&cfg);
+}
+
+// One (16 MT) x (16 NT) block of op(A) op(B) into cs (32 x 32 floats): ap at the block's first row
+// of Ap, bp at its first word column of Bp.
+template <int MT, int NT>
+void block(const uint16_t* ap, int64_t k32, const uint32_t* bp, int64_t n16, float* cs) {
+  const int64_t lda = k32 * 2, ldb = n16 * 4;  // bytes
+  _tile_zero(0);
+  if (NT > 1) _tile_zero(1);
+  if (MT > 1) _tile_zero(2);
+  if (MT > 1 && NT > 1) _tile_zero(3);
+  for (int64_t kk = 0; kk < k32; kk += 32) {
+    const uint32_t* bk = bp + (kk / 2) * n16;
+    _tile_loadd(4, ap + kk, lda);
+    _tile_loadd(6, bk, ldb);
+    _tile_dpbf16ps(0, 4, 6);
+    if (NT > 1) {
+      _tile_loadd(7, bk + 16, ldb);
+      _tile_dpbf16ps(1, 4, 7);
+    }
+    if (MT > 1) {
+      _tile_loadd(5, ap + 16 * k32 + kk, lda);
+      _tile_dpbf16ps(2, 5, 6);
+      if (NT > 1) _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  _tile_stored(0, cs, kBlock * 4);
+  if (NT > 1) _tile_stored(1, cs + 16, kBlock * 4);
+  if (MT > 1) _tile_stored(2, cs + 16 * kBlock, kBlock * 4);
+  if (MT > 1 && NT > 1) _tile_stored(3, cs + 16 * kBlock + 16, kBlock * 4);
+}
+
+}  // namespace
+
+size_t bf16_gemm_scratch_bytes(int64_t m, int64_t n, int64_t k) {
+  const int64_t ap = round_up(m, 16) * round_up(k, 32) * 2, bp = round_up(k, 32) * round_up(n, 16) * 2;
+  return static_cast<size_t>(round_up(ap, 64) + round_up(bp, 64) + kBlock * kBlock * 4);
+}
+
+void bf16_gemm_amx(int64_t m, int64_t n, int64_t k, float alpha, const Bf16GemmOperand& a,
+                   const Bf16GemmOperand& b, float beta, float* c, int64_t ldc, void* scratch) {
+  if (m <= 0 || n <= 0) return;
+  const int64_t m16 = round_up(m, 16), n16 = round_up(n, 16), k32 = round_up(k, 32);
+  char* s = static_cast<char*>(scratch);
+  uint16_t* ap = reinterpret_cast<uint16_t*>(s);
+  uint32_t* bp = reinterpret_cast<uint32_t*>(s + round_up(m16 * k32 * 2, 64));
+  float* cs = reinterpret_cast<float*>(s + round_up(m16 * k32 * 2, 64) + round_up(k32 * n16 * 2, 64));
+  pack_a(a, m, k, m16, k32, ap);
+  pack_b(b, n, k, n16, k32, bp);
+  load_tile_config();
+  const __m512 va = _mm512_set1_ps(alpha), vb = _mm512_set1_ps(beta);
+  for (int64_t i0 = 0; i0 < m16; i0 += kBlock) {
+    const bool two_m = m16 - i0 >= 32;
+    for (int64_t j0 = 0; j0 < n16; j0 += kBlock) {
+      const bool two_n = n16 - j0 >= 32;
+      const uint16_t* ab = ap + i0 * k32;
+      const uint32_t* bb = bp + j0;
+      if (two_m && two_n) {
+        block<2, 2>(ab, k32, bb, n16, cs);
+      } else if (two_m) {
+        block<2, 1>(ab, k32, bb, n16, cs);
+      } else if (two_n) {
+        block<1, 2>(ab, k32, bb, n16, cs);
+      } else {
+        block<1, 1>(ab, k32, bb, n16, cs);
+      }
+      // C = alpha * block + beta * C on the block's real rows and columns (beta 0: C unread)
+      const int64_t rows = m - i0 < kBlock ? m - i0 : kBlock;
+      for (int64_t r = 0; r < rows; ++r) {
+        float* crow = c + (i0 + r) * ldc + j0;
+        for (int h = 0; h < 2; ++h) {
+          const __mmask16 mk = lanes16(n - j0 - 16 * h);
+          if (mk == 0) continue;
+          __m512 v = _mm512_mul_ps(_mm512_loadu_ps(cs + r * kBlock + 16 * h), va);
+          if (beta != 0.0f) v = _mm512_fmadd_ps(vb, _mm512_maskz_loadu_ps(mk, crow + 16 * h), v);
+          _mm512_mask_storeu_ps(crow + 16 * h, mk, v);
+        }
+      }
+    }
+  }
+  _tile_release();
+}
+
+}  // namespace fourm_fast

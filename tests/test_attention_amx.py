@@ -1,0 +1,180 @@
+"""The bfloat16 CPU attention tiles on Intel AMX: the GEMM under them (csrc/cpu/bf16_gemm_amx.cpp)
+against float64 on its bfloat16-rounded operands, and masked_attention in bfloat16 (forward and
+gradients) against the float64 reference within FlashAttention's low-precision rule. Skipped on a
+CPU (or kernel) without AMX-BF16; there the float32-widening tiles, tested in test_attention.py,
+run instead."""
+
+import numpy as np
+import pytest
+import torch
+
+from fourm_fast._extension import extension
+from fourm_fast.ops import masked_attention
+from fourm_fast.reference.attention import masked_attention_reference
+
+pytestmark = pytest.mark.skipif(extension().build_info()["cpu_kernel"] != "avx512+amx",
+                                reason="this CPU (or its kernel) offers no AMX-BF16")
+
+
+def _bf16_bits(x: np.ndarray) -> np.ndarray:
+    return torch.from_numpy(x).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+
+
+def _bf16_values(x: np.ndarray) -> np.ndarray:
+    return torch.from_numpy(x).to(torch.bfloat16).double().numpy()
+
+
+# m, n around the 16-row / 16-column tiles and 32 x 32 blocks, k around the 32-value k steps
+GEMM_SHAPES = [(1, 1, 1), (16, 16, 32), (17, 33, 31), (31, 47, 33), (128, 256, 64), (5, 3, 100), (40, 70, 129),
+               (128, 64, 200), (33, 1, 64), (1, 40, 7), (64, 130, 16)]
+
+
+@pytest.mark.parametrize("a_f32,b_f32", [(False, False), (True, False), (False, True), (True, True)],
+                         ids=["bf16xbf16", "f32xbf16", "bf16xf32", "f32xf32"])
+@pytest.mark.parametrize("trans_a,trans_b", [(False, False), (False, True), (True, False), (True, True)])
+def test_gemm_matches_float64_on_rounded_operands(trans_a, trans_b, a_f32, b_f32):
+    """float32 operands are rounded to bfloat16 (nearest even, as torch rounds) when packed; the
+    products of the rounded values accumulate in float32: within gamma_(k+2) of the float64
+    product of the rounded operands."""
+    rng = np.random.default_rng(11)
+    for m, n, k in GEMM_SHAPES:
+        a = rng.standard_normal((k, m) if trans_a else (m, k), dtype=np.float32)
+        b = rng.standard_normal((n, k) if trans_b else (k, n), dtype=np.float32)
+        c0 = rng.standard_normal((m, n), dtype=np.float32)
+        opa, opb = _bf16_values(a), _bf16_values(b)
+        opa, opb = (opa.T if trans_a else opa), (opb.T if trans_b else opb)
+        for alpha, beta in ((1.0, 0.0), (-0.5, 2.0)):
+            c = c0.copy() if beta else np.full((m, n), np.nan, dtype=np.float32)  # beta 0: C never read
+            extension()._bf16_gemm(trans_a, trans_b, alpha, a if a_f32 else _bf16_bits(a), b if b_f32 else _bf16_bits(b),
+                                   beta, c)
+            want = alpha * (opa @ opb) + (beta * c0.astype(np.float64) if beta else 0.0)
+            u = 2.0**-24
+            bound = (k + 2) * u / (1 - (k + 2) * u) * (abs(alpha) * (np.abs(opa) @ np.abs(opb)) + abs(beta) * np.abs(c0))
+            err = np.abs(c.astype(np.float64) - want)
+            assert np.isfinite(c).all(), f"{m}x{n}x{k}: non-finite output"
+            assert (err <= bound + 1e-30).all(), f"{m}x{n}x{k} alpha {alpha} beta {beta}: error {err.max():.3g}"
+
+
+def test_gemm_rejects_bad_operands():
+    a = np.zeros((4, 4), dtype=np.float64)
+    with pytest.raises(TypeError, match="float32 or uint16"):
+        extension()._bf16_gemm(False, False, 1.0, a, a.astype(np.float32), 0.0, np.zeros((4, 4), np.float32))
+    with pytest.raises(ValueError, match="do not agree"):
+        extension()._bf16_gemm(False, False, 1.0, np.zeros((4, 3), np.float32), np.zeros((4, 4), np.float32), 0.0,
+                               np.zeros((4, 4), np.float32))
+
+
+def test_gemm_refused_when_amx_is_switched_off():
+    extension()._set_cpu_isa(3)
+    try:
+        with pytest.raises(RuntimeError, match="AMX kernels are not available"):
+            z = np.zeros((2, 2), np.float32)
+            extension()._bf16_gemm(False, False, 1.0, z, z, 0.0, z.copy())
+    finally:
+        extension()._set_cpu_isa(0)
+
+
+def _inputs(B, H, Nq, Nk, d, kind, seed):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, Nq, d, generator=gen).bfloat16()
+    k, v = (torch.randn(B, H, Nk, d, generator=gen).bfloat16() for _ in range(2))
+    k_valid = torch.rand(B, Nk, generator=gen) > 0.2
+    meta = dict(q_segment=None, k_segment=None, q_limit=None, k_rank=None)
+    if kind in ("segments", "both"):
+        meta["q_segment"] = torch.randint(0, 4, (B, Nq), generator=gen, dtype=torch.int32)
+        meta["k_segment"] = torch.randint(0, 3, (B, Nk), generator=gen, dtype=torch.int32)  # segment 3: empty
+    if kind in ("ranks", "both"):
+        meta["k_rank"] = torch.arange(Nk, dtype=torch.int32).expand(B, Nk).contiguous()
+        meta["q_limit"] = torch.randint(-1, Nk, (B, Nq), generator=gen, dtype=torch.int32)
+    g = torch.randn(B, H, Nq, d, generator=gen).bfloat16()
+    return q, k, v, k_valid, meta, g
+
+
+def _check_flash_rule(q, k, v, k_valid, meta, g):
+    """|x - ref| <= 2 max|naive - ref| + eps for the output and each gradient: ref in float64, naive
+    the same formula evaluated eagerly in bfloat16 (FlashAttention's test rule)."""
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    out = masked_attention(q, k, v, k_valid, **meta)
+    assert out.dtype == torch.bfloat16
+    got = (out, *torch.autograd.grad(out, (q, k, v), g))
+    ref_in = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = masked_attention_reference(*ref_in, k_valid, **meta)
+    want = (ref, *torch.autograd.grad(ref, ref_in, g.double()))
+    naive_in = [t.detach().requires_grad_() for t in (q, k, v)]
+    naive = masked_attention_reference(*naive_in, k_valid, **meta, dtype=torch.bfloat16)
+    low = (naive, *torch.autograd.grad(naive, naive_in, g))
+    for name, x, r, n in zip(("out", "dq", "dk", "dv"), got, want, low):
+        assert x.dtype == torch.bfloat16 and torch.isfinite(x).all(), f"{name}: dtype {x.dtype} or non-finite"
+        limit = 2 * (n.double() - r).abs().max().item() + 1e-3
+        err = (x.double() - r).abs().max().item()
+        assert err <= limit, f"{name}: error {err:.3g} > {limit:.3g}"
+
+
+@pytest.mark.parametrize("kind", ["padding", "segments", "ranks", "both"])
+@pytest.mark.parametrize("B,H,Nq,Nk,d", [(1, 1, 2, 1, 16), (2, 3, 17, 128, 32), (1, 12, 128, 17, 64),
+                                         (2, 1, 257, 130, 128), (1, 3, 130, 257, 64), (2, 2, 33, 33, 80)])
+def test_matches_float64_within_the_flash_rule(B, H, Nq, Nk, d, kind):
+    _check_flash_rule(*_inputs(B, H, Nq, Nk, d, kind, seed=B + 7 * Nq + 13 * Nk + d))
+
+
+def test_non_contiguous_views_and_overlapping_rows():
+    B, N, H, d = 2, 33, 3, 32
+    x = torch.randn(B, N, 3, H, d).bfloat16()
+    q, k, v = (x[:, :, i].transpose(1, 2) for i in range(3))  # (B, H, N, d) views into one qkv
+    _, _, _, k_valid, meta, _ = _inputs(B, H, N, N, d, "both", seed=5)
+    g = torch.randn(B, N, H, d).bfloat16().transpose(1, 2)  # grad_out as nn.Attention's reshape sends it
+    _check_flash_rule(q, k, v, k_valid, meta, g)
+    k1 = torch.randn(B, H, 1, d).bfloat16().expand(B, H, N, d)  # stride 0 along N: copied first
+    _check_flash_rule(q, k1, v, k_valid, meta, g)
+
+
+def test_queries_that_see_nothing_get_zeros_and_zero_grads():
+    B, H, N, d = 2, 3, 40, 16
+    q, k, v = (torch.randn(B, H, N, d).bfloat16().requires_grad_() for _ in range(3))
+    k_valid = torch.ones(B, N, dtype=torch.bool)
+    k_valid[1] = False
+    q_seg = torch.zeros(B, N, dtype=torch.int32)
+    q_seg[0, :5] = 9  # a segment with no keys
+    out = masked_attention(q, k, v, k_valid, q_seg, torch.zeros(B, N, dtype=torch.int32))
+    assert (out[1] == 0).all() and (out[0, :, :5] == 0).all()
+    out.float().sum().backward()
+    assert (q.grad[1] == 0).all() and (q.grad[0, :, :5] == 0).all()
+    assert (k.grad[1] == 0).all() and (v.grad[1] == 0).all()
+
+
+def test_backward_writes_every_gradient_element():
+    """dK / dV accumulate in float32 scratch reused across (batch, head) pairs and dQ is written
+    block by block: NaN-filled buffers of the gradients' size are freed before each call, and the
+    result must still be finite and within the rule (keys no query sees, blocks with disjoint and
+    overlapping key ranges, a first block that sees nothing)."""
+    B, H, N, d = 1, 2, 130, 32
+    gen = torch.Generator().manual_seed(17)
+    q, k, v, g = (torch.randn(B, H, N, d, generator=gen).bfloat16() for _ in range(4))
+    k_valid = torch.rand(B, N, generator=gen) > 0.1
+    k_valid[:, -5:] = False
+    seg = torch.randint(0, 5, (B, N), generator=gen, dtype=torch.int32).sort(dim=1).values
+    rank = torch.arange(N, dtype=torch.int32).expand(B, N).contiguous()
+    limit = torch.randint(-1, N, (B, N), generator=gen, dtype=torch.int32)
+    limit[seg == seg[:, :1]] = -1
+    meta = dict(q_segment=seg, k_segment=seg.clone(), q_limit=limit, k_rank=rank)
+    for _ in range(3):
+        junk = [torch.full((B, H, N, d), float("nan"), dtype=torch.bfloat16) for _ in range(6)]
+        del junk
+        _check_flash_rule(q, k, v, k_valid, meta, g)
+
+
+def test_amx_and_widening_tiles_agree():
+    """The AMX tiles (ISA auto) and the float32-widening tiles (ISA code 3, AVX-512 without AMX)
+    compute the same attention; they differ only by P and dS being rounded to bfloat16."""
+    q, k, v, k_valid, meta, g = _inputs(2, 3, 130, 130, 64, "both", seed=3)
+    results = {}
+    for isa in (0, 3):
+        extension()._set_cpu_isa(isa)
+        try:
+            qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
+            out = masked_attention(qq, kk, vv, k_valid, **meta)
+            results[isa] = (out, *torch.autograd.grad(out, (qq, kk, vv), g))
+        finally:
+            extension()._set_cpu_isa(0)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), results[0], results[3]):
+        torch.testing.assert_close(a.float(), b.float(), atol=3e-2, rtol=3e-2, msg=lambda m: f"{name}: {m}")
