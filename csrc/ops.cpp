@@ -181,12 +181,15 @@ PyObject* sgemm_rows_hook(PyObject*, PyObject* args) {
 
 // Test hook: bf16_gemm_amx (bf16_gemm.h), C = alpha op(A) op(B) + beta C. A and B are C-contiguous
 // 2-D numpy arrays of float32 or of uint16 holding bfloat16 bits, each with its stored shape; C is
-// float32. Refused (RuntimeError) where cpu_isa_allows_amx() is false.
+// float32; optional scale_a, scale_b are the operands' scales (float32 operands only). Refused
+// (RuntimeError) where cpu_isa_allows_amx() is false.
 PyObject* bf16_gemm_hook(PyObject*, PyObject* args) {
   int trans_a = 0, trans_b = 0;
-  float alpha = 1.0f, beta = 0.0f;
+  float alpha = 1.0f, beta = 0.0f, scale_a = 1.0f, scale_b = 1.0f;
   PyObject *ao = nullptr, *bo = nullptr, *co = nullptr;
-  if (!PyArg_ParseTuple(args, "ppfOOfO", &trans_a, &trans_b, &alpha, &ao, &bo, &beta, &co)) return nullptr;
+  if (!PyArg_ParseTuple(args, "ppfOOfO|ff", &trans_a, &trans_b, &alpha, &ao, &bo, &beta, &co, &scale_a, &scale_b)) {
+    return nullptr;
+  }
   if (!fourm_fast::cpu_isa_allows_amx()) {
     PyErr_SetString(PyExc_RuntimeError, "_bf16_gemm: the AMX kernels are not available (CPU or ISA override)");
     return nullptr;
@@ -217,8 +220,8 @@ PyObject* bf16_gemm_hook(PyObject*, PyObject* args) {
     PyErr_SetString(PyExc_ValueError, "_bf16_gemm: shapes of op(A), op(B) and C do not agree");
     return nullptr;
   }
-  const fourm_fast::Bf16GemmOperand A{a.buf, a.shape[1], trans_a != 0, a.itemsize == 4},
-      B{b.buf, b.shape[1], trans_b != 0, b.itemsize == 4};
+  const fourm_fast::Bf16GemmOperand A{a.buf, a.shape[1], trans_a != 0, a.itemsize == 4, scale_a},
+      B{b.buf, b.shape[1], trans_b != 0, b.itemsize == 4, scale_b};
   std::vector<char> scratch(fourm_fast::bf16_gemm_scratch_bytes(m, n, k) + 64);
   void* aligned = scratch.data() + (64 - reinterpret_cast<uintptr_t>(scratch.data()) % 64) % 64;
   fourm_fast::bf16_gemm_amx(m, n, k, alpha, A, B, beta, static_cast<float*>(c.buf), n, aligned);
@@ -235,7 +238,7 @@ PyMethodDef kMethods[] = {
     {"_sgemm_rows", sgemm_rows_hook, METH_VARARGS,
      "(trans_a, trans_b, alpha, A, B, beta, C): the CPU tiles' GEMM on float32 numpy arrays (tests)."},
     {"_bf16_gemm", bf16_gemm_hook, METH_VARARGS,
-     "(trans_a, trans_b, alpha, A, B, beta, C): the AMX bfloat16 GEMM; A, B float32 or uint16 bfloat16 bits (tests)."},
+     "(trans_a, trans_b, alpha, A, B, beta, C[, scale_a, scale_b]): the AMX bfloat16 GEMM; A, B float32 or uint16 bfloat16 bits (tests)."},
     {"_set_cpu_gemm_aten", set_cpu_gemm_aten, METH_O,
      "True: CPU tile products through ATen even where BLAS sgemm_ is linked (tests the fallback)."},
     {nullptr, nullptr, 0, nullptr}};

@@ -26,27 +26,30 @@ def _bf16_values(x: np.ndarray) -> np.ndarray:
 
 # m, n around the 16-row / 16-column tiles and 32 x 32 blocks, k around the 32-value k steps
 GEMM_SHAPES = [(1, 1, 1), (16, 16, 32), (17, 33, 31), (31, 47, 33), (128, 256, 64), (5, 3, 100), (40, 70, 129),
-               (128, 64, 200), (33, 1, 64), (1, 40, 7), (64, 130, 16)]
+               (128, 64, 200), (33, 1, 64), (1, 40, 7), (64, 130, 16), (48, 48, 96), (50, 96, 64)]
 
 
 @pytest.mark.parametrize("a_f32,b_f32", [(False, False), (True, False), (False, True), (True, True)],
                          ids=["bf16xbf16", "f32xbf16", "bf16xf32", "f32xf32"])
 @pytest.mark.parametrize("trans_a,trans_b", [(False, False), (False, True), (True, False), (True, True)])
 def test_gemm_matches_float64_on_rounded_operands(trans_a, trans_b, a_f32, b_f32):
-    """float32 operands are rounded to bfloat16 (nearest even, as torch rounds) when packed; the
-    products of the rounded values accumulate in float32: within gamma_(k+2) of the float64
-    product of the rounded operands."""
+    """float32 operands are scaled, then rounded to bfloat16 (nearest even, as torch rounds) when
+    packed; the products of the rounded values accumulate in float32: within gamma_(k+2) of the
+    float64 product of the rounded operands. alpha 1 with beta 0 or 1 has the tiles store (or
+    accumulate) straight into C for blocks inside it; other blocks and factors take the scaled
+    pass; a bfloat16 A with k a multiple of 32 is read in place (a last partial row group packed)."""
     rng = np.random.default_rng(11)
     for m, n, k in GEMM_SHAPES:
         a = rng.standard_normal((k, m) if trans_a else (m, k), dtype=np.float32)
         b = rng.standard_normal((n, k) if trans_b else (k, n), dtype=np.float32)
         c0 = rng.standard_normal((m, n), dtype=np.float32)
-        opa, opb = _bf16_values(a), _bf16_values(b)
-        opa, opb = (opa.T if trans_a else opa), (opb.T if trans_b else opb)
-        for alpha, beta in ((1.0, 0.0), (-0.5, 2.0)):
+        for alpha, beta, sa, sb in ((1.0, 0.0, 1.0, 1.0), (1.0, 1.0, 0.125, 3.0), (-0.5, 2.0, 1.0, 0.3)):
+            sa, sb = (sa if a_f32 else 1.0), (sb if b_f32 else 1.0)  # bfloat16 operands take no scale
+            opa, opb = _bf16_values(a * np.float32(sa)), _bf16_values(b * np.float32(sb))
+            opa, opb = (opa.T if trans_a else opa), (opb.T if trans_b else opb)
             c = c0.copy() if beta else np.full((m, n), np.nan, dtype=np.float32)  # beta 0: C never read
             extension()._bf16_gemm(trans_a, trans_b, alpha, a if a_f32 else _bf16_bits(a), b if b_f32 else _bf16_bits(b),
-                                   beta, c)
+                                   beta, c, sa, sb)
             want = alpha * (opa @ opb) + (beta * c0.astype(np.float64) if beta else 0.0)
             u = 2.0**-24
             bound = (k + 2) * u / (1 - (k + 2) * u) * (abs(alpha) * (np.abs(opa) @ np.abs(opb)) + abs(beta) * np.abs(c0))

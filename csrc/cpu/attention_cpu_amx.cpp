@@ -42,7 +42,9 @@ Bf16Rows bf16_view(const at::Tensor& t) {
 }
 
 Bf16GemmOperand bf16_operand(const BF16* p, int64_t ld, bool trans) { return {p, ld, trans, false}; }
-Bf16GemmOperand f32_operand(const float* p, int64_t ld, bool trans) { return {p, ld, trans, true}; }
+Bf16GemmOperand f32_operand(const float* p, int64_t ld, bool trans, float scale = 1.0f) {
+  return {p, ld, trans, true, scale};
+}
 
 // Per-thread GEMM scratch, 64-byte aligned, for every product of a pair with at most rows
 // queries per block and nk keys.
@@ -174,10 +176,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_attention_bwd_amx(const Me
         widen_rows(g_t, gv.ld, tq, D, g32.data());
         widen_rows(O + i0 * ov.ld, ov.ld, tq, D, o32.data());
         rows.dscores(dS.data(), P.data(), g32.data(), D, o32.data(), D, tq, nk, D);
-        bf16_gemm_amx(tq, D, nk, scale, f32_operand(dS.data(), nk, false), bf16_operand(k_r, kv.ld, false), 0.0f,
+        // (the scale goes into dS as it is rounded: alpha 1 lets the tiles store straight into C)
+        bf16_gemm_amx(tq, D, nk, 1.0f, f32_operand(dS.data(), nk, false, scale), bf16_operand(k_r, kv.ld, false), 0.0f,
                       dq32.data(), D, scratch.ptr);  // dQ = s dS K
         store_rows(dq32.data(), tq, D, nullptr, dQ + i0 * D, D);
-        bf16_gemm_amx(nk, D, tq, scale, f32_operand(dS.data(), nk, true), bf16_operand(q_t, qv.ld, false), acc,
+        bf16_gemm_amx(nk, D, tq, 1.0f, f32_operand(dS.data(), nk, true, scale), bf16_operand(q_t, qv.ld, false), acc,
                       dK.data() + jlo * D, D, scratch.ptr);  // dK += s dS^T Q
       }
       store_rows(dK.data(), Nk, D, nullptr, dkp + bh * Nk * D, D);

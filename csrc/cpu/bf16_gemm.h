@@ -16,12 +16,15 @@
 namespace fourm_fast {
 
 // One operand: a row-major matrix of bfloat16 bits (f32 == false) or float32, row stride ld in
-// elements, read as its transpose when trans (then stored k x m for A, n x k for B).
+// elements, read as its transpose when trans (then stored k x m for A, n x k for B). A float32
+// operand is multiplied by scale before it is rounded (a bfloat16 one ignores scale): with alpha
+// 1 the tiles store straight into C.
 struct Bf16GemmOperand {
   const void* data;
   int64_t ld;
   bool trans;
   bool f32;
+  float scale = 1.0f;
 };
 
 // Bytes of scratch bf16_gemm_amx needs for these sizes (64-byte aligned by the caller).

@@ -7,7 +7,10 @@
 //   Bp: op(B) as k32 / 2 rows of n16 32-bit words, word (p, j) = op(B)[2p][j] | op(B)[2p+1][j] << 16
 //       (the pair layout TDPBF16PS takes); a B tile is 16 such rows x 16 words.
 // C is computed in 32 x 32 blocks (four 16 x 16 float32 accumulator tiles, two A and two B tiles:
-// all eight tile registers) into a scratch block, then scaled into C with masked stores.
+// all eight tile registers), stored by the tiles into C where the block lies inside it and alpha
+// is 1 (beta 1: C is loaded into the accumulators first), else into a scratch block scaled into C
+// with masked stores. A bfloat16 op(A) stored row-major with k a multiple of 32 is read by the
+// tile loads in place.
 // GCC 12's avx512fintrin.h builds its "undefined" pass-through vectors by self-initialisation,
 // which -Wall reports at every inlined unpack; nothing here reads an uninitialised value.
 #pragma GCC diagnostic ignored "-Wuninitialized"
@@ -31,30 +34,41 @@ int64_t clamp32(int64_t x) { return x < 0 ? 0 : x > 32 ? 32 : x; }
 __mmask16 lanes16(int64_t w) { return static_cast<__mmask16>((1u << clamp16(w)) - 1u); }
 __mmask32 lanes32(int64_t w) { return w >= 32 ? ~static_cast<__mmask32>(0) : static_cast<__mmask32>((1u << clamp32(w)) - 1u); }
 
+// How an operand's values are read: float32 ones are multiplied by scale, then rounded.
+struct Source {
+  bool f32;
+  __m512 scale;
+};
+
 // 16 values at p (float32 or bfloat16 bits), the first count of them, as bfloat16 bits; the rest 0.
-__m256i load16(const char* p, bool f32, int64_t count) {
-  if (f32) return reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(lanes16(count), p)));
+__m256i load16(const char* p, const Source& src, int64_t count) {
+  if (src.f32) {
+    const __m512 x = _mm512_mul_ps(_mm512_maskz_loadu_ps(lanes16(count), p), src.scale);
+    return reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(x));
+  }
   return _mm256_maskz_loadu_epi16(lanes16(count), p);
 }
 
 // 32 values at p as bfloat16 bits, the first count of them; the rest 0.
-__m512i load32(const char* p, bool f32, int64_t count) {
-  if (f32) {
+__m512i load32(const char* p, const Source& src, int64_t count) {
+  if (src.f32) {
     const float* f = reinterpret_cast<const float*>(p);
-    const __m512 lo = _mm512_maskz_loadu_ps(lanes16(count), f);
-    const __m512 hi = _mm512_maskz_loadu_ps(lanes16(count - 16), f + 16);
+    const __m512 lo = _mm512_mul_ps(_mm512_maskz_loadu_ps(lanes16(count), f), src.scale);
+    const __m512 hi = _mm512_mul_ps(_mm512_maskz_loadu_ps(lanes16(count - 16), f + 16), src.scale);
     return reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo));
   }
   return _mm512_maskz_loadu_epi16(lanes32(count), p);
 }
 
 // Word i = row0[i] | row1[i] << 16 for i < 16 (the first count values of each row; a null row is 0).
-__m512i pairs16(const char* row0, const char* row1, bool f32, int64_t count) {
+__m512i pairs16(const char* row0, const char* row1, const Source& src, int64_t count) {
   const __m256i z = _mm256_setzero_si256();
-  const __m512i lo = _mm512_cvtepu16_epi32(row0 ? load16(row0, f32, count) : z);
-  const __m512i hi = _mm512_cvtepu16_epi32(row1 ? load16(row1, f32, count) : z);
+  const __m512i lo = _mm512_cvtepu16_epi32(row0 ? load16(row0, src, count) : z);
+  const __m512i hi = _mm512_cvtepu16_epi32(row1 ? load16(row1, src, count) : z);
   return _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16));
 }
+
+Source source(const Bf16GemmOperand& x) { return {x.f32, _mm512_set1_ps(x.f32 ? x.scale : 1.0f)}; }
 
 // v[i][j] -> v[j][i] for a 16 x 16 matrix of 32-bit words: words interleaved within 128-bit lanes
 // (pairs of rows, then quads), which leaves 4 x 4 blocks transposed in place, then the lanes
@@ -82,15 +96,16 @@ void transpose16(__m512i v[16]) {
   }
 }
 
-// op(A) -> Ap (see the top of the file).
-void pack_a(const Bf16GemmOperand& a, int64_t m, int64_t k, int64_t m16, int64_t k32, uint16_t* ap) {
+// Rows [r_begin, m16) of op(A) -> Ap, whose row 0 is op(A)'s row r_begin (a multiple of 16).
+void pack_a(const Bf16GemmOperand& a, int64_t m, int64_t k, int64_t r_begin, int64_t m16, int64_t k32, uint16_t* ap) {
   const int64_t es = a.f32 ? 4 : 2;
   const char* base = static_cast<const char*>(a.data);
+  const Source src = source(a);
   if (!a.trans) {
-    for (int64_t r = 0; r < m16; ++r) {
-      uint16_t* dst = ap + r * k32;
+    for (int64_t r = r_begin; r < m16; ++r) {
+      uint16_t* dst = ap + (r - r_begin) * k32;
       for (int64_t kk = 0; kk < k32; kk += 32) {
-        const __m512i v = r < m ? load32(base + (r * a.ld + kk) * es, a.f32, k - kk) : _mm512_setzero_si512();
+        const __m512i v = r < m ? load32(base + (r * a.ld + kk) * es, src, k - kk) : _mm512_setzero_si512();
         _mm512_storeu_si512(dst + kk, v);
       }
     }
@@ -98,17 +113,17 @@ void pack_a(const Bf16GemmOperand& a, int64_t m, int64_t k, int64_t m16, int64_t
   }
   // A stored k x m: row r of op(A) is column r. Pairs of stored rows interleave into words that
   // run along r; a 16 x 16 word transpose turns them into 16 rows of op(A), 32 values each.
-  for (int64_t r0 = 0; r0 < m16; r0 += 16) {
+  for (int64_t r0 = r_begin; r0 < m16; r0 += 16) {
     for (int64_t k0 = 0; k0 < k32; k0 += 32) {
       __m512i v[16];
       for (int w = 0; w < 16; ++w) {
         const int64_t kk = k0 + 2 * w;
         const char* row0 = kk < k ? base + (kk * a.ld + r0) * es : nullptr;
         const char* row1 = kk + 1 < k ? base + ((kk + 1) * a.ld + r0) * es : nullptr;
-        v[w] = pairs16(row0, row1, a.f32, m - r0);
+        v[w] = pairs16(row0, row1, src, m - r0);
       }
       transpose16(v);
-      for (int r = 0; r < 16; ++r) _mm512_storeu_si512(ap + (r0 + r) * k32 + k0, v[r]);
+      for (int r = 0; r < 16; ++r) _mm512_storeu_si512(ap + (r0 - r_begin + r) * k32 + k0, v[r]);
     }
   }
 }
@@ -117,13 +132,14 @@ void pack_a(const Bf16GemmOperand& a, int64_t m, int64_t k, int64_t m16, int64_t
 void pack_b(const Bf16GemmOperand& b, int64_t n, int64_t k, int64_t n16, int64_t k32, uint32_t* bp) {
   const int64_t es = b.f32 ? 4 : 2;
   const char* base = static_cast<const char*>(b.data);
+  const Source src = source(b);
   if (!b.trans) {  // B stored k x n: stored rows 2p and 2p + 1 interleave into word row p
     for (int64_t p = 0; p < k32 / 2; ++p) {
       const int64_t kk = 2 * p;
       for (int64_t j0 = 0; j0 < n16; j0 += 16) {
         const char* row0 = kk < k ? base + (kk * b.ld + j0) * es : nullptr;
         const char* row1 = kk + 1 < k ? base + ((kk + 1) * b.ld + j0) * es : nullptr;
-        _mm512_storeu_si512(bp + p * n16 + j0, pairs16(row0, row1, b.f32, n - j0));
+        _mm512_storeu_si512(bp + p * n16 + j0, pairs16(row0, row1, src, n - j0));
       }
     }
     return;
@@ -134,7 +150,7 @@ void pack_b(const Bf16GemmOperand& b, int64_t n, int64_t k, int64_t n16, int64_t
     for (int64_t k0 = 0; k0 < k32; k0 += 32) {
       __m512i v[16];
       for (int j = 0; j < 16; ++j) {
-        v[j] = j0 + j < n ? load32(base + ((j0 + j) * b.ld + k0) * es, b.f32, k - k0) : _mm512_setzero_si512();
+        v[j] = j0 + j < n ? load32(base + ((j0 + j) * b.ld + k0) * es, src, k - k0) : _mm512_setzero_si512();
       }
       transpose16(v);
       for (int p = 0; p < 16; ++p) _mm512_storeu_si512(bp + (k0 / 2 + p) * n16 + j0, v[p]);
@@ -161,18 +177,30 @@ void load_tile_config() {
   _tile_loadconfig(&cfg);
 }
 
-// One (16 MT) x (16 NT) block of op(A) op(B) into cs (32 x 32 floats): ap at the block's first row
-// of Ap, bp at its first word column of Bp.
+// One (16 MT) x (16 NT) block of C += op(A) op(B) (C read first when load_c, else 0) with C's
+// rows at out, out_ld bytes apart: a0 / a1 are the A tiles' rows (16 each) of the block's two
+// row groups, lda0 / lda1 bytes apart; bp is the block's first word column of Bp.
 template <int MT, int NT>
-void block(const uint16_t* ap, int64_t k32, const uint32_t* bp, int64_t n16, float* cs) {
-  const int64_t lda = k32 * 2, ldb = n16 * 4;  // bytes
-  _tile_zero(0);
-  if (NT > 1) _tile_zero(1);
-  if (MT > 1) _tile_zero(2);
-  if (MT > 1 && NT > 1) _tile_zero(3);
+void block(const void* a0, int64_t lda0, const void* a1, int64_t lda1, int64_t k32, const uint32_t* bp, int64_t n16,
+           float* out, int64_t out_ld, bool load_c) {
+  const int64_t ldb = n16 * 4;  // bytes
+  const char* c0 = reinterpret_cast<const char*>(a0);
+  const char* c1 = reinterpret_cast<const char*>(a1);
+  char* o = reinterpret_cast<char*>(out);
+  if (load_c) {
+    _tile_loadd(0, o, out_ld);
+    if (NT > 1) _tile_loadd(1, o + 64, out_ld);
+    if (MT > 1) _tile_loadd(2, o + 16 * out_ld, out_ld);
+    if (MT > 1 && NT > 1) _tile_loadd(3, o + 16 * out_ld + 64, out_ld);
+  } else {
+    _tile_zero(0);
+    if (NT > 1) _tile_zero(1);
+    if (MT > 1) _tile_zero(2);
+    if (MT > 1 && NT > 1) _tile_zero(3);
+  }
   for (int64_t kk = 0; kk < k32; kk += 32) {
     const uint32_t* bk = bp + (kk / 2) * n16;
-    _tile_loadd(4, ap + kk, lda);
+    _tile_loadd(4, c0 + kk * 2, lda0);
     _tile_loadd(6, bk, ldb);
     _tile_dpbf16ps(0, 4, 6);
     if (NT > 1) {
@@ -180,15 +208,15 @@ void block(const uint16_t* ap, int64_t k32, const uint32_t* bp, int64_t n16, flo
       _tile_dpbf16ps(1, 4, 7);
     }
     if (MT > 1) {
-      _tile_loadd(5, ap + 16 * k32 + kk, lda);
+      _tile_loadd(5, c1 + kk * 2, lda1);
       _tile_dpbf16ps(2, 5, 6);
       if (NT > 1) _tile_dpbf16ps(3, 5, 7);
     }
   }
-  _tile_stored(0, cs, kBlock * 4);
-  if (NT > 1) _tile_stored(1, cs + 16, kBlock * 4);
-  if (MT > 1) _tile_stored(2, cs + 16 * kBlock, kBlock * 4);
-  if (MT > 1 && NT > 1) _tile_stored(3, cs + 16 * kBlock + 16, kBlock * 4);
+  _tile_stored(0, o, out_ld);
+  if (NT > 1) _tile_stored(1, o + 64, out_ld);
+  if (MT > 1) _tile_stored(2, o + 16 * out_ld, out_ld);
+  if (MT > 1 && NT > 1) _tile_stored(3, o + 16 * out_ld + 64, out_ld);
 }
 
 }  // namespace
@@ -206,25 +234,47 @@ void bf16_gemm_amx(int64_t m, int64_t n, int64_t k, float alpha, const Bf16GemmO
   uint16_t* ap = reinterpret_cast<uint16_t*>(s);
   uint32_t* bp = reinterpret_cast<uint32_t*>(s + round_up(m16 * k32 * 2, 64));
   float* cs = reinterpret_cast<float*>(s + round_up(m16 * k32 * 2, 64) + round_up(k32 * n16 * 2, 64));
-  pack_a(a, m, k, m16, k32, ap);
+  // A bfloat16 op(A) with whole 32-value k steps is its own A tiles: only a last, partial group of
+  // 16 rows (which would read past the matrix) is packed.
+  const bool a_in_place = !a.f32 && !a.trans && k % 32 == 0;
+  const int64_t packed_from = a_in_place ? m / 16 * 16 : 0;
+  pack_a(a, m, k, packed_from, m16, k32, ap);
   pack_b(b, n, k, n16, k32, bp);
+  auto a_rows = [&](int64_t r0, int64_t* ld) -> const void* {
+    if (r0 < packed_from) {
+      *ld = a.ld * 2;
+      return static_cast<const uint16_t*>(a.data) + r0 * a.ld;
+    }
+    *ld = k32 * 2;
+    return ap + (r0 - packed_from) * k32;
+  };
+  // A block wholly inside C with alpha 1 and beta 0 or 1 is stored (or accumulated) by the tiles
+  // straight into C; others go through cs and a masked scaling pass.
+  const bool direct_ok = alpha == 1.0f && (beta == 0.0f || beta == 1.0f);
   load_tile_config();
   const __m512 va = _mm512_set1_ps(alpha), vb = _mm512_set1_ps(beta);
   for (int64_t i0 = 0; i0 < m16; i0 += kBlock) {
-    const bool two_m = m16 - i0 >= 32;
+    const int mt = m16 - i0 >= 32 ? 2 : 1;
+    int64_t lda0 = 0, lda1 = 0;
+    const void* a0 = a_rows(i0, &lda0);
+    const void* a1 = mt > 1 ? a_rows(i0 + 16, &lda1) : a0;
     for (int64_t j0 = 0; j0 < n16; j0 += kBlock) {
-      const bool two_n = n16 - j0 >= 32;
-      const uint16_t* ab = ap + i0 * k32;
+      const int nt = n16 - j0 >= 32 ? 2 : 1;
       const uint32_t* bb = bp + j0;
-      if (two_m && two_n) {
-        block<2, 2>(ab, k32, bb, n16, cs);
-      } else if (two_m) {
-        block<2, 1>(ab, k32, bb, n16, cs);
-      } else if (two_n) {
-        block<1, 2>(ab, k32, bb, n16, cs);
+      const bool direct = direct_ok && i0 + 16 * mt <= m && j0 + 16 * nt <= n;
+      float* out = direct ? c + i0 * ldc + j0 : cs;
+      const int64_t out_ld = direct ? ldc * 4 : kBlock * 4;
+      const bool load_c = direct && beta == 1.0f;
+      if (mt == 2 && nt == 2) {
+        block<2, 2>(a0, lda0, a1, lda1, k32, bb, n16, out, out_ld, load_c);
+      } else if (mt == 2) {
+        block<2, 1>(a0, lda0, a1, lda1, k32, bb, n16, out, out_ld, load_c);
+      } else if (nt == 2) {
+        block<1, 2>(a0, lda0, a1, lda1, k32, bb, n16, out, out_ld, load_c);
       } else {
-        block<1, 1>(ab, k32, bb, n16, cs);
+        block<1, 1>(a0, lda0, a1, lda1, k32, bb, n16, out, out_ld, load_c);
       }
+      if (direct) continue;
       // C = alpha * block + beta * C on the block's real rows and columns (beta 0: C unread)
       const int64_t rows = m - i0 < kBlock ? m - i0 : kBlock;
       for (int64_t r = 0; r < rows; ++r) {
