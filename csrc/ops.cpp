@@ -190,6 +190,10 @@ PyObject* bf16_gemm_hook(PyObject*, PyObject* args) {
   if (!PyArg_ParseTuple(args, "ppfOOfO|ff", &trans_a, &trans_b, &alpha, &ao, &bo, &beta, &co, &scale_a, &scale_b)) {
     return nullptr;
   }
+#ifndef FOURM_FAST_WITH_AMX
+  PyErr_SetString(PyExc_RuntimeError, "_bf16_gemm: the AMX kernels are not available (not in this build)");
+  return nullptr;
+#else
   if (!fourm_fast::cpu_isa_allows_amx()) {
     PyErr_SetString(PyExc_RuntimeError, "_bf16_gemm: the AMX kernels are not available (CPU or ISA override)");
     return nullptr;
@@ -227,6 +231,7 @@ PyObject* bf16_gemm_hook(PyObject*, PyObject* args) {
   fourm_fast::bf16_gemm_amx(m, n, k, alpha, A, B, beta, static_cast<float*>(c.buf), n, aligned);
   release();
   Py_RETURN_NONE;
+#endif
 }
 
 PyMethodDef kMethods[] = {

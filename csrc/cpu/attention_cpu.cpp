@@ -1,12 +1,14 @@
 // CPU executor of masked_attention (forward and backward). Work is split over (batch, head) pairs
-// handed to threads as they come free (parallel_pairs); each pair walks its batch row's query blocks (MetaView::make_blocks):
-// runs of one segment, at most kTileQ rows, each with the exact range of keys its queries may see
-// (tokens of a modality are contiguous in 4M's layout, so a decoder block meets one modality's
-// keys). A block's scores are one product (rows x key range, never N x N) on raw pointers into
-// per-thread scratch (sgemm_rows: fourm_fast's AVX2 GEMM or BLAS, no ATen call per product); the
-// row passes (attention_cpu_rows.h) apply the mask from per-token metadata and the exponentials,
-// and the rest follows flash attention's algebra: logsumexp saved in the forward pass,
-// probabilities recomputed in the backward pass.
+// handed to threads as they come free (parallel_pairs); each pair walks its batch row's query blocks
+// (MetaView::make_blocks; both in attention_cpu_blocks.h): runs of one segment, at most kTileQ
+// rows, each with the exact range of keys its queries may see (tokens of a modality are contiguous
+// in 4M's layout, so a decoder block meets one modality's keys). A block's scores are one product
+// (rows x key range, never N x N) on raw pointers into per-thread scratch (sgemm_rows: fourm_fast's
+// AVX2 / AVX-512 GEMM or BLAS, no ATen call per product); the row passes (attention_cpu_rows.h)
+// apply the mask from per-token metadata and the exponentials, and the rest follows flash
+// attention's algebra: logsumexp saved in the forward pass, probabilities recomputed in the
+// backward pass. bfloat16 inputs on a CPU with AMX take the same blocks on AMX tiles
+// (attention_cpu_amx_tiles.cpp); other 16-bit inputs are widened to float32 here.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -23,7 +25,7 @@
 
 #include "../attention_checks.h"
 #include "../kernels/attention_math.h"
-#include "attention_cpu_amx.h"
+#include "attention_cpu_amx_tiles.h"
 #include "attention_cpu_blocks.h"
 #include "attention_cpu_rows_dispatch.h"
 #include "cpu_gemm.h"
@@ -184,7 +186,7 @@ std::tuple<at::Tensor, at::Tensor> masked_attention_fwd_cpu(
     }
     return {out.to(q.scalar_type()), lse};
   }
-#if defined(__x86_64__) || defined(_M_X64)
+#ifdef FOURM_FAST_WITH_AMX
   if (q.scalar_type() == at::kBFloat16 && cpu_isa_allows_amx()) return masked_attention_fwd_amx(meta, in, scale);
 #endif
   const at::Tensor qf = float_rows(q), kf = float_rows(k), vf = float_rows(v);
@@ -243,8 +245,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_attention_bwd_cpu(
                         lse.scalar_type() == at::kFloat,
                     "masked_attention backward: lse must be float32 (B, H, Nq)");
   const float scale = static_cast<float>(scale_d);
-#if defined(__x86_64__) || defined(_M_X64)
-  if (q.scalar_type() == at::kBFloat16 && cpu_isa_allows_amx() && grad_out.numel() > 0) {
+#ifdef FOURM_FAST_WITH_AMX
+  if (q.scalar_type() == at::kBFloat16 && grad_out.scalar_type() == at::kBFloat16 &&
+      out.scalar_type() == at::kBFloat16 && cpu_isa_allows_amx() && grad_out.numel() > 0) {
     return masked_attention_bwd_amx(make_meta(in), in, grad_out, out, lse, scale);
   }
 #endif

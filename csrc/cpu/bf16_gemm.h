@@ -7,7 +7,8 @@
 // tile loads take: op(A) row-major with k padded to 32, op(B) in AMX's pair-interleaved ("VNNI")
 // layout. float32 operands (the attention probabilities and score gradients) are rounded to
 // bfloat16 (nearest even) as they are packed, as a GPU flash kernel rounds P and dS for its
-// tensor cores; products accumulate in float32.
+// tensor cores; products accumulate in float32. Subnormal values count as zero: the conversion
+// instruction and TDPBF16PS flush them (torch's rounding keeps them; attention never meets them).
 #pragma once
 
 #include <cstddef>
@@ -31,8 +32,8 @@ struct Bf16GemmOperand {
 size_t bf16_gemm_scratch_bytes(int64_t m, int64_t n, int64_t k);
 
 // C (m x n, float32, row stride ldc) = alpha * op(A) op(B) + beta * C; beta == 0 never reads C.
-// Only where cpu_isa_allows_amx() (cpu_isa.h): the CPU has AMX-BF16 and AVX512-BF16 and the kernel
-// granted this process the tile state.
+// Only in builds with FOURM_FAST_WITH_AMX and where cpu_isa_allows_amx() (cpu_isa.h): the CPU has
+// AMX-BF16 and AVX512-BF16 and the kernel granted this process the tile state.
 void bf16_gemm_amx(int64_t m, int64_t n, int64_t k, float alpha, const Bf16GemmOperand& a,
                    const Bf16GemmOperand& b, float beta, float* c, int64_t ldc, void* scratch);
 

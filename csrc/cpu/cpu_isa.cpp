@@ -4,7 +4,7 @@
 
 #include <atomic>
 
-#if defined(__linux__) && (defined(__x86_64__) || defined(_M_X64))
+#if defined(__linux__) && defined(FOURM_FAST_WITH_AMX)
 #include <cpuid.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -34,12 +34,12 @@ bool cpu_has_avx512f() {
 // AMX-BF16 and AVX512-BF16 in CPUID, and the tile data state granted by Linux (off until a process
 // asks: arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA), process-wide). Asked once.
 bool cpu_has_amx_bf16() {
-#if defined(__linux__) && (defined(__x86_64__) || defined(_M_X64))
+#if defined(__linux__) && defined(FOURM_FAST_WITH_AMX)
   static const bool ok = [] {
     unsigned a = 0, b = 0, c = 0, d = 0;
     if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
     const bool amx_tile = (d >> 24) & 1u, amx_bf16 = (d >> 22) & 1u;
-    if (!__get_cpuid_count(7, 1, &a, &b, &c, &d)) return false;
+    if (a < 1 || !__get_cpuid_count(7, 1, &a, &b, &c, &d)) return false;  // a: leaf 7's last subleaf
     const bool avx512_bf16 = (a >> 5) & 1u;
     if (!(amx_tile && amx_bf16 && avx512_bf16 && __builtin_cpu_supports("avx512bw") &&
           __builtin_cpu_supports("avx512vl"))) {
@@ -59,10 +59,10 @@ bool cpu_has_amx_bf16() {
 void set_cpu_isa(int isa) {
   TORCH_CHECK_VALUE(isa >= 0 && isa <= 4, "fourm_fast: unknown CPU ISA code ", isa,
                     " (0 auto, 1 generic, 2 avx2, 3 avx512, 4 amx)");
-  TORCH_CHECK_VALUE(isa < 3 || cpu_has_avx512f(), "fourm_fast: AVX-512 kernels requested but this CPU lacks AVX-512F");
-  TORCH_CHECK_VALUE(isa != 4 || cpu_has_amx_bf16(),
-                    "fourm_fast: AMX kernels requested but this CPU (or its kernel) offers no AMX-BF16 with "
+  TORCH_CHECK_VALUE(isa != 4 || (cpu_has_amx_bf16() && cpu_has_avx512f()),
+                    "fourm_fast: AMX kernels requested but this build, CPU or kernel offers no AMX-BF16 with "
                     "AVX512-BF16");
+  TORCH_CHECK_VALUE(isa < 3 || cpu_has_avx512f(), "fourm_fast: AVX-512 kernels requested but this CPU lacks AVX-512F");
   TORCH_CHECK_VALUE(isa < 2 || cpu_has_avx2_fma(), "fourm_fast: AVX2+FMA kernels requested but this CPU lacks them");
   g_isa_override.store(isa);
 }

@@ -1,8 +1,8 @@
-// See attention_cpu_amx.h. The loops mirror masked_attention_{fwd,bwd}_cpu's tiles
+// See attention_cpu_amx_tiles.h. The loops mirror masked_attention_{fwd,bwd}_cpu's tiles
 // (attention_cpu.cpp); what differs is the operand type of each product and where results land:
 // bfloat16 outputs are written block by block from float32 scratch, and dK / dV accumulate per
 // (batch, head) pair in float32 scratch before one conversion.
-#include "attention_cpu_amx.h"
+#include "attention_cpu_amx_tiles.h"
 
 #include <ATen/ATen.h>
 #include <c10/util/BFloat16.h>
@@ -17,7 +17,7 @@
 
 namespace fourm_fast {
 
-#if defined(__x86_64__) || defined(_M_X64)
+#ifdef FOURM_FAST_WITH_AMX
 namespace {
 
 using namespace attn_cpu;
@@ -190,6 +190,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_attention_bwd_amx(const Me
   return {dq, dk, dv};
 }
 
-#endif  // x86-64
+#endif  // FOURM_FAST_WITH_AMX
 
 }  // namespace fourm_fast
