@@ -234,6 +234,41 @@ PyObject* bf16_gemm_hook(PyObject*, PyObject* args) {
 #endif
 }
 
+// Test hook: float32 numpy array (C-contiguous, any shape) -> a same-shaped uint16 array of its
+// bfloat16 bits through f32_to_bf16_rows (bf16_gemm.h), as one row.
+PyObject* bf16_round_hook(PyObject*, PyObject* args) {
+  PyObject *xo = nullptr, *yo = nullptr;
+  if (!PyArg_ParseTuple(args, "OO", &xo, &yo)) return nullptr;
+#ifndef FOURM_FAST_WITH_AMX
+  PyErr_SetString(PyExc_RuntimeError, "_bf16_round: the AMX kernels are not available (not in this build)");
+  return nullptr;
+#else
+  if (!fourm_fast::cpu_isa_allows_amx()) {
+    PyErr_SetString(PyExc_RuntimeError, "_bf16_round: the AMX kernels are not available (CPU or ISA override)");
+    return nullptr;
+  }
+  Py_buffer x{}, y{};
+  if (PyObject_GetBuffer(xo, &x, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) != 0) return nullptr;
+  if (PyObject_GetBuffer(yo, &y, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | PyBUF_WRITABLE) != 0) {
+    PyBuffer_Release(&x);
+    return nullptr;
+  }
+  const bool ok = x.itemsize == 4 && x.format && std::string(x.format) == "f" && y.itemsize == 2 && y.format &&
+                  std::string(y.format) == "H" && x.len / 4 == y.len / 2;
+  if (ok) {
+    const int64_t n = x.len / 4;
+    fourm_fast::f32_to_bf16_rows(static_cast<const float*>(x.buf), n, 1, n, nullptr, static_cast<uint16_t*>(y.buf), n);
+  }
+  PyBuffer_Release(&x);
+  PyBuffer_Release(&y);
+  if (!ok) {
+    PyErr_SetString(PyExc_TypeError, "_bf16_round: expected a float32 array and a writable uint16 array of its size");
+    return nullptr;
+  }
+  Py_RETURN_NONE;
+#endif
+}
+
 PyMethodDef kMethods[] = {
     {"build_info", build_info, METH_NOARGS, "Build-time facts: version, CUDA kernels and archs."},
     {"_set_cpu_isa", set_cpu_isa, METH_O,
@@ -244,6 +279,8 @@ PyMethodDef kMethods[] = {
      "(trans_a, trans_b, alpha, A, B, beta, C): the CPU tiles' GEMM on float32 numpy arrays (tests)."},
     {"_bf16_gemm", bf16_gemm_hook, METH_VARARGS,
      "(trans_a, trans_b, alpha, A, B, beta, C[, scale_a, scale_b]): the AMX bfloat16 GEMM; A, B float32 or uint16 bfloat16 bits (tests)."},
+    {"_bf16_round", bf16_round_hook, METH_VARARGS,
+     "(x float32, out uint16): x's bfloat16 bits through the AMX tiles' vector rounding (tests)."},
     {"_set_cpu_gemm_aten", set_cpu_gemm_aten, METH_O,
      "True: CPU tile products through ATen even where BLAS sgemm_ is linked (tests the fallback)."},
     {nullptr, nullptr, 0, nullptr}};

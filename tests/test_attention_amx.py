@@ -58,6 +58,25 @@ def test_gemm_matches_float64_on_rounded_operands(trans_a, trans_b, a_f32, b_f32
             assert (err <= bound + 1e-30).all(), f"{m}x{n}x{k} alpha {alpha} beta {beta}: error {err.max():.3g}"
 
 
+def test_output_rounding_is_torchs_bit_for_bit():
+    """The tiles write bfloat16 outputs with their own vector rounding: it must give torch's bits
+    (nearest even, subnormals kept; NaN as c10::BFloat16's 0x7FC0) on ties, carries into the exponent, infinities,
+    NaNs and subnormals, and on random values of every magnitude; lengths off the 16-lane width."""
+    special = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 1e-40, -3e-39, 1.17e-38, 3.4e38, -3.39e38, 1.0, 65504.0],
+                       dtype=np.float32)
+    ties = (np.arange(1, 2000, dtype=np.uint32) << 16 | 0x8000).view(np.float32)  # exactly halfway
+    carry = (np.arange(1, 2000, dtype=np.uint32) << 16 | 0xFFFF).view(np.float32)  # rounds into the next binade
+    rng = np.random.default_rng(2)
+    bits = rng.integers(0, 2**32, 50_003, dtype=np.uint64).astype(np.uint32).view(np.float32)
+    for x in (special, ties, carry, bits, bits[:17], bits[:1]):
+        got = np.empty(x.shape, dtype=np.uint16)
+        extension()._bf16_round(x, got)
+        want = _bf16_bits(x)
+        nan = np.isnan(x)  # NaN bits differ between torch's scalar (0x7FC0) and vector (0xFFFF) paths
+        np.testing.assert_array_equal(got[~nan], want[~nan])
+        assert (got[nan] == 0x7FC0).all()
+
+
 def test_gemm_rejects_bad_operands():
     a = np.zeros((4, 4), dtype=np.float64)
     with pytest.raises(TypeError, match="float32 or uint16"):

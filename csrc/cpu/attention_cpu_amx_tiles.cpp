@@ -61,17 +61,12 @@ struct GemmScratch {
 
 // rows x D float32 (row stride D) -> bfloat16 rows (row stride ld), each scaled by its factor.
 void store_rows(const float* src, int64_t rows, int64_t D, const float* row_scale, BF16* dst, int64_t ld) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const float s = row_scale ? row_scale[r] : 1.0f;
-    for (int64_t d = 0; d < D; ++d) dst[r * ld + d] = BF16(src[r * D + d] * s);
-  }
+  f32_to_bf16_rows(src, D, rows, D, row_scale, reinterpret_cast<uint16_t*>(dst), ld);
 }
 
 // rows x D bfloat16 (row stride ld) -> float32 (row stride D): exact.
 void widen_rows(const BF16* src, int64_t ld, int64_t rows, int64_t D, float* dst) {
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t d = 0; d < D; ++d) dst[r * D + d] = static_cast<float>(src[r * ld + d]);
-  }
+  bf16_to_f32_rows(reinterpret_cast<const uint16_t*>(src), ld, rows, D, dst, D);
 }
 
 }  // namespace

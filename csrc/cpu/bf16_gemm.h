@@ -37,4 +37,13 @@ size_t bf16_gemm_scratch_bytes(int64_t m, int64_t n, int64_t k);
 void bf16_gemm_amx(int64_t m, int64_t n, int64_t k, float alpha, const Bf16GemmOperand& a,
                    const Bf16GemmOperand& b, float beta, float* c, int64_t ldc, void* scratch);
 
+// dst[r * ldd + c] = bfloat16(src[r * lds + c] * row_scale[r]) (row_scale null: no scaling) for
+// r < rows, c < cols: round to nearest even with NaN made quiet, bit for bit c10::BFloat16's
+// conversion (subnormals kept), 16 values per step. Same build and CPU condition as bf16_gemm_amx.
+void f32_to_bf16_rows(const float* src, int64_t lds, int64_t rows, int64_t cols, const float* row_scale,
+                      uint16_t* dst, int64_t ldd);
+
+// dst[r * ldd + c] = float(src[r * lds + c]): exact.
+void bf16_to_f32_rows(const uint16_t* src, int64_t lds, int64_t rows, int64_t cols, float* dst, int64_t ldd);
+
 }  // namespace fourm_fast

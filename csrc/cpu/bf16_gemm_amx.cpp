@@ -292,4 +292,32 @@ void bf16_gemm_amx(int64_t m, int64_t n, int64_t k, float alpha, const Bf16GemmO
   _tile_release();
 }
 
+void f32_to_bf16_rows(const float* src, int64_t lds, int64_t rows, int64_t cols, const float* row_scale,
+                      uint16_t* dst, int64_t ldd) {
+  const __m512i one = _mm512_set1_epi32(1), bias = _mm512_set1_epi32(0x7FFF), qnan = _mm512_set1_epi32(0x7FC0);
+  for (int64_t r = 0; r < rows; ++r) {
+    const __m512 s = _mm512_set1_ps(row_scale ? row_scale[r] : 1.0f);
+    for (int64_t c = 0; c < cols; c += 16) {
+      const __mmask16 mk = lanes16(cols - c);
+      const __m512 x = _mm512_mul_ps(_mm512_maskz_loadu_ps(mk, src + r * lds + c), s);
+      // bits + 0x7FFF + (bit 16 of bits), then the high half: ties go to the even neighbour
+      const __m512i u = _mm512_castps_si512(x);
+      const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), one);
+      __m512i h = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, bias)), 16);
+      h = _mm512_mask_mov_epi32(h, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), qnan);
+      _mm256_mask_storeu_epi16(dst + r * ldd + c, mk, _mm512_cvtepi32_epi16(h));
+    }
+  }
+}
+
+void bf16_to_f32_rows(const uint16_t* src, int64_t lds, int64_t rows, int64_t cols, float* dst, int64_t ldd) {
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < cols; c += 16) {
+      const __mmask16 mk = lanes16(cols - c);
+      const __m512i h = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mk, src + r * lds + c));
+      _mm512_mask_storeu_ps(dst + r * ldd + c, mk, _mm512_castsi512_ps(_mm512_slli_epi32(h, 16)));
+    }
+  }
+}
+
 }  // namespace fourm_fast
