@@ -101,6 +101,37 @@ def test_backward_writes_every_gradient_element(first_sees_nothing, cpu_isa):
             torch.testing.assert_close(a.double(), b, atol=2e-4, rtol=2e-4, msg=lambda m: f"d{name}: {m}")
 
 
+@pytest.mark.parametrize("B,H,N", [(1, 1, 300), (1, 3, 257), (8, 8, 130)], ids=["1-pair", "3-pairs", "64-pairs"])
+def test_gradients_do_not_depend_on_the_thread_count(B, H, N, cpu_isa):
+    """Under 64 (batch, head) pairs the backward splits each pair's query blocks into chunks summed
+    in a fixed order (from 64 pairs, one chunk per pair): the chunking follows the shape, not the
+    thread count, so 1 and 2 threads give the same bits on fourm_fast's own GEMM kernels; both
+    match the float64 reference. The portable ISA's products run on MKL's sgemm_, whose rounding
+    may follow the operands' memory alignment (MKL without its CNR mode), so there the two agree
+    to float32 rounding only."""
+    gen = torch.Generator().manual_seed(23)
+    q, k, v, g = (torch.randn(B, H, N, 32, generator=gen) for _ in range(4))
+    k_valid, meta = _metadata(B, N, N, "both", gen)
+    meta["q_segment"] = meta["q_segment"].sort(dim=1).values  # runs of one segment: several blocks
+    meta["k_segment"] = meta["k_segment"].sort(dim=1).values
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
+            out = masked_attention(qq, kk, vv, k_valid, **meta)
+            results.append((out, *torch.autograd.grad(out, (qq, kk, vv), g)))
+    finally:
+        torch.set_num_threads(threads)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), *results):
+        if cpu_isa == "generic":
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=lambda m: f"{name}: {m}")
+        else:
+            assert torch.equal(a, b), f"{name} differs between 1 and 2 threads"
+    _check(q, k, v, k_valid, meta, atol=2e-5, g=g)
+
+
 def test_tile_products_use_the_blas_pytorch_links():
     """PyTorch's MKL builds export sgemm_: the CPU tiles must call it, not fall back to ATen."""
     from fourm_fast._extension import extension

@@ -218,3 +218,25 @@ def test_backward_with_float32_grad_or_out_takes_the_widening_tiles():
         for a, b in zip(got, want):
             assert a.dtype == torch.bfloat16
             torch.testing.assert_close(a.float(), b.float(), atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize("B,H,N", [(1, 1, 300), (1, 3, 257), (8, 8, 130)], ids=["1-pair", "3-pairs", "64-pairs"])
+def test_gradients_do_not_depend_on_the_thread_count(B, H, N):
+    """As for the float32 tiles (test_attention.py): under 64 pairs the backward's chunks are summed
+    in a fixed order, so 1 and 2 threads give the same bits; both within the flash rule."""
+    q, k, v, k_valid, meta, g = _inputs(B, H, N, N, 32, "both", seed=29)
+    meta["q_segment"] = meta["q_segment"].sort(dim=1).values
+    meta["k_segment"] = meta["k_segment"].sort(dim=1).values
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
+            out = masked_attention(qq, kk, vv, k_valid, **meta)
+            results.append((out, *torch.autograd.grad(out, (qq, kk, vv), g)))
+    finally:
+        torch.set_num_threads(threads)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), *results):
+        assert torch.equal(a, b), f"{name} differs between 1 and 2 threads"
+    _check_flash_rule(q, k, v, k_valid, meta, g)

@@ -1,6 +1,6 @@
 // CPU executor of masked_attention (forward and backward). Work is split over (batch, head) pairs
-// handed to threads as they come free (parallel_pairs); each pair walks its batch row's query blocks
-// (MetaView::make_blocks; both in attention_cpu_blocks.h): runs of one segment, at most kTileQ
+// and their query blocks (MetaView::make_blocks), handed to threads as they come free
+// (parallel_units; both in attention_cpu_blocks.h). Blocks are runs of one segment, at most kTileQ
 // rows, each with the exact range of keys its queries may see (tokens of a modality are contiguous
 // in 4M's layout, so a decoder block meets one modality's keys). A block's scores are one product
 // (rows x key range, never N x N) on raw pointers into per-thread scratch (sgemm_rows: fourm_fast's
@@ -195,35 +195,35 @@ std::tuple<at::Tensor, at::Tensor> masked_attention_fwd_cpu(
   float* op = out.data_ptr<float>();
   float* lp = lse.data_ptr<float>();
   const AttnRowKernels rows = attn_row_kernels();
-  const int64_t pairs = in.B * in.H;
-  parallel_pairs(pairs, [&](const auto& next) {
+  const std::vector<BlockItem> items = forward_items(meta, in.B, in.H);
+  const int64_t n_items = static_cast<int64_t>(items.size());
+  parallel_units(n_items, [&](const auto& next) {
     std::vector<float> P(static_cast<size_t>(std::min(kTileQ, Nq) * Nk));  // one tile's scores
     float sums[kTileQ];
-    for (int64_t bh = next(); bh < pairs; bh = next()) {
-      const int64_t b = bh / in.H, h = bh % in.H;
+    for (int64_t it = next(); it < n_items; it = next()) {
+      const int64_t bh = items[it].bh, b = bh / in.H, h = bh % in.H;
       const float* Q = qv.at(b, h);
       const float* K = kv.at(b, h);
       const float* V = vv.at(b, h);
       float* O = op + bh * Nq * D;
       float* L = lp + bh * Nq;
-      for (const QueryBlock& blk : meta.blocks[b]) {
-        const int64_t i0 = blk.i0, tq = blk.rows(), jlo = blk.jlo, jhi = blk.jhi;
-        float* o_tile = O + i0 * D;
-        if (jhi == jlo) {  // no query of the tile sees any key
-          std::fill(o_tile, o_tile + tq * D, 0.0f);
-          std::fill(L + i0, L + i0 + tq, -INFINITY);
-          continue;
-        }
-        const int64_t nk = jhi - jlo;
-        sgemm_rows(false, true, tq, nk, D, 1.0f, Q + i0 * qv.ld, qv.ld, K + jlo * kv.ld, kv.ld, 0.0f, P.data(), nk);
-        rows.softmax_fwd(row_tile(meta, b, blk, P.data(), scale, L + i0, sums));
-        sgemm_rows(false, false, tq, D, nk, 1.0f, P.data(), nk, V + jlo * vv.ld, vv.ld, 0.0f, o_tile, D);
-        // Rows were exp(s - max); normalise by their sums: exp(s - lse) = exp(s - max) / sum.
-        for (int64_t r = 0; r < tq; ++r) {
-          const float inv = sums[r] > 0.0f ? 1.0f / sums[r] : 0.0f;
-          float* orow = o_tile + r * D;
-          for (int64_t d = 0; d < D; ++d) orow[d] *= inv;
-        }
+      const QueryBlock& blk = *items[it].blk;
+      const int64_t i0 = blk.i0, tq = blk.rows(), jlo = blk.jlo, jhi = blk.jhi;
+      float* o_tile = O + i0 * D;
+      if (jhi == jlo) {  // no query of the tile sees any key
+        std::fill(o_tile, o_tile + tq * D, 0.0f);
+        std::fill(L + i0, L + i0 + tq, -INFINITY);
+        continue;
+      }
+      const int64_t nk = jhi - jlo;
+      sgemm_rows(false, true, tq, nk, D, 1.0f, Q + i0 * qv.ld, qv.ld, K + jlo * kv.ld, kv.ld, 0.0f, P.data(), nk);
+      rows.softmax_fwd(row_tile(meta, b, blk, P.data(), scale, L + i0, sums));
+      sgemm_rows(false, false, tq, D, nk, 1.0f, P.data(), nk, V + jlo * vv.ld, vv.ld, 0.0f, o_tile, D);
+      // Rows were exp(s - max); normalise by their sums: exp(s - lse) = exp(s - max) / sum.
+      for (int64_t r = 0; r < tq; ++r) {
+        const float inv = sums[r] > 0.0f ? 1.0f / sums[r] : 0.0f;
+        float* orow = o_tile + r * D;
+        for (int64_t d = 0; d < D; ++d) orow[d] *= inv;
       }
     }
   });
@@ -265,32 +265,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_attention_bwd_cpu(
   const float* lp = lf.const_data_ptr<float>();
   float *dqp = dq.data_ptr<float>(), *dkp = dk.data_ptr<float>(), *dvp = dv.data_ptr<float>();
   const AttnRowKernels rows = attn_row_kernels();
-  const int64_t pairs = in.B * in.H;
-  parallel_pairs(pairs, [&](const auto& next) {
+  const int64_t pairs = in.B * in.H, splits = backward_splits(meta, pairs, Nk, D), units = pairs * splits;
+  // splits > 1: chunk c of pair bh accumulates into parts[bh][c][0 (dK) / 1 (dV)]
+  at::Tensor parts = splits > 1 ? at::empty({pairs, splits, 2, Nk, D}, dk.options()) : at::Tensor();
+  parallel_units(units, [&](const auto& next) {
     const size_t tile = static_cast<size_t>(std::min(kTileQ, Nq) * Nk);
     std::vector<float> P(tile), dS(tile), lse_rows(static_cast<size_t>(kTileQ));
-    for (int64_t bh = next(); bh < pairs; bh = next()) {
-      const int64_t b = bh / in.H, h = bh % in.H;
+    for (int64_t u = next(); u < units; u = next()) {
+      const int64_t bh = u / splits, c = u % splits, b = bh / in.H, h = bh % in.H;
       const float *Q = qv.at(b, h), *K = kv.at(b, h), *V = vv.at(b, h), *O = ov.at(b, h), *G = gv.at(b, h),
                   *L = lp + bh * Nq;
-      float *dQ = dqp + bh * Nq * D, *dK = dkp + bh * Nk * D, *dV = dvp + bh * Nk * D;
-      // dK and dV accumulate over the blocks that see each key. The first block that sees any key
-      // writes its key range with beta 0 (at 128 queries it is the only block): only the keys
-      // outside that range are zero-filled first.
+      float* dQ = dqp + bh * Nq * D;
+      float* dK = splits > 1 ? parts.data_ptr<float>() + (bh * splits + c) * 2 * Nk * D : dkp + bh * Nk * D;
+      float* dV = splits > 1 ? dK + Nk * D : dvp + bh * Nk * D;
+      // dK and dV accumulate over the chunk's blocks that see each key. The first block that sees
+      // any key writes its key range with beta 0 (at 128 queries it is the only block): only the
+      // keys outside that range are zero-filled first.
       const std::vector<QueryBlock>& blocks = meta.blocks[b];
-      const QueryBlock* first = nullptr;
-      for (const QueryBlock& blk : blocks) {
-        if (blk.jhi > blk.jlo) {
-          first = &blk;
-          break;
-        }
-      }
-      const int64_t f_lo = first ? first->jlo : Nk, f_hi = first ? first->jhi : Nk;
-      std::fill(dK, dK + f_lo * D, 0.0f);
-      std::fill(dV, dV + f_lo * D, 0.0f);
-      std::fill(dK + f_hi * D, dK + Nk * D, 0.0f);
-      std::fill(dV + f_hi * D, dV + Nk * D, 0.0f);
-      for (const QueryBlock& blk : blocks) {
+      const auto [lo, hi] = chunk_blocks(blocks.size(), c, splits);
+      const QueryBlock* first = first_seeing(blocks, lo, hi);
+      zero_outside(dK, dV, first, Nk, D);
+      for (size_t bi = lo; bi < hi; ++bi) {
+        const QueryBlock& blk = blocks[bi];
         const int64_t i0 = blk.i0, tq = blk.rows(), jlo = blk.jlo, jhi = blk.jhi;
         if (jhi == jlo) {  // invisible rows: zero gradients
           std::fill(dQ + i0 * D, dQ + (i0 + tq) * D, 0.0f);
@@ -311,6 +307,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_attention_bwd_cpu(
       }
     }
   });
+  if (splits > 1) {  // dK, dV = the chunks' sums, in chunk order
+    const float* pp = parts.const_data_ptr<float>();
+    const int64_t n = Nk * D;
+    at::parallel_for(0, pairs * 2, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t bh = t / 2, which = t % 2;
+        float* dst = (which == 0 ? dkp : dvp) + bh * n;
+        const float* src = pp + (bh * splits * 2 + which) * n;
+        std::copy(src, src + n, dst);
+        for (int64_t c = 1; c < splits; ++c) {
+          const float* part = src + c * 2 * n;
+          for (int64_t i = 0; i < n; ++i) dst[i] += part[i];
+        }
+      }
+    });
+  }
   const auto st = q.scalar_type();
   return {dq.to(st), dk.to(st), dv.to(st)};
 }

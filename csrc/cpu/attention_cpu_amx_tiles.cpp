@@ -1,7 +1,7 @@
 // See attention_cpu_amx_tiles.h. The loops mirror masked_attention_{fwd,bwd}_cpu's tiles
 // (attention_cpu.cpp); what differs is the operand type of each product and where results land:
 // bfloat16 outputs are written block by block from float32 scratch, and dK / dV accumulate per
-// (batch, head) pair in float32 scratch before one conversion.
+// unit of work in float32 scratch before one conversion.
 #include "attention_cpu_amx_tiles.h"
 
 #include <ATen/ATen.h>
@@ -80,32 +80,33 @@ std::tuple<at::Tensor, at::Tensor> masked_attention_fwd_amx(const MetaView& meta
   BF16* op = out.data_ptr<BF16>();
   float* lp = lse.data_ptr<float>();
   const AttnRowKernels rows = attn_row_kernels();
-  const int64_t pairs = in.B * in.H, max_rows = std::min(kTileQ, Nq);
-  parallel_pairs(pairs, [&](const auto& next) {
+  const int64_t max_rows = std::min(kTileQ, Nq);
+  const std::vector<BlockItem> items = forward_items(meta, in.B, in.H);
+  const int64_t n_items = static_cast<int64_t>(items.size());
+  parallel_units(n_items, [&](const auto& next) {
     std::vector<float> P(static_cast<size_t>(max_rows * Nk)), o_tile(static_cast<size_t>(max_rows * D));
     float sums[kTileQ];
     GemmScratch scratch(max_rows, Nk, D);
-    for (int64_t bh = next(); bh < pairs; bh = next()) {
-      const int64_t b = bh / in.H, h = bh % in.H;
+    for (int64_t it = next(); it < n_items; it = next()) {
+      const int64_t bh = items[it].bh, b = bh / in.H, h = bh % in.H;
       const BF16 *Q = qv.at(b, h), *K = kv.at(b, h), *V = vv.at(b, h);
       BF16* O = op + bh * Nq * D;
       float* L = lp + bh * Nq;
-      for (const QueryBlock& blk : meta.blocks[b]) {
-        const int64_t i0 = blk.i0, tq = blk.rows(), jlo = blk.jlo, nk = blk.jhi - blk.jlo;
-        if (nk == 0) {  // no query of the block sees any key
-          std::fill(O + i0 * D, O + (i0 + tq) * D, BF16(0.0f));
-          std::fill(L + i0, L + i0 + tq, -INFINITY);
-          continue;
-        }
-        bf16_gemm_amx(tq, nk, D, 1.0f, bf16_operand(Q + i0 * qv.ld, qv.ld, false),
-                      bf16_operand(K + jlo * kv.ld, kv.ld, true), 0.0f, P.data(), nk, scratch.ptr);
-        rows.softmax_fwd(row_tile(meta, b, blk, P.data(), scale, L + i0, sums));
-        bf16_gemm_amx(tq, D, nk, 1.0f, f32_operand(P.data(), nk, false), bf16_operand(V + jlo * vv.ld, vv.ld, false),
-                      0.0f, o_tile.data(), D, scratch.ptr);
-        // Rows were exp(s - max); normalise by their sums: exp(s - lse) = exp(s - max) / sum.
-        for (int64_t r = 0; r < tq; ++r) sums[r] = sums[r] > 0.0f ? 1.0f / sums[r] : 0.0f;
-        store_rows(o_tile.data(), tq, D, sums, O + i0 * D, D);
+      const QueryBlock& blk = *items[it].blk;
+      const int64_t i0 = blk.i0, tq = blk.rows(), jlo = blk.jlo, nk = blk.jhi - blk.jlo;
+      if (nk == 0) {  // no query of the block sees any key
+        std::fill(O + i0 * D, O + (i0 + tq) * D, BF16(0.0f));
+        std::fill(L + i0, L + i0 + tq, -INFINITY);
+        continue;
       }
+      bf16_gemm_amx(tq, nk, D, 1.0f, bf16_operand(Q + i0 * qv.ld, qv.ld, false),
+                    bf16_operand(K + jlo * kv.ld, kv.ld, true), 0.0f, P.data(), nk, scratch.ptr);
+      rows.softmax_fwd(row_tile(meta, b, blk, P.data(), scale, L + i0, sums));
+      bf16_gemm_amx(tq, D, nk, 1.0f, f32_operand(P.data(), nk, false), bf16_operand(V + jlo * vv.ld, vv.ld, false),
+                    0.0f, o_tile.data(), D, scratch.ptr);
+      // Rows were exp(s - max); normalise by their sums: exp(s - lse) = exp(s - max) / sum.
+      for (int64_t r = 0; r < tq; ++r) sums[r] = sums[r] > 0.0f ? 1.0f / sums[r] : 0.0f;
+      store_rows(o_tile.data(), tq, D, sums, O + i0 * D, D);
     }
   });
   return {out, lse};
@@ -126,33 +127,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_attention_bwd_amx(const Me
   BF16 *dqp = dq.data_ptr<BF16>(), *dkp = dk.data_ptr<BF16>(), *dvp = dv.data_ptr<BF16>();
   const AttnRowKernels rows = attn_row_kernels();
   const int64_t pairs = in.B * in.H, max_rows = std::min(kTileQ, Nq);
-  parallel_pairs(pairs, [&](const auto& next) {
+  const int64_t splits = backward_splits(meta, pairs, Nk, D), units = pairs * splits;
+  // splits > 1: chunk c of pair bh accumulates into parts[bh][c][0 (dK) / 1 (dV)], float32
+  std::vector<float> parts(splits > 1 ? static_cast<size_t>(units * 2 * Nk * D) : 0);
+  parallel_units(units, [&](const auto& next) {
     const size_t tile = static_cast<size_t>(max_rows * Nk), rows_d = static_cast<size_t>(max_rows * D);
     std::vector<float> P(tile), dS(tile), lse_rows(static_cast<size_t>(kTileQ));
     std::vector<float> g32(rows_d), o32(rows_d), dq32(rows_d);
-    std::vector<float> dK(static_cast<size_t>(Nk * D)), dV(static_cast<size_t>(Nk * D));
+    std::vector<float> own(splits > 1 ? 0 : static_cast<size_t>(2 * Nk * D));  // this thread's dK, dV
     GemmScratch scratch(max_rows, Nk, D);
-    for (int64_t bh = next(); bh < pairs; bh = next()) {
-      const int64_t b = bh / in.H, h = bh % in.H;
+    for (int64_t u = next(); u < units; u = next()) {
+      const int64_t bh = u / splits, c = u % splits, b = bh / in.H, h = bh % in.H;
       const BF16 *Q = qv.at(b, h), *K = kv.at(b, h), *V = vv.at(b, h), *O = ov.at(b, h), *G = gv.at(b, h);
       const float* L = lp + bh * Nq;
       BF16* dQ = dqp + bh * Nq * D;
-      // dK and dV accumulate over the blocks that see each key, in float32: the first block that
-      // sees any key writes its key range with beta 0, keys outside that range start at zero.
+      float* dK = splits > 1 ? parts.data() + u * 2 * Nk * D : own.data();
+      float* dV = dK + Nk * D;
+      // dK and dV accumulate over the chunk's blocks that see each key, in float32: the first
+      // block that sees any key writes its key range with beta 0, keys outside it start at zero.
       const std::vector<QueryBlock>& blocks = meta.blocks[b];
-      const QueryBlock* first = nullptr;
-      for (const QueryBlock& blk : blocks) {
-        if (blk.jhi > blk.jlo) {
-          first = &blk;
-          break;
-        }
-      }
-      const int64_t f_lo = first ? first->jlo : Nk, f_hi = first ? first->jhi : Nk;
-      std::fill(dK.begin(), dK.begin() + f_lo * D, 0.0f);
-      std::fill(dV.begin(), dV.begin() + f_lo * D, 0.0f);
-      std::fill(dK.begin() + f_hi * D, dK.end(), 0.0f);
-      std::fill(dV.begin() + f_hi * D, dV.end(), 0.0f);
-      for (const QueryBlock& blk : blocks) {
+      const auto [lo, hi] = chunk_blocks(blocks.size(), c, splits);
+      const QueryBlock* first = first_seeing(blocks, lo, hi);
+      zero_outside(dK, dV, first, Nk, D);
+      for (size_t bi = lo; bi < hi; ++bi) {
+        const QueryBlock& blk = blocks[bi];
         const int64_t i0 = blk.i0, tq = blk.rows(), jlo = blk.jlo, nk = blk.jhi - blk.jlo;
         if (nk == 0) {  // invisible rows: zero gradients
           std::fill(dQ + i0 * D, dQ + (i0 + tq) * D, BF16(0.0f));
@@ -165,7 +163,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_attention_bwd_amx(const Me
         rows.probs_bwd(row_tile(meta, b, blk, P.data(), scale, lse_rows.data(), nullptr));
         const float acc = &blk == first ? 0.0f : 1.0f;  // beta: write or accumulate dK, dV
         bf16_gemm_amx(nk, D, tq, 1.0f, f32_operand(P.data(), nk, true), bf16_operand(g_t, gv.ld, false), acc,
-                      dV.data() + jlo * D, D, scratch.ptr);  // dV += P^T dO
+                      dV + jlo * D, D, scratch.ptr);  // dV += P^T dO
         bf16_gemm_amx(tq, nk, D, 1.0f, bf16_operand(g_t, gv.ld, false), bf16_operand(v_r, vv.ld, true), 0.0f,
                       dS.data(), nk, scratch.ptr);  // dP = dO V^T
         widen_rows(g_t, gv.ld, tq, D, g32.data());
@@ -176,12 +174,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_attention_bwd_amx(const Me
                       dq32.data(), D, scratch.ptr);  // dQ = s dS K
         store_rows(dq32.data(), tq, D, nullptr, dQ + i0 * D, D);
         bf16_gemm_amx(nk, D, tq, 1.0f, f32_operand(dS.data(), nk, true, scale), bf16_operand(q_t, qv.ld, false), acc,
-                      dK.data() + jlo * D, D, scratch.ptr);  // dK += s dS^T Q
+                      dK + jlo * D, D, scratch.ptr);  // dK += s dS^T Q
       }
-      store_rows(dK.data(), Nk, D, nullptr, dkp + bh * Nk * D, D);
-      store_rows(dV.data(), Nk, D, nullptr, dvp + bh * Nk * D, D);
+      if (splits == 1) {
+        store_rows(dK, Nk, D, nullptr, dkp + bh * Nk * D, D);
+        store_rows(dV, Nk, D, nullptr, dvp + bh * Nk * D, D);
+      }
     }
   });
+  if (splits > 1) {  // dK, dV = the chunks' sums in chunk order, rounded once
+    const int64_t n = Nk * D;
+    at::parallel_for(0, pairs * 2, 1, [&](int64_t t0, int64_t t1) {
+      std::vector<float> sum(static_cast<size_t>(n));
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t bh = t / 2, which = t % 2;
+        const float* src = parts.data() + (bh * splits * 2 + which) * n;
+        std::copy(src, src + n, sum.begin());
+        for (int64_t c = 1; c < splits; ++c) {
+          const float* part = src + c * 2 * n;
+          for (int64_t i = 0; i < n; ++i) sum[i] += part[i];
+        }
+        store_rows(sum.data(), Nk, D, nullptr, (which == 0 ? dkp : dvp) + bh * n, D);
+      }
+    });
+  }
   return {dq, dk, dv};
 }
 

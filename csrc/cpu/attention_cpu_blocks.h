@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <utility>
 #include <vector>
 
 #include "../attention_checks.h"
@@ -129,18 +130,79 @@ inline MetaView make_meta(const AttnInputs& in) {
 }
 
 // Runs worker(next) on at::parallel_for's threads; next() hands out 0, 1, 2, ... from one shared
-// counter (a value >= n: no work left). Pairs go to whichever thread is free: with a static split
-// into halves, one of the 2 EPYC threads sat waiting on the other (libgomp spin in perf); the
-// forward's median was 8-11% slower in three interleaved runs at B 8, H 12, N 128 (backward:
-// within noise). Batch rows with more padding also cost less. A pair is still computed by one
-// thread alone, so results do not depend on the schedule.
+// counter (a value >= n: no work left): units of work (a (batch, head) pair, or one query block of
+// one in the forward) go to whichever thread is free. With a static split into halves, one of the
+// 2 EPYC threads sat waiting on the other (libgomp spin in perf); the forward's median was 8-11%
+// slower in three interleaved runs at B 8, H 12, N 128 (backward: within noise). Batch rows with
+// more padding also cost less. A unit is still computed by one thread alone, so results do not
+// depend on the schedule.
 template <typename Worker>
-void parallel_pairs(int64_t n, const Worker& worker) {
+void parallel_units(int64_t n, const Worker& worker) {
   std::atomic<int64_t> counter{0};
   const int64_t slots = std::min<int64_t>(at::get_num_threads(), n);
   at::parallel_for(0, slots, 1, [&](int64_t, int64_t) {
     worker([&]() { return counter.fetch_add(1, std::memory_order_relaxed); });
   });
+}
+
+// The forward's units of work: one query block of one (batch, head) pair each, pairs in order.
+// Blocks are independent in the forward, so handing them out singly keeps every thread busy when
+// there are fewer pairs than threads (one sample's generation step on a many-core CPU); a
+// block is still computed by one thread alone, so results do not depend on the schedule.
+struct BlockItem {
+  int64_t bh;
+  const QueryBlock* blk;
+};
+
+inline std::vector<BlockItem> forward_items(const MetaView& meta, int64_t B, int64_t H) {
+  std::vector<BlockItem> items;
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t h = 0; h < H; ++h) {
+      for (const QueryBlock& blk : meta.blocks[b]) items.push_back({b * H + h, &blk});
+    }
+  }
+  return items;
+}
+
+// The backward's units of work: a (batch, head) pair's blocks cut into `splits` consecutive
+// chunks. A block's dQ rows are its own, but every block of a pair adds to the pair's dK and dV:
+// with one chunk per pair (the common case, B * H >= kBackwardUnits) a unit writes them straight
+// into the output; with more, each chunk accumulates into its own float32 buffer and the chunks
+// are summed in chunk order afterwards. splits depends on the shape only, never on the thread
+// count, so the gradients are the same bits with any number of threads.
+constexpr int64_t kBackwardUnits = 64;         // units that keep a many-core CPU busy
+constexpr int64_t kMaxSplitBytes = 256 << 20;  // most memory the chunk buffers may take
+
+inline int64_t backward_splits(const MetaView& meta, int64_t pairs, int64_t Nk, int64_t D) {
+  if (pairs >= kBackwardUnits || pairs == 0) return 1;
+  size_t most_blocks = 1;
+  for (const auto& blocks : meta.blocks) most_blocks = std::max(most_blocks, blocks.size());
+  const int64_t per_chunk = std::max<int64_t>(1, pairs * 2 * Nk * D * int64_t(sizeof(float)));
+  const int64_t by_memory = std::max<int64_t>(1, kMaxSplitBytes / per_chunk);
+  return std::min({static_cast<int64_t>(most_blocks), (kBackwardUnits + pairs - 1) / pairs, by_memory});
+}
+
+// Blocks [first, last) of chunk c of a batch row with n blocks, out of splits chunks.
+inline std::pair<size_t, size_t> chunk_blocks(size_t n, int64_t c, int64_t splits) {
+  return {n * static_cast<size_t>(c) / static_cast<size_t>(splits), n * static_cast<size_t>(c + 1) / static_cast<size_t>(splits)};
+}
+
+// The first of blocks [lo, hi) that sees any key (it writes its dK / dV range with beta 0; keys
+// outside that range are zero-filled first), or null.
+inline const QueryBlock* first_seeing(const std::vector<QueryBlock>& blocks, size_t lo, size_t hi) {
+  for (size_t i = lo; i < hi; ++i) {
+    if (blocks[i].jhi > blocks[i].jlo) return &blocks[i];
+  }
+  return nullptr;
+}
+
+// dK / dV rows outside the first seeing block's key range start at zero (see first_seeing).
+inline void zero_outside(float* dK, float* dV, const QueryBlock* first, int64_t Nk, int64_t D) {
+  const int64_t f_lo = first ? first->jlo : Nk, f_hi = first ? first->jhi : Nk;
+  std::fill(dK, dK + f_lo * D, 0.0f);
+  std::fill(dV, dV + f_lo * D, 0.0f);
+  std::fill(dK + f_hi * D, dK + Nk * D, 0.0f);
+  std::fill(dV + f_hi * D, dV + Nk * D, 0.0f);
 }
 
 // A block's score tile and its metadata, as the row passes take it.
