@@ -220,9 +220,9 @@ def test_backward_with_float32_grad_or_out_takes_the_widening_tiles():
             torch.testing.assert_close(a.float(), b.float(), atol=3e-2, rtol=3e-2)
 
 
-@pytest.mark.parametrize("B,H,N", [(1, 1, 300), (1, 3, 257), (8, 8, 130)], ids=["1-pair", "3-pairs", "64-pairs"])
+@pytest.mark.parametrize("B,H,N", [(1, 1, 300), (1, 3, 257), (4, 4, 130)], ids=["1-pair", "3-pairs", "16-pairs"])
 def test_gradients_do_not_depend_on_the_thread_count(B, H, N):
-    """As for the float32 tiles (test_attention.py): under 64 pairs the backward's chunks are summed
+    """As for the float32 tiles (test_attention.py): under 16 pairs the backward's chunks are summed
     in a fixed order, so 1 and 2 threads give the same bits; both within the flash rule."""
     q, k, v, k_valid, meta, g = _inputs(B, H, N, N, 32, "both", seed=29)
     meta["q_segment"] = meta["q_segment"].sort(dim=1).values
