@@ -132,6 +132,54 @@ def test_gradients_do_not_depend_on_the_thread_count(B, H, N, cpu_isa):
     _check(q, k, v, k_valid, meta, atol=2e-5, g=g)
 
 
+_JUNK_MEMORY_CHECK = r"""
+import torch
+from fourm_fast.ops import masked_attention
+from fourm_fast.reference.attention import masked_attention_reference
+torch.set_num_threads(2)
+empty = torch.empty(1 << 16)
+assert (empty != 0).any(), "MALLOC_PERTURB_ did not reach torch's allocations"
+for dtype in (torch.float32, torch.bfloat16):
+    for B, H, N, d in ((1, 1, 300, 32), (1, 3, 257, 20), (2, 1, 1100, 16), (4, 4, 130, 32), (1, 2, 40, 16)):
+        gen = torch.Generator().manual_seed(B * N + d)
+        q, k, v, g = (torch.randn(B, H, N, d, generator=gen).to(dtype) for _ in range(4))
+        k_valid = torch.rand(B, N, generator=gen) > 0.1
+        k_valid[:, -7:] = False
+        seg = torch.randint(0, 5, (B, N), generator=gen, dtype=torch.int32).sort(dim=1).values
+        rank = torch.arange(N, dtype=torch.int32).expand(B, N).contiguous()
+        limit = torch.randint(-1, N, (B, N), generator=gen, dtype=torch.int32)
+        limit[seg == seg[:, :1]] = -1
+        meta = dict(q_segment=seg, k_segment=seg.clone(), q_limit=limit, k_rank=rank)
+        qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
+        out = masked_attention(qq, kk, vv, k_valid, **meta)
+        got = (out, *torch.autograd.grad(out, (qq, kk, vv), g))
+        ref_in = [t.double().requires_grad_() for t in (q, k, v)]
+        ref = masked_attention_reference(*ref_in, k_valid, **meta)
+        want = (ref, *torch.autograd.grad(ref, ref_in, g.double()))
+        tol = 2e-4 if dtype == torch.float32 else 6e-2
+        for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+            assert torch.isfinite(a).all(), f"{dtype} {(B, H, N, d)} {name}: an element never written"
+            torch.testing.assert_close(a.double(), b, atol=tol, rtol=tol, msg=lambda m: f"{dtype} {(B, H, N, d)} {name}: {m}")
+print("ok")
+"""
+
+
+def test_every_output_element_written_in_junk_filled_memory():
+    """glibc fills every allocation with junk (MALLOC_PERTURB_), from the heap only
+    (MALLOC_MMAP_THRESHOLD_, so large buffers are not fresh zero pages): outputs, gradients and the
+    backward's chunk buffers must still be finite and right, on 1 to 16 pairs (split and unsplit
+    backward), keys nobody sees, first blocks that see nothing; float32 and bfloat16 (AMX tiles
+    where the CPU has them)."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, MALLOC_PERTURB_="85", MALLOC_MMAP_THRESHOLD_="1000000000")
+    res = subprocess.run([sys.executable, "-c", _JUNK_MEMORY_CHECK], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
+
+
 def test_tile_products_use_the_blas_pytorch_links():
     """PyTorch's MKL builds export sgemm_: the CPU tiles must call it, not fall back to ATen."""
     from fourm_fast._extension import extension

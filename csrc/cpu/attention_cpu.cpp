@@ -1,6 +1,8 @@
 // CPU executor of masked_attention (forward and backward). Work is split over (batch, head) pairs
 // and their query blocks (MetaView::make_blocks), handed to threads as they come free
-// (parallel_units; both in attention_cpu_blocks.h). Blocks are runs of one segment, at most kTileQ
+// (parallel_units; both in attention_cpu_blocks.h): single blocks in the forward, each pair's
+// blocks in the backward, cut into chunks summed in a fixed order under 16 pairs
+// (backward_splits). Blocks are runs of one segment, at most kTileQ
 // rows, each with the exact range of keys its queries may see (tokens of a modality are contiguous
 // in 4M's layout, so a decoder block meets one modality's keys). A block's scores are one product
 // (rows x key range, never N x N) on raw pointers into per-thread scratch (sgemm_rows: fourm_fast's
@@ -253,9 +255,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_attention_bwd_cpu(
 #endif
   const at::Tensor qf = float_rows(q), kf = float_rows(k), vf = float_rows(v), of = float_rows(out),
                    gf = float_rows(grad_out), lf = lse.contiguous();
-  // Not zero-filled here: each (batch, head) pair initialises its own dK / dV slices (cache-warm,
-  // in parallel, no separate pass over the gradients), and every dQ row is written once by its
-  // block.
+  // Not zero-filled here: each unit initialises its own dK / dV slices (cache-warm, in parallel,
+  // no separate pass over the gradients), or, when pairs are split into chunks, the chunks' sum
+  // writes them; every dQ row is written once by its block.
   at::Tensor dq = at::empty({in.B, in.H, in.Nq, in.D}, q.options().dtype(at::kFloat));
   at::Tensor dk = at::empty({in.B, in.H, in.Nk, in.D}, q.options().dtype(at::kFloat));
   at::Tensor dv = at::empty({in.B, in.H, in.Nk, in.D}, q.options().dtype(at::kFloat));

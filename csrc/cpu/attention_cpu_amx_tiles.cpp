@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "attention_cpu_rows_dispatch.h"
@@ -129,7 +130,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_attention_bwd_amx(const Me
   const int64_t pairs = in.B * in.H, max_rows = std::min(kTileQ, Nq);
   const int64_t splits = backward_splits(meta, pairs, Nk, D), units = pairs * splits;
   // splits > 1: chunk c of pair bh accumulates into parts[bh][c][0 (dK) / 1 (dV)], float32
-  std::vector<float> parts(splits > 1 ? static_cast<size_t>(units * 2 * Nk * D) : 0);
+  // (every element is written by its unit: allocated without the zero fill a vector would do)
+  std::unique_ptr<float[]> parts(splits > 1 ? new float[static_cast<size_t>(units * 2 * Nk * D)] : nullptr);
   parallel_units(units, [&](const auto& next) {
     const size_t tile = static_cast<size_t>(max_rows * Nk), rows_d = static_cast<size_t>(max_rows * D);
     std::vector<float> P(tile), dS(tile), lse_rows(static_cast<size_t>(kTileQ));
@@ -141,7 +143,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_attention_bwd_amx(const Me
       const BF16 *Q = qv.at(b, h), *K = kv.at(b, h), *V = vv.at(b, h), *O = ov.at(b, h), *G = gv.at(b, h);
       const float* L = lp + bh * Nq;
       BF16* dQ = dqp + bh * Nq * D;
-      float* dK = splits > 1 ? parts.data() + u * 2 * Nk * D : own.data();
+      float* dK = splits > 1 ? parts.get() + u * 2 * Nk * D : own.data();
       float* dV = dK + Nk * D;
       // dK and dV accumulate over the chunk's blocks that see each key, in float32: the first
       // block that sees any key writes its key range with beta 0, keys outside it start at zero.
@@ -188,7 +190,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_attention_bwd_amx(const Me
       std::vector<float> sum(static_cast<size_t>(n));
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t bh = t / 2, which = t % 2;
-        const float* src = parts.data() + (bh * splits * 2 + which) * n;
+        const float* src = parts.get() + (bh * splits * 2 + which) * n;
         std::copy(src, src + n, sum.begin());
         for (int64_t c = 1; c < splits; ++c) {
           const float* part = src + c * 2 * n;

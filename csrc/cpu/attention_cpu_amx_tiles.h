@@ -1,4 +1,4 @@
-// The bfloat16 tiles of the CPU masked_attention executor on Intel AMX (attention_cpu_amx.cpp).
+// The bfloat16 tiles of the CPU masked_attention executor on Intel AMX (attention_cpu_amx_tiles.cpp).
 #pragma once
 
 #include <ATen/core/Tensor.h>

@@ -1,7 +1,8 @@
-// The CPU masked_attention executor's unit of work, shared by its float32 tiles (attention_cpu.cpp)
-// and its bfloat16 AMX tiles (attention_cpu_amx.cpp): per batch row, query blocks of one segment
-// with the exact key range each may see, cut from per-token metadata; the pair scheduler; a
-// block's score tile as the row passes take it.
+// The CPU masked_attention executor's units of work, shared by its float32 tiles
+// (attention_cpu.cpp) and its bfloat16 AMX tiles (attention_cpu_amx_tiles.cpp): per batch row,
+// query blocks of one segment with the exact key range each may see, cut from per-token metadata;
+// the scheduler that hands units to threads; the backward's chunks; a block's score tile as the
+// row passes take it.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -28,7 +29,7 @@ constexpr int64_t kTileQ = 128;  // most query rows in one block
 // backward, the row loops); two neighbouring blocks merge when that saves more than it wastes.
 constexpr int64_t kBlockOverhead = 512;
 
-// One unit of work: queries [i0, i1) of a batch row and the key range [jlo, jhi) holding every
+// One query block: queries [i0, i1) of a batch row and the key range [jlo, jhi) holding every
 // key that any of them may see (jlo == jhi: none).
 struct QueryBlock {
   int64_t i0, i1, jlo, jhi;
@@ -130,8 +131,8 @@ inline MetaView make_meta(const AttnInputs& in) {
 }
 
 // Runs worker(next) on at::parallel_for's threads; next() hands out 0, 1, 2, ... from one shared
-// counter (a value >= n: no work left): units of work (a (batch, head) pair, or one query block of
-// one in the forward) go to whichever thread is free. With a static split into halves, one of the
+// counter (a value >= n: no work left): units of work (one query block of one (batch, head) pair
+// in the forward, a chunk of a pair's blocks in the backward) go to whichever thread is free. With a static split into halves, one of the
 // 2 EPYC threads sat waiting on the other (libgomp spin in perf); the forward's median was 8-11%
 // slower in three interleaved runs at B 8, H 12, N 128 (backward: within noise). Batch rows with
 // more padding also cost less. A unit is still computed by one thread alone, so results do not
@@ -168,10 +169,13 @@ inline std::vector<BlockItem> forward_items(const MetaView& meta, int64_t B, int
 // chunks. A block's dQ rows are its own, but every block of a pair adds to the pair's dK and dV:
 // with one chunk per pair (the common case, B * H >= kBackwardUnits) a unit writes them straight
 // into the output; with more, each chunk accumulates into its own float32 buffer and the chunks
-// are summed in chunk order afterwards. splits depends on the shape only, never on the thread
-// count, so the gradients are the same bits with any number of threads. A split costs that
-// buffer and the summing pass: on the 4M decoder pattern at B 8, H 6, N 128 (2 chunks) the
-// backward took 39-40 us per pair against 28-31 us unsplit, so from 16 pairs there is one chunk.
+// are summed in chunk order afterwards. splits depends on the shape and the mask's block count,
+// never on the thread count, so on fourm_fast's own GEMM kernels the gradients are the same bits
+// with any number of threads (not where sgemm_rows hands a product to BLAS: the portable ISA, or
+// a sum over more than kSmallGemmMaxK terms). The price is paid on any machine: a split costs
+// the buffers and the summing pass, which a CPU with no idle threads gains nothing for. On the
+// 4M decoder pattern at B 8, H 6, N 128 (2 chunks) the backward took 39-40 us per pair against
+// 28-31 us unsplit, so from 16 pairs there is one chunk.
 constexpr int64_t kBackwardUnits = 16;         // units that keep a 16-core CPU busy
 constexpr int64_t kMaxSplitBytes = 256 << 20;  // most memory the chunk buffers may take
 
