@@ -62,12 +62,14 @@ def test_low_precision_cosine_ranks_codes_rounded_to_input_dtype(dtype):
     assert (excess <= tol).all(), f"worst excess {float((excess - tol).max())}"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("metric", ["l2", "cosine"])
-def test_exact_ties_go_to_smallest_index(cpu_isa, metric):
-    # Integer-valued data keeps every fp32 sum exact, so ties are real ties.
-    base = torch.randint(-3, 4, (11, 8)).float()
+def test_exact_ties_go_to_smallest_index(cpu_isa, metric, dtype):
+    # Integer-valued data keeps every fp32 sum exact, so ties are real ties (bfloat16: the AMX
+    # search where the CPU has it, whose lanes each see their codes in increasing order).
+    base = torch.randint(-3, 4, (11, 8)).to(dtype)
     cb = torch.cat([base, base, base])  # every code appears three times
-    x = torch.randint(-3, 4, (301, 8)).float()
+    x = torch.randint(-3, 4, (301, 8)).to(dtype)
     idx, _ = vq_lookup(x, cb, metric)
     ref_idx, _ = vq_lookup_reference(x, cb, metric)
     assert (idx < 11).all()
@@ -75,28 +77,31 @@ def test_exact_ties_go_to_smallest_index(cpu_isa, metric):
         assert torch.equal(idx, ref_idx)
 
 
-def test_all_codes_equal_picks_zero(cpu_isa):
-    cb = torch.ones(1031, 5)
-    idx, dist = vq_lookup(torch.randn(40, 5), cb)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_all_codes_equal_picks_zero(cpu_isa, dtype):
+    cb = torch.ones(1031, 5, dtype=dtype)
+    idx, dist = vq_lookup(torch.randn(40, 5).to(dtype), cb)
     assert (idx == 0).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("metric", ["l2", "cosine"])
-def test_leading_dims_and_strides(metric):
-    big = torch.randn(4, 6, 10, 64)
+def test_leading_dims_and_strides(metric, dtype):
+    big = torch.randn(4, 6, 10, 64).to(dtype)
     x = big[:, ::2, 1:8, :]  # non-contiguous leading dims
-    cb = torch.randn(64, 150).T  # (150, 64) column-major codebook
+    cb = torch.randn(64, 150).to(dtype).T  # (150, 64) column-major codebook
     idx, dist = vq_lookup(x, cb, metric)
     assert idx.shape == (4, 3, 7)
-    assert_vq_matches_reference(x, cb, metric, idx, dist)
+    assert_vq_matches_reference(x, cb, metric, idx, dist, code_rounding=code_rounding(dtype, metric))
     idx2, dist2 = vq_lookup(x.contiguous(), cb.contiguous(), metric)
     assert torch.equal(idx, idx2)
     torch.testing.assert_close(dist, dist2, rtol=0, atol=0)
 
 
-def test_transposed_rows():
-    x = torch.randn(32, 500).T  # (500, 32), row stride 1
-    cb = torch.randn(1031, 32)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_transposed_rows(dtype):
+    x = torch.randn(32, 500).to(dtype).T  # (500, 32), row stride 1
+    cb = torch.randn(1031, 32).to(dtype)
     idx, dist = vq_lookup(x, cb)
     assert_vq_matches_reference(x, cb, "l2", idx, dist)
 
@@ -114,33 +119,61 @@ def test_one_dim_x_is_a_single_row():
     assert idx.shape == () and int(idx) == 3 and float(dist) == 0.0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("metric", ["l2", "cosine"])
-def test_nonfinite_rows_get_minus_one(cpu_isa, metric):
-    x = torch.randn(50, 16)
+def test_nonfinite_rows_get_minus_one(cpu_isa, metric, dtype):
+    x = torch.randn(50, 16).to(dtype)
     x[3, 5] = float("nan")
     x[7, 0] = float("inf")
     x[11, 15] = -float("inf")
-    cb = torch.randn(100, 16)
+    cb = torch.randn(100, 16).to(dtype)
     idx, dist = vq_lookup(x, cb, metric)
     bad = torch.zeros(50, dtype=torch.bool)
     bad[[3, 7, 11]] = True
     assert (idx[bad] == -1).all() and torch.isnan(dist[bad]).all()
     assert (idx[~bad] >= 0).all() and torch.isfinite(dist[~bad]).all()
-    assert_vq_matches_reference(x, cb, metric, idx, dist)
+    assert_vq_matches_reference(x, cb, metric, idx, dist, code_rounding=code_rounding(dtype, metric))
     with pytest.raises(IndexError, match="NaN or inf"):
         vq_dequantize(idx, cb)
 
 
-def test_nonfinite_codes_are_never_chosen(cpu_isa):
-    cb = torch.randn(40, 8)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nonfinite_codes_are_never_chosen(cpu_isa, dtype):
+    cb = torch.randn(40, 8).to(dtype)
     x = cb[[5, 6, 7]].clone()  # exact matches of codes 5, 6, 7
     cb[5, 0] = float("nan")
     cb[6, 3] = float("inf")
     idx, dist = vq_lookup(x, cb)
     assert (idx != 5).all() and (idx != 6).all() and int(idx[2]) == 7
-    cb_all_bad = torch.full((4, 8), float("nan"))
+    cb_all_bad = torch.full((4, 8), float("nan"), dtype=dtype)
     idx, dist = vq_lookup(x, cb_all_bad)
     assert (idx == -1).all() and torch.isnan(dist).all()
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("N,K,D", [(301, 1031, 256), (67, 4099, 32), (33, 100, 20)])
+def test_bfloat16_searches_agree(N, K, D, metric):
+    """bfloat16 rows and codes: the AMX search (ISA auto, where the CPU has AMX) and the
+    float32-widening search (ISA code 3, or the AVX2 code on CPUs without AVX-512) each pick a code
+    within the float64 bound; on integer-valued data every sum is exact in both, so their picks,
+    ties included, are the same codes."""
+    from fourm_fast._extension import extension
+
+    x = torch.randn(N, D).bfloat16()
+    cb = torch.randn(K, D).bfloat16()
+    xi, cbi = torch.randint(-3, 4, (N, D)).bfloat16(), torch.randint(-3, 4, (K, D)).bfloat16()
+    widening = 3 if extension().build_info()["cpu_kernel"].startswith("avx512") else 1
+    picks = {}
+    for isa in (0, widening):
+        extension()._set_cpu_isa(isa)
+        try:
+            idx, dist = vq_lookup(x, cb, metric)
+            assert_vq_matches_reference(x, cb, metric, idx, dist, code_rounding=code_rounding(torch.bfloat16, metric))
+            picks[isa] = vq_lookup(xi, cbi, "l2")
+        finally:
+            extension()._set_cpu_isa(0)
+    assert torch.equal(picks[0][0], picks[widening][0])
+    assert torch.equal(picks[0][1], picks[widening][1])  # the distance of a code is computed exactly
 
 
 def test_bad_inputs_raise_clear_errors():

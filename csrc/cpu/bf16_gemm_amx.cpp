@@ -19,6 +19,7 @@
 
 #include <cstring>
 
+#include "amx_tiles.h"
 #include "bf16_gemm.h"
 
 // Only intrinsics and plain loops here, no std:: templates (see small_gemm_avx2.cpp).
@@ -158,67 +159,6 @@ void pack_b(const Bf16GemmOperand& b, int64_t n, int64_t k, int64_t n16, int64_t
   }
 }
 
-// The 64-byte tile configuration (palette 1): tiles 0-3 accumulators, 4-5 A, 6-7 B, each 16 rows
-// of 64 bytes.
-struct TileConfig {
-  uint8_t palette, start_row, reserved[14];
-  uint16_t colsb[16];
-  uint8_t rows[16];
-};
-
-void load_tile_config() {
-  TileConfig cfg;
-  std::memset(&cfg, 0, sizeof cfg);
-  cfg.palette = 1;
-  for (int t = 0; t < 8; ++t) {
-    cfg.colsb[t] = 64;
-    cfg.rows[t] = 16;
-  }
-  _tile_loadconfig(&cfg);
-}
-
-// One (16 MT) x (16 NT) block of C += op(A) op(B) (C read first when load_c, else 0) with C's
-// rows at out, out_ld bytes apart: a0 / a1 are the A tiles' rows (16 each) of the block's two
-// row groups, lda0 / lda1 bytes apart; bp is the block's first word column of Bp.
-template <int MT, int NT>
-void block(const void* a0, int64_t lda0, const void* a1, int64_t lda1, int64_t k32, const uint32_t* bp, int64_t n16,
-           float* out, int64_t out_ld, bool load_c) {
-  const int64_t ldb = n16 * 4;  // bytes
-  const char* c0 = reinterpret_cast<const char*>(a0);
-  const char* c1 = reinterpret_cast<const char*>(a1);
-  char* o = reinterpret_cast<char*>(out);
-  if (load_c) {
-    _tile_loadd(0, o, out_ld);
-    if (NT > 1) _tile_loadd(1, o + 64, out_ld);
-    if (MT > 1) _tile_loadd(2, o + 16 * out_ld, out_ld);
-    if (MT > 1 && NT > 1) _tile_loadd(3, o + 16 * out_ld + 64, out_ld);
-  } else {
-    _tile_zero(0);
-    if (NT > 1) _tile_zero(1);
-    if (MT > 1) _tile_zero(2);
-    if (MT > 1 && NT > 1) _tile_zero(3);
-  }
-  for (int64_t kk = 0; kk < k32; kk += 32) {
-    const uint32_t* bk = bp + (kk / 2) * n16;
-    _tile_loadd(4, c0 + kk * 2, lda0);
-    _tile_loadd(6, bk, ldb);
-    _tile_dpbf16ps(0, 4, 6);
-    if (NT > 1) {
-      _tile_loadd(7, bk + 16, ldb);
-      _tile_dpbf16ps(1, 4, 7);
-    }
-    if (MT > 1) {
-      _tile_loadd(5, c1 + kk * 2, lda1);
-      _tile_dpbf16ps(2, 5, 6);
-      if (NT > 1) _tile_dpbf16ps(3, 5, 7);
-    }
-  }
-  _tile_stored(0, o, out_ld);
-  if (NT > 1) _tile_stored(1, o + 64, out_ld);
-  if (MT > 1) _tile_stored(2, o + 16 * out_ld, out_ld);
-  if (MT > 1 && NT > 1) _tile_stored(3, o + 16 * out_ld + 64, out_ld);
-}
-
 }  // namespace
 
 size_t bf16_gemm_scratch_bytes(int64_t m, int64_t n, int64_t k) {
@@ -265,15 +205,8 @@ void bf16_gemm_amx(int64_t m, int64_t n, int64_t k, float alpha, const Bf16GemmO
       float* out = direct ? c + i0 * ldc + j0 : cs;
       const int64_t out_ld = direct ? ldc * 4 : kBlock * 4;
       const bool load_c = direct && beta == 1.0f;
-      if (mt == 2 && nt == 2) {
-        block<2, 2>(a0, lda0, a1, lda1, k32, bb, n16, out, out_ld, load_c);
-      } else if (mt == 2) {
-        block<2, 1>(a0, lda0, a1, lda1, k32, bb, n16, out, out_ld, load_c);
-      } else if (nt == 2) {
-        block<1, 2>(a0, lda0, a1, lda1, k32, bb, n16, out, out_ld, load_c);
-      } else {
-        block<1, 1>(a0, lda0, a1, lda1, k32, bb, n16, out, out_ld, load_c);
-      }
+      const AmxOperands ops{a0, lda0, a1, lda1, bb, bb + 16, n16 * 4, k32};
+      amx_block(mt, nt, ops, out, out_ld, load_c);
       if (direct) continue;
       // C = alpha * block + beta * C on the block's real rows and columns (beta 0: C unread)
       const int64_t rows = m - i0 < kBlock ? m - i0 : kBlock;

@@ -1,12 +1,14 @@
 // CPU executor of vq_lookup: a register-blocked GEMM (6 rows x 16 codes per micro-kernel call,
 // fp32 FMA) whose epilogue turns dot products into scores (csrc/kernels/vq_math.h) and folds them
 // into a running per-lane argmin, so the N x K distance matrix never exists. Rows are processed in
-// blocks sized for L2 and spread over threads with at::parallel_for.
+// blocks sized for L2 and spread over threads with at::parallel_for. bfloat16 inputs on a CPU
+// with AMX take the same scheme on AMX tiles (vq_amx.h).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <type_traits>
 #include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -17,6 +19,7 @@
 #include "../kernels/vq_math.h"
 #include "../vq_checks.h"
 #include "cpu_isa.h"
+#include "vq_amx.h"
 
 namespace fourm_fast {
 namespace {
@@ -179,6 +182,54 @@ PackedCodebook pack_codebook(const at::Tensor& codebook, VqMetric metric) {
   return packed;
 }
 
+#ifdef FOURM_FAST_WITH_AMX
+// bfloat16 rows and codes on AMX tiles (vq_amx.h): the same prepared codebook (its float32 panels
+// recast into the tiles' pair layout), blocks of rows spread over threads, the same finalisation.
+constexpr int64_t kAmxRowsPerBlock = 256;  // a multiple of 32; 16 KiB of lane minima per block
+
+void vq_lookup_amx(const at::Tensor& x2, const at::Tensor& codebook, const PackedCodebook& packed, VqMetric metric,
+                   int64_t* out_index, float* out_distance) {
+  const at::Tensor xc = x2.stride(1) == 1 ? x2 : x2.contiguous();
+  const int64_t N = xc.size(0), D = xc.size(1), xs0 = xc.stride(0);
+  const int64_t cs0 = codebook.stride(0), cs1 = codebook.stride(1);
+  const c10::BFloat16* x = xc.const_data_ptr<c10::BFloat16>();
+  const c10::BFloat16* cb = codebook.const_data_ptr<c10::BFloat16>();
+  std::vector<uint32_t> codes(vq_amx_codebook_words(packed.panels, D));
+  vq_amx_pack_codebook(packed.values.const_data_ptr<float>(), packed.panels, D, codes.data());
+  const float* pbias = packed.bias.const_data_ptr<float>();
+  const float scale = kernels::vq_score_scale(metric);
+  const int64_t num_blocks = (N + kAmxRowsPerBlock - 1) / kAmxRowsPerBlock;
+  at::parallel_for(0, num_blocks, 1, [&](int64_t blk0, int64_t blk1) {
+    std::vector<char> scratch(vq_search_amx_scratch_bytes(kAmxRowsPerBlock, D) + 64);
+    void* aligned = scratch.data() + (64 - reinterpret_cast<uintptr_t>(scratch.data()) % 64) % 64;
+    std::vector<VqLaneBest16> best(static_cast<size_t>(kAmxRowsPerBlock));
+    for (int64_t blk = blk0; blk < blk1; ++blk) {
+      const int64_t r0 = blk * kAmxRowsPerBlock, rows = std::min(kAmxRowsPerBlock, N - r0);
+      for (int64_t i = 0; i < rows; ++i) {
+        for (int l = 0; l < 16; ++l) {
+          best[i].score[l] = kernels::positive_infinity_f32();
+          best[i].index[l] = -1;
+        }
+      }
+      vq_search_amx(reinterpret_cast<const uint16_t*>(x + r0 * xs0), xs0, rows, D, codes.data(), pbias, packed.panels,
+                    scale, best.data(), aligned);
+      for (int64_t i = 0; i < rows; ++i) {
+        float bs = kernels::positive_infinity_f32();
+        int64_t bi = -1;
+        for (int l = 0; l < 16; ++l) {
+          if (kernels::vq_better(best[i].score[l], best[i].index[l], bs, bi)) {
+            bs = best[i].score[l];
+            bi = best[i].index[l];
+          }
+        }
+        kernels::vq_finalize_row(x + (r0 + i) * xs0, 1, cb, cs0, cs1, D, bi, metric, out_index + r0 + i,
+                                 out_distance + r0 + i);
+      }
+    }
+  });
+}
+#endif
+
 template <typename scalar_t>
 void vq_lookup_cpu_impl(const at::Tensor& x2, const at::Tensor& codebook, VqMetric metric,
                         int64_t* out_index, float* out_distance) {
@@ -189,6 +240,14 @@ void vq_lookup_cpu_impl(const at::Tensor& x2, const at::Tensor& codebook, VqMetr
   const scalar_t* cb = codebook.const_data_ptr<scalar_t>();
 
   const PackedCodebook packed = pack_codebook<scalar_t>(codebook, metric);
+#ifdef FOURM_FAST_WITH_AMX
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    if (cpu_isa_allows_amx()) {
+      vq_lookup_amx(x2, codebook, packed, metric, out_index, out_distance);
+      return;
+    }
+  }
+#endif
   const float* pvalues = packed.values.const_data_ptr<float>();
   const float* pbias = packed.bias.const_data_ptr<float>();
   const float scale = kernels::vq_score_scale(metric);

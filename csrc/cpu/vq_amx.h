@@ -1,0 +1,39 @@
+// The bfloat16 vq_lookup search on Intel AMX tiles (vq_search_amx.cpp), called by vq_cpu.cpp.
+//
+// The float32 search (vq_cpu.cpp) widens bfloat16 rows and codes and multiplies them with FMAs;
+// here the tiles take them as they are: products of two bfloat16 values are exact in float32 and
+// accumulate in float32, as the float32 search's, only in another order (and with subnormal
+// values counted as zero, as TDPBF16PS does). Each 16 x 16 block of dot products becomes scores
+// (kernels::vq_score's single fused multiply-add) folded into a running per-lane minimum, so the
+// N x K matrix never exists.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace fourm_fast {
+
+// Best score and index per lane for one row: lane l sees codes l, l + 16, l + 32, ... in
+// increasing order, and a strict '<' keeps the first of equal scores.
+struct alignas(64) VqLaneBest16 {
+  float score[16];
+  int32_t index[16];
+};
+
+// Words of the codebook in the tiles' pair layout: [panel][k32 / 2][16], word (q, c) =
+// code c's values 2q and 2q + 1 as bfloat16 bits (low, high), k32 = D rounded up to 32.
+size_t vq_amx_codebook_words(int64_t panels, int64_t D);
+
+// float32 code panels [panel][D][16] (values exact in bfloat16) -> the pair layout.
+void vq_amx_pack_codebook(const float* panels_f32, int64_t panels, int64_t D, uint32_t* out);
+
+// Bytes of scratch vq_search_amx needs for up to `rows` rows.
+size_t vq_search_amx_scratch_bytes(int64_t rows, int64_t D);
+
+// Rows [0, rows) of x (bfloat16 bits, row stride xs0, unit stride along D) against every code
+// panel: best[r] folds in score = fma(scale, <x_r, c>, bias[c]) of each code c. best holds rows
+// entries, initialised by the caller; scratch 64-byte aligned. Only where cpu_isa_allows_amx().
+void vq_search_amx(const uint16_t* x, int64_t xs0, int64_t rows, int64_t D, const uint32_t* codes,
+                   const float* bias, int64_t panels, float scale, VqLaneBest16* best, void* scratch);
+
+}  // namespace fourm_fast
