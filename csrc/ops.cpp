@@ -139,6 +139,34 @@ PyObject* cpu_exp(PyObject*, PyObject* arg) {
   Py_RETURN_NONE;
 }
 
+// The buffers of a GEMM test hook: A, B (C-contiguous 2-D, read) and C (C-contiguous 2-D,
+// written), released with the object; the sizes of C = op(A) op(B) once shapes() agreed.
+struct GemmHookBuffers {
+  Py_buffer a{}, b{}, c{};
+  int64_t m = 0, n = 0, k = 0;
+  ~GemmHookBuffers() {
+    if (a.obj) PyBuffer_Release(&a);
+    if (b.obj) PyBuffer_Release(&b);
+    if (c.obj) PyBuffer_Release(&c);
+  }
+  bool get(PyObject* ao, PyObject* bo, PyObject* co) {
+    const int flags = PyBUF_C_CONTIGUOUS | PyBUF_FORMAT;
+    return PyObject_GetBuffer(ao, &a, flags) == 0 && PyObject_GetBuffer(bo, &b, flags) == 0 &&
+           PyObject_GetBuffer(co, &c, flags | PyBUF_WRITABLE) == 0;
+  }
+  static bool is(const Py_buffer& v, int itemsize, const char* format) {
+    return v.ndim == 2 && v.itemsize == itemsize && v.format != nullptr && std::string(v.format) == format;
+  }
+  // op(A) = A^T when trans_a (A stored k x m), op(B) = B^T when trans_b (B stored n x k).
+  bool shapes(bool trans_a, bool trans_b) {
+    m = trans_a ? a.shape[1] : a.shape[0];
+    k = trans_a ? a.shape[0] : a.shape[1];
+    n = trans_b ? b.shape[0] : b.shape[1];
+    const int64_t kb = trans_b ? b.shape[1] : b.shape[0];
+    return kb == k && c.shape[0] == m && c.shape[1] == n;
+  }
+};
+
 // Test hook: sgemm_rows (cpu_gemm.h) over numpy float32 matrices, C = alpha op(A) op(B) + beta C,
 // each C-contiguous 2-D with its stored shape (op(A) = A^T when trans_a: A stored k x m).
 PyObject* sgemm_rows_hook(PyObject*, PyObject* args) {
@@ -146,36 +174,19 @@ PyObject* sgemm_rows_hook(PyObject*, PyObject* args) {
   float alpha = 1.0f, beta = 0.0f;
   PyObject *ao = nullptr, *bo = nullptr, *co = nullptr;
   if (!PyArg_ParseTuple(args, "ppfOOfO", &trans_a, &trans_b, &alpha, &ao, &bo, &beta, &co)) return nullptr;
-  Py_buffer a{}, b{}, c{};
-  auto release = [&] {
-    if (a.obj) PyBuffer_Release(&a);
-    if (b.obj) PyBuffer_Release(&b);
-    if (c.obj) PyBuffer_Release(&c);
-  };
-  const int flags = PyBUF_C_CONTIGUOUS | PyBUF_FORMAT;
-  if (PyObject_GetBuffer(ao, &a, flags) != 0 || PyObject_GetBuffer(bo, &b, flags) != 0 ||
-      PyObject_GetBuffer(co, &c, flags | PyBUF_WRITABLE) != 0) {
-    release();
-    return nullptr;
-  }
-  auto is_matrix = [](const Py_buffer& v) {
-    return v.ndim == 2 && v.itemsize == 4 && v.format != nullptr && std::string(v.format) == "f";
-  };
-  if (!is_matrix(a) || !is_matrix(b) || !is_matrix(c)) {
-    release();
+  GemmHookBuffers g;
+  if (!g.get(ao, bo, co)) return nullptr;
+  if (!GemmHookBuffers::is(g.a, 4, "f") || !GemmHookBuffers::is(g.b, 4, "f") || !GemmHookBuffers::is(g.c, 4, "f")) {
     PyErr_SetString(PyExc_TypeError, "_sgemm_rows: A, B and C must be C-contiguous 2-D float32 arrays");
     return nullptr;
   }
-  const int64_t m = trans_a ? a.shape[1] : a.shape[0], k = trans_a ? a.shape[0] : a.shape[1];
-  const int64_t kb = trans_b ? b.shape[1] : b.shape[0], n = trans_b ? b.shape[0] : b.shape[1];
-  if (kb != k || c.shape[0] != m || c.shape[1] != n) {
-    release();
+  if (!g.shapes(trans_a != 0, trans_b != 0)) {
     PyErr_SetString(PyExc_ValueError, "_sgemm_rows: shapes of op(A), op(B) and C do not agree");
     return nullptr;
   }
-  fourm_fast::sgemm_rows(trans_a != 0, trans_b != 0, m, n, k, alpha, static_cast<const float*>(a.buf), a.shape[1],
-                         static_cast<const float*>(b.buf), b.shape[1], beta, static_cast<float*>(c.buf), n);
-  release();
+  fourm_fast::sgemm_rows(trans_a != 0, trans_b != 0, g.m, g.n, g.k, alpha, static_cast<const float*>(g.a.buf),
+                         g.a.shape[1], static_cast<const float*>(g.b.buf), g.b.shape[1], beta,
+                         static_cast<float*>(g.c.buf), g.n);
   Py_RETURN_NONE;
 }
 
@@ -198,38 +209,22 @@ PyObject* bf16_gemm_hook(PyObject*, PyObject* args) {
     PyErr_SetString(PyExc_RuntimeError, "_bf16_gemm: the AMX kernels are not available (CPU or ISA override)");
     return nullptr;
   }
-  Py_buffer a{}, b{}, c{};
-  auto release = [&] {
-    if (a.obj) PyBuffer_Release(&a);
-    if (b.obj) PyBuffer_Release(&b);
-    if (c.obj) PyBuffer_Release(&c);
-  };
-  const int flags = PyBUF_C_CONTIGUOUS | PyBUF_FORMAT;
-  if (PyObject_GetBuffer(ao, &a, flags) != 0 || PyObject_GetBuffer(bo, &b, flags) != 0 ||
-      PyObject_GetBuffer(co, &c, flags | PyBUF_WRITABLE) != 0) {
-    release();
-    return nullptr;
-  }
-  auto format = [](const Py_buffer& v) { return v.format != nullptr ? std::string(v.format) : std::string(); };
-  auto operand = [&](const Py_buffer& v) { return v.ndim == 2 && ((v.itemsize == 4 && format(v) == "f") || (v.itemsize == 2 && format(v) == "H")); };
-  if (!operand(a) || !operand(b) || c.ndim != 2 || c.itemsize != 4 || format(c) != "f") {
-    release();
+  GemmHookBuffers g;
+  if (!g.get(ao, bo, co)) return nullptr;
+  auto operand = [](const Py_buffer& v) { return GemmHookBuffers::is(v, 4, "f") || GemmHookBuffers::is(v, 2, "H"); };
+  if (!operand(g.a) || !operand(g.b) || !GemmHookBuffers::is(g.c, 4, "f")) {
     PyErr_SetString(PyExc_TypeError, "_bf16_gemm: A, B must be C-contiguous 2-D float32 or uint16 (bfloat16 bits) arrays, C float32");
     return nullptr;
   }
-  const int64_t m = trans_a ? a.shape[1] : a.shape[0], k = trans_a ? a.shape[0] : a.shape[1];
-  const int64_t kb = trans_b ? b.shape[1] : b.shape[0], n = trans_b ? b.shape[0] : b.shape[1];
-  if (kb != k || c.shape[0] != m || c.shape[1] != n) {
-    release();
+  if (!g.shapes(trans_a != 0, trans_b != 0)) {
     PyErr_SetString(PyExc_ValueError, "_bf16_gemm: shapes of op(A), op(B) and C do not agree");
     return nullptr;
   }
-  const fourm_fast::Bf16GemmOperand A{a.buf, a.shape[1], trans_a != 0, a.itemsize == 4, scale_a},
-      B{b.buf, b.shape[1], trans_b != 0, b.itemsize == 4, scale_b};
-  std::vector<char> scratch(fourm_fast::bf16_gemm_scratch_bytes(m, n, k) + 64);
+  const fourm_fast::Bf16GemmOperand A{g.a.buf, g.a.shape[1], trans_a != 0, g.a.itemsize == 4, scale_a},
+      B{g.b.buf, g.b.shape[1], trans_b != 0, g.b.itemsize == 4, scale_b};
+  std::vector<char> scratch(fourm_fast::bf16_gemm_scratch_bytes(g.m, g.n, g.k) + 64);
   void* aligned = scratch.data() + (64 - reinterpret_cast<uintptr_t>(scratch.data()) % 64) % 64;
-  fourm_fast::bf16_gemm_amx(m, n, k, alpha, A, B, beta, static_cast<float*>(c.buf), n, aligned);
-  release();
+  fourm_fast::bf16_gemm_amx(g.m, g.n, g.k, alpha, A, B, beta, static_cast<float*>(g.c.buf), g.n, aligned);
   Py_RETURN_NONE;
 #endif
 }

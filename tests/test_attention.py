@@ -7,20 +7,11 @@ import torch
 from fourm_fast.ops import masked_attention
 from fourm_fast.ops.attention import select_backend, AttentionInputs
 from fourm_fast.reference.attention import decoder_metadata_4m, masked_attention_reference, visible_mask
-from attention_layouts import decoder_layout_metadata
+from attention_layouts import decoder_layout_metadata, outputs_at_thread_counts, random_metadata
 from parity import load_json, load_safetensors
 
 
-def _metadata(B, Nq, Nk, kind, gen):
-    k_valid = torch.rand(B, Nk, generator=gen) > 0.2
-    meta = dict(q_segment=None, k_segment=None, q_limit=None, k_rank=None)
-    if kind in ("segments", "both"):
-        meta["q_segment"] = torch.randint(0, 4, (B, Nq), generator=gen, dtype=torch.int32)
-        meta["k_segment"] = torch.randint(0, 3, (B, Nk), generator=gen, dtype=torch.int32)  # segment 3: empty
-    if kind in ("ranks", "both"):
-        meta["k_rank"] = torch.arange(Nk, dtype=torch.int32).expand(B, Nk).contiguous()
-        meta["q_limit"] = torch.randint(-1, Nk, (B, Nq), generator=gen, dtype=torch.int32)
-    return k_valid, meta
+_metadata = random_metadata
 
 
 def _check(q, k, v, k_valid, meta, atol, g=None):
@@ -114,16 +105,7 @@ def test_gradients_do_not_depend_on_the_thread_count(B, H, N, cpu_isa):
     k_valid, meta = _metadata(B, N, N, "both", gen)
     meta["q_segment"] = meta["q_segment"].sort(dim=1).values  # runs of one segment: several blocks
     meta["k_segment"] = meta["k_segment"].sort(dim=1).values
-    threads = torch.get_num_threads()
-    results = []
-    try:
-        for n in (1, 2):
-            torch.set_num_threads(n)
-            qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
-            out = masked_attention(qq, kk, vv, k_valid, **meta)
-            results.append((out, *torch.autograd.grad(out, (qq, kk, vv), g)))
-    finally:
-        torch.set_num_threads(threads)
+    results = outputs_at_thread_counts(q, k, v, k_valid, meta, g)
     for name, a, b in zip(("out", "dq", "dk", "dv"), *results):
         if cpu_isa == "generic":
             torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=lambda m: f"{name}: {m}")

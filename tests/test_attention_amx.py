@@ -11,6 +11,7 @@ import torch
 from fourm_fast._extension import extension
 from fourm_fast.ops import masked_attention
 from fourm_fast.reference.attention import masked_attention_reference
+from attention_layouts import outputs_at_thread_counts, random_metadata
 
 pytestmark = pytest.mark.skipif(extension().build_info()["cpu_kernel"] != "avx512+amx",
                                 reason="this CPU (or its kernel) offers no AMX-BF16")
@@ -100,14 +101,7 @@ def _inputs(B, H, Nq, Nk, d, kind, seed):
     gen = torch.Generator().manual_seed(seed)
     q = torch.randn(B, H, Nq, d, generator=gen).bfloat16()
     k, v = (torch.randn(B, H, Nk, d, generator=gen).bfloat16() for _ in range(2))
-    k_valid = torch.rand(B, Nk, generator=gen) > 0.2
-    meta = dict(q_segment=None, k_segment=None, q_limit=None, k_rank=None)
-    if kind in ("segments", "both"):
-        meta["q_segment"] = torch.randint(0, 4, (B, Nq), generator=gen, dtype=torch.int32)
-        meta["k_segment"] = torch.randint(0, 3, (B, Nk), generator=gen, dtype=torch.int32)  # segment 3: empty
-    if kind in ("ranks", "both"):
-        meta["k_rank"] = torch.arange(Nk, dtype=torch.int32).expand(B, Nk).contiguous()
-        meta["q_limit"] = torch.randint(-1, Nk, (B, Nq), generator=gen, dtype=torch.int32)
+    k_valid, meta = random_metadata(B, Nq, Nk, kind, gen)
     g = torch.randn(B, H, Nq, d, generator=gen).bfloat16()
     return q, k, v, k_valid, meta, g
 
@@ -227,16 +221,7 @@ def test_gradients_do_not_depend_on_the_thread_count(B, H, N):
     q, k, v, k_valid, meta, g = _inputs(B, H, N, N, 32, "both", seed=29)
     meta["q_segment"] = meta["q_segment"].sort(dim=1).values
     meta["k_segment"] = meta["k_segment"].sort(dim=1).values
-    threads = torch.get_num_threads()
-    results = []
-    try:
-        for n in (1, 2):
-            torch.set_num_threads(n)
-            qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
-            out = masked_attention(qq, kk, vv, k_valid, **meta)
-            results.append((out, *torch.autograd.grad(out, (qq, kk, vv), g)))
-    finally:
-        torch.set_num_threads(threads)
+    results = outputs_at_thread_counts(q, k, v, k_valid, meta, g)
     for name, a, b in zip(("out", "dq", "dk", "dv"), *results):
         assert torch.equal(a, b), f"{name} differs between 1 and 2 threads"
     _check_flash_rule(q, k, v, k_valid, meta, g)

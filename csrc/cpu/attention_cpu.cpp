@@ -91,26 +91,8 @@ inline void axpy_lanes(float* __restrict acc, float w, const T* __restrict x, in
 // 1042-1468 against 2305-3118).
 constexpr int64_t kDirectMaxQ = 1;
 
-// float32 (B, H, N, D) whose rows are unit-stride and do not overlap -> the input itself (any batch,
-// head and row strides: nn.Attention's q, k, v are views into one qkv projection, its grad_out a
-// transposed view), else a contiguous float32 copy. Reading views in place saves a copy of each
-// operand in the forward and again in the backward.
-at::Tensor float_rows(const at::Tensor& t) {
-  at::Tensor f = t.detach().to(at::kFloat);
-  const bool rows_ok = f.stride(3) == 1 && (f.size(2) <= 1 || f.stride(2) >= f.size(3));
-  return rows_ok ? f : f.contiguous();
-}
-
-// Row r of pair (b, h) is at(b, h) + r * ld; ld is a valid GEMM leading dimension (>= D).
-struct RowsView {
-  const float* base;
-  int64_t sb, sh, ld;
-  const float* at(int64_t b, int64_t h) const { return base + b * sb + h * sh; }
-};
-
-RowsView rows_view(const at::Tensor& f) {
-  return {f.const_data_ptr<float>(), f.stride(0), f.stride(1), f.size(2) <= 1 ? f.size(3) : f.stride(2)};
-}
+// float32 copies (or the inputs themselves) for the float32 tiles: see tile_rows.
+at::Tensor float_rows(const at::Tensor& t) { return tile_rows(t, at::kFloat); }
 
 // Forward for few queries (an autoregressive decoding step), straight from the strided inputs:
 // per query, the list of its visible keys, their scores and max, then exp-weights and the
@@ -193,7 +175,7 @@ std::tuple<at::Tensor, at::Tensor> masked_attention_fwd_cpu(
 #endif
   const at::Tensor qf = float_rows(q), kf = float_rows(k), vf = float_rows(v);
   const int64_t D = in.D, Nq = in.Nq, Nk = in.Nk;
-  const RowsView qv = rows_view(qf), kv = rows_view(kf), vv = rows_view(vf);
+  const RowsView<float> qv = rows_view<float>(qf), kv = rows_view<float>(kf), vv = rows_view<float>(vf);
   float* op = out.data_ptr<float>();
   float* lp = lse.data_ptr<float>();
   const AttnRowKernels rows = attn_row_kernels();
@@ -263,7 +245,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_attention_bwd_cpu(
   at::Tensor dv = at::empty({in.B, in.H, in.Nk, in.D}, q.options().dtype(at::kFloat));
   const MetaView meta = make_meta(in);
   const int64_t D = in.D, Nq = in.Nq, Nk = in.Nk;
-  const RowsView qv = rows_view(qf), kv = rows_view(kf), vv = rows_view(vf), ov = rows_view(of), gv = rows_view(gf);
+  const RowsView<float> qv = rows_view<float>(qf), kv = rows_view<float>(kf), vv = rows_view<float>(vf),
+                       ov = rows_view<float>(of), gv = rows_view<float>(gf);
   const float* lp = lf.const_data_ptr<float>();
   float *dqp = dq.data_ptr<float>(), *dkp = dk.data_ptr<float>(), *dvp = dv.data_ptr<float>();
   const AttnRowKernels rows = attn_row_kernels();

@@ -24,23 +24,7 @@ namespace {
 using namespace attn_cpu;
 using BF16 = c10::BFloat16;
 
-// bfloat16 (B, H, N, D) with unit-stride, non-overlapping rows: the input itself, else a
-// contiguous copy (as float_rows in attention_cpu.cpp, without the float32 conversion).
-at::Tensor bf16_rows(const at::Tensor& t) {
-  at::Tensor d = t.detach();
-  const bool rows_ok = d.stride(3) == 1 && (d.size(2) <= 1 || d.stride(2) >= d.size(3));
-  return rows_ok ? d : d.contiguous();
-}
-
-struct Bf16Rows {
-  const BF16* base;
-  int64_t sb, sh, ld;
-  const BF16* at(int64_t b, int64_t h) const { return base + b * sb + h * sh; }
-};
-
-Bf16Rows bf16_view(const at::Tensor& t) {
-  return {t.const_data_ptr<BF16>(), t.stride(0), t.stride(1), t.size(2) <= 1 ? t.size(3) : t.stride(2)};
-}
+at::Tensor bf16_rows(const at::Tensor& t) { return tile_rows(t, at::kBFloat16); }
 
 Bf16GemmOperand bf16_operand(const BF16* p, int64_t ld, bool trans) { return {p, ld, trans, false}; }
 Bf16GemmOperand f32_operand(const float* p, int64_t ld, bool trans, float scale = 1.0f) {
@@ -77,7 +61,7 @@ std::tuple<at::Tensor, at::Tensor> masked_attention_fwd_amx(const MetaView& meta
   const int64_t D = in.D, Nq = in.Nq, Nk = in.Nk;
   at::Tensor out = at::empty({in.B, in.H, Nq, D}, in.q.options());
   at::Tensor lse = at::empty({in.B, in.H, Nq}, in.q.options().dtype(at::kFloat));
-  const Bf16Rows qv = bf16_view(qb), kv = bf16_view(kb), vv = bf16_view(vb);
+  const RowsView<BF16> qv = rows_view<BF16>(qb), kv = rows_view<BF16>(kb), vv = rows_view<BF16>(vb);
   BF16* op = out.data_ptr<BF16>();
   float* lp = lse.data_ptr<float>();
   const AttnRowKernels rows = attn_row_kernels();
@@ -123,7 +107,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_attention_bwd_amx(const Me
   at::Tensor dq = at::empty({in.B, in.H, Nq, D}, in.q.options());
   at::Tensor dk = at::empty({in.B, in.H, Nk, D}, in.q.options());
   at::Tensor dv = at::empty({in.B, in.H, Nk, D}, in.q.options());
-  const Bf16Rows qv = bf16_view(qb), kv = bf16_view(kb), vv = bf16_view(vb), ov = bf16_view(ob), gv = bf16_view(gb);
+  const RowsView<BF16> qv = rows_view<BF16>(qb), kv = rows_view<BF16>(kb), vv = rows_view<BF16>(vb),
+                      ov = rows_view<BF16>(ob), gv = rows_view<BF16>(gb);
   const float* lp = lf.const_data_ptr<float>();
   BF16 *dqp = dq.data_ptr<BF16>(), *dkp = dk.data_ptr<BF16>(), *dvp = dv.data_ptr<BF16>();
   const AttnRowKernels rows = attn_row_kernels();

@@ -211,6 +211,29 @@ inline void zero_outside(float* dK, float* dV, const QueryBlock* first, int64_t 
   std::fill(dV + f_hi * D, dV + Nk * D, 0.0f);
 }
 
+// (B, H, N, D) t converted to dtype (a no-op when it has it) with rows the tiles can read in
+// place: unit-stride and not overlapping, at any batch, head and row strides (nn.Attention's q, k, v
+// are views into one qkv projection, its grad_out a transposed view), else a contiguous copy.
+// Reading views in place saves a copy of each operand in the forward and again in the backward.
+inline at::Tensor tile_rows(const at::Tensor& t, at::ScalarType dtype) {
+  at::Tensor d = t.detach().to(dtype);
+  const bool rows_ok = d.stride(3) == 1 && (d.size(2) <= 1 || d.stride(2) >= d.size(3));
+  return rows_ok ? d : d.contiguous();
+}
+
+// Row r of pair (b, h) is at(b, h) + r * ld; ld is a valid GEMM leading dimension (>= D).
+template <class T>
+struct RowsView {
+  const T* base;
+  int64_t sb, sh, ld;
+  const T* at(int64_t b, int64_t h) const { return base + b * sb + h * sh; }
+};
+
+template <class T>
+RowsView<T> rows_view(const at::Tensor& t) {
+  return {t.const_data_ptr<T>(), t.stride(0), t.stride(1), t.size(2) <= 1 ? t.size(3) : t.stride(2)};
+}
+
 // A block's score tile and its metadata, as the row passes take it.
 inline AttnRowTile row_tile(const MetaView& meta, int64_t b, const QueryBlock& blk, float* s, float scale, float* lse,
                      float* row_sums) {
