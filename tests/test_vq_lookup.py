@@ -151,18 +151,20 @@ def test_nonfinite_codes_are_never_chosen(cpu_isa, dtype):
 
 
 @pytest.mark.parametrize("metric", ["l2", "cosine"])
-@pytest.mark.parametrize("N,K,D", [(301, 1031, 256), (67, 4099, 32), (33, 100, 20)])
+@pytest.mark.parametrize("N,K,D", [(301, 1031, 256), (67, 4099, 32), (33, 100, 20), (257, 31, 40), (256, 17, 50)])
 def test_bfloat16_searches_agree(N, K, D, metric):
-    """bfloat16 rows and codes: the AMX search (ISA auto, where the CPU has AMX) and the
-    float32-widening search (ISA code 3, or the AVX2 code on CPUs without AVX-512) each pick a code
-    within the float64 bound; on integer-valued data every sum is exact in both, so their picks,
-    ties included, are the same codes."""
+    """bfloat16 rows and codes: the AMX search (ISA auto) and the float32-widening search (ISA code
+    3) each pick a code within the float64 bound; on integer-valued data every l2 sum is exact in
+    both, so their l2 picks, ties included, are the same codes (cosine's normalised codes are not
+    integers, so only the bound applies there)."""
     from fourm_fast._extension import extension
 
+    if extension().build_info()["cpu_kernel"] != "avx512+amx":
+        pytest.skip("no AMX on this CPU: auto runs the widening search too")
     x = torch.randn(N, D).bfloat16()
     cb = torch.randn(K, D).bfloat16()
     xi, cbi = torch.randint(-3, 4, (N, D)).bfloat16(), torch.randint(-3, 4, (K, D)).bfloat16()
-    widening = 3 if extension().build_info()["cpu_kernel"].startswith("avx512") else 1
+    widening = 3
     picks = {}
     for isa in (0, widening):
         extension()._set_cpu_isa(isa)
@@ -174,6 +176,33 @@ def test_bfloat16_searches_agree(N, K, D, metric):
             extension()._set_cpu_isa(0)
     assert torch.equal(picks[0][0], picks[widening][0])
     assert torch.equal(picks[0][1], picks[widening][1])  # the distance of a code is computed exactly
+
+
+@pytest.mark.parametrize("scale", [1e-17, 1e-20], ids=["1e-17", "1e-20"])
+def test_bfloat16_tiny_magnitudes(scale):
+    """AMX tiles flush products below 2^-126: rows and codes this small go to the float32 search
+    (vq_amx.h). An l2 pick does not change when rows and codes are scaled by one power of two
+    (exact in bfloat16), so the picks on tiny data must meet the float64 bound of the same data
+    scaled up to unit size (assert_vq_matches_reference's absolute floor of 1e-30 would pass any
+    pick at this size). Cases: tiny rows and codes; normal rows, tiny codes; tiny and normal rows,
+    tiny codes. (Near 1e-23 and below, products underflow float32 itself, in either search.)"""
+    import math
+
+    from vq_checks import score_tolerance
+    from fourm_fast.reference.vq import pairwise_distance_f64
+
+    gen = torch.Generator().manual_seed(4)
+    x = (torch.randn(200, 16, generator=gen) * scale).bfloat16()
+    cb = (torch.randn(300, 16, generator=gen) * scale).bfloat16()
+    normal = torch.randn(50, 16, generator=gen).bfloat16()
+    for xs, cs in ((x, cb), (normal, cb), (torch.cat([x[:50], normal]), cb)):
+        idx, _ = vq_lookup(xs, cs, "l2")
+        up = 2.0 ** -math.floor(math.log2(float(cs.float().abs().max())))
+        xu, cu = (xs.double() * up), (cs.double() * up)
+        full = pairwise_distance_f64(xu, cu, "l2")
+        excess = full.gather(1, idx[:, None])[:, 0] - full.min(1).values
+        tol = score_tolerance(xu, cu, "l2")
+        assert (excess <= tol).all(), f"{int((excess > tol).sum())} of {len(idx)} rows picked a farther code"
 
 
 def test_bad_inputs_raise_clear_errors():

@@ -2,10 +2,15 @@
 //
 // The float32 search (vq_cpu.cpp) widens bfloat16 rows and codes and multiplies them with FMAs;
 // here the tiles take them as they are: products of two bfloat16 values are exact in float32 and
-// accumulate in float32, as the float32 search's, only in another order (and with subnormal
-// values counted as zero, as TDPBF16PS does). Each 16 x 16 block of dot products becomes scores
-// (kernels::vq_score's single fused multiply-add) folded into a running per-lane minimum, so the
-// N x K matrix never exists.
+// accumulate in float32, as the float32 search's, only in another order. Each 32 x 32 block of
+// dot products becomes scores (kernels::vq_score's single fused multiply-add) folded into a
+// running per-lane minimum, so the N x K matrix never exists.
+//
+// TDPBF16PS flushes subnormal inputs, products and sums to zero: each flush loses less than
+// 2^-126 of a score. That stays inside the float32 search's own error bound, (D + 2) u |x| |c|,
+// as long as no nonzero row or code has all its values below kVqAmxMinMagnitude (2^-50);
+// vq_cpu.cpp checks both (vq_amx_rows_in_range, vq_amx_codes_in_range) and otherwise runs the
+// float32 search (a review found bfloat16 data at 1e-20 picking wrong codes on the tiles).
 #pragma once
 
 #include <cstddef>
@@ -19,6 +24,16 @@ struct alignas(64) VqLaneBest16 {
   float score[16];
   int32_t index[16];
 };
+
+constexpr float kVqAmxMinMagnitude = 8.8817842e-16f;  // 2^-50
+constexpr uint16_t kVqAmxMinMagnitudeBf16 = 0x2680;     // its bfloat16 bits (exponent 77)
+
+// True when every row of x (bfloat16 bits, row stride xs0, unit stride along D) is all zero or
+// has a value of magnitude >= kVqAmxMinMagnitude (NaN and inf count as large).
+bool vq_amx_rows_in_range(const uint16_t* x, int64_t xs0, int64_t rows, int64_t D);
+
+// The same for the codes of float32 code panels [panel][D][16].
+bool vq_amx_codes_in_range(const float* panels_f32, int64_t panels, int64_t D);
 
 // Words of the codebook in the tiles' pair layout: [panel][k32 / 2][16], word (q, c) =
 // code c's values 2q and 2q + 1 as bfloat16 bits (low, high), k32 = D rounded up to 32.

@@ -8,6 +8,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <type_traits>
 #include <vector>
 
@@ -187,13 +188,20 @@ PackedCodebook pack_codebook(const at::Tensor& codebook, VqMetric metric) {
 // recast into the tiles' pair layout), blocks of rows spread over threads, the same finalisation.
 constexpr int64_t kAmxRowsPerBlock = 256;  // a multiple of 32; 16 KiB of lane minima per block
 
-void vq_lookup_amx(const at::Tensor& x2, const at::Tensor& codebook, const PackedCodebook& packed, VqMetric metric,
+// False (nothing written) when some row or code is too small for the tiles (vq_amx.h).
+bool vq_lookup_amx(const at::Tensor& x2, const at::Tensor& codebook, const PackedCodebook& packed, VqMetric metric,
                    int64_t* out_index, float* out_distance) {
   const at::Tensor xc = x2.stride(1) == 1 ? x2 : x2.contiguous();
   const int64_t N = xc.size(0), D = xc.size(1), xs0 = xc.stride(0);
   const int64_t cs0 = codebook.stride(0), cs1 = codebook.stride(1);
   const c10::BFloat16* x = xc.const_data_ptr<c10::BFloat16>();
   const c10::BFloat16* cb = codebook.const_data_ptr<c10::BFloat16>();
+  if (!vq_amx_codes_in_range(packed.values.const_data_ptr<float>(), packed.panels, D)) return false;
+  std::atomic<bool> rows_ok{true};
+  at::parallel_for(0, N, 1024, [&](int64_t r0, int64_t r1) {
+    if (!vq_amx_rows_in_range(reinterpret_cast<const uint16_t*>(x + r0 * xs0), xs0, r1 - r0, D)) rows_ok = false;
+  });
+  if (!rows_ok) return false;
   std::vector<uint32_t> codes(vq_amx_codebook_words(packed.panels, D));
   vq_amx_pack_codebook(packed.values.const_data_ptr<float>(), packed.panels, D, codes.data());
   const float* pbias = packed.bias.const_data_ptr<float>();
@@ -227,6 +235,7 @@ void vq_lookup_amx(const at::Tensor& x2, const at::Tensor& codebook, const Packe
       }
     }
   });
+  return true;
 }
 #endif
 
@@ -242,10 +251,7 @@ void vq_lookup_cpu_impl(const at::Tensor& x2, const at::Tensor& codebook, VqMetr
   const PackedCodebook packed = pack_codebook<scalar_t>(codebook, metric);
 #ifdef FOURM_FAST_WITH_AMX
   if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-    if (cpu_isa_allows_amx()) {
-      vq_lookup_amx(x2, codebook, packed, metric, out_index, out_distance);
-      return;
-    }
+    if (cpu_isa_allows_amx() && vq_lookup_amx(x2, codebook, packed, metric, out_index, out_distance)) return;
   }
 #endif
   const float* pvalues = packed.values.const_data_ptr<float>();

@@ -42,6 +42,35 @@ void vq_amx_pack_codebook(const float* panels_f32, int64_t panels, int64_t D, ui
   }
 }
 
+bool vq_amx_rows_in_range(const uint16_t* x, int64_t xs0, int64_t rows, int64_t D) {
+  const __m512i mag = _mm512_set1_epi16(0x7FFF);
+  for (int64_t r = 0; r < rows; ++r) {
+    __m512i mx = _mm512_setzero_si512();
+    for (int64_t d = 0; d < D; d += 32) {
+      mx = _mm512_max_epu16(mx, _mm512_and_si512(_mm512_maskz_loadu_epi16(lanes32(D - d), x + r * xs0 + d), mag));
+    }
+    // the largest |value| of the row, as bits (bfloat16 magnitudes order as unsigned integers)
+    uint16_t lanes[32];
+    _mm512_storeu_si512(lanes, mx);
+    uint16_t top = 0;
+    for (int i = 0; i < 32; ++i) top = lanes[i] > top ? lanes[i] : top;
+    if (top != 0 && top < kVqAmxMinMagnitudeBf16) return false;
+  }
+  return true;
+}
+
+bool vq_amx_codes_in_range(const float* panels_f32, int64_t panels, int64_t D) {
+  const __m512 mag_min = _mm512_set1_ps(kVqAmxMinMagnitude);
+  const __m512 zero = _mm512_setzero_ps();
+  for (int64_t p = 0; p < panels; ++p) {
+    __m512 mx = zero;  // per code (lane): its largest |value|
+    for (int64_t d = 0; d < D; ++d) mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_loadu_ps(panels_f32 + (p * D + d) * 16)));
+    const __mmask16 nonzero = _mm512_cmp_ps_mask(mx, zero, _CMP_NEQ_OQ);
+    if (_mm512_mask_cmp_ps_mask(nonzero, mx, mag_min, _CMP_LT_OQ) != 0) return false;
+  }
+  return true;
+}
+
 size_t vq_search_amx_scratch_bytes(int64_t rows, int64_t D) {
   return static_cast<size_t>(round_up(round_up(rows, 32) * round_up(D, 32) * 2, 64) + 32 * 32 * 4);
 }
