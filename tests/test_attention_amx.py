@@ -225,3 +225,26 @@ def test_gradients_do_not_depend_on_the_thread_count(B, H, N):
     for name, a, b in zip(("out", "dq", "dk", "dv"), *results):
         assert torch.equal(a, b), f"{name} differs between 1 and 2 threads"
     _check_flash_rule(q, k, v, k_valid, meta, g)
+
+
+def test_opcheck_and_compile_in_bfloat16():
+    """The registered op in bfloat16 (AMX tiles forward and backward): schema, fake tensors and
+    autograd registration (opcheck), and torch.compile(fullgraph) against eager."""
+    q, k, v, k_valid, meta, _ = _inputs(2, 3, 40, 40, 32, "both", seed=31)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    args = (q, k, v, k_valid, meta["q_segment"], meta["k_segment"], meta["q_limit"], meta["k_rank"], 0.25)
+    torch.library.opcheck(torch.ops.fourm_fast.masked_attention_fwd.default, args)
+    torch._dynamo.reset()
+
+    @torch.compile(fullgraph=True)
+    def f(q, k, v):
+        return masked_attention(q, k, v, k_valid, **meta).float().square().sum()
+
+    loss = f(q, k, v)
+    grads = torch.autograd.grad(loss, (q, k, v))
+    eager = masked_attention(q, k, v, k_valid, **meta).float().square().sum()
+    eager_grads = torch.autograd.grad(eager, (q, k, v))
+    torch.testing.assert_close(loss, eager)
+    for g, e in zip(grads, eager_grads):
+        assert g.dtype == torch.bfloat16
+        torch.testing.assert_close(g, e)
