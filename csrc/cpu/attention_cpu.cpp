@@ -257,20 +257,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_attention_bwd_cpu(
     const size_t tile = static_cast<size_t>(std::min(kTileQ, Nq) * Nk);
     std::vector<float> P(tile), dS(tile), lse_rows(static_cast<size_t>(kTileQ));
     for (int64_t u = next(); u < units; u = next()) {
-      const int64_t bh = u / splits, c = u % splits, b = bh / in.H, h = bh % in.H;
+      const BackwardUnit w = backward_unit(meta, u, splits, in.H);
+      const int64_t bh = w.bh, b = w.b, h = w.h;
       const float *Q = qv.at(b, h), *K = kv.at(b, h), *V = vv.at(b, h), *O = ov.at(b, h), *G = gv.at(b, h),
                   *L = lp + bh * Nq;
       float* dQ = dqp + bh * Nq * D;
-      float* dK = splits > 1 ? parts.data_ptr<float>() + (bh * splits + c) * 2 * Nk * D : dkp + bh * Nk * D;
+      float* dK = splits > 1 ? parts.data_ptr<float>() + u * 2 * Nk * D : dkp + bh * Nk * D;
       float* dV = splits > 1 ? dK + Nk * D : dvp + bh * Nk * D;
       // dK and dV accumulate over the chunk's blocks that see each key. The first block that sees
       // any key writes its key range with beta 0 (at 128 queries it is the only block): only the
       // keys outside that range are zero-filled first.
       const std::vector<QueryBlock>& blocks = meta.blocks[b];
-      const auto [lo, hi] = chunk_blocks(blocks.size(), c, splits);
-      const QueryBlock* first = first_seeing(blocks, lo, hi);
+      const QueryBlock* first = w.first;
       zero_outside(dK, dV, first, Nk, D);
-      for (size_t bi = lo; bi < hi; ++bi) {
+      for (size_t bi = w.lo; bi < w.hi; ++bi) {
         const QueryBlock& blk = blocks[bi];
         const int64_t i0 = blk.i0, tq = blk.rows(), jlo = blk.jlo, jhi = blk.jhi;
         if (jhi == jlo) {  // invisible rows: zero gradients
@@ -298,13 +298,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_attention_bwd_cpu(
     at::parallel_for(0, pairs * 2, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t bh = t / 2, which = t % 2;
-        float* dst = (which == 0 ? dkp : dvp) + bh * n;
-        const float* src = pp + (bh * splits * 2 + which) * n;
-        std::copy(src, src + n, dst);
-        for (int64_t c = 1; c < splits; ++c) {
-          const float* part = src + c * 2 * n;
-          for (int64_t i = 0; i < n; ++i) dst[i] += part[i];
-        }
+        sum_chunks(pp + (bh * splits * 2 + which) * n, splits, 2 * n, n, (which == 0 ? dkp : dvp) + bh * n);
       }
     });
   }

@@ -124,7 +124,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_attention_bwd_amx(const Me
     std::vector<float> own(splits > 1 ? 0 : static_cast<size_t>(2 * Nk * D));  // this thread's dK, dV
     GemmScratch scratch(max_rows, Nk, D);
     for (int64_t u = next(); u < units; u = next()) {
-      const int64_t bh = u / splits, c = u % splits, b = bh / in.H, h = bh % in.H;
+      const BackwardUnit w = backward_unit(meta, u, splits, in.H);
+      const int64_t bh = w.bh, b = w.b, h = w.h;
       const BF16 *Q = qv.at(b, h), *K = kv.at(b, h), *V = vv.at(b, h), *O = ov.at(b, h), *G = gv.at(b, h);
       const float* L = lp + bh * Nq;
       BF16* dQ = dqp + bh * Nq * D;
@@ -133,10 +134,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_attention_bwd_amx(const Me
       // dK and dV accumulate over the chunk's blocks that see each key, in float32: the first
       // block that sees any key writes its key range with beta 0, keys outside it start at zero.
       const std::vector<QueryBlock>& blocks = meta.blocks[b];
-      const auto [lo, hi] = chunk_blocks(blocks.size(), c, splits);
-      const QueryBlock* first = first_seeing(blocks, lo, hi);
+      const QueryBlock* first = w.first;
       zero_outside(dK, dV, first, Nk, D);
-      for (size_t bi = lo; bi < hi; ++bi) {
+      for (size_t bi = w.lo; bi < w.hi; ++bi) {
         const QueryBlock& blk = blocks[bi];
         const int64_t i0 = blk.i0, tq = blk.rows(), jlo = blk.jlo, nk = blk.jhi - blk.jlo;
         if (nk == 0) {  // invisible rows: zero gradients
@@ -175,12 +175,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_attention_bwd_amx(const Me
       std::vector<float> sum(static_cast<size_t>(n));
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t bh = t / 2, which = t % 2;
-        const float* src = parts.get() + (bh * splits * 2 + which) * n;
-        std::copy(src, src + n, sum.begin());
-        for (int64_t c = 1; c < splits; ++c) {
-          const float* part = src + c * 2 * n;
-          for (int64_t i = 0; i < n; ++i) sum[i] += part[i];
-        }
+        sum_chunks(parts.get() + (bh * splits * 2 + which) * n, splits, 2 * n, n, sum.data());
         store_rows(sum.data(), Nk, D, nullptr, (which == 0 ? dkp : dvp) + bh * n, D);
       }
     });

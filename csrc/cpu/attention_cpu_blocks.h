@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -200,6 +201,35 @@ inline const QueryBlock* first_seeing(const std::vector<QueryBlock>& blocks, siz
     if (blocks[i].jhi > blocks[i].jlo) return &blocks[i];
   }
   return nullptr;
+}
+
+// Unit u of the backward (units = pairs * splits): its pair bh = (b, h), chunk c, the chunk's
+// blocks [lo, hi) of batch row b, and the first of them that sees a key.
+struct BackwardUnit {
+  int64_t bh, c, b, h;
+  size_t lo, hi;
+  const QueryBlock* first;
+};
+
+inline BackwardUnit backward_unit(const MetaView& meta, int64_t u, int64_t splits, int64_t H) {
+  BackwardUnit w;
+  w.bh = u / splits;
+  w.c = u % splits;
+  w.b = w.bh / H;
+  w.h = w.bh % H;
+  const std::vector<QueryBlock>& blocks = meta.blocks[w.b];
+  std::tie(w.lo, w.hi) = chunk_blocks(blocks.size(), w.c, splits);
+  w.first = first_seeing(blocks, w.lo, w.hi);
+  return w;
+}
+
+// dst[0:n] = the sum of splits chunks chunk_stride floats apart from src, added in chunk order.
+inline void sum_chunks(const float* src, int64_t splits, int64_t chunk_stride, int64_t n, float* dst) {
+  std::copy(src, src + n, dst);
+  for (int64_t c = 1; c < splits; ++c) {
+    const float* part = src + c * chunk_stride;
+    for (int64_t i = 0; i < n; ++i) dst[i] += part[i];
+  }
 }
 
 // dK / dV rows outside the first seeing block's key range start at zero (see first_seeing).
