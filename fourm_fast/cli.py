@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_synth.add_argument("--size", type=int, default=64, help="image side in pixels")
     p_synth.add_argument("--seed", type=int, default=0)
     p_synth.set_defaults(func=_cmd_synth)
-    p_tok = sub.add_parser("tokenizer", help="image tokenizers")
+    p_tok = sub.add_parser("tokenizer", help="tokenizers: VQ for image modalities, WordPiece for text")
     tok_sub = p_tok.add_subparsers(dest="tokenizer_command", required=True)
     p_tt = tok_sub.add_parser("train", help="train a VQ tokenizer on a shard folder's modality")
     p_tt.add_argument("--data", required=True, help="shard folder (fourm-fast data synth)")
@@ -96,5 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    if extra and args.command == "train":  # key=value overrides after a flag (see take_extra_overrides)
+        from .train import take_extra_overrides
+
+        take_extra_overrides(args, extra, parser)
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     return args.func(args)

@@ -96,6 +96,14 @@ def test_config_errors():
         load_config("/nonexistent.yaml")
     with pytest.raises(ConfigError, match="not divisible"):
         load_config(None, ["train.batch_size=6", "train.grad_accum=4"])
+    with pytest.raises(ConfigError, match="log.every must be an int >= 1"):
+        load_config(None, ["log.every=0"])
+    with pytest.raises(ConfigError, match="train.lr must be > 0"):
+        load_config(None, ["train.lr=0"])
+    with pytest.raises(ConfigError, match="checkpoint.keep must be an int >= 0"):
+        load_config(None, ["checkpoint.keep=two"])
+    with pytest.raises(ConfigError, match="train.warmup_steps must be an int >= 0"):
+        load_config(None, ["train.warmup_steps=1.5"])
     cfg = load_config(ROOT / "configs" / "tiny.yaml")
     assert cfg["model"]["preset"] == "tiny" and cfg["train"]["batch_size"] == 8
 
@@ -104,8 +112,74 @@ def test_grad_accumulation_equals_one_big_batch(tmp_path):
     one = train(small_cfg(tmp_path / "a", "train.steps=3"), log=lambda m: None)
     acc = train(small_cfg(tmp_path / "b", "train.steps=3", "train.grad_accum=2"), log=lambda m: None)
     for ra, rb in zip(rows(tmp_path / "a"), rows(tmp_path / "b")):
-        assert abs(float(ra["loss"]) - float(rb["loss"])) <= 1e-5 * abs(float(ra["loss"]))
+        # the loss alone would pass a gradient scaled by the accumulation count (Adam's update
+        # ignores the scale); the norm would not
+        for k in ("loss", "grad_norm"):
+            assert abs(float(ra[k]) - float(rb[k])) <= 1e-5 * abs(float(ra[k])), (ra["step"], k)
     assert one["steps"] == acc["steps"] == 3
+
+
+def test_fresh_run_refuses_an_out_folder_with_checkpoints(tmp_path):
+    # keep-last-k sorts by step: a shorter fresh run beside an older run's checkpoints would delete
+    # its own and leave --resume / generate the older run's
+    train(small_cfg(tmp_path, "train.steps=4"), log=lambda m: None)
+    with pytest.raises(CheckpointError, match="already holds checkpoints of an earlier run.*--resume"):
+        train(small_cfg(tmp_path, "train.steps=2", "train.seed=1"), log=lambda m: None)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-0000002", "step-0000004"]
+
+
+def test_resume_refuses_changed_settings_and_allows_more_steps(tmp_path):
+    train(small_cfg(tmp_path, "train.steps=2"), log=lambda m: None)
+    for change, key in (("train.weight_decay=0.5", "train.weight_decay: 0.05 -> 0.5"),
+                        ("train.seed=3", "train.seed: 0 -> 3"), ("data.alphas_in=1.0", "data.alphas_in: 0.5 -> 1.0")):
+        with pytest.raises(CheckpointError, match=re.escape(key)):
+            train(small_cfg(tmp_path, "train.steps=4", change), resume=True, log=lambda m: None)
+    res = train(small_cfg(tmp_path, "train.steps=4", "log.every=2", "checkpoint.keep=1"), resume=True,
+                log=lambda m: None)
+    assert res["steps"] == 4
+
+
+def test_clip_grad_zero_or_null_turns_clipping_off(tmp_path):
+    def weights_after(out, clip):
+        train(small_cfg(out, "train.steps=2", f"train.clip_grad={clip}"), log=lambda m: None)
+        from fourm_fast.train.checkpoint import load_model
+        return load_model(out)[0].state_dict()
+
+    clipped = weights_after(tmp_path / "a", "1e-12")  # a tiny max norm: steps of almost nothing
+    off = weights_after(tmp_path / "b", "0")
+    null = weights_after(tmp_path / "c", "null")
+    for k in off:
+        assert torch.equal(off[k], null[k]), k
+    moved = max((off[k] - clipped[k]).abs().max().item() for k in off)
+    assert moved > 1e-4
+    assert all(float(r["grad_norm"]) > 0 for r in rows(tmp_path / "b"))  # still measured and logged
+    with pytest.raises(ConfigError, match="clip_grad must be >= 0"):
+        load_config(None, ["train.clip_grad=-1"])
+
+
+def test_logged_lr_is_the_rate_the_step_trained_at(tmp_path):
+    from fourm_fast.train.trainer import cosine_factor
+
+    train(small_cfg(tmp_path, "train.steps=5", "train.warmup_steps=3"), log=lambda m: None)
+    got = [float(r["lr"]) for r in rows(tmp_path)]
+    want = [1e-3 * cosine_factor(s, 5, 3, 1e-3, 1e-6) for s in range(5)]  # step s trains at factor(s)
+    assert got == pytest.approx(want, rel=1e-6)
+
+
+def test_stop_after_step_is_logged_with_sparse_logging(tmp_path):
+    train(small_cfg(tmp_path, "train.steps=6", "log.every=4", "train.stop_after=3"), log=lambda m: None)
+    assert [int(r["step"]) for r in rows(tmp_path)] == [3]
+    train(small_cfg(tmp_path, "train.steps=6", "log.every=4"), resume=True, log=lambda m: None)
+    assert [int(r["step"]) for r in rows(tmp_path)] == [3, 4, 6]
+
+
+def test_resume_leaves_the_global_rng_as_a_straight_run_does(tmp_path):
+    # the MFU probe must not draw from the generator the checkpoint restored
+    train(small_cfg(tmp_path / "a", "train.steps=4"), log=lambda m: None)
+    straight = torch.get_rng_state()
+    train(small_cfg(tmp_path / "b", "train.steps=4", "train.stop_after=2"), log=lambda m: None)
+    train(small_cfg(tmp_path / "b", "train.steps=4"), resume=True, log=lambda m: None)
+    assert torch.equal(torch.get_rng_state(), straight)
 
 
 @pytest.mark.parametrize("setting,mode", [("true", "default"), ("reduce-overhead", "reduce-overhead"),
@@ -245,6 +319,15 @@ def test_cli_runs_the_shipped_config_with_overrides(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "fourm_fast", "train", "train.nope=1"], env=_env(), capture_output=True,
                          text=True, timeout=120)
     assert bad.returncode == 2 and "unknown key 'train.nope'" in bad.stderr
+    # overrides after a flag count too; so does the config given as a lone positional file
+    cmd = [sys.executable, "-m", "fourm_fast", "train", str(ROOT / "configs" / "tiny.yaml"), *SMALL[:3], "--steps", "1",
+           "--out", str(tmp_path / "mixed"), *SMALL[3:], "train.seed=5"]
+    res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "done: 1 steps" in res.stderr
+    bad = subprocess.run([sys.executable, "-m", "fourm_fast", "train", "--steps", "1", "--nope"], env=_env(),
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "unrecognized arguments: --nope" in bad.stderr
     assert torch.__version__  # the environment under test
 
 
@@ -326,3 +409,28 @@ def test_progress_line_shows_step_loss_throughput_and_mfu(tmp_path, capsys):
     assert out.startswith("\r[############------------] step 1/2 loss 2.5000 1,234 tok/s mfu  25.0%")
     assert "\r[########################] step 2/2 loss 2.2500 1,500 tok/s" in out and out.endswith("\n")
     assert out.count("\n") == 1  # rewritten in place, one newline at the end
+
+
+def test_flops_per_step_counts_what_a_step_executes():
+    # The MFU numerator against torch's FLOP counter on one forward + backward, with as many
+    # encoder as decoder tokens and without (the cross-attention's keys and values are projected
+    # from the encoder's tokens)
+    from bench.flops import count_flops
+    from fourm_fast.model import FourM
+    from fourm_fast.train.metrics import flops_per_step
+    from fourm_fast.train.synthetic import SyntheticSource
+    from fourm_fast.train.trainer import build_model_config
+
+    for n_in, n_tg in ((10, 10), (14, 9)):
+        cfg = load_config(None, SMALL_RUN + [f"data.num_input_tokens={n_in}", f"data.num_target_tokens={n_tg}"])
+        model_cfg = build_model_config(cfg)
+        torch.manual_seed(0)
+        model = FourM(model_cfg)
+        source = SyntheticSource(model_cfg, cfg["data"], 0)
+        batch, _ = source.global_batch(4, 0)
+
+        def step():
+            model(batch, "mod")[0].backward()
+
+        vocab_tokens = sum(c * m.vocab_size for c, m in zip(batch.dec_counts, model_cfg.modalities))
+        assert count_flops(step) == flops_per_step(model_cfg, 4, n_in, n_tg, vocab_tokens), (n_in, n_tg)

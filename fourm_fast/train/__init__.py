@@ -8,14 +8,33 @@ from .config import ConfigError, load_config
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML config (configs/tiny.yaml); defaults when omitted")
-    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.lr=3e-4")
+    p.add_argument("--config", help="YAML config (configs/tiny.yaml); defaults when omitted; a lone "
+                                    "positional *.yaml / *.yml file is taken as the config too")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.lr=3e-4 (before or after the flags)")
     p.add_argument("--steps", type=int, help="total steps (train.steps)")
     p.add_argument("--out", help="output folder: metrics.csv, checkpoints/, tensorboard/")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     p.add_argument("--stop-after", type=int, help="stop after this step with a checkpoint (train.stop_after)")
     p.add_argument("--skip-bad", action="store_true",
                    help="shards: leave out and count samples with bad token rows instead of stopping (data.skip_bad)")
+
+
+def take_extra_overrides(args: argparse.Namespace, extra: list[str], parser: argparse.ArgumentParser) -> None:
+    """argparse fills a positional list once: ``key=value`` items after a flag come back from
+    parse_known_args as extras. Those join the overrides; anything else is an error."""
+    bad = [e for e in extra if e.startswith("-") or "=" not in e]
+    if bad:
+        parser.error(f"unrecognized arguments: {' '.join(bad)}")
+    args.overrides = list(args.overrides) + extra
+
+
+def _config_path(args: argparse.Namespace) -> str | None:
+    """--config, or a positional YAML file among the overrides (``fourm-fast train CONFIG.yaml``)."""
+    files = [o for o in args.overrides if "=" not in o and o.endswith((".yaml", ".yml"))]
+    if files and args.config is None and len(files) == 1:
+        args.overrides = [o for o in args.overrides if o != files[0]]
+        return files[0]
+    return args.config
 
 
 def overrides_from_args(args: argparse.Namespace) -> list[str]:
@@ -33,14 +52,16 @@ def overrides_from_args(args: argparse.Namespace) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..data.shards import ShardError
     from .checkpoint import CheckpointError
     from .trainer import train
 
+    config = _config_path(args)
     overrides = overrides_from_args(args)
     try:
-        cfg = load_config(args.config, overrides)
+        cfg = load_config(config, overrides)
         result = train(cfg, resume=args.resume, log=lambda m: print(m, file=sys.stderr, flush=True))
-    except (ConfigError, CheckpointError, FileNotFoundError) as e:
+    except (ConfigError, CheckpointError, ShardError, FileNotFoundError) as e:
         print(f"fourm-fast train: error: {e}", file=sys.stderr)
         return 2
     last = result["last"]
@@ -53,4 +74,6 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m fourm_fast.train", description="Train FourM (also under torchrun).")
     add_arguments(p)
-    return run(p.parse_args(argv))
+    args, extra = p.parse_known_args(argv)
+    take_extra_overrides(args, extra, p)
+    return run(args)

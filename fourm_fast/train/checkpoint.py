@@ -76,7 +76,10 @@ def save_checkpoint(root: Path, step: int, model: nn.Module, inner: nn.Module, o
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    for old in checkpoint_dirs(root)[:-keep] if keep > 0 else []:
+    # keep-last-k among this run's steps (none later than this one: the trainer refuses to start
+    # a fresh run beside an older run's checkpoints)
+    ours = [p for p in checkpoint_dirs(root) if int(p.name[5:]) <= step]
+    for old in ours[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -88,12 +91,20 @@ def latest_checkpoint(root: Path) -> Path | None:
 
 def _read_state(sfile: Path) -> dict:
     try:
-        state = torch.load(sfile, map_location="cpu", weights_only=False)
+        # weights_only: tensors, numbers, strings and containers, never code (a checkpoint from
+        # elsewhere cannot run anything when loaded)
+        state = torch.load(sfile, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means a corrupt file
         raise CheckpointError(f"checkpoint file {sfile} is corrupt or unreadable: {type(e).__name__}: {e}") from None
     if not isinstance(state, dict) or "step" not in state:
         raise CheckpointError(f"checkpoint file {sfile} is not a fourm_fast training state")
     return state
+
+
+def _require(state: dict, sfile: Path, keys: tuple[str, ...]) -> None:
+    missing = [k for k in keys if k not in state]
+    if missing:
+        raise CheckpointError(f"checkpoint file {sfile} lacks {missing}: not a complete fourm_fast training state")
 
 
 def _read_tensors(mfile: Path) -> dict:
@@ -119,6 +130,7 @@ def load_checkpoint(path: Path, model: nn.Module, inner: nn.Module, optimizer, s
         if not f.exists():
             raise CheckpointError(f"checkpoint {path}: {f.name} is missing")
     state = _read_state(sfile)
+    _require(state, sfile, ("optimizer", "scheduler", "rng", "model_config"))
     saved_cfg = state.get("model_config")
     if saved_cfg != model_config:
         diff = sorted(k for k in set(saved_cfg or {}) | set(model_config) if (saved_cfg or {}).get(k) != model_config.get(k))

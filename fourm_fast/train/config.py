@@ -35,7 +35,7 @@ DEFAULTS: dict[str, Any] = {
         "warmup_steps": 10,
         "weight_decay": 0.05,
         "betas": [0.9, 0.95],
-        "clip_grad": 3.0,
+        "clip_grad": 3.0,      # max gradient norm; null or 0: no clipping (the norm is still logged)
         "loss_type": "mod",
         "precision": "auto",   # auto: bf16 autocast on GPU, fp32 on CPU; or fp32 / bf16
         "compile": False,      # true (inductor's default mode) or a torch.compile mode, e.g. reduce-overhead
@@ -113,7 +113,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return cfg
 
 
-_FLOAT_KEYS = ("lr", "min_lr", "weight_decay", "clip_grad")
+_FLOAT_KEYS = ("lr", "min_lr", "weight_decay")
 # torch.compile's modes; "reduce-overhead" replays CUDA graphs, which removes per-kernel launch cost
 # from a host-bound GPU step (on the CPU it compiles as "default").
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -126,6 +126,17 @@ def validate(cfg: dict) -> None:
             t[k] = float(t[k])
         except (TypeError, ValueError):
             raise ConfigError(f"train.{k} must be a number, got {t[k]!r}") from None
+    if t["lr"] <= 0 or t["min_lr"] < 0:
+        raise ConfigError(f"train.lr must be > 0 and train.min_lr >= 0, got {t['lr']!r} and {t['min_lr']!r}")
+    if t["clip_grad"] is not None:
+        try:
+            t["clip_grad"] = float(t["clip_grad"])
+        except (TypeError, ValueError):
+            raise ConfigError(f"train.clip_grad must be a number or null, got {t['clip_grad']!r}") from None
+        if t["clip_grad"] < 0:
+            raise ConfigError(f"train.clip_grad must be >= 0 (0 or null: no clipping), got {t['clip_grad']!r}")
+        if t["clip_grad"] == 0:
+            t["clip_grad"] = None
     if t["loss_type"] not in ("mod", "token"):
         raise ConfigError(f"train.loss_type must be 'mod' or 'token', got {t['loss_type']!r}")
     if t["precision"] not in ("auto", "fp32", "bf16"):
@@ -135,6 +146,13 @@ def validate(cfg: dict) -> None:
     for k in ("steps", "batch_size", "grad_accum"):
         if not isinstance(t[k], int) or t[k] < 1:
             raise ConfigError(f"train.{k} must be a positive int, got {t[k]!r}")
+    for where, k, lo in (("train", "warmup_steps", 0), ("log", "every", 1), ("checkpoint", "every", 0),
+                         ("checkpoint", "keep", 0)):
+        v = cfg[where][k]
+        if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+            raise ConfigError(f"{where}.{k} must be an int >= {lo}, got {v!r}")
+    if t["stop_after"] is not None and (not isinstance(t["stop_after"], int) or t["stop_after"] < 1):
+        raise ConfigError(f"train.stop_after must be a positive int or null, got {t['stop_after']!r}")
     if t["batch_size"] % t["grad_accum"]:
         raise ConfigError(f"train.batch_size {t['batch_size']} is not divisible by train.grad_accum {t['grad_accum']}")
     if cfg["distributed"]["strategy"] not in ("ddp", "fsdp2"):
@@ -149,3 +167,33 @@ def validate(cfg: dict) -> None:
         raise ConfigError("modalities 'auto' reads them from tokenized shards (data.source: shards)")
     if not cfg["modalities"]:
         raise ConfigError("modalities: at least one modality is needed")
+
+
+# Settings a resumed run may change: how long it runs, where and how it executes, what it logs.
+# Everything else (model, modalities, data, the optimizer and schedule's hyper-parameters, the
+# seed, the batch) decides the steps themselves, so a resume that changed it would continue a
+# different run than the checkpoint's.
+RESUME_MAY_CHANGE = ("train.steps", "train.stop_after", "train.compile", "train.device", "train.precision",
+                     "log.", "checkpoint.", "distributed.", "out")
+
+
+def _flatten(node, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict) and not prefix.endswith("overrides."):
+        out = {}
+        for k, v in node.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: node}
+
+
+def resume_mismatches(saved: dict, now: dict) -> list[str]:
+    """``key: saved -> now`` for every setting that differs between a checkpoint's config and the
+    resuming run's, other than those in RESUME_MAY_CHANGE."""
+    a, b = _flatten(saved), _flatten(now)
+    out = []
+    for k in sorted(set(a) | set(b)):
+        if any(k == p or (p.endswith(".") and k.startswith(p)) for p in RESUME_MAY_CHANGE):
+            continue
+        if a.get(k, "<unset>") != b.get(k, "<unset>"):
+            out.append(f"{k}: {a.get(k, '<unset>')!r} -> {b.get(k, '<unset>')!r}")
+    return out

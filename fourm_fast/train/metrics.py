@@ -22,8 +22,10 @@ def flops_per_step(cfg: FourMConfig, batch: int, n_enc: int, n_dec: int, vocab_t
     d, h = cfg.dim, cfg.mlp_hidden
     mlp = (3 if cfg.gated_mlp else 2) * d * h
     enc_layer = 4 * d * d + mlp
-    dec_layer = 4 * d * d + 4 * d * d + mlp  # self (qkv + proj) and cross (q, kv, proj)
-    fwd = 2 * batch * (n_enc * enc_layer * cfg.encoder_depth + n_dec * dec_layer * cfg.decoder_depth + n_enc * d * d)
+    dec_layer = 4 * d * d + 2 * d * d + mlp  # self (qkv + proj), cross q + proj: per decoder token
+    cross_kv = 2 * d * d  # the cross-attention's keys and values: per encoder (context) token
+    fwd = 2 * batch * (n_enc * enc_layer * cfg.encoder_depth + (n_dec * dec_layer + n_enc * cross_kv) * cfg.decoder_depth
+                       + n_enc * d * d)
     fwd += 4 * batch * d * (n_enc * n_enc * cfg.encoder_depth + (n_dec * n_dec + n_dec * n_enc) * cfg.decoder_depth)
     fwd += 2 * d * vocab_tokens
     return 3.0 * fwd
@@ -35,8 +37,9 @@ def measured_cpu_tflops(dtype: torch.dtype = torch.float32) -> float:
 
     The best of five timed pairs: a peak is the fastest rate the CPU reaches, and on a shared VM a
     single timing caught a slow moment (a bench_train run reported 119% MFU against it)."""
-    a = torch.randn(1024, 1024).to(dtype)
-    b = torch.randn(1024, 1024).to(dtype)
+    g = torch.Generator().manual_seed(0)  # not the global generator: a resumed run restored it
+    a = torch.randn(1024, 1024, generator=g).to(dtype)
+    b = torch.randn(1024, 1024, generator=g).to(dtype)
     a @ b
     best = float("inf")
     for _ in range(5):
@@ -89,7 +92,8 @@ class MetricsLog:
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-                self._tb = SummaryWriter(str(out / "tensorboard"))
+                # on resume, events of steps after the checkpoint (logged by the run that died) go
+                self._tb = SummaryWriter(str(out / "tensorboard"), purge_step=resume_step + 1 if resume else None)
             except ImportError:
                 self.tb_note = "TensorBoard logging off: the tensorboard package is not installed"
 

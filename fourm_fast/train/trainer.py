@@ -21,8 +21,8 @@ import torch
 import torch.distributed as dist
 
 from ..model import FourM, ModalityConfig, preset
-from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import ConfigError
+from .checkpoint import CheckpointError, checkpoint_dirs, latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import ConfigError, resume_mismatches
 from .metrics import MetricsLog, Progress, flops_per_step, peak_tflops
 from .synthetic import SyntheticSource, slice_batch
 
@@ -182,11 +182,21 @@ def train(cfg: dict, resume: bool = False, log=print) -> dict:
     model_cfg_dict = model_cfg.to_dict()
 
     start = 0
+    if not resume and checkpoint_dirs(ckpt_root):
+        # A fresh run would mix its checkpoints with the old run's: keep-last-k would delete the new
+        # ones (lower steps) first, and --resume or generate would load the old run's.
+        found = [p.name for p in checkpoint_dirs(ckpt_root)]
+        raise CheckpointError(f"{ckpt_root} already holds checkpoints of an earlier run ({', '.join(found[-3:])}); "
+                              f"continue it with --resume, or start this run in another --out (or delete them)")
     if resume:
         path = latest_checkpoint(ckpt_root)
         if path is None:
             raise CheckpointError(f"--resume: no complete checkpoint in {ckpt_root}")
         state = load_checkpoint(path, model, inner, optimizer, scheduler, model_cfg_dict)
+        changed = resume_mismatches(state["config"], cfg) if isinstance(state.get("config"), dict) else []
+        if changed:
+            raise CheckpointError(f"--resume: {path / 'state.pt'} was written with other settings, which the "
+                                  f"resumed run would not honour exactly: {'; '.join(changed)}")
         start = state["step"]
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(state["rng"]["python"])
@@ -214,9 +224,13 @@ def train(cfg: dict, resume: bool = False, log=print) -> dict:
 
     last = {}
     steps_done = start
+    clip = tc["clip_grad"] if tc["clip_grad"] is not None else float("inf")  # inf: the norm only
+    # Throughput is averaged over the steps since the last logged one (the logging sync waits for
+    # all of them, so on a GPU the queued work of unlogged steps lands in this window), minus the
+    # time spent writing checkpoints in it.
+    window_start, window_steps, ckpt_s = time.perf_counter(), 0, 0.0
     with _StopFlag() as stop:
         for step in range(start, total):
-            t0 = time.perf_counter()
             gb, _ = source.global_batch(B, step)
             counts = gb.dec_counts
             loss_sum = torch.zeros((), device=device)
@@ -231,24 +245,29 @@ def train(cfg: dict, resume: bool = False, log=print) -> dict:
                 loss_sum += loss.detach()
                 for n, v in per_mod.items():
                     mod_sums[n] += v.detach()
-            grad_norm = torch.nn.utils.clip_grad_norm_(inner.parameters(), tc["clip_grad"])
+            grad_norm = torch.nn.utils.clip_grad_norm_(inner.parameters(), clip)
             if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
                 grad_norm = grad_norm.full_tensor()
+            lr = scheduler.get_last_lr()[0]  # the rate this step trains at (step() moves to the next)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             steps_done = step + 1
+            window_steps += 1
             stop.poll(d)  # every process decides alike whether this step is the last
+            if tc["stop_after"] is not None and steps_done >= tc["stop_after"] and not stop.signal:
+                stop.signal = f"stop_after={tc['stop_after']}"
             if steps_done % cfg["log"]["every"] == 0 or steps_done == total or stop.signal:
                 stats = torch.stack([loss_sum, *mod_sums.values()])
                 if d.active:
                     dist.all_reduce(stats)
                 stats = stats.tolist()
-                dt = time.perf_counter() - t0
+                dt = max(time.perf_counter() - window_start - ckpt_s, 1e-9) / window_steps
                 vocab_tokens = sum(c * vocab[i] for i, c in enumerate(counts))
                 flops = flops_per_step(model_cfg, B, n_enc, n_dec, vocab_tokens)
-                mfu = flops / dt / (peak * 1e12) if peak else None
-                row = {"step": steps_done, "loss": stats[0], "lr": scheduler.get_last_lr()[0],
+                # flops is the global batch's: against the peak of every process's device
+                mfu = flops / dt / (peak * d.world * 1e12) if peak else None
+                row = {"step": steps_done, "loss": stats[0], "lr": lr,
                        "grad_norm": float(grad_norm), "tokens_per_s": B * (n_enc + n_dec) / dt,
                        "step_time_s": dt, "mfu": mfu,
                        **{f"loss_{n}": v for n, v in zip(mod_sums, stats[1:])}}
@@ -256,10 +275,10 @@ def train(cfg: dict, resume: bool = False, log=print) -> dict:
                 if writer:
                     metrics.write(row)
                     progress.update(steps_done, row["loss"], row["tokens_per_s"], mfu)
+                window_start, window_steps, ckpt_s = time.perf_counter(), 0, 0.0
             every = cfg["checkpoint"]["every"]
-            if tc["stop_after"] is not None and steps_done >= tc["stop_after"] and not stop.signal:
-                stop.signal = f"stop_after={tc['stop_after']}"
             if (every and steps_done % every == 0) or steps_done == total or stop.signal:
+                t_ckpt = time.perf_counter()
                 extra = {"model_config": model_cfg_dict, "config": cfg, "data_state": {"next_step": steps_done},
                          "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                                  "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}}
@@ -267,6 +286,7 @@ def train(cfg: dict, resume: bool = False, log=print) -> dict:
                                        cfg["checkpoint"]["keep"], writer)
                 if writer and (stop.signal or steps_done == total):
                     log(f"checkpoint {path}")
+                ckpt_s += time.perf_counter() - t_ckpt
             if stop.signal:
                 if writer:
                     log(f"{stop.signal}: saved step {steps_done} and stopped; continue with --resume")
