@@ -192,3 +192,63 @@ def test_eager_4m_restatement_matches_reference(tiny_a, loss_type):
     with torch.no_grad():
         loss, per_mod = forward_4m_eager(model, mod_dict, 128, 128, loss_type)
     assert abs(loss.item() - io[f"out.loss_{loss_type}"].item()) <= 1e-5
+
+
+def _parity_outputs(model):
+    _, mod_dict, _ = _tiny_a_inputs()
+    with torch.no_grad():
+        return model.forward_ml4m(mod_dict, META["num_encoder_tokens"], META["num_decoder_tokens"], "mod")[0]
+
+
+def _tiny_a_inputs():
+    io = load_safetensors("fourm_tiny_A_io.safetensors")
+    mod_dict = {name: {f: io[f"{name}.{f}"] for f in ("tensor", "input_mask", "target_mask", "decoder_attention_mask")}
+                for name in META["inputs"]["mod_dict_order"]}
+    return None, mod_dict, io
+
+
+def test_from_ml4m_takes_tied_tensors_stored_under_either_name():
+    """safetensors' save_model keeps the first name of a tied group in sorted order: the decoder's
+    mod_emb (not the encoder's) and to_logits (not token_emb); torch.save keeps both."""
+    sd = load_safetensors("fourm_tiny_A.safetensors")
+    ref = _parity_outputs(FourM.from_ml4m(sd, ml4m_config()).eval())
+    model = FourM.from_ml4m(sd, ml4m_config())
+    full = dict(model.state_dict())  # every name, tied ones repeated
+    as_save_model = {k: v for k, v in full.items()
+                     if not (k.startswith("encoder_embeddings.") and k.endswith(".mod_emb") and
+                             k.replace("encoder_", "decoder_", 1) in full)
+                     and not (k.endswith(".token_emb.weight") and k.startswith("decoder_embeddings."))}
+    assert len(as_save_model) < len(full)
+    loaded = FourM.from_ml4m(as_save_model, ml4m_config()).eval()
+    assert _parity_outputs(loaded).item() == ref.item()
+    different = dict(sd)
+    name = next(k for k in sd if k.startswith("encoder_embeddings.") and k.endswith(".mod_emb"))
+    different[name.replace("encoder_", "decoder_", 1)] = sd[name] + 1.0
+    with pytest.raises(ValueError, match="encoder and decoder mod_emb of .* differ"):
+        FourM.from_ml4m(different, ml4m_config())
+
+
+def test_from_ml4m_reads_ml4m_training_checkpoints(tmp_path):
+    """ml-4m's save_model writes {"model", "epoch", "args": argparse.Namespace, ...}."""
+    import argparse
+
+    sd = load_safetensors("fourm_tiny_A.safetensors")
+    path = tmp_path / "checkpoint-final.pth"
+    torch.save({"model": sd, "epoch": 3, "args": argparse.Namespace(lr=1e-4, model="fm_tiny")}, path)
+    model = FourM.from_ml4m(path, ml4m_config()).eval()
+    assert _parity_outputs(model).item() == _parity_outputs(FourM.from_ml4m(sd, ml4m_config()).eval()).item()
+    bad = tmp_path / "truncated.pth"
+    bad.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(ValueError, match="truncated.pth cannot be read"):
+        FourM.from_ml4m(bad, ml4m_config())
+
+
+def test_from_ml4m_sequence_length_is_ml4ms_not_the_position_table():
+    # ml-4m's pos_emb of a sequence modality always has 512 rows; its captions are 256 tokens long
+    sd = load_safetensors("fourm_tiny_A.safetensors")
+    assert sd["encoder_embeddings.caption.pos_emb"].shape[1] == 512
+    cap = FourM.from_ml4m(sd, ml4m_config()).cfg.modality("caption")
+    assert (cap.max_length, cap.max_sincos_pos_emb) == (META["modalities"]["caption"]["encoder_embedding"]["max_length"], 512)
+    assert FourM.from_ml4m(sd, {**ml4m_config(), "max_lengths": {"caption": 40}}).cfg.modality("caption").max_length == 40
+    with pytest.raises(ValueError, match="max_lengths\\['caption'\\] = 600 must be in 1..512"):
+        FourM.from_ml4m(sd, {**ml4m_config(), "max_lengths": {"caption": 600}})

@@ -1,7 +1,9 @@
 """ml-4m compatibility: load its checkpoints, read its batch format, compute its losses."""
 from __future__ import annotations
 
+import argparse
 import math
+import pickle
 from pathlib import Path
 
 import torch
@@ -17,7 +19,12 @@ ML4M_KEYS = {
     "mlp_ratio", "qkv_bias", "proj_bias", "mlp_bias", "norm_bias", "act_layer", "gated_mlp", "qk_norm",
     "decoder_causal_mask", "decoder_sep_mask", "num_register_tokens", "share_modality_embeddings",
     "modality_kinds",  # fourm_fast extension: {name: "image" | "sequence"} where the name does not tell
+    "max_lengths",     # fourm_fast extension: {name: tokens} for sequence modalities (default ML4M_MAX_LENGTH)
 }
+# ml-4m's sequence modalities (caption, det) take up to 256 tokens. Their pos_emb cannot tell: it
+# always holds max_sincos_pos_emb (512) rows, because ml-4m's [:max_length] slice cuts the
+# leading dimension of a (1, N, dim) table.
+ML4M_MAX_LENGTH = 256
 _ACTS = {"SiLU": "silu", "GELU": "gelu", "silu": "silu", "gelu": "gelu"}
 
 
@@ -32,7 +39,14 @@ def _read_state_dict(path_or_state_dict) -> dict[str, Tensor]:
             from safetensors.torch import load_file
             sd = load_file(str(path))
         else:
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+            # ml-4m's training checkpoints ({"model", "epoch", "args", ...}) hold its argparse
+            # Namespace: allowed, and still no arbitrary code
+            try:
+                with torch.serialization.safe_globals([argparse.Namespace]):
+                    obj = torch.load(str(path), map_location="cpu", weights_only=True)
+            except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
+                raise ValueError(f"ml-4m checkpoint {path} cannot be read as a weights-only torch file: "
+                                 f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
             sd = obj.get("model", obj) if isinstance(obj, dict) else obj
         if not isinstance(sd, dict):
             raise ValueError(f"{path}: expected a state dict (or a dict with 'model'), got {type(sd).__name__}")
@@ -46,6 +60,23 @@ def _kind(name: str, kinds: dict) -> str:
     return "image" if name.startswith("tok_") else "sequence"
 
 
+def _fill_tied(sd: dict[str, Tensor], config: dict) -> None:
+    """Tied tensors may be stored once, under either name: a decoder head and its token embedding,
+    and (share_modality_embeddings) a modality's encoder and decoder mod_emb. torch.save keeps
+    both; safetensors' save_model keeps one, the first name in sorted order (to_logits before
+    token_emb, decoder_ before encoder_). Fill whichever is missing from the other."""
+    pairs = [(f"decoder_embeddings.{n}.to_logits.weight", f"decoder_embeddings.{n}.token_emb.weight")
+             for n in config.get("domains_out", ())]
+    if bool(config.get("share_modality_embeddings", True)):
+        pairs += [(f"decoder_embeddings.{n}.mod_emb", f"encoder_embeddings.{n}.mod_emb")
+                  for n in set(config.get("domains_in", ())) & set(config.get("domains_out", ()))]
+    for a, b in pairs:
+        if a in sd and b not in sd:
+            sd[b] = sd[a]
+        elif b in sd and a not in sd:
+            sd[a] = sd[b]
+
+
 def config_from_ml4m(config: dict, sd: dict[str, Tensor]) -> FourMConfig:
     unknown = sorted(set(config) - ML4M_KEYS)
     if unknown:
@@ -55,6 +86,7 @@ def config_from_ml4m(config: dict, sd: dict[str, Tensor]) -> FourMConfig:
         raise ValueError(f"from_ml4m: config lacks {missing}")
     dim = int(config["dim"])
     kinds = dict(config.get("modality_kinds", {}))
+    lengths = dict(config.get("max_lengths", {}))
     names = sorted(set(config["domains_in"]) | set(config["domains_out"]))  # ml-4m's all_domains order
     mods = []
     for n in names:
@@ -72,7 +104,11 @@ def config_from_ml4m(config: dict, sd: dict[str, Tensor]) -> FourMConfig:
                 raise ValueError(f"from_ml4m: {n} is an image modality but its pos_emb has {positions} rows (not a square)")
             mods.append(ModalityConfig(n, "image", vocab, grid=grid))
         else:
-            mods.append(ModalityConfig(n, "sequence", vocab, max_length=positions, max_sincos_pos_emb=max(512, positions)))
+            length = int(lengths.get(n, min(ML4M_MAX_LENGTH, positions)))
+            if not 1 <= length <= positions:
+                raise ValueError(f"from_ml4m: max_lengths[{n!r}] = {length} must be in 1..{positions} "
+                                 f"(the rows of its pos_emb)")
+            mods.append(ModalityConfig(n, "sequence", vocab, max_length=length, max_sincos_pos_emb=positions))
     if "image_size" in config and "patch_size" in config:  # the grid is read from pos_emb; they must agree
         side = int(config["image_size"]) // int(config["patch_size"])
         for m in mods:
@@ -96,22 +132,30 @@ def config_from_ml4m(config: dict, sd: dict[str, Tensor]) -> FourMConfig:
 
 def load_ml4m(cls, path_or_state_dict, config: dict):
     sd = _read_state_dict(path_or_state_dict)
-    cfg = config_from_ml4m(config, sd)
-    model = cls(cfg)
     share = bool(config.get("share_modality_embeddings", True))
+    for n in set(config.get("domains_in", ())) & set(config.get("domains_out", ())) if share else ():
+        enc, dec = sd.get(f"encoder_embeddings.{n}.mod_emb"), sd.get(f"decoder_embeddings.{n}.mod_emb")
+        if enc is not None and dec is not None and not torch.equal(enc, dec):
+            raise ValueError(f"from_ml4m: share_modality_embeddings is true but the checkpoint's encoder and decoder "
+                             f"mod_emb of {n!r} differ (a checkpoint trained without sharing: pass false)")
+    _fill_tied(sd, config)
+    cfg = config_from_ml4m(config, sd)
+    for m in cfg.modalities:  # a sequence's pos_emb: its first max_length rows (the rest ml-4m never reads)
+        for side in ("encoder", "decoder"):
+            key = f"{side}_embeddings.{m.name}.pos_emb"
+            if m.kind == "sequence" and key in sd:
+                sd[key] = sd[key][:, :m.max_length]
+    model = cls(cfg)
     shared = set(cfg.domains_in) & set(cfg.domains_out)
     if not share:
         for n in shared:
             model.decoder_embeddings[n].mod_emb = nn.Parameter(model.decoder_embeddings[n].mod_emb.detach().clone())
-    # Tied tensors may be stored once: decoder heads share token_emb, decoder mod_emb the encoder's.
+    # A head stored apart from its token embedding, with other values, is an untied checkpoint.
     for n in cfg.domains_out:
         head, tok = f"decoder_embeddings.{n}.to_logits.weight", f"decoder_embeddings.{n}.token_emb.weight"
         if head in sd and tok in sd and not torch.equal(sd[head], sd[tok]):
             model.decoder_embeddings[n].to_logits.weight = nn.Parameter(sd[head].clone())  # untied checkpoint
-        sd.setdefault(head, sd.get(tok))
-        if share and n in shared:
-            sd.setdefault(f"decoder_embeddings.{n}.mod_emb", sd.get(f"encoder_embeddings.{n}.mod_emb"))
-    sd = {k: v for k, v in sd.items() if v is not None}
+    # (names stored once were filled from their tied partner by _fill_tied)
     own = model.state_dict()
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))
