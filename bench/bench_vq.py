@@ -6,7 +6,7 @@ Baselines: torch.cdist + argmin; 4M's quantizer expansion -(|x|^2 - 2 x c^T + |c
 roof, the bare GEMM x @ c^T of the same N x K x D (what the fused kernel must approach).
 
   python bench/bench_vq.py                      # full sweep at 4M sizes on the CPU
-  python bench/bench_vq.py --quick              # two shapes, for `make demo`
+  python bench/bench_vq.py --quick              # two shapes: a smoke run (device_check.sh's CPU dry run)
   python bench/bench_vq.py --device cuda --dtype bfloat16
 """
 from __future__ import annotations

@@ -1,6 +1,8 @@
 """masked_attention on the CPU: float64 reference parity (outputs and gradients), 4M's decoder rule,
 hostile shapes, low precision, dispatcher, opcheck and torch.compile."""
 
+import re
+
 import pytest
 import torch
 
@@ -321,6 +323,41 @@ def test_dispatcher_backends_agree_and_explain():
         masked_attention(q, k, v, k_valid, backend="nope")
 
 
+def test_dispatcher_never_falls_back_silently(monkeypatch):
+    # Stand-ins for inputs on devices this machine lacks: the dispatcher reads device, dtype and
+    # shape only.
+    import types
+    import warnings
+
+    from fourm_fast.ops import attention as attn
+
+    def inputs(device):
+        q = types.SimpleNamespace(device=torch.device(device), dtype=torch.bfloat16, shape=(1, 1, 4, 16))
+        return AttentionInputs(q, q, q, None, None, None, None, None, 0.25)
+
+    from fourm_fast._extension import extension
+
+    ext = extension()
+    cpu_only = {**ext.build_info(), "cuda_compiled": False}
+    with monkeypatch.context() as m:  # as a CPU-only build: CUDA tensors raise, naming the fix
+        m.setattr(ext, "build_info", lambda: cpu_only)
+        with pytest.raises(RuntimeError, match="no CUDA kernels .*backend='sdpa_dense'"):
+            select_backend(inputs("cuda"))
+        assert select_backend(inputs("cuda"), "sdpa_dense").name == "sdpa_dense"  # chosen: no error
+    attn._warned.clear()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert select_backend(inputs("meta")).name == "sdpa_dense"
+        assert select_backend(inputs("meta")).name == "sdpa_dense"  # once per reason
+    notes = [str(w.message) for w in seen]
+    assert len(notes) == 1 and "passed over" in notes[0] and "fourm_fast: device meta is not supported" in notes[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        select_backend(inputs("meta"), "sdpa_dense")  # a chosen backend runs without a note
+        monkeypatch.setenv("FOURM_FAST_ATTENTION_BACKEND", "sdpa_dense")
+        select_backend(inputs("meta"))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_flash_attn_backend_packs_rows_as_varlen_sequences(monkeypatch, dtype):
     # flash-attn is not installable here: a stand-in checks the varlen contract (int32 cu_seqlens,
@@ -381,6 +418,36 @@ def test_opcheck_and_compile():
     torch.testing.assert_close(loss, eager)
     for g, e in zip(grads, eager_grads):
         torch.testing.assert_close(g, e)
+
+
+@pytest.mark.parametrize("bad", ["k_valid_shape", "segment_dtype", "segment_shape", "one_segment", "rank_shape"])
+def test_fake_impl_raises_what_the_kernel_raises(bad):
+    # under torch.compile the fake impl meets bad metadata first: same exception type and message
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    B, H, N, d = 2, 3, 9, 16
+    seg = torch.zeros(B, N, dtype=torch.int32)
+    args = dict(k_valid=torch.ones(B, N, dtype=torch.bool), q_segment=None, k_segment=None, q_limit=None, k_rank=None)
+    args.update({"k_valid_shape": dict(k_valid=torch.ones(B, N + 1, dtype=torch.bool)),
+                 "segment_dtype": dict(q_segment=seg.long(), k_segment=seg),
+                 "segment_shape": dict(q_segment=seg, k_segment=seg[:, :-1]),
+                 "one_segment": dict(q_segment=seg),
+                 "rank_shape": dict(q_limit=seg, k_rank=seg[:1])}[bad])
+
+    def call(mode):
+        with mode:
+            q = torch.randn(B, H, N, d)
+            meta = {k: (None if v is None else (mode.from_tensor(v) if isinstance(mode, FakeTensorMode) else v))
+                    for k, v in args.items()}
+            torch.ops.fourm_fast.masked_attention_fwd.default(q, q, q, meta["k_valid"], meta["q_segment"],
+                                                              meta["k_segment"], meta["q_limit"], meta["k_rank"], 0.25)
+
+    import contextlib
+
+    with pytest.raises((TypeError, ValueError)) as real:
+        call(contextlib.nullcontext())
+    with pytest.raises(real.type, match=re.escape(str(real.value).split(",")[0].split(" got")[0])):
+        call(FakeTensorMode())
 
 
 # nn modules -------------------------------------------------------------------------------------

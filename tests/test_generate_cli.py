@@ -62,6 +62,7 @@ def test_generate_with_a_token_grid_condition(run_dir, tmp_path):
     (["--target", "rgb", "--cond", "depth=/nonexistent.npy"], "no such file"),
     (["--target", "rgb", "--cond", "depth"], "MODALITY=VALUE"),
     (["--target", "caption", "--scheme", "maskgit"], "sequence modality"),
+    (["--target", "rgb", "--cond", "normal=/nonexistent.npy"], "not an input modality of this model"),
 ])
 def test_generate_bad_requests(run_dir, tmp_path, capsys, extra, message):
     assert main(["generate", "--checkpoint", str(run_dir), "--out", str(tmp_path / "x"), *extra]) == 2

@@ -1,5 +1,6 @@
 // CPU executor of sample_tokens: validation, parameter gathering, rows in parallel
-// (at::parallel_for), and the choice between the baseline and the AVX2+FMA copy of the row code.
+// (at::parallel_for), and the choice among the AVX-512, AVX2+FMA and portable copies of the row
+// code (sampling_cpu_dispatch.h).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>

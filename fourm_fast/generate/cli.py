@@ -1,11 +1,13 @@
 """`fourm-fast generate`: chained any-to-any generation from a training checkpoint.
 
-  fourm-fast generate --checkpoint runs/tiny --cond caption="a red circle" --target semseg,depth,rgb \\
+  fourm-fast generate --checkpoint demo_out/train --cond caption="a red circle" --target semseg,depth,rgb \\
       --steps 8 --temperature 1.0 --cfg 3.0 --seed 0 --out gen/
 
 writes gen/samples.png (one row per sample: conditions, then targets in order, images decoded by the
 VQ tokenizers), gen/text.json (sequence modalities as text), gen/tokens/<target>.npy and
 gen/settings.json. The same checkpoint, conditions, settings and seed give byte-identical files.
+Text conditions need a run trained on tokenized shards (`make demo` writes one to demo_out/train):
+its data folder holds the text tokenizer.
 """
 from __future__ import annotations
 
@@ -81,6 +83,9 @@ class Assets:
         return self.text.encode(text)
 
     def condition(self, state: GenerationState, name: str, value: str) -> None:
+        if name not in self.model.encoder_embeddings:  # the encoder would never see it
+            raise ValueError(f"--cond {name}=...: {name} is not an input modality of this model "
+                             f"(inputs: {', '.join(self.model.encoder_embeddings)})")
         kind = self.model.cfg.modality(name).kind
         if kind == "image":
             state.set_image(name, self.image_tokens(name, value))

@@ -38,6 +38,8 @@ class Generator:
     sentinel_ids: per sequence modality, the ids of its sentinels in 4M's order (entry s is [S_s]:
     a TextTokenizer's ``sentinel_ids``); [S_1] starts a generated sequence and [S_2] ends it.
     use_cache: autoregressive decoding with the key/value cache (False: 4M's full re-run).
+    log: called with a progress line per MaskGIT / ROAR step and one per autoregressive target
+        (None: quiet).
     """
 
     def __init__(self, model, sentinel_ids: dict[str, list[int]] | None = None, use_cache: bool = True,

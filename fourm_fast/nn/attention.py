@@ -34,6 +34,10 @@ class Attention(nn.Module):
     ``forward(x, k_valid=None, segment=None, limit=None, rank=None)``: k_valid ``(B, N)`` bool
     (default: all valid); segment ``(B, N)`` int32 restricts attention to equal segments; limit
     and rank ``(B, N)`` int32 make key j visible to query i iff rank[j] <= limit[i].
+
+    qkv_bias, proj_bias: biases of the projections (4M's released models have none). backend:
+    masked_attention's backend (None: its dispatcher's choice). qk_norm: 4M's QK-norm, a
+    LayerNorm (eps 1e-6, no bias) of each head's queries and keys.
     """
 
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, proj_bias: bool = False,
@@ -67,7 +71,8 @@ class CrossAttention(nn.Module):
     """Multi-head attention of ``x (B, Nq, dim)`` over ``context (B, Nk, dim)``.
 
     ``forward(x, context, context_valid=None)``: context_valid ``(B, Nk)`` bool masks padding of
-    the encoder output (4M's decoder cross-attention).
+    the encoder output (4M's decoder cross-attention). qkv_bias (of q and kv), proj_bias, backend
+    and qk_norm as in Attention.
     """
 
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, proj_bias: bool = False,

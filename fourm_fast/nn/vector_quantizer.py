@@ -36,6 +36,8 @@ class VectorQuantizer(nn.Module):
             and the output, as 4M's cosine codebooks).
         beta: commitment-loss weight.
         ema_decay: if set (e.g. 0.99), update the codebook by EMA instead of the codebook loss.
+        ema_eps: with EMA, the Laplace smoothing of the code counts (keeps a code that got no
+            assignment from dividing by zero).
         dead_code_threshold: with EMA, codes whose running usage falls below this many
             assignments are restarted at random inputs of the current batch.
         check_finite: raise on inputs with NaN/inf (one host sync per call).

@@ -3,12 +3,16 @@
 Backends, in priority order: ``fourm_fast`` (this library's kernels), ``flash_attn`` (varlen,
 only for patterns it can express, when installed) and ``sdpa_dense`` (PyTorch SDPA with a dense
 bool mask built from the metadata). ``backend=`` or FOURM_FAST_ATTENTION_BACKEND picks one; when
-none fits, the error lists every backend with its reasons.
+none fits, the error lists every backend with its reasons. Without a choice, the first that fits
+runs, and passing over this library's kernels says why (a warning, once per reason); CUDA tensors
+in a build without CUDA kernels raise instead (an installation problem, not a pattern the kernel
+cannot take), as every fourm_fast op does.
 """
 from __future__ import annotations
 
 import math
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +35,9 @@ class AttentionInputs:
     q_limit: Tensor | None
     k_rank: Tensor | None
     scale: float
+
+
+_NO_CUDA_KERNELS = "this build has no CUDA kernels"
 
 
 def _has_cuda_kernel(op: str) -> bool:
@@ -56,7 +63,7 @@ class FourmFastBackend(Backend):
             from .._extension import extension
 
             if not extension().build_info()["cuda_compiled"]:
-                reasons.append("this build has no CUDA kernels")
+                reasons.append(_NO_CUDA_KERNELS)
             elif not _has_cuda_kernel("masked_attention_fwd"):
                 reasons.append("the CUDA masked_attention kernel is not implemented in this build")
         elif a.q.device.type != "cpu":
@@ -152,9 +159,27 @@ def select_backend(a: AttentionInputs, backend: str | None = None) -> Backend:
     for b in order:
         reasons = b.not_supported_reasons(a)
         if not reasons:
+            if rejected and not wanted:
+                _note_fallback(b.name, rejected)
             return b
+        if not wanted and b.name == "fourm_fast" and _NO_CUDA_KERNELS in reasons:
+            raise RuntimeError("masked_attention: CUDA tensors, but this fourm_fast build has no CUDA kernels "
+                               "(rebuild with FOURM_FAST_CUDA=1 where nvcc is available; `fourm-fast info` shows the "
+                               "build), or pass backend='sdpa_dense' for PyTorch SDPA with a dense N x N mask")
         rejected.append(f"  {b.name}: " + "; ".join(reasons))
     raise RuntimeError("masked_attention: no backend can run these inputs:\n" + "\n".join(rejected))
+
+
+_warned: set[tuple[str, ...]] = set()
+
+
+def _note_fallback(chosen: str, rejected: list[str]) -> None:
+    key = (chosen, *rejected)
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(f"masked_attention: running the {chosen} backend; passed over:\n" + "\n".join(rejected)
+                      + "\n(pass backend= or set FOURM_FAST_ATTENTION_BACKEND to choose one and silence this)",
+                      stacklevel=3)
 
 
 def masked_attention(q: Tensor, k: Tensor, v: Tensor, k_valid: Tensor, q_segment: Tensor | None = None,
@@ -186,25 +211,37 @@ def masked_attention(q: Tensor, k: Tensor, v: Tensor, k_valid: Tensor, q_segment
     return select_backend(a, backend)(a)
 
 
-def _fake_checks(q, k, v, k_valid):
+def _fake_checks(q, k, v, k_valid, q_segment=None, k_segment=None, q_limit=None, k_rank=None):
+    """The C++ checks (csrc/attention_checks.h) on shapes and dtypes, for tracing: a graph that
+    could not run fails when it is traced, with the same message."""
     torch._check_value(q.dim() == 4 and k.dim() == 4 and v.dim() == 4, lambda: "masked_attention: q, k, v must be 4-D (B, H, N, d)")
     torch._check_type(q.dtype in _SUPPORTED, lambda: f"masked_attention: q must be float32, bfloat16 or float16, got {q.dtype}")
     torch._check_type(k.dtype == q.dtype and v.dtype == q.dtype, lambda: "masked_attention: q, k, v must share a dtype")
     torch._check_value(k.shape[:2] == q.shape[:2] and v.shape[:3] == k.shape[:3], lambda: "masked_attention: mismatched B/H/N")
     torch._check_value(k.shape[3] == q.shape[3] and v.shape[3] == q.shape[3], lambda: "masked_attention: head dims differ")
     torch._check_type(k_valid.dtype == torch.bool, lambda: "masked_attention: k_valid must be bool")
+    B, Nq, Nk = q.shape[0], q.shape[2], k.shape[2]
+    torch._check_value(k_valid.dim() == 2 and k_valid.shape[0] == B and k_valid.shape[1] == Nk,
+                       lambda: f"masked_attention: k_valid must have shape ({B}, {Nk}), got {tuple(k_valid.shape)}")
+    for a_name, a, b_name, b in (("q_segment", q_segment, "k_segment", k_segment), ("q_limit", q_limit, "k_rank", k_rank)):
+        torch._check_value((a is None) == (b is None), lambda: f"masked_attention: give both {a_name} and {b_name}, or neither")
+        for name, t, n in ((a_name, a, Nq), (b_name, b, Nk)):
+            if t is not None:
+                torch._check_type(t.dtype == torch.int32, lambda: f"masked_attention: {name} must be int32, got {t.dtype}")
+                torch._check_value(t.dim() == 2 and t.shape[0] == B and t.shape[1] == n,
+                                   lambda: f"masked_attention: {name} must have shape ({B}, {n}), got {tuple(t.shape)}")
 
 
 @torch.library.register_fake("fourm_fast::masked_attention_fwd")
 def _fwd_fake(q, k, v, k_valid, q_segment, k_segment, q_limit, k_rank, scale):
-    _fake_checks(q, k, v, k_valid)
+    _fake_checks(q, k, v, k_valid, q_segment, k_segment, q_limit, k_rank)
     B, H, Nq, _ = q.shape
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((B, H, Nq), dtype=torch.float32)
 
 
 @torch.library.register_fake("fourm_fast::masked_attention_bwd")
 def _bwd_fake(grad_out, q, k, v, out, lse, k_valid, q_segment, k_segment, q_limit, k_rank, scale):
-    _fake_checks(q, k, v, k_valid)
+    _fake_checks(q, k, v, k_valid, q_segment, k_segment, q_limit, k_rank)
     c = torch.contiguous_format
     return torch.empty_like(q, memory_format=c), torch.empty_like(k, memory_format=c), torch.empty_like(v, memory_format=c)
 

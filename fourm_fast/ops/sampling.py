@@ -55,17 +55,21 @@ def sample_tokens(
         min_p: in [0, 1]; keeps tokens with ``p >= min_p * p_max``; 0 is off.
         uncond_logits: ``(R, V)`` like logits; enables guidance ``u + cfg_scale (c - u)``.
         cfg_scale: guidance scale (1 = the conditional logits).
-        seed, offset: Philox key and stream offset (ints, or 0-d int tensors for CUDA graphs).
-            Every parameter above may also be a ``(R,)`` tensor of per-row values.
+        seed, offset: Philox key and stream offset (ints, or 0-d int tensors for CUDA graphs;
+            one per call, never per row).
+
+    temperature, top_k, top_p, min_p and cfg_scale may also be ``(R,)`` tensors of per-row values.
 
     Returns:
         tokens: ``(R,)`` int64.
         probs: ``(R,)`` float32, the drawn token's probability under the filtered, tempered
             distribution (MaskGIT's confidence).
 
-    Top-k, then top-p (on the top-k survivors), then min-p filter the guided logits; the draw is
-    Gumbel-max with Philox(seed, offset, row, token) noise, so a seed gives the same tokens on the
-    CPU and on CUDA. NaN logits, rows without a finite logit and bad parameters raise ValueError.
+    Top-k, then top-p (on the top-k survivors), then min-p filter the guided logits. Softmax
+    weights are fixed-point integers, so sums are exact in any order; the draw is the inverse CDF
+    over them at one Philox(seed, offset, row) uniform per row, so a seed gives the same tokens on
+    the CPU and on CUDA (csrc/kernels/sampling_math.h). NaN logits, a +inf logit, rows without a
+    finite logit and bad parameters raise ValueError.
     """
     if not isinstance(logits, Tensor) or logits.dim() != 2:
         raise ValueError(f"sample_tokens: logits must be a 2-D (R, V) tensor, got {getattr(logits, 'shape', type(logits))}")

@@ -42,6 +42,7 @@ def _check_inputs(x: Tensor, codebook: Tensor, metric: str) -> None:
     torch._check_value(x.dim() >= 1, lambda: "vq_lookup: x must have at least one dimension (..., D)")
     torch._check_value(codebook.shape[0] > 0, lambda: "vq_lookup: the codebook is empty (K = 0)")
     torch._check_value(codebook.shape[1] > 0, lambda: "vq_lookup: code dimension D must be positive")
+    torch._check_value(codebook.shape[0] <= 2**31 - 1, lambda: "vq_lookup: at most 2^31-1 codes are supported")
     torch._check_value(
         x.shape[-1] == codebook.shape[1],
         lambda: f"vq_lookup: x has D = {x.shape[-1]} but the codebook has D = {codebook.shape[1]}",

@@ -1,6 +1,6 @@
 """The built-in synthetic batch source: token grids and sequences with cross-modal structure (so a
-model can learn something), masked by the token-budget sampler. Until the data pipeline lands this
-is what `fourm-fast train` feeds the model.
+model can learn something), masked by the token-budget sampler: what `fourm-fast train` feeds the
+model with data.source "synthetic" (the shipped config); "shards" reads tokenized data instead.
 
 A step's global batch is a pure function of (seed, step): every process builds the same global
 layout and keeps its own slice, so N processes see exactly the samples one process would, and a
