@@ -434,3 +434,19 @@ def test_flops_per_step_counts_what_a_step_executes():
 
         vocab_tokens = sum(c * m.vocab_size for c, m in zip(batch.dec_counts, model_cfg.modalities))
         assert count_flops(step) == flops_per_step(model_cfg, 4, n_in, n_tg, vocab_tokens), (n_in, n_tg)
+
+
+def test_checkpoint_writer_cleans_up_after_killed_writers(tmp_path):
+    # What a writer killed mid-save leaves behind, as a dead process id would name it: a
+    # half-written temporary folder (removed) and a checkpoint moved aside whose replacement never
+    # landed (put back in place)
+    import shutil as sh
+
+    train(small_cfg(tmp_path, "train.steps=2", "checkpoint.keep=5"), log=lambda m: None)
+    root = tmp_path / "checkpoints"
+    dead = 2**22 + 12345  # above Linux's default pid_max: no such process
+    (root / f".step-0000004.tmp-{dead}").mkdir()
+    (root / f".step-0000004.tmp-{dead}" / "model.safetensors").write_bytes(b"partial")
+    sh.copytree(root / "step-0000002", root / f".step-0000001.old-{dead}")
+    train(small_cfg(tmp_path, "train.steps=4", "checkpoint.keep=5"), resume=True, log=lambda m: None)
+    assert sorted(p.name for p in root.iterdir()) == ["step-0000001", "step-0000002", "step-0000004"]

@@ -55,6 +55,40 @@ def checkpoint_dirs(root: Path) -> list[Path]:
     return sorted(dirs, key=lambda p: int(p.name[5:]))
 
 
+def _fsync(path: Path) -> None:
+    """Flush a file's (or a folder's entries') data to the disk: a rename is atomic, but without
+    this a power loss right after it can leave the renamed folder holding empty files."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale_temps(root: Path) -> None:
+    """What writers killed mid-write left (their process is gone): half-written temporary folders
+    go; a checkpoint moved aside to be replaced goes back in place if its replacement never came."""
+    for t in root.glob(".step-*"):
+        stem, _, pid = t.name.rpartition("-")
+        if not (t.is_dir() and pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid))):
+            continue
+        final = root / stem[1:].rsplit(".", 1)[0]  # ".step-0000004.old" -> "step-0000004"
+        if stem.endswith(".old") and not final.exists():
+            os.replace(t, final)
+        else:
+            shutil.rmtree(t, ignore_errors=True)
+
+
 def save_checkpoint(root: Path, step: int, model: nn.Module, inner: nn.Module, optimizer, scheduler, extra: dict,
                     keep: int, is_writer: bool) -> Path | None:
     """Every process must call this (sharded models gather their weights); one writes."""
@@ -65,6 +99,7 @@ def save_checkpoint(root: Path, step: int, model: nn.Module, inner: nn.Module, o
     aliases = tied_aliases(inner)
     tensors = {k: v.detach().contiguous() for k, v in sd.items() if k not in aliases}
     root.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(root)
     final = root / f"step-{step:07d}"
     tmp = root / f".{final.name}.tmp-{os.getpid()}"
     if tmp.exists():
@@ -73,9 +108,17 @@ def save_checkpoint(root: Path, step: int, model: nn.Module, inner: nn.Module, o
     save_file(tensors, str(tmp / MODEL_FILE), metadata={"fourm_fast_aliases": json.dumps(aliases)})
     state = {"step": step, "optimizer": osd, "scheduler": scheduler.state_dict(), **extra}
     torch.save(state, tmp / STATE_FILE)
-    if final.exists():
-        shutil.rmtree(final)
+    for f in (tmp / MODEL_FILE, tmp / STATE_FILE, tmp):
+        _fsync(f)
+    old = None
+    if final.exists():  # the same step written again: the old copy is moved aside, not deleted, until
+        # the new one is in place (a writer killed between the two renames leaves it to be restored)
+        old = root / f".{final.name}.old-{os.getpid()}"
+        os.replace(final, old)
     os.replace(tmp, final)
+    _fsync(root)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
     # keep-last-k among this run's steps (none later than this one: the trainer refuses to start
     # a fresh run beside an older run's checkpoints)
     ours = [p for p in checkpoint_dirs(root) if int(p.name[5:]) <= step]
