@@ -1,6 +1,7 @@
 """masked_attention on the CPU: float64 reference parity (outputs and gradients), 4M's decoder rule,
 hostile shapes, low precision, dispatcher, opcheck and torch.compile."""
 
+import math
 import re
 
 import pytest
@@ -283,6 +284,16 @@ def test_4m_decoder_rule_from_metadata(case, flags):
 def test_bad_inputs_raise_clear_errors():
     q = torch.randn(2, 3, 5, 8)
     kv = torch.ones(2, 5, dtype=torch.bool)
+    with pytest.raises(ValueError, match="k_valid is on meta but q is on cpu"):  # was: uninitialised output
+        masked_attention(q, q, q, kv.to("meta"))
+    with pytest.raises(ValueError, match="q_segment is on meta"):
+        seg = torch.zeros(2, 5, dtype=torch.int32)
+        masked_attention(q, q, q, kv, q_segment=seg.to("meta"), k_segment=seg)
+    with pytest.raises(ValueError, match="head dim must be positive"):
+        masked_attention(q[..., :0], q[..., :0], q[..., :0], kv)
+    for bad_scale in (math.nan, math.inf):
+        with pytest.raises(ValueError, match="scale must be finite"):
+            masked_attention(q, q, q, kv, scale=bad_scale)
     with pytest.raises(ValueError, match="head counts differ"):
         masked_attention(q, torch.randn(2, 4, 5, 8), torch.randn(2, 4, 5, 8), kv)
     with pytest.raises(ValueError, match="batch sizes differ"):
@@ -418,6 +429,14 @@ def test_opcheck_and_compile():
     torch.testing.assert_close(loss, eager)
     for g, e in zip(grads, eager_grads):
         torch.testing.assert_close(g, e)
+
+
+def test_double_backward_raises_instead_of_dropping_terms():
+    q, k, v = (torch.randn(1, 2, 4, 8, requires_grad=True) for _ in range(3))
+    out = masked_attention(q, k, v, torch.ones(1, 4, dtype=torch.bool))
+    (gq,) = torch.autograd.grad(out.square().sum(), q, create_graph=True)  # first order: fine
+    with pytest.raises(RuntimeError, match="double backward .* not supported"):
+        torch.autograd.grad(gq.sum(), (q, k, v), allow_unused=True)
 
 
 @pytest.mark.parametrize("bad", ["k_valid_shape", "segment_dtype", "segment_shape", "one_segment", "rank_shape"])

@@ -338,6 +338,13 @@ def test_select_positions_never_picks_non_candidates():
             assert chosen.min() >= rest.max()
 
 
+def test_select_positions_ranks_float64_in_float64():
+    # confidences apart by less than float32 resolution, and beyond float32's range
+    conf = torch.tensor([[1.0, 1.0 + 1e-12, 0.5], [1e300, 1e301, 0.0]], dtype=torch.float64)
+    pick = select_positions(conf, torch.ones(2, 3, dtype=torch.bool), torch.tensor([1, 1]))
+    assert pick.tolist() == [[False, True, False], [False, True, False]]
+
+
 def test_select_positions_inf_and_errors():
     conf = torch.tensor([[-math.inf, -math.inf, 0.5]])
     cand = torch.tensor([[False, True, True]])

@@ -206,7 +206,11 @@ def masked_attention(q: Tensor, k: Tensor, v: Tensor, k_valid: Tensor, q_segment
     backward rounds the score gradient dS to fp16 for its tensor cores, as FlashAttention does, so
     |dS| beyond 65504 (large loss scales) overflows; the CPU computes in float32.
     """
+    if q.dim() == 4 and q.shape[-1] == 0:
+        raise ValueError("masked_attention: head dim must be positive")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"masked_attention: scale must be finite, got {scale}")
     a = AttentionInputs(q, k, v, k_valid, q_segment, k_segment, q_limit, k_rank, scale)
     return select_backend(a, backend)(a)
 
@@ -221,6 +225,13 @@ def _fake_checks(q, k, v, k_valid, q_segment=None, k_segment=None, q_limit=None,
     torch._check_value(k.shape[3] == q.shape[3] and v.shape[3] == q.shape[3], lambda: "masked_attention: head dims differ")
     torch._check_type(k_valid.dtype == torch.bool, lambda: "masked_attention: k_valid must be bool")
     B, Nq, Nk = q.shape[0], q.shape[2], k.shape[2]
+    # (one device for all: a lone meta tensor would otherwise route the call to this fake impl and
+    # return uninitialised memory)
+    for name, t in (("k", k), ("v", v), ("k_valid", k_valid), ("q_segment", q_segment), ("k_segment", k_segment),
+                    ("q_limit", q_limit), ("k_rank", k_rank)):
+        if t is not None:
+            torch._check_value(t.device == q.device,
+                               lambda: f"masked_attention: {name} is on {t.device} but q is on {q.device}; all inputs must be on one device")
     torch._check_value(k_valid.dim() == 2 and k_valid.shape[0] == B and k_valid.shape[1] == Nk,
                        lambda: f"masked_attention: k_valid must have shape ({B}, {Nk}), got {tuple(k_valid.shape)}")
     for a_name, a, b_name, b in (("q_segment", q_segment, "k_segment", k_segment), ("q_limit", q_limit, "k_rank", k_rank)):
@@ -267,3 +278,13 @@ def _backward(ctx, grad_out, grad_lse):
 
 
 torch.library.register_autograd("fourm_fast::masked_attention_fwd", _backward, setup_context=_setup_context)
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError("masked_attention: double backward (a gradient of its gradients) is not supported; "
+                       "for second-order terms use backend='sdpa_dense'")
+
+
+# Without this a create_graph backward would warn and then drop the second-order terms silently.
+torch.library.register_autograd("fourm_fast::masked_attention_bwd", _no_double_backward,
+                                setup_context=lambda ctx, inputs, output: None)

@@ -135,7 +135,8 @@ def select_positions(confidence: Tensor, candidates: Tensor, num_select: Tensor)
             raise ValueError("select_positions: NaN confidence at a candidate position")
     B, N = confidence.shape
     # Candidates first, then by confidence descending; stable sorts keep the lower index first.
-    conf = confidence.float().masked_fill(~candidates, 0.0)
+    # float64 stays float64 (rounding to float32 would tie confidences that differ); 16-bit widens exactly
+    conf = confidence.to(torch.promote_types(confidence.dtype, torch.float32)).masked_fill(~candidates, 0.0)
     order = torch.sort(conf, dim=1, descending=True, stable=True).indices
     cand_sorted = torch.gather(candidates, 1, order).to(torch.uint8)
     order = torch.gather(order, 1, torch.sort(cand_sorted, dim=1, descending=True, stable=True).indices)
