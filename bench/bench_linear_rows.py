@@ -3,7 +3,8 @@
 F.linear, the swapped order (W @ x.T).T, and fourm_fast.ops.rows_linear side by side.
 
 Shapes are 4M's tiny preset (dim 384: qkv 1152, MLP 1024, projections 384) with its 8192 and
-30522 (text) heads, and the base preset's blocks (dim 768: qkv 2304, MLP 3072) and text head. A decoding step reads every weight once and the whole set does not
+30522 (text) heads, and the base preset's blocks (dim 768: qkv 2304, SwiGLU MLP fc1/fc3 2048 x 768
+and fc2 768 x 2048) and text head. A decoding step reads every weight once and the whole set does not
 fit in cache, so each call here takes the next of enough copies of W to fill --pool-mib: the time
 is that of streaming W from memory. Each method's median over --calls calls is reported as GB/s of
 weight read, against a roofline: the best of three timed reads of a --pool-mib tensor (sum), on the
@@ -16,6 +17,7 @@ weights, to rows_linear; rerun this on another CPU before trusting those choices
   python bench/bench_linear_rows.py
   python bench/bench_linear_rows.py --threads 1
   python bench/bench_linear_rows.py --dtype bfloat16   # x and W in bf16 (what a bf16 model decodes with)
+  python bench/bench_linear_rows.py --shapes 2048x768 768x2048   # a subset (N x K)
 """
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ from fourm_fast.nn.few_rows import (FEW_ROWS_MAX, FEW_ROWS_MAX_HALF, FEW_ROWS_MI
 from fourm_fast.ops import rows_linear  # noqa: E402
 
 SHAPES = [(384, 384), (1024, 384), (1152, 384), (384, 1024), (8192, 384), (30522, 384),
-          (2304, 768), (3072, 768), (768, 3072), (30522, 768)]
+          (2304, 768), (2048, 768), (768, 2048), (30522, 768)]
 ROWS = [1, 2, 4, 8, 12, 16, 32]
 METHODS = {
     "linear": lambda x, w: F.linear(x, w),
@@ -91,8 +93,17 @@ def main(argv: list[str] | None = None) -> int:
                     help="weight copies per shape fill this much memory (more than the last-level cache)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--rows", type=int, nargs="+", default=ROWS)
+    ap.add_argument("--shapes", nargs="+", default=None, metavar="NxK", help="weights to measure (default: all of SHAPES)")
     ap.add_argument("--no-save", action="store_true")
     args = ap.parse_args(argv)
+    shapes = SHAPES
+    if args.shapes:
+        try:
+            shapes = [tuple(int(v) for v in sh.lower().split("x")) for sh in args.shapes]
+        except ValueError:
+            ap.error(f"--shapes: write N x K as 2048x768, got {args.shapes}")
+        if any(len(sh) != 2 or min(sh) < 1 for sh in shapes):
+            ap.error(f"--shapes: write N x K as 2048x768, got {args.shapes}")
     set_threads(args.threads)
     env = environment("cpu")
     dtype = getattr(torch, args.dtype)
@@ -106,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
           + f"  {'rows_linear vs linear':>21}")
     g = torch.Generator().manual_seed(0)
     results = []
-    for n, k in SHAPES:
+    for n, k in shapes:
         pool = ColdPool(n, k, args.pool_mib, g, dtype)
         gb = n * k * dtype.itemsize / 1e9
         for m in args.rows:

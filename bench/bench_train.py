@@ -10,7 +10,11 @@ Methods (forward + backward + AdamW step on the same sampled batch):
 Reported: median step time, tokens/s (encoder + decoder slots x batch), ratio, and MFU against a
 measured sgemm rate (CPU; a bf16 matmul rate with --precision bf16) or the bf16 dense peak (GPU). On a GPU also the device time of each step
 (queued behind a spin kernel, so launches are out of it): wall over device time is how host-bound
-the step is. A baseline that fails, in warm-up or while timed, is reported and left out.
+the step is. On the CPU also each method's median forward (with the loss), backward and optimizer
+time, and a ceiling: 4m_eager's step time over the time of our FLOPs at the measured peak plus our
+optimizer step (the optimizer is the same code on the same parameters for both, so no model code
+can beat that ratio; the ratio needs the eager row). A baseline that fails, in warm-up or while
+timed, is reported and left out.
 
   python bench/bench_train.py                        # tiny preset, CPU
   python bench/bench_train.py --device cuda --preset B --batch 128
@@ -18,7 +22,9 @@ the step is. A baseline that fails, in warm-up or while timed, is reported and l
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
+import time
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -84,18 +90,28 @@ def main(argv: list[str] | None = None) -> int:
     use_bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else nullcontext
 
-    def step(fn):
+    # Each timed step's forward (with the loss), backward and optimizer time, per method: the
+    # optimizer step is the same code on the same parameters for every method, so it bounds the
+    # ratio any model code can reach (see the ceiling line after the table).
+    phases: dict[str, list[tuple[float, float, float]]] = {}
+
+    def step(fn, name):
         def run():
+            t0 = time.perf_counter()
             with autocast():
                 loss, _ = fn()
+            t1 = time.perf_counter()
             loss.backward()
+            t2 = time.perf_counter()
             opt.step()
             opt.zero_grad(set_to_none=True)
+            t3 = time.perf_counter()
+            phases.setdefault(name, []).append((t1 - t0, t2 - t1, t3 - t2))
         return run
 
     methods = {
-        "fourm_fast": step(lambda: model(native, "mod")),
-        "4m_eager": step(lambda: forward_4m_eager(model, ml4m, args.tokens, args.tokens, "mod")),
+        "fourm_fast": step(lambda: model(native, "mod"), "fourm_fast"),
+        "4m_eager": step(lambda: forward_4m_eager(model, ml4m, args.tokens, args.tokens, "mod"), "4m_eager"),
     }
     if args.compile:
         compiled_hidden = torch.compile(model.forward_hidden, mode=args.compile)
@@ -107,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 del model.forward_hidden
 
-        methods["fourm_fast+compile" if args.compile == "default" else f"fourm_fast+compile:{args.compile}"] = step(compiled_loss)
+        name = "fourm_fast+compile" if args.compile == "default" else f"fourm_fast+compile:{args.compile}"
+        methods[name] = step(compiled_loss, name)
     repeats = args.repeats or (20 if device.type == "cuda" else 5)
     env = environment(args.device)
     peak, peak_note = peak_tflops(device, None, bf16=use_bf16)
@@ -147,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(3 if "compile" in name else 1):
             fn()
     ready = {n: f for n, f in ready.items() if n not in failed}
+    phases.clear()  # warm-up steps (compilation among them) are not timed
     device_times = {}
     if device.type == "cpu":
         timings = time_cpu_interleaved(ready, repeats)
@@ -156,6 +174,9 @@ def main(argv: list[str] | None = None) -> int:
         # says how host-bound (launch-bound) a step is
         device_times = {name: time_fn(fn, args.device, repeats=repeats, warmup=0, backlog=True) for name, fn in ready.items()}
     timings = {n: t for n, t in timings.items() if n not in failed}
+    # host wall time per phase: meaningful on the CPU only (CUDA launches return before the work)
+    phase_ms = {n: [round(1e3 * statistics.median(p[i] for p in v), 2) for i in range(3)]
+                for n, v in phases.items() if n in timings and device.type == "cpu"}
     for name, t in timings.items():
         ours = t.median_ms if name == "fourm_fast" else ours
         tps = B * 2 * args.tokens / (t.median_ms * 1e-3)
@@ -164,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
                      "params_m": round(n_params / 1e6, 2), **timing_dict(t),
                      "time_vs_ours": round(t.median_ms / ours, 3), "tokens_per_s": round(tps, 1),
                      "interleaved": device.type == "cpu",
+                     **(dict(zip(("fwd_ms", "bwd_ms", "opt_ms"), phase_ms[name])) if name in phase_ms else {}),
                      **({"device_median_ms": round(device_times[name].median_ms, 3)} if name in device_times else {})})
         dev_s = f" {device_times[name].median_ms:>10.1f}" if name in device_times else ""
         print(f"{name:<{w}} {t.median_ms:>10.1f} {t.p20_ms:>9.1f}-{t.p80_ms:<9.1f} {t.median_ms / ours:>7.2f}x {tps:>10.0f}{dev_s}",
@@ -180,6 +202,20 @@ def main(argv: list[str] | None = None) -> int:
         mfus.append(f"{row['method']} {100 * mfu:.1f}%" if mfu else f"{row['method']} n/a")
     print(f"# MFU vs {peak:.3f} TFLOP/s ({peak_note}{', best of probes before and after' if measured else ''}): "
           + ", ".join(mfus))
+    if phase_ms:
+        print("# median phases, ms (forward with loss / backward / optimizer step): "
+              + ", ".join(f"{n} {f:.1f} / {b:.1f} / {o:.1f}" for n, (f, b, o) in phase_ms.items()))
+    eager_row = next((r for r in rows if r["method"] == "4m_eager"), None)
+    if peak and eager_row and "fourm_fast" in phase_ms:
+        # The most any model code could gain over the eager step: every FLOP of ours at the
+        # measured peak and nothing else, plus the optimizer step both methods share.
+        floor_ms = flops / (peak * 1e12) * 1e3 + phase_ms["fourm_fast"][2]
+        ceiling = eager_row["median_ms"] / floor_ms
+        for row in rows:
+            if row["method"] == "fourm_fast":
+                row["speedup_ceiling"] = round(ceiling, 3)
+        print(f"# ceiling: 4m_eager's step over (our FLOPs at that peak + our optimizer step) = "
+              f"{eager_row['median_ms']:.1f} / {floor_ms:.1f} ms = {ceiling:.2f}x")
     if any(r["mfu"] and r["mfu"] > 1 for r in rows):
         print("# MFU above 100%: the steps ran faster than both sgemm probes (the machine's speed moved); "
               "the time ratios are unaffected")
