@@ -431,6 +431,34 @@ def test_opcheck_and_compile():
         torch.testing.assert_close(g, e)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("isa", ["auto", "generic", "avx512"])
+def test_huge_finite_values_in_masked_keys_do_not_reach_gradients(dtype, isa):
+    # dO V^T overflows for a masked key whose V row is near FLT_MAX; its weight is 0, so its score
+    # gradient must be 0 (0 * inf made every dq NaN)
+    from fourm_fast._extension import extension
+
+    codes = {"auto": 0, "generic": 1, "avx512": 3}
+    g = torch.Generator().manual_seed(4)
+    q, k, v, do = (torch.randn(2, 2, 6, 32, generator=g) for _ in range(4))
+    k_valid = torch.tensor([[True, False, True, True, True, True], [True, True, True, True, False, True]])
+    huge = v.clone()
+    huge[0, :, 1] = 1e38
+    huge[1, :, 4] = -3e38
+    extension()._set_cpu_isa(codes[isa])
+    try:
+        grads = []
+        for vv in (v, huge):
+            ins = [t.to(dtype).requires_grad_() for t in (q, k, vv)]
+            out = masked_attention(*ins, k_valid)
+            grads.append(torch.autograd.grad(out, ins, do.to(dtype)))
+    finally:
+        extension()._set_cpu_isa(0)
+    for name, a, b in zip("qk", grads[0][:2], grads[1][:2]):
+        assert torch.isfinite(b).all(), name
+        torch.testing.assert_close(b, a, rtol=0, atol=0, msg=name)  # the masked rows' values do not matter
+
+
 def test_double_backward_raises_instead_of_dropping_terms():
     q, k, v = (torch.randn(1, 2, 4, 8, requires_grad=True) for _ in range(3))
     out = masked_attention(q, k, v, torch.ones(1, 4, dtype=torch.bool))

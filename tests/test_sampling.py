@@ -338,6 +338,22 @@ def test_select_positions_never_picks_non_candidates():
             assert chosen.min() >= rest.max()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_guidance_scale_one_and_zero_are_the_branches_exactly(dtype):
+    # u + s (c - u) rounds c - u: at s = 1 that moved logits (and broke ties of c), so the draw and
+    # its probability differed from sampling c alone
+    g = torch.Generator().manual_seed(7)
+    c, u = (torch.randn(64, 1000, generator=g).mul(4).to(dtype) for _ in range(2))
+    c[:, 10] = c[:, 11] = c.max() + 1  # a tie at the top
+    for kw in (dict(temperature=1.0), dict(temperature=0.7, top_k=1), dict(temperature=1.0, top_p=0.9)):
+        want = sample_tokens(c, **kw, seed=3)
+        got = sample_tokens(c, uncond_logits=u, cfg_scale=1.0, **kw, seed=3)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), kw
+        want0 = sample_tokens(u, **kw, seed=3)
+        got0 = sample_tokens(c, uncond_logits=u, cfg_scale=0.0, **kw, seed=3)
+        assert torch.equal(got0[0], want0[0]) and torch.equal(got0[1], want0[1]), kw
+
+
 def test_select_positions_ranks_float64_in_float64():
     # confidences apart by less than float32 resolution, and beyond float32's range
     conf = torch.tensor([[1.0, 1.0 + 1e-12, 0.5], [1e300, 1e301, 0.0]], dtype=torch.float64)

@@ -137,6 +137,23 @@ def test_nonfinite_rows_get_minus_one(cpu_isa, metric, dtype):
         vq_dequantize(idx, cb)
 
 
+@pytest.mark.parametrize("scale", [1e19, 1e25, 1e30])
+def test_cosine_distance_of_huge_rows_does_not_overflow(cpu_isa, scale):
+    # |x|^2 overflows float32 from entries of about 1.8e19; the cosine distance does not depend on
+    # |x|, so it must equal the unit-scale row's (it came out 1.0 or NaN). Picks stay right up to
+    # where <x, c> itself overflows (about 1e38 / |c|).
+    g = torch.Generator().manual_seed(3)
+    x, cb = torch.randn(40, 24, generator=g), torch.randn(50, 24, generator=g)
+    idx1, dist1 = vq_lookup(x, cb, "cosine")
+    idx, dist = vq_lookup(x * scale, cb, "cosine")
+    assert torch.equal(idx, idx1)
+    assert torch.isfinite(dist).all()
+    torch.testing.assert_close(dist, dist1, rtol=1e-5, atol=1e-5)
+    _, dist_c = vq_lookup(x, cb * scale, "cosine")  # codes too large to square: the same check on c
+    idx_c = vq_lookup(x, cb * scale, "cosine")[0]
+    assert (idx_c == -1).all() or torch.isfinite(dist_c[idx_c >= 0]).all()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_nonfinite_codes_are_never_chosen(cpu_isa, dtype):
     cb = torch.randn(40, 8).to(dtype)

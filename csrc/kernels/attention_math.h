@@ -125,9 +125,11 @@ FF_INLINE float attn_lse_from2(float max2, float sum) {
 }
 
 // Backward through softmax: dS = P (dP - delta), delta = sum_d dO * O. T is float, or a vector of
-// floats where an executor computes a row of lanes at once.
+// floats where an executor computes a row of lanes at once (GCC vector types select per lane).
+// Where P is 0 (a masked or unseen key) dS is 0 whatever dP is: a masked key's finite but huge V
+// row (|V| near FLT_MAX) overflows dP = dO V^T to inf, and 0 * inf would make every dQ NaN.
 template <typename T>
-FF_INLINE T attn_dscore(T p, T dp, float delta) { return p * (dp - delta); }
+FF_INLINE T attn_dscore(T p, T dp, float delta) { return p == 0.0f ? p : p * (dp - delta); }
 
 }  // namespace kernels
 }  // namespace fourm_fast

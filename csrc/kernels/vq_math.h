@@ -79,6 +79,28 @@ FF_INLINE float vq_exact_distance(int64_t D, LoadX load_x, LoadC load_c, VqMetri
     }
   }
   if (metric == VqMetric::L2) return acc;
+  if (!is_finite_f32(xx) || !is_finite_f32(cc) || !is_finite_f32(acc)) {
+    // |x|^2, |c|^2 or <x, c> overflowed (entries beyond about 1.8e19): the cosine distance does not
+    // depend on scale, so sum again with x and c divided by powers of two near their largest
+    // magnitudes (exact, as long as no entry drops into the subnormals) and carry the scales into
+    // the eps clamps: 1 - <x', c'> / (max(|x'|, eps / sx) max(|c'|, eps / sc)).
+    float mx = 0.0f, mc = 0.0f;
+    for (int64_t d = 0; d < D; ++d) {
+      mx = fmaxf(mx, fabsf(load_x(d)));
+      mc = fmaxf(mc, fabsf(load_c(d)));
+    }
+    const float sx = mx > 0.0f ? exp2f(static_cast<float>(ilogbf(mx))) : 1.0f;
+    const float sc = mc > 0.0f ? exp2f(static_cast<float>(ilogbf(mc))) : 1.0f;
+    acc = xx = cc = 0.0f;
+    for (int64_t d = 0; d < D; ++d) {
+      const float xv = load_x(d) / sx, cv = load_c(d) / sc;
+      acc = fmaf(xv, cv, acc);
+      xx = fmaf(xv, xv, xx);
+      cc = fmaf(cv, cv, cc);
+    }
+    const float nx = sqrtf(xx), nc = sqrtf(cc), ex = kVqNormEps / sx, ec = kVqNormEps / sc;
+    return 1.0f - acc / ((nx > ex ? nx : ex) * (nc > ec ? nc : ec));
+  }
   const float nx = sqrtf(xx), nc = sqrtf(cc);
   return 1.0f - acc / ((nx > kVqNormEps ? nx : kVqNormEps) * (nc > kVqNormEps ? nc : kVqNormEps));
 }

@@ -23,8 +23,13 @@ rows in bench/results/linear_rows.jsonl; 829bc81 for dim 384, 5fa01fc for dim 76
                 rows_lin  20.6   19.6   17.8   14.0   11.6    9.5    6.0
 
 The weights of 4 MiB and more are the heads at the tiny preset (dim 384) and also the blocks' qkv
-and MLP weights from dim 768 on, where rows_linear won by 1.16-1.44x at 4-12 rows. On the tiny
-preset's block weights (1.5 MiB and less) it ran at 0.76-1.11x F.linear's speed for 4-12 rows
+and MLP weights from dim 768 on. In the table rows_linear won by 1.16-1.76x at 4-12 rows on the
+heads and on 3072 x 768, a weight size the base preset does not have: its SwiGLU MLP weights are
+2048 x 768 and 768 x 2048. Remeasured on those and on qkv 2304 x 768 at 21c501b, on a day the
+roofline read 15 GB/s instead of 23, the float32 runs were inconclusive: rows_linear 0.69-1.40x
+F.linear at 4-12 rows, varying from cell to cell by more than the two methods differ. The policy
+stands until a quieter run (rows in linear_rows.jsonl). On the tiny preset's block weights (1.7 MiB
+and less) it ran at 0.76-1.11x F.linear's speed for 4-12 rows
 (slowest on the 384 x 1024 projection), so they keep F.linear; so do 1-3 rows, past a dozen rows (where the AVX2
 kernel's arithmetic shows against MKL's AVX-512), weights not unit-stride along K (rows_linear
 would copy them on every call), float64 and GPUs (16-bit dtypes: below). Not remeasured on the
@@ -39,7 +44,9 @@ linear_rows.jsonl). rows_linear read them at 10-17 GB/s for 1-4 rows: 1.14-2.11x
 speed, the heads included. From 8 rows its widening and multiply-adds cost more than the memory
 (0.77-1.15x), and the weight with K = 3072 lost at every row count (0.43-0.83x). So
 1-FEW_ROWS_MAX_HALF 16-bit rows times a weight of HALF_ROWS_MIN_BYTES or more with K <=
-HALF_ROWS_MAX_K take rows_linear; the rest take F.linear. The swapped order ``(W @ x.T).T`` read
+HALF_ROWS_MAX_K take rows_linear; the rest take F.linear. The K limit came from that 3072-wide
+weight; the base preset's widest is its MLP's fc2, K = 2048, which the noisy remeasure at 21c501b
+(above) put at 1.45x for 2 rows and 0.69x for 4: not yet a reason to move the limit. The swapped order ``(W @ x.T).T`` read
 2-4 bf16 rows faster still on the heads and the dim-768 blocks (19-26 GB/s against rows_linear's
 13-19). It is not used: rows_linear's speed is its own code's, while which order a BLAS runs fast
 depends on the BLAS build and the CPU (in float32 the swapped order was the slow one here and the

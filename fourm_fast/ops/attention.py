@@ -202,7 +202,9 @@ def masked_attention(q: Tensor, k: Tensor, v: Tensor, k_valid: Tensor, q_segment
     in a visible key propagates, as in any attention. Rows of masked keys must hold finite values
     too: as with SDPA or 4M's additive mask, a masked key gets weight 0, and 0 * NaN is NaN. Whether
     such a row reaches an output depends on the backend's tiling; the CPU tiles, for example, skip
-    trailing padding keys but not masked keys between visible ones. The CUDA kernel's fp16
+    trailing padding keys but not masked keys between visible ones. Finite masked rows of any size
+    are safe on the fourm_fast backend: where a key's weight is 0 its score gradient is 0, even when
+    dO V^T overflows (SDPA gives NaN gradients there). The CUDA kernel's fp16
     backward rounds the score gradient dS to fp16 for its tensor cores, as FlashAttention does, so
     |dS| beyond 65504 (large loss scales) overflows; the CPU computes in float32.
     """

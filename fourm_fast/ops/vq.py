@@ -29,8 +29,12 @@ def vq_lookup(x: Tensor, codebook: Tensor, metric: str = "l2") -> tuple[Tensor, 
     rounded to the input dtype before the dot product (the GPU's tensor cores take it that way,
     and the CPU does the same), so picks can differ from an fp32 ranking on near-ties. A row
     holding NaN or inf gets index -1 and distance NaN (no host sync is spent checking;
-    ``vq_dequantize`` rejects -1). A code with a non-finite entry is never selected. ``distance``
-    is differentiable in ``x`` and ``codebook``.
+    ``vq_dequantize`` rejects -1). A code with a non-finite entry, or whose float32 ``|c|^2``
+    overflows (entries beyond about 1.8e19), is never selected. The search ranks float32 dot
+    products: where ``<x, c>`` overflows (``|x| |c|`` beyond about 1e38) the ranking is undefined,
+    and a finite row whose every score overflows gets index -1 like a non-finite one. The returned
+    cosine distance is computed without overflow at any finite magnitude. ``distance`` is
+    differentiable in ``x`` and ``codebook``.
     """
     return torch.ops.fourm_fast.vq_lookup.default(x, codebook, metric)
 
