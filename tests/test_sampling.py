@@ -354,6 +354,15 @@ def test_guidance_scale_one_and_zero_are_the_branches_exactly(dtype):
         assert torch.equal(got0[0], want0[0]) and torch.equal(got0[1], want0[1]), kw
 
 
+def test_top_k_beyond_the_vocabulary_keeps_everything():
+    # counts past int64's range included (their cast to an integer was undefined behaviour)
+    logits = torch.randn(5, 40, generator=torch.Generator().manual_seed(2))
+    off = sample_tokens(logits, top_k=0, seed=9)
+    for k in (40.0, 41.0, 1e12, 1e30, 3e38):
+        got = sample_tokens(logits, top_k=k, seed=9)
+        assert torch.equal(got[0], off[0]) and torch.equal(got[1], off[1]), k
+
+
 def test_select_positions_ranks_float64_in_float64():
     # confidences apart by less than float32 resolution, and beyond float32's range
     conf = torch.tensor([[1.0, 1.0 + 1e-12, 0.5], [1e300, 1e301, 0.0]], dtype=torch.float64)

@@ -61,6 +61,8 @@ FF_INLINE int64_t effective_top_k(float top_k, int64_t V) {
   if (top_k < 1.0f) {
     k = static_cast<int64_t>(static_cast<double>(top_k) * static_cast<double>(V));
   } else {
+    // (compared as floats first: a count beyond int64's range, e.g. 1e30, has no defined cast)
+    if (static_cast<double>(top_k) >= static_cast<double>(V)) return V;
     k = static_cast<int64_t>(top_k);
   }
   return k < V ? k : V;
