@@ -459,6 +459,17 @@ def test_huge_finite_values_in_masked_keys_do_not_reach_gradients(dtype, isa):
         torch.testing.assert_close(b, a, rtol=0, atol=0, msg=name)  # the masked rows' values do not matter
 
 
+def test_direct_backward_call_rejects_other_dtypes():
+    q = torch.randn(1, 2, 4, 8)
+    kv = torch.ones(1, 4, dtype=torch.bool)
+    out, lse = torch.ops.fourm_fast.masked_attention_fwd(q, q, q, kv, None, None, None, None, 0.3)
+    for bad in (out.int(), out.double()):
+        with pytest.raises(TypeError, match="grad_out and out must be float32, bfloat16 or float16"):
+            torch.ops.fourm_fast.masked_attention_bwd(bad, q, q, q, out, lse, kv, None, None, None, None, 0.3)
+        with pytest.raises(TypeError, match="grad_out and out must be float32, bfloat16 or float16"):
+            torch.ops.fourm_fast.masked_attention_bwd(out, q, q, q, bad, lse, kv, None, None, None, None, 0.3)
+
+
 def test_double_backward_raises_instead_of_dropping_terms():
     q, k, v = (torch.randn(1, 2, 4, 8, requires_grad=True) for _ in range(3))
     out = masked_attention(q, k, v, torch.ones(1, 4, dtype=torch.bool))

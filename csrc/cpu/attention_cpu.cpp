@@ -225,6 +225,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_attention_bwd_cpu(
   // would not inherit a dispatch guard).
   TORCH_CHECK_VALUE(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(),
                     "masked_attention backward: grad_out and out must have q's shape ", q.sizes());
+  // (either may differ from q's dtype here, e.g. a float32 grad_out beside bf16 q: both are read
+  // widened to float32; anything else would be read wrongly or lose precision)
+  for (const at::Tensor* t : {&grad_out, &out}) {
+    const auto st = t->scalar_type();
+    TORCH_CHECK_TYPE(st == at::kFloat || st == at::kBFloat16 || st == at::kHalf,
+                     "masked_attention backward: grad_out and out must be float32, bfloat16 or float16, got ", st);
+    TORCH_CHECK_VALUE(t->device() == q.device(), "masked_attention backward: grad_out and out must be on q's device");
+  }
   TORCH_CHECK_VALUE(lse.dim() == 3 && lse.size(0) == in.B && lse.size(1) == in.H && lse.size(2) == in.Nq &&
                         lse.scalar_type() == at::kFloat,
                     "masked_attention backward: lse must be float32 (B, H, Nq)");

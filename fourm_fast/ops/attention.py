@@ -255,6 +255,9 @@ def _fwd_fake(q, k, v, k_valid, q_segment, k_segment, q_limit, k_rank, scale):
 @torch.library.register_fake("fourm_fast::masked_attention_bwd")
 def _bwd_fake(grad_out, q, k, v, out, lse, k_valid, q_segment, k_segment, q_limit, k_rank, scale):
     _fake_checks(q, k, v, k_valid, q_segment, k_segment, q_limit, k_rank)
+    torch._check_type(grad_out.dtype in _SUPPORTED and out.dtype in _SUPPORTED,
+                      lambda: "masked_attention backward: grad_out and out must be float32, bfloat16 or float16, "
+                              f"got {grad_out.dtype if grad_out.dtype not in _SUPPORTED else out.dtype}")
     c = torch.contiguous_format
     return torch.empty_like(q, memory_format=c), torch.empty_like(k, memory_format=c), torch.empty_like(v, memory_format=c)
 
