@@ -93,6 +93,13 @@ def _batches(loader, epochs=1):
     return [b for _ in range(epochs) for b in loader]
 
 
+def _pairs(a: list, b: list) -> list:
+    """zip, after checking that both runs gave the same, non-zero number of batches (a bare zip
+    would pass an empty run)."""
+    assert len(a) == len(b) > 0, (len(a), len(b))
+    return list(zip(a, b))
+
+
 def _equal(a: dict, b: dict) -> None:
     for k in ("index", "crop", "flip"):
         assert torch.equal(a[k], b[k]), k
@@ -131,7 +138,7 @@ def test_dali_equals_torch_and_the_shard_reader(synth):
     dali, ref = build_loader(synth, 4, backend="dali", **kw), build_loader(synth, 4, backend="torch", **kw)
     d_batches, t_batches = _batches(dali, 2), _batches(ref, 2)
     assert len(d_batches) == 6
-    for a, b in zip(d_batches, t_batches):
+    for a, b in _pairs(d_batches, t_batches):
         _equal(a, b)
     # and both equal read_sample (shards._decode: depth / 1000, normal / 127.5 - 1) cropped and flipped
     b = d_batches[0]
@@ -150,7 +157,7 @@ def test_seeds_epochs_and_resume(synth):
     kw = dict(crop=16, flip_prob=0.5, num_workers=1)
     a, b, c = (build_loader(synth, 4, backend="dali", seed=s, **kw) for s in (3, 3, 4))
     ea, eb, ec = _batches(a, 2), _batches(b, 2), _batches(c, 1)
-    for x, y in zip(ea, eb):
+    for x, y in _pairs(ea, eb):
         _equal(x, y)
     assert not torch.equal(ea[0]["images"]["rgb"], ec[0]["images"]["rgb"]), "another seed, other batches"
     first, second = torch.cat([x["index"] for x in ea[:3]]), torch.cat([x["index"] for x in ea[3:]])
@@ -159,11 +166,11 @@ def test_seeds_epochs_and_resume(synth):
     # set_epoch resumes exactly; an epoch broken off early does not leak into the next one
     d = build_loader(synth, 4, backend="dali", seed=3, **kw)
     d.set_epoch(1)
-    for x, y in zip(_batches(d), ea[3:]):
+    for x, y in _pairs(_batches(d), ea[3:]):
         _equal(x, y)
     e = build_loader(synth, 4, backend="dali", seed=3, **kw)
     next(iter(e))
-    for x, y in zip(_batches(e), ea[3:]):
+    for x, y in _pairs(_batches(e), ea[3:]):
         _equal(x, y)
 
 
@@ -343,8 +350,8 @@ def test_gpu_decoding_without_a_gpu_says_so(synth):
 @requires_cuda
 def test_mixed_decoding_equals_cpu(synth):
     kw = dict(crop=20, flip_prob=0.5, seed=2)
-    for a, b in zip(_batches(build_loader(synth, 4, backend="dali", device_id=0, **kw), 2),
-                    _batches(build_loader(synth, 4, backend="dali", **kw), 2)):
+    for a, b in _pairs(_batches(build_loader(synth, 4, backend="dali", device_id=0, **kw), 2),
+                       _batches(build_loader(synth, 4, backend="dali", **kw), 2)):
         assert all(t.is_cuda for t in a["images"].values())
         a["images"] = {m: t.cpu() for m, t in a["images"].items()}
         _equal(a, b)
@@ -371,8 +378,8 @@ def test_token_shards_skip_bad_and_the_train_flag(synth, tmp_path):
 
 def test_torch_workers_give_the_same_batches(synth):
     kw = dict(crop=20, flip_prob=0.5, seed=9)
-    for a, b in zip(_batches(build_loader(synth, 4, backend="torch", num_workers=2, **kw), 2),
-                    _batches(build_loader(synth, 4, backend="torch", num_workers=0, **kw), 2)):
+    for a, b in _pairs(_batches(build_loader(synth, 4, backend="torch", num_workers=2, **kw), 2),
+                       _batches(build_loader(synth, 4, backend="torch", num_workers=0, **kw), 2)):
         _equal(a, b)
 
 
@@ -425,11 +432,62 @@ def test_jpeg_images_decode_close_to_pil(synth, tmp_path):
     manifest["extensions"]["rgb"] = "jpg"
     (root / "manifest.json").write_text(json.dumps(manifest))
     kw = dict(images=["rgb", "depth"], crop=20, flip_prob=0.5, seed=1, num_workers=0)
-    for a, b in zip(_batches(build_loader(root, 4, backend="dali", **kw)),
-                    _batches(build_loader(root, 4, backend="torch", **kw))):
+    for a, b in _pairs(_batches(build_loader(root, 4, backend="dali", **kw)),
+                       _batches(build_loader(root, 4, backend="torch", **kw))):
         assert a["images"]["rgb"].shape == (4, 3, 20, 20) and torch.equal(a["images"]["depth"], b["images"]["depth"])
         diff = (a["images"]["rgb"].int() - b["images"]["rgb"].int()).abs()
         assert diff.float().mean() < 1.0 and diff.max() <= 8
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_exif_orientation_is_not_applied(synth, tmp_path, fmt):
+    # A tagged image is decoded as stored by both backends (DALI's decoder used to rotate it by
+    # the tag, PIL does not): the batches stay equal and rgb lines up with depth.
+    from PIL import Image as PILImage
+
+    root = tmp_path / "shards"
+    shutil.copytree(synth, root)
+    manifest = json.loads((root / "manifest.json").read_text())
+    ext = "png" if fmt == "PNG" else "jpg"
+    for i in range(N):
+        old = f"rgb/{i:06d}.png"
+        exif = PILImage.Exif()
+        exif[0x0112] = 3  # orientation: rotated 180 degrees
+        buf = io.BytesIO()
+        Image.open(root / old).save(buf, format=fmt, exif=exif.tobytes(), **({"quality": 95} if fmt == "JPEG" else {}))
+        (root / old).unlink()
+        del manifest["checksums"][old]
+        (root / f"rgb/{i:06d}.{ext}").write_bytes(buf.getvalue())
+        manifest["checksums"][f"rgb/{i:06d}.{ext}"] = hashlib.sha256(buf.getvalue()).hexdigest()
+    manifest["extensions"]["rgb"] = ext
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    kw = dict(images=["rgb"], tokens=[], seed=1, num_workers=0)
+    for a, b in _pairs(_batches(build_loader(root, 4, backend="dali", **kw)),
+                       _batches(build_loader(root, 4, backend="torch", **kw))):
+        if fmt == "PNG":
+            assert torch.equal(a["images"]["rgb"], b["images"]["rgb"])
+        else:  # two JPEG decoders may differ by a few levels; rotated, the mean difference is tens
+            assert (a["images"]["rgb"].int() - b["images"]["rgb"].int()).abs().float().mean() < 1.0
+
+
+def test_jpeg_with_a_large_app_segment_passes_header_only_checks(synth, tmp_path):
+    # verify=False reads the first 64 KiB for the header; a JPEG frame header may come after ICC
+    # profiles or EXIF thumbnails larger than that
+    root = tmp_path / "shards"
+    shutil.copytree(synth, root)
+    manifest = json.loads((root / "manifest.json").read_text())
+    for i in range(N):
+        buf = io.BytesIO()
+        Image.open(root / f"rgb/{i:06d}.png").save(buf, format="JPEG", quality=95, icc_profile=bytes(90000))
+        (root / f"rgb/{i:06d}.png").unlink()
+        (root / f"rgb/{i:06d}.jpg").write_bytes(buf.getvalue())
+        manifest["checksums"].pop(f"rgb/{i:06d}.png")
+    manifest["extensions"]["rgb"] = "jpg"
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    assert (root / "rgb/000000.jpg").stat().st_size > 90000
+    for backend in BACKENDS:
+        batches = _batches(build_loader(root, 4, backend=backend, verify=False, num_workers=0, images=["rgb"], tokens=[]))
+        assert len(batches) == N // 4 and batches[0]["images"]["rgb"].shape == (4, 3, SIZE, SIZE)
 
 
 def test_class_ids_must_not_be_jpeg(synth, tmp_path):
@@ -446,6 +504,6 @@ def test_class_ids_must_not_be_jpeg(synth, tmp_path):
 def test_tokens_only_and_images_only(synth):
     for kw in (dict(images=[]), dict(images=["semseg"], tokens=[], crop=9)):
         d, t = (_batches(build_loader(synth, 4, backend=b, num_workers=0, seed=4, **kw)) for b in BACKENDS)
-        for a, b in zip(d, t):
+        for a, b in _pairs(d, t):
             _equal(a, b)
     assert d[0]["images"]["semseg"].shape == (4, 1, 9, 9) and d[0]["tokens"] == {}

@@ -36,5 +36,8 @@ def test_captions_and_boxes_round_trip(tok, tmp_path):
     assert again.encode("a small red circle") == tok.encode("a small red circle")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         TextTokenizer.load(tmp_path / "missing.json")
+    (tmp_path / "junk.json").write_text("{not json")
+    with pytest.raises(ValueError, match="junk.json cannot be read"):  # not the package's bare Exception
+        TextTokenizer.load(tmp_path / "junk.json")
     with pytest.raises(ValueError, match="must exceed"):
         train_wordpiece(["a"], vocab_size=100)

@@ -46,6 +46,11 @@ def test_errors_name_the_problem(shards, tmp_path):
         VQTokenizer(VQConfig("caption"))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         VQTokenizer.load(tmp_path / "nope.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="junk.safetensors is not a readable fourm_fast VQ tokenizer"):
+        VQTokenizer.load(tmp_path / "junk.safetensors")
+    with pytest.raises(ValueError, match="num_codes must be in 1..32768"):  # grids are int16
+        VQConfig("depth", num_codes=40000)
     write_synthetic(tmp_path / "few", 12, size=16, progress=False)
     with pytest.raises(ValueError, match="no tokenizers"):
         tokenize_shards(tmp_path / "few", log=lambda m: None)

@@ -115,9 +115,12 @@ class DaliLoader(ShardBatches):
             images = []
             for m, enc in zip(self.images, outs[first:first + len(self.images)]):
                 channels, bits, _ = IMAGE_SPECS[m]
+                # adjust_orientation off: DALI would rotate an image by its EXIF orientation tag,
+                # PIL (the torch backend) does not, and the other modalities of the sample (PNG,
+                # untagged) would no longer line up with it
                 img = fn.decoders.image(enc, device=decode_device,
                                         output_type=types.RGB if channels == 3 else types.ANY_DATA,
-                                        dtype=types.UINT16 if bits == 16 else types.UINT8)
+                                        dtype=types.UINT16 if bits == 16 else types.UINT8, adjust_orientation=False)
                 kw = dict(mirror=outs[1], output_layout="CHW",
                           dtype=types.FLOAT if m in FLOAT_IMAGES else types.UINT8)
                 if self._cropping:

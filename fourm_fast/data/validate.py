@@ -137,6 +137,8 @@ def scan_images(root: Path, manifest: dict, images: list[str], verify: bool = Tr
             try:
                 # verify=False: headers only (the PNG IHDR is in the first 33 bytes, a JPEG SOF after EXIF)
                 data = read_file(f"{root}/{rel}", None if verify else 65536)
+                if not verify and len(data) == 65536 and data.startswith(b"\xff\xd8") and _image_header(data) is None:
+                    data = read_file(f"{root}/{rel}", None)  # APP segments (ICC, EXIF thumbnail) before the frame header
             except FileNotFoundError:
                 bad.append(BadFile(i, root / rel, f"missing (listed in {root / 'manifest.json'})"))
                 continue

@@ -51,7 +51,11 @@ class TextTokenizer:
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"text tokenizer {path} does not exist")
-        return cls(Tokenizer.from_file(str(path)), num_sentinels)
+        try:
+            tok = Tokenizer.from_file(str(path))
+        except Exception as e:  # noqa: BLE001 - the tokenizers package raises a bare Exception
+            raise ValueError(f"text tokenizer {path} cannot be read: {e}") from None
+        return cls(tok, num_sentinels)
 
 
 def train_wordpiece(texts: Iterable[str], vocab_size: int = 8000, num_sentinels: int = 200,

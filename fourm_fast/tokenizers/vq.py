@@ -35,6 +35,11 @@ class VQConfig:
     code_dim: int = 32
     width: int = 64
 
+    def __post_init__(self):
+        # token grids are stored as int16 (tokenize_shards): ids above 32767 would wrap negative
+        if not 1 <= self.num_codes <= 32768:
+            raise ValueError(f"VQ tokenizer: num_codes must be in 1..32768 (token grids are int16), got {self.num_codes}")
+
     @property
     def grid(self) -> int:
         return self.image_size // 8
@@ -146,12 +151,15 @@ class VQTokenizer(nn.Module):
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"VQ tokenizer {path} does not exist")
-        with safe_open(str(path), "pt") as f:
-            meta = json.loads((f.metadata() or {}).get("fourm_fast_vq", "null") or "null")
-        if not meta:
-            raise ValueError(f"{path} is not a fourm_fast VQ tokenizer (no metadata)")
-        model = cls(VQConfig(**meta["config"]))
-        model.load_state_dict(load_file(str(path)))
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta = json.loads((f.metadata() or {}).get("fourm_fast_vq", "null") or "null")
+            if not meta:
+                raise ValueError("no fourm_fast_vq metadata")
+            model = cls(VQConfig(**meta["config"]))
+            model.load_state_dict(load_file(str(path)))
+        except Exception as e:  # noqa: BLE001 - safetensors, json, config and shape errors alike
+            raise ValueError(f"{path} is not a readable fourm_fast VQ tokenizer: {type(e).__name__}: {e}") from None
         return model.eval(), meta
 
 
