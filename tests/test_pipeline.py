@@ -42,6 +42,15 @@ def test_token_shards_name_bad_files(tokenized, tmp_path):
     bad = tmp_path / "bad"
     shutil.copytree(tokenized, bad)
     np.save(bad / "tokens" / "depth.npy", np.zeros((24, 3, 3), np.int16))
+    with pytest.raises(ShardError, match="tokens/depth.npy: SHA-256 differs"):  # tokenize recorded it
+        TokenShards(bad)
+    # manifests from before tokenize recorded checksums: the shape and dtype checks still name the file
+    import json
+
+    manifest = json.loads((bad / "manifest.json").read_text())
+    for entry in manifest["tokens"].values():
+        entry.pop("sha256")
+    (bad / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ShardError, match="tokens/depth.npy: shape"):
         TokenShards(bad)
     np.save(bad / "tokens" / "depth.npy", np.zeros((24, 2, 2), np.int64))

@@ -31,6 +31,25 @@ def test_train_tokenize_and_round_trip(shards):
     assert grid.shape == (30, 4, 4) and grid.dtype == np.int16 and 0 <= grid.min() and grid.max() < 64
     manifest = json.loads((shards / "manifest.json").read_text())
     assert manifest["tokens"]["depth"]["version"] == 1
+    import hashlib
+
+    entry = manifest["tokens"]["depth"]
+    assert entry["sha256"] == {"depth.npy": hashlib.sha256((shards / "tokens" / "depth.npy").read_bytes()).hexdigest()}
+    assert entry["tokenizer_sha256"] == hashlib.sha256((shards / "tokenizers" / "depth.safetensors").read_bytes()).hexdigest()
+    # an edited row that stays in range is caught by the checksum
+    from fourm_fast.data import ShardError
+    from fourm_fast.data.validate import load_tokens
+
+    assert load_tokens(shards, manifest, ["depth"]).arrays["depth"].shape == (30, 4, 4)
+    edited = grid.copy()
+    edited[3, 0, 0] = (edited[3, 0, 0] + 1) % 64
+    saved = (shards / "tokens" / "depth.npy").read_bytes()
+    np.save(shards / "tokens" / "depth.npy", edited)
+    try:
+        with pytest.raises(ShardError, match="depth.npy: SHA-256 differs from the manifest's"):
+            load_tokens(shards, manifest, ["depth"])
+    finally:
+        (shards / "tokens" / "depth.npy").write_bytes(saved)
     from fourm_fast.data import read_sample
 
     x = to_input("depth", read_sample(shards, 7, modalities=["depth"])["depth"])[None]

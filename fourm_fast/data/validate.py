@@ -18,6 +18,7 @@ the loader then decodes that batch's files with PIL to name it (such a failure c
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import struct
 import sys
@@ -160,12 +161,19 @@ class TokenArrays:
     bad: list[BadFile]     # per-row problems (ids out of range, lengths out of [1, L])
 
 
-def _load_npy(path: Path, missing: str) -> np.ndarray:
+def _load_npy(path: Path, missing: str, sha256: str | None = None) -> np.ndarray:
+    """The array at path; with sha256 (what tokenize recorded), its bytes must hash to it."""
     if not path.exists():
         raise ShardError(f"{path}: {missing}")
     try:
-        return np.load(path)
+        data = path.read_bytes()
+        if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+            raise ShardError(f"{path}: SHA-256 differs from the manifest's (changed after fourm-fast tokenize; "
+                             f"tokenize again)")
+        return np.load(io.BytesIO(data))
     except (ValueError, OSError, EOFError) as e:
+        if isinstance(e, ShardError):
+            raise
         raise ShardError(f"{path}: unreadable ({e})") from None
 
 
@@ -182,7 +190,8 @@ def load_tokens(root: Path, manifest: dict, names: list[str]) -> TokenArrays:
     out = TokenArrays({}, {}, {}, [])
     for m in names:
         path = root / "tokens" / f"{m}.npy"
-        arr = _load_npy(path, "missing (listed in the manifest's tokens)")
+        sums = entries[m].get("sha256", {})  # absent in manifests written before tokenize recorded them
+        arr = _load_npy(path, "missing (listed in the manifest's tokens)", sums.get(f"{m}.npy"))
         want = tuple(entries[m]["shape"])
         if arr.shape != want:
             raise ShardError(f"{path}: shape {arr.shape}, the manifest says {want}")
@@ -197,7 +206,7 @@ def load_tokens(root: Path, manifest: dict, names: list[str]) -> TokenArrays:
             if arr.dtype != np.int32:
                 raise ShardError(f"{path}: dtype {arr.dtype}, expected int32 token ids")
             lpath = root / "tokens" / f"{m}.lengths.npy"
-            lengths = _load_npy(lpath, "missing")
+            lengths = _load_npy(lpath, "missing", sums.get(f"{m}.lengths.npy"))
             if lengths.shape != (n,) or lengths.dtype.kind not in "iu":
                 raise ShardError(f"{lpath}: {lengths.dtype} {lengths.shape}, expected integer lengths of shape ({n},)")
             for i in np.flatnonzero((lengths < 1) | (lengths > arr.shape[1])):

@@ -7,6 +7,8 @@ measured on held-out samples and stored with the weights.
 """
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import math
 
@@ -225,6 +227,22 @@ def train_text_tokenizer(data: str | Path, vocab_size: int = 500, log=print) -> 
     return {"path": str(path), "vocab_size": tok.vocab_size}
 
 
+def _save_array(path: Path, arr: np.ndarray) -> str:
+    """np.save through a temporary file and a rename (a failed run never leaves a half-written
+    array under the old manifest entry); returns the file's SHA-256 for the manifest."""
+    buf = io.BytesIO()
+    np.save(buf, arr)
+    data = buf.getvalue()
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+    return hashlib.sha256(data).hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def tokenize_shards(data: str | Path, log=print) -> dict:
     """Token grids (int16 .npy, [N, g, g]) for every modality with a trained VQ tokenizer and text
     ids (int32 [N, L], 0-padded, with tokens/<m>.lengths.npy) when DATA/tokenizers/text.json exists,
@@ -242,9 +260,9 @@ def tokenize_shards(data: str | Path, log=print) -> dict:
             grids.append(model.encode(load_images(root, m, idx, manifest)).numpy())
         arr = np.concatenate(grids).astype(np.int16)
         (root / "tokens").mkdir(exist_ok=True)
-        np.save(root / "tokens" / f"{m}.npy", arr)
+        sums = {f"{m}.npy": _save_array(root / "tokens" / f"{m}.npy", arr)}
         done[m] = {"tokenizer": path.name, "version": meta["version"], "shape": list(arr.shape),
-                   "num_codes": meta["config"]["num_codes"]}
+                   "num_codes": meta["config"]["num_codes"], "sha256": sums, "tokenizer_sha256": _file_sha256(path)}
         log(f"tokenize: {m} -> tokens/{m}.npy {arr.shape}")
     text_path = tok_dir / "text.json"
     if text_path.exists():
@@ -260,10 +278,11 @@ def tokenize_shards(data: str | Path, log=print) -> dict:
             for i, x in enumerate(ids):
                 arr[i, :len(x)] = x
             (root / "tokens").mkdir(exist_ok=True)
-            np.save(root / "tokens" / f"{m}.npy", arr)
-            np.save(root / "tokens" / f"{m}.lengths.npy", np.array([len(x) for x in ids], np.int32))
+            sums = {f"{m}.npy": _save_array(root / "tokens" / f"{m}.npy", arr),
+                    f"{m}.lengths.npy": _save_array(root / "tokens" / f"{m}.lengths.npy",
+                                                    np.array([len(x) for x in ids], np.int32))}
             done[m] = {"tokenizer": "text.json", "version": 1, "shape": list(arr.shape), "num_codes": tok.vocab_size,
-                       "num_sentinels": tok.num_sentinels}
+                       "num_sentinels": tok.num_sentinels, "sha256": sums, "tokenizer_sha256": _file_sha256(text_path)}
             log(f"tokenize: {m} -> tokens/{m}.npy {arr.shape} (EOS included)")
     if not done:
         raise ValueError(f"{root}: no tokenizers in {tok_dir}; train one with fourm-fast tokenizer train")
