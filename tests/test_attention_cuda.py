@@ -275,3 +275,24 @@ def test_cuda_bad_inputs_raise_clear_errors():
         torch.ops.fourm_fast.masked_attention_bwd.default(out.half(), q, q, q, out, lse, kv, *none4, 0.5)
     with pytest.raises(ValueError, match="lse must be float32"):
         torch.ops.fourm_fast.masked_attention_bwd.default(out, q, q, q, out, lse[:, :, :2], kv, *none4, 0.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_huge_finite_values_in_masked_keys_do_not_reach_gradients(dtype):
+    # dS is 0 where P is 0 (shared attn_dscore): dO V^T overflowing for a masked key's V row near
+    # FLT_MAX must not turn dq NaN; the gradients equal those with ordinary values there
+    g = torch.Generator().manual_seed(4)
+    q, k, v, do = (torch.randn(2, 2, 70, 64, generator=g) for _ in range(4))
+    k_valid = torch.ones(2, 70, dtype=torch.bool)
+    k_valid[0, 5] = k_valid[1, 33] = False
+    huge = v.clone()
+    huge[0, :, 5] = 1e38
+    huge[1, :, 33] = -3e38
+    grads = []
+    for vv in (v, huge):
+        ins = [t.to(DEVICE, dtype).requires_grad_() for t in (q, k, vv)]
+        out = masked_attention(*ins, k_valid.to(DEVICE))
+        grads.append(torch.autograd.grad(out, ins, do.to(DEVICE, dtype)))
+    for name, a, b in zip("qk", grads[0][:2], grads[1][:2]):
+        assert torch.isfinite(b).all(), name
+        torch.testing.assert_close(b, a, rtol=0, atol=0, msg=name)

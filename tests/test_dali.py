@@ -507,3 +507,25 @@ def test_tokens_only_and_images_only(synth):
         for a, b in _pairs(d, t):
             _equal(a, b)
     assert d[0]["images"]["semseg"].shape == (4, 1, 9, 9) and d[0]["tokens"] == {}
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="counts threads through Linux /proc")
+def test_dropped_dali_loader_frees_its_threads_without_gc(synth):
+    # the external-source callback must not hold the loader: loader -> pipeline -> callback ->
+    # loader was a cycle, and a dropped loader kept the pipeline's threads until a full gc
+    import gc
+
+    def threads():
+        return len(list(Path("/proc/self/task").iterdir()))
+
+    gc.collect()
+    before = threads()
+    gc.disable()
+    try:
+        for _ in range(3):
+            loader = build_loader(synth, 4, backend="dali", tokens=[], num_workers=2)
+            next(iter(loader))
+            del loader
+        assert threads() <= before
+    finally:
+        gc.enable()

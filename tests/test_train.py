@@ -104,6 +104,11 @@ def test_config_errors():
         load_config(None, ["checkpoint.keep=two"])
     with pytest.raises(ConfigError, match="train.warmup_steps must be an int >= 0"):
         load_config(None, ["train.warmup_steps=1.5"])
+    with pytest.raises(ConfigError, match="train.lr must be > 0"):
+        load_config(None, ["train.lr=.nan"])
+    with pytest.raises(ConfigError, match="train.stop_after must be a positive int"):
+        load_config(None, ["train.stop_after=true"])
+    assert load_config(None, ["checkpoint.every=null"])["checkpoint"]["every"] == 0  # null: off, as 0
     cfg = load_config(ROOT / "configs" / "tiny.yaml")
     assert cfg["model"]["preset"] == "tiny" and cfg["train"]["batch_size"] == 8
 
@@ -325,6 +330,10 @@ def test_cli_runs_the_shipped_config_with_overrides(tmp_path):
     res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     assert "done: 1 steps" in res.stderr
+    cmd = [sys.executable, "-m", "fourm_fast", "train", *SMALL[:3], "--steps", "1", "--out", str(tmp_path / "late"),
+           *SMALL[3:], str(ROOT / "configs" / "tiny.yaml")]  # the config file after overrides and flags
+    res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
     bad = subprocess.run([sys.executable, "-m", "fourm_fast", "train", "--steps", "1", "--nope"], env=_env(),
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "unrecognized arguments: --nope" in bad.stderr
@@ -437,16 +446,49 @@ def test_flops_per_step_counts_what_a_step_executes():
 
 
 def test_checkpoint_writer_cleans_up_after_killed_writers(tmp_path):
-    # What a writer killed mid-save leaves behind, as a dead process id would name it: a
+    # What a writer killed mid-save leaves behind, as a dead process would name it on this host: a
     # half-written temporary folder (removed) and a checkpoint moved aside whose replacement never
-    # landed (put back in place)
+    # landed (put back before any decision is taken); another host's names are left alone.
     import shutil as sh
+    import socket
 
     train(small_cfg(tmp_path, "train.steps=2", "checkpoint.keep=5"), log=lambda m: None)
     root = tmp_path / "checkpoints"
-    dead = 2**22 + 12345  # above Linux's default pid_max: no such process
-    (root / f".step-0000004.tmp-{dead}").mkdir()
-    (root / f".step-0000004.tmp-{dead}" / "model.safetensors").write_bytes(b"partial")
-    sh.copytree(root / "step-0000002", root / f".step-0000001.old-{dead}")
+    host, dead = socket.gethostname(), 2**22 + 12345  # above Linux's default pid_max: no such process
+    (root / f".step-0000004.tmp-{host}-{dead}-0badf00d").mkdir()
+    (root / f".step-0000004.tmp-{host}-{dead}-0badf00d" / "model.safetensors").write_bytes(b"partial")
+    sh.copytree(root / "step-0000002", root / f".step-0000001.old-{host}-{dead}-0123abcd")
+    other = root / f".step-0000003.tmp-elsewhere.example-{dead}-0123abcd"
+    other.mkdir()
+    odd = root / ".step-0000004-backup-2024"  # not a writer's name
+    odd.mkdir()
     train(small_cfg(tmp_path, "train.steps=4", "checkpoint.keep=5"), resume=True, log=lambda m: None)
-    assert sorted(p.name for p in root.iterdir()) == ["step-0000001", "step-0000002", "step-0000004"]
+    assert sorted(p.name for p in root.iterdir() if not p.name.startswith(".")) == \
+        ["step-0000001", "step-0000002", "step-0000004"]
+    assert other.is_dir() and odd.is_dir()
+    # recovery runs before the fresh-run check: a restored step counts as an earlier run's
+    fresh = tmp_path / "fresh"
+    (fresh / "checkpoints").mkdir(parents=True)
+    sh.copytree(root / "step-0000002", fresh / "checkpoints" / f".step-0000002.old-{host}-{dead}-0123abcd")
+    with pytest.raises(CheckpointError, match="already holds checkpoints"):
+        train(small_cfg(fresh, "train.steps=2"), log=lambda m: None)
+
+
+def test_auto_resume_starts_fresh_or_continues(tmp_path):
+    first = train(small_cfg(tmp_path, "train.steps=4", "train.stop_after=2"), resume="auto", log=lambda m: None)
+    assert first["steps"] == 2
+    second = train(small_cfg(tmp_path, "train.steps=4"), resume="auto", log=lambda m: None)
+    assert second["steps"] == 4 and [int(r["step"]) for r in rows(tmp_path)] == [1, 2, 3, 4]
+
+
+def test_resume_accepts_what_only_changes_how_the_run_executes(tmp_path):
+    # accumulation (summation order only), a moved data path, and configs written before a key
+    # existed (the key counts as its default)
+    train(small_cfg(tmp_path, "train.steps=2"), log=lambda m: None)
+    state_file = tmp_path / "checkpoints" / "step-0000002" / "state.pt"
+    state = torch.load(state_file, weights_only=True)
+    del state["config"]["data"]["skip_bad"]
+    torch.save(state, state_file)
+    res = train(small_cfg(tmp_path, "train.steps=3", "train.grad_accum=2", "data.path=/moved"), resume=True,
+                log=lambda m: None)
+    assert res["steps"] == 3

@@ -83,6 +83,9 @@ class DaliLoader(ShardBatches):
         files = [self._files[m] for m in self.images]
         span = self.size - self.crop if self._cropping else 0
         arrays, lengths = self.token_arrays, self.token_lengths
+        # locals only: a callback holding self would make loader -> pipeline -> callback -> loader
+        # a cycle, and a dropped loader would keep its pipeline's threads until a full gc
+        token_names, seqs = list(self.token_names), list(self._seqs)
 
         def batch(info):
             epoch, j = divmod(info.iteration, nb)
@@ -92,8 +95,8 @@ class DaliLoader(ShardBatches):
             window = [(y0 / span).astype(np.float32), (x0 / span).astype(np.float32)] if span else []
             encoded = [[np.frombuffer(read_file(f"{head}{i:06d}{tail}"), np.uint8) for i in idx]
                        for head, tail in files]
-            toks = [arrays[m][idx] for m in self.token_names]
-            lens = [lengths[m][idx] for m in self._seqs]
+            toks = [arrays[m][idx] for m in token_names]
+            lens = [lengths[m][idx] for m in seqs]
             mirror = [flip.astype(np.int32)] if files else []
             return (meta, *mirror, *window, *encoded, *toks, *lens)
 

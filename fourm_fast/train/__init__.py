@@ -14,6 +14,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, help="total steps (train.steps)")
     p.add_argument("--out", help="output folder: metrics.csv, checkpoints/, tensorboard/")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--auto-resume", action="store_true",
+                   help="continue from the latest checkpoint in --out when there is one, else start fresh "
+                        "(one command line for restarts: torchrun --max-restarts, requeued jobs)")
     p.add_argument("--stop-after", type=int, help="stop after this step with a checkpoint (train.stop_after)")
     p.add_argument("--skip-bad", action="store_true",
                    help="shards: leave out and count samples with bad token rows instead of stopping (data.skip_bad)")
@@ -22,7 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def take_extra_overrides(args: argparse.Namespace, extra: list[str], parser: argparse.ArgumentParser) -> None:
     """argparse fills a positional list once: ``key=value`` items after a flag come back from
     parse_known_args as extras. Those join the overrides; anything else is an error."""
-    bad = [e for e in extra if e.startswith("-") or "=" not in e]
+    bad = [e for e in extra if e.startswith("-") or ("=" not in e and not e.endswith((".yaml", ".yml")))]
     if bad:
         parser.error(f"unrecognized arguments: {' '.join(bad)}")
     args.overrides = list(args.overrides) + extra
@@ -60,7 +63,8 @@ def run(args: argparse.Namespace) -> int:
     overrides = overrides_from_args(args)
     try:
         cfg = load_config(config, overrides)
-        result = train(cfg, resume=args.resume, log=lambda m: print(m, file=sys.stderr, flush=True))
+        resume = "auto" if getattr(args, "auto_resume", False) else args.resume
+        result = train(cfg, resume=resume, log=lambda m: print(m, file=sys.stderr, flush=True))
     except (ConfigError, CheckpointError, ShardError, FileNotFoundError) as e:
         print(f"fourm-fast train: error: {e}", file=sys.stderr)
         return 2

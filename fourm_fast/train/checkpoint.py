@@ -7,9 +7,13 @@ leaves a half-written ``step-*`` folder; the oldest beyond ``keep`` are deleted 
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import shutil
+import socket
+import uuid
 from pathlib import Path
 
 import torch
@@ -57,33 +61,63 @@ def checkpoint_dirs(root: Path) -> list[Path]:
 
 def _fsync(path: Path) -> None:
     """Flush a file's (or a folder's entries') data to the disk: a rename is atomic, but without
-    this a power loss right after it can leave the renamed folder holding empty files."""
-    fd = os.open(path, os.O_RDONLY)
+    this a power loss right after it can leave the renamed folder holding empty files. Some
+    filesystems (FUSE, network mounts) refuse to fsync a folder; that is no reason to fail a save."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        if path.is_dir():
+            return
+        raise
     try:
         os.fsync(fd)
+    except OSError as e:
+        if not (path.is_dir() and e.errno in (errno.EINVAL, errno.ENOTSUP, errno.EBADF, errno.EISDIR, errno.EACCES)):
+            raise
     finally:
         os.close(fd)
+
+
+# A writer's temporary names: .step-NNNNNNN.{tmp,old}-<host>-<pid>-<random>. The host and pid say
+# whose it is; the random part tells this process's names from those of an earlier process that
+# had the same pid (containers restart with the same small pids).
+_LEFTOVER = re.compile(r"^\.(step-\d{7})\.(tmp|old)-(.+)-(\d{1,10})-([0-9a-f]{8})$")
+_HOST = socket.gethostname().replace("/", "_")
+_MINE: set[str] = set()  # names this process created
+
+
+def _temp_name(final: Path, kind: str) -> Path:
+    name = f".{final.name}.{kind}-{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    _MINE.add(name)
+    return final.parent / name
 
 
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):
         return False
     except PermissionError:
         return True
     return True
 
 
-def _remove_stale_temps(root: Path) -> None:
-    """What writers killed mid-write left (their process is gone): half-written temporary folders
-    go; a checkpoint moved aside to be replaced goes back in place if its replacement never came."""
-    for t in root.glob(".step-*"):
-        stem, _, pid = t.name.rpartition("-")
-        if not (t.is_dir() and pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid))):
+def recover_leftovers(root: Path) -> None:
+    """What writers killed mid-write left, on this host, whose process is gone (or is an earlier
+    process with this one's pid): half-written temporary folders go; a checkpoint moved aside to be
+    replaced goes back in place if its replacement never landed. Another host's names are left
+    alone (its writer may be alive on a shared filesystem)."""
+    if not root.is_dir():
+        return
+    for t in root.iterdir():
+        m = _LEFTOVER.match(t.name)
+        if not m or not t.is_dir() or m.group(3) != _HOST or t.name in _MINE:
             continue
-        final = root / stem[1:].rsplit(".", 1)[0]  # ".step-0000004.old" -> "step-0000004"
-        if stem.endswith(".old") and not final.exists():
+        pid = int(m.group(4))
+        if pid != os.getpid() and _pid_alive(pid):
+            continue
+        final = root / m.group(1)
+        if m.group(2) == "old" and not final.exists():
             os.replace(t, final)
         else:
             shutil.rmtree(t, ignore_errors=True)
@@ -99,11 +133,9 @@ def save_checkpoint(root: Path, step: int, model: nn.Module, inner: nn.Module, o
     aliases = tied_aliases(inner)
     tensors = {k: v.detach().contiguous() for k, v in sd.items() if k not in aliases}
     root.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temps(root)
+    recover_leftovers(root)
     final = root / f"step-{step:07d}"
-    tmp = root / f".{final.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    tmp = _temp_name(final, "tmp")
     tmp.mkdir()
     save_file(tensors, str(tmp / MODEL_FILE), metadata={"fourm_fast_aliases": json.dumps(aliases)})
     state = {"step": step, "optimizer": osd, "scheduler": scheduler.state_dict(), **extra}
@@ -113,12 +145,14 @@ def save_checkpoint(root: Path, step: int, model: nn.Module, inner: nn.Module, o
     old = None
     if final.exists():  # the same step written again: the old copy is moved aside, not deleted, until
         # the new one is in place (a writer killed between the two renames leaves it to be restored)
-        old = root / f".{final.name}.old-{os.getpid()}"
+        old = _temp_name(final, "old")
         os.replace(final, old)
     os.replace(tmp, final)
     _fsync(root)
+    _MINE.discard(tmp.name)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+        _MINE.discard(old.name)
     # keep-last-k among this run's steps (none later than this one: the trainer refuses to start
     # a fresh run beside an older run's checkpoints)
     ours = [p for p in checkpoint_dirs(root) if int(p.name[5:]) <= step]

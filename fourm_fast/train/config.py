@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 from typing import Any
 
@@ -126,7 +127,7 @@ def validate(cfg: dict) -> None:
             t[k] = float(t[k])
         except (TypeError, ValueError):
             raise ConfigError(f"train.{k} must be a number, got {t[k]!r}") from None
-    if t["lr"] <= 0 or t["min_lr"] < 0:
+    if not (math.isfinite(t["lr"]) and t["lr"] > 0 and math.isfinite(t["min_lr"]) and t["min_lr"] >= 0):
         raise ConfigError(f"train.lr must be > 0 and train.min_lr >= 0, got {t['lr']!r} and {t['min_lr']!r}")
     if t["clip_grad"] is not None:
         try:
@@ -146,12 +147,15 @@ def validate(cfg: dict) -> None:
     for k in ("steps", "batch_size", "grad_accum"):
         if not isinstance(t[k], int) or t[k] < 1:
             raise ConfigError(f"train.{k} must be a positive int, got {t[k]!r}")
+    if cfg["checkpoint"]["every"] is None:  # null: no periodic checkpoints (the last step still gets one)
+        cfg["checkpoint"]["every"] = 0
     for where, k, lo in (("train", "warmup_steps", 0), ("log", "every", 1), ("checkpoint", "every", 0),
                          ("checkpoint", "keep", 0)):
         v = cfg[where][k]
         if not isinstance(v, int) or isinstance(v, bool) or v < lo:
             raise ConfigError(f"{where}.{k} must be an int >= {lo}, got {v!r}")
-    if t["stop_after"] is not None and (not isinstance(t["stop_after"], int) or t["stop_after"] < 1):
+    if t["stop_after"] is not None and (not isinstance(t["stop_after"], int) or isinstance(t["stop_after"], bool)
+                                        or t["stop_after"] < 1):
         raise ConfigError(f"train.stop_after must be a positive int or null, got {t['stop_after']!r}")
     if t["batch_size"] % t["grad_accum"]:
         raise ConfigError(f"train.batch_size {t['batch_size']} is not divisible by train.grad_accum {t['grad_accum']}")
@@ -169,12 +173,15 @@ def validate(cfg: dict) -> None:
         raise ConfigError("modalities: at least one modality is needed")
 
 
-# Settings a resumed run may change: how long it runs, where and how it executes, what it logs.
-# Everything else (model, modalities, data, the optimizer and schedule's hyper-parameters, the
-# seed, the batch) decides the steps themselves, so a resume that changed it would continue a
-# different run than the checkpoint's.
+# Settings a resumed run may change: how long it runs (steps re-spans the cosine schedule from
+# the resume point on), where and how it executes (device, precision, compile, the process count
+# and accumulation steps, which change float summation order only), what it logs, where the data
+# lies (data.path) and whether bad samples are skipped (the way on after a ShardError). Everything
+# else (model, modalities, the data's sampling, the optimizer and schedule's hyper-parameters, the
+# seed, the global batch) decides the steps themselves, so a resume that changed it would continue
+# a different run than the checkpoint's.
 RESUME_MAY_CHANGE = ("train.steps", "train.stop_after", "train.compile", "train.device", "train.precision",
-                     "log.", "checkpoint.", "distributed.", "out")
+                     "train.grad_accum", "data.path", "data.skip_bad", "log.", "checkpoint.", "distributed.", "out")
 
 
 def _flatten(node, prefix: str = "") -> dict[str, Any]:
@@ -186,10 +193,21 @@ def _flatten(node, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: node}
 
 
+def _merge_missing(defaults: dict, saved: dict) -> dict:
+    out = copy.deepcopy(saved)
+    for k, v in defaults.items():
+        if k not in out:
+            out[k] = copy.deepcopy(v)
+        elif isinstance(v, dict) and isinstance(out[k], dict) and k != "overrides":
+            out[k] = _merge_missing(v, out[k])
+    return out
+
+
 def resume_mismatches(saved: dict, now: dict) -> list[str]:
     """``key: saved -> now`` for every setting that differs between a checkpoint's config and the
     resuming run's, other than those in RESUME_MAY_CHANGE."""
-    a, b = _flatten(saved), _flatten(now)
+    # the saved config over today's defaults: a key added since it was written counts as its default
+    a, b = _flatten(_merge_missing(DEFAULTS, saved)), _flatten(now)
     out = []
     for k in sorted(set(a) | set(b)):
         if any(k == p or (p.endswith(".") and k.startswith(p)) for p in RESUME_MAY_CHANGE):

@@ -21,7 +21,8 @@ import torch
 import torch.distributed as dist
 
 from ..model import FourM, ModalityConfig, preset
-from .checkpoint import CheckpointError, checkpoint_dirs, latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import (CheckpointError, checkpoint_dirs, latest_checkpoint, load_checkpoint, recover_leftovers,
+                         save_checkpoint)
 from .config import ConfigError, resume_mismatches
 from .metrics import MetricsLog, Progress, flops_per_step, peak_tflops
 from .synthetic import SyntheticSource, slice_batch
@@ -144,7 +145,9 @@ def _wrap(model, strategy: str, device: torch.device, world: int):
     return model
 
 
-def train(cfg: dict, resume: bool = False, log=print) -> dict:
+def train(cfg: dict, resume: bool | str = False, log=print) -> dict:
+    """resume: True continues from the latest checkpoint in cfg["out"] (raising when there is none),
+    False starts fresh (raising when the folder holds checkpoints), "auto" does whichever applies."""
     d = _Distributed()
     tc = cfg["train"]
     want = tc["device"]
@@ -182,12 +185,28 @@ def train(cfg: dict, resume: bool = False, log=print) -> dict:
     model_cfg_dict = model_cfg.to_dict()
 
     start = 0
-    if not resume and checkpoint_dirs(ckpt_root):
-        # A fresh run would mix its checkpoints with the old run's: keep-last-k would delete the new
-        # ones (lower steps) first, and --resume or generate would load the old run's.
-        found = [p.name for p in checkpoint_dirs(ckpt_root)]
-        raise CheckpointError(f"{ckpt_root} already holds checkpoints of an earlier run ({', '.join(found[-3:])}); "
-                              f"continue it with --resume, or start this run in another --out (or delete them)")
+    if writer:  # what killed writers left: half-written folders go, a moved-aside checkpoint comes back
+        recover_leftovers(ckpt_root)
+    if d.active:
+        dist.barrier(group=d.cpu_group)  # every process then sees the same checkpoint folder
+    if resume == "auto":
+        resume = latest_checkpoint(ckpt_root) is not None
+        if d.active:  # one decision for all (a node-local --out would otherwise split them)
+            flag = torch.tensor([int(resume)], dtype=torch.int64)
+            dist.broadcast(flag, src=0, group=d.cpu_group)
+            resume = bool(flag.item())
+    # A fresh run would mix its checkpoints with the old run's: keep-last-k would delete the new ones
+    # (lower steps) first, and --resume or generate would load the old run's. Process 0 decides.
+    found = [p.name for p in checkpoint_dirs(ckpt_root)] if not resume else []
+    refuse = bool(found)
+    if d.active:
+        flag = torch.tensor([int(refuse)], dtype=torch.int64)
+        dist.broadcast(flag, src=0, group=d.cpu_group)
+        refuse = bool(flag.item())
+    if refuse:
+        raise CheckpointError(f"{ckpt_root} already holds checkpoints of an earlier run"
+                              f"{' (' + ', '.join(found[-3:]) + ')' if found else ''}; continue it with --resume "
+                              f"(or --auto-resume), or start this run in another --out (or delete them)")
     if resume:
         path = latest_checkpoint(ckpt_root)
         if path is None:
