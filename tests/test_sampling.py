@@ -354,6 +354,19 @@ def test_guidance_scale_one_and_zero_are_the_branches_exactly(dtype):
         assert torch.equal(got0[0], want0[0]) and torch.equal(got0[1], want0[1]), kw
 
 
+def test_guidance_shortcuts_still_reject_nan_and_inf_in_the_other_branch():
+    # scale 1 returns c and scale 0 returns u exactly, but only where the other branch is finite
+    c, u = torch.randn(3, 20), torch.randn(3, 20)
+    for scale, branch in ((1.0, "u"), (0.0, "c")):
+        for bad in (math.nan, math.inf):
+            cc, uu = c.clone(), u.clone()
+            (uu if branch == "u" else cc)[1, 4] = bad
+            with pytest.raises(ValueError, match="row 1"):
+                sample_tokens(cc, uncond_logits=uu, cfg_scale=scale, seed=0)
+            with pytest.raises(ValueError, match="row 1"):  # per-row scales too
+                sample_tokens(cc, uncond_logits=uu, cfg_scale=torch.full((3,), scale), seed=0)
+
+
 def test_top_k_beyond_the_vocabulary_keeps_everything():
     # counts past int64's range included (their cast to an integer was undefined behaviour)
     logits = torch.randn(5, 40, generator=torch.Generator().manual_seed(2))

@@ -92,3 +92,11 @@ def test_cuda_select_positions():
     cand = torch.rand(8, 300) < 0.5
     num = torch.randint(0, 200, (8,))
     assert torch.equal(select_positions(conf.cuda(), cand.cuda(), num.cuda()).cpu(), select_positions(conf, cand, num))
+
+
+def test_cuda_guidance_scale_one_and_zero_are_the_branches_exactly():
+    c, u = torch.randn(32, 3000) * 4, torch.randn(32, 3000) * 4
+    for scale, branch in ((1.0, c), (0.0, u)):
+        want = sample_tokens(branch.cuda(), seed=5)
+        got = sample_tokens(c.cuda(), uncond_logits=u.cuda(), cfg_scale=scale, seed=5)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), scale

@@ -68,15 +68,16 @@ FF_INLINE int64_t effective_top_k(float top_k, int64_t V) {
   return k < V ? k : V;
 }
 
-// CFG: u + s (c - u). A token that either branch rules out (-inf) stays ruled out. Scale 1 is the
-// conditional logits and scale 0 the unconditional ones, exactly (the formula rounds c - u, which
-// can break a tie of c or overflow for finite c and u).
+// CFG: u + s (c - u). A token that either branch rules out (-inf) stays ruled out. Otherwise scale
+// 1 gives the conditional logit and scale 0 the unconditional one exactly (the formula rounds
+// c - u, which can break a tie of c or overflow for finite c and u), as long as the other branch
+// is finite: a NaN or +inf there still reaches the result, which the row check then rejects.
 FF_INLINE float guided_logit(float cond, float uncond, float scale) {
   if (cond == -positive_infinity_f32() || uncond == -positive_infinity_f32()) {
     return -positive_infinity_f32();
   }
-  if (scale == 1.0f) return cond;
-  if (scale == 0.0f) return uncond;
+  if (scale == 1.0f && is_finite_f32(uncond)) return cond;
+  if (scale == 0.0f && is_finite_f32(cond)) return uncond;
   return fmaf(scale, ff_sub(cond, uncond), uncond);
 }
 

@@ -89,8 +89,9 @@ FF_INLINE float vq_exact_distance(int64_t D, LoadX load_x, LoadC load_c, VqMetri
       mx = fmaxf(mx, fabsf(load_x(d)));
       mc = fmaxf(mc, fabsf(load_c(d)));
     }
-    const float sx = mx > 0.0f ? exp2f(static_cast<float>(ilogbf(mx))) : 1.0f;
-    const float sc = mc > 0.0f ? exp2f(static_cast<float>(ilogbf(mc))) : 1.0f;
+    // (ldexpf of an exponent is exact on host and device alike; exp2f is not guaranteed to be)
+    const float sx = mx > 0.0f ? ldexpf(1.0f, ilogbf(mx)) : 1.0f;
+    const float sc = mc > 0.0f ? ldexpf(1.0f, ilogbf(mc)) : 1.0f;
     acc = xx = cc = 0.0f;
     for (int64_t d = 0; d < D; ++d) {
       const float xv = load_x(d) / sx, cv = load_c(d) / sc;
