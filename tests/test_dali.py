@@ -100,6 +100,26 @@ def _pairs(a: list, b: list) -> list:
     return list(zip(a, b))
 
 
+def _rgb_resaved(synth: Path, root: Path, fmt: str, checksums: bool = True, **save_kw) -> Path:
+    """A copy of the shards with every rgb image saved again by PIL in fmt (save_kw: quality, exif,
+    icc_profile ...), the manifest's extension and checksums (or none, checksums=False) to match."""
+    shutil.copytree(synth, root)
+    manifest = json.loads((root / "manifest.json").read_text())
+    ext = "png" if fmt == "PNG" else "jpg"
+    for i in range(N):
+        old = f"rgb/{i:06d}.png"
+        buf = io.BytesIO()
+        Image.open(root / old).save(buf, format=fmt, **save_kw)
+        (root / old).unlink()
+        del manifest["checksums"][old]
+        (root / f"rgb/{i:06d}.{ext}").write_bytes(buf.getvalue())
+        if checksums:
+            manifest["checksums"][f"rgb/{i:06d}.{ext}"] = hashlib.sha256(buf.getvalue()).hexdigest()
+    manifest["extensions"]["rgb"] = ext
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return root
+
+
 def _equal(a: dict, b: dict) -> None:
     for k in ("index", "crop", "flip"):
         assert torch.equal(a[k], b[k]), k
@@ -419,18 +439,7 @@ def test_wrong_size_without_checksums_names_the_file(synth, tmp_path, backend):
 
 def test_jpeg_images_decode_close_to_pil(synth, tmp_path):
     """JPEG rgb (lossy: DALI's and PIL's IDCT/upsampling may differ by a level or two, so close, not equal)."""
-    root = tmp_path / "shards"
-    shutil.copytree(synth, root)
-    manifest = json.loads((root / "manifest.json").read_text())
-    for i in range(N):
-        buf = io.BytesIO()
-        Image.open(root / f"rgb/{i:06d}.png").save(buf, format="JPEG", quality=90)
-        (root / f"rgb/{i:06d}.png").unlink()
-        del manifest["checksums"][f"rgb/{i:06d}.png"]
-        (root / f"rgb/{i:06d}.jpg").write_bytes(buf.getvalue())
-        manifest["checksums"][f"rgb/{i:06d}.jpg"] = hashlib.sha256(buf.getvalue()).hexdigest()
-    manifest["extensions"]["rgb"] = "jpg"
-    (root / "manifest.json").write_text(json.dumps(manifest))
+    root = _rgb_resaved(synth, tmp_path / "shards", "JPEG", quality=90)
     kw = dict(images=["rgb", "depth"], crop=20, flip_prob=0.5, seed=1, num_workers=0)
     for a, b in _pairs(_batches(build_loader(root, 4, backend="dali", **kw)),
                        _batches(build_loader(root, 4, backend="torch", **kw))):
@@ -443,24 +452,9 @@ def test_jpeg_images_decode_close_to_pil(synth, tmp_path):
 def test_exif_orientation_is_not_applied(synth, tmp_path, fmt):
     # A tagged image is decoded as stored by both backends (DALI's decoder used to rotate it by
     # the tag, PIL does not): the batches stay equal and rgb lines up with depth.
-    from PIL import Image as PILImage
-
-    root = tmp_path / "shards"
-    shutil.copytree(synth, root)
-    manifest = json.loads((root / "manifest.json").read_text())
-    ext = "png" if fmt == "PNG" else "jpg"
-    for i in range(N):
-        old = f"rgb/{i:06d}.png"
-        exif = PILImage.Exif()
-        exif[0x0112] = 3  # orientation: rotated 180 degrees
-        buf = io.BytesIO()
-        Image.open(root / old).save(buf, format=fmt, exif=exif.tobytes(), **({"quality": 95} if fmt == "JPEG" else {}))
-        (root / old).unlink()
-        del manifest["checksums"][old]
-        (root / f"rgb/{i:06d}.{ext}").write_bytes(buf.getvalue())
-        manifest["checksums"][f"rgb/{i:06d}.{ext}"] = hashlib.sha256(buf.getvalue()).hexdigest()
-    manifest["extensions"]["rgb"] = ext
-    (root / "manifest.json").write_text(json.dumps(manifest))
+    exif = Image.Exif()
+    exif[0x0112] = 3  # orientation: rotated 180 degrees
+    root = _rgb_resaved(synth, tmp_path / "shards", fmt, exif=exif.tobytes(), **({"quality": 95} if fmt == "JPEG" else {}))
     kw = dict(images=["rgb"], tokens=[], seed=1, num_workers=0)
     for a, b in _pairs(_batches(build_loader(root, 4, backend="dali", **kw)),
                        _batches(build_loader(root, 4, backend="torch", **kw))):
@@ -473,17 +467,7 @@ def test_exif_orientation_is_not_applied(synth, tmp_path, fmt):
 def test_jpeg_with_a_large_app_segment_passes_header_only_checks(synth, tmp_path):
     # verify=False reads the first 64 KiB for the header; a JPEG frame header may come after ICC
     # profiles or EXIF thumbnails larger than that
-    root = tmp_path / "shards"
-    shutil.copytree(synth, root)
-    manifest = json.loads((root / "manifest.json").read_text())
-    for i in range(N):
-        buf = io.BytesIO()
-        Image.open(root / f"rgb/{i:06d}.png").save(buf, format="JPEG", quality=95, icc_profile=bytes(90000))
-        (root / f"rgb/{i:06d}.png").unlink()
-        (root / f"rgb/{i:06d}.jpg").write_bytes(buf.getvalue())
-        manifest["checksums"].pop(f"rgb/{i:06d}.png")
-    manifest["extensions"]["rgb"] = "jpg"
-    (root / "manifest.json").write_text(json.dumps(manifest))
+    root = _rgb_resaved(synth, tmp_path / "shards", "JPEG", checksums=False, quality=95, icc_profile=bytes(90000))
     assert (root / "rgb/000000.jpg").stat().st_size > 90000
     for backend in BACKENDS:
         batches = _batches(build_loader(root, 4, backend=backend, verify=False, num_workers=0, images=["rgb"], tokens=[]))

@@ -85,29 +85,27 @@ def test_data_errors_are_config_errors(tmp_path):
         train(small_cfg(tmp_path, "train.steps=1", "model.overrides.decoder_causal_mask=true"), log=lambda m: None)
 
 
-def test_config_errors():
-    with pytest.raises(ConfigError, match="unknown key 'train.lrr'"):
-        load_config(None, ["train.lrr=1"])
-    with pytest.raises(ConfigError, match="train.compile must be true, false or one of default, reduce-overhead"):
-        load_config(None, ["train.compile=fast"])
-    with pytest.raises(ConfigError, match="loss_type must be"):
-        load_config(None, ["train.loss_type=sum"])
+@pytest.mark.parametrize("overrides,message", [
+    (["train.lrr=1"], "unknown key 'train.lrr'"),
+    (["train.compile=fast"], "train.compile must be true, false or one of default, reduce-overhead"),
+    (["train.loss_type=sum"], "loss_type must be"),
+    (["train.batch_size=6", "train.grad_accum=4"], "not divisible"),
+    (["log.every=0"], "log.every must be an int >= 1"),
+    (["train.lr=0"], "train.lr must be > 0"),
+    (["train.lr=.nan"], "train.lr must be > 0"),
+    (["checkpoint.keep=two"], "checkpoint.keep must be an int >= 0"),
+    (["train.warmup_steps=1.5"], "train.warmup_steps must be an int >= 0"),
+    (["train.stop_after=true"], "train.stop_after must be a positive int"),
+    (["train.clip_grad=-1"], "clip_grad must be >= 0"),
+])
+def test_config_errors(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+def test_config_file_and_null_settings():
     with pytest.raises(ConfigError, match="does not exist"):
         load_config("/nonexistent.yaml")
-    with pytest.raises(ConfigError, match="not divisible"):
-        load_config(None, ["train.batch_size=6", "train.grad_accum=4"])
-    with pytest.raises(ConfigError, match="log.every must be an int >= 1"):
-        load_config(None, ["log.every=0"])
-    with pytest.raises(ConfigError, match="train.lr must be > 0"):
-        load_config(None, ["train.lr=0"])
-    with pytest.raises(ConfigError, match="checkpoint.keep must be an int >= 0"):
-        load_config(None, ["checkpoint.keep=two"])
-    with pytest.raises(ConfigError, match="train.warmup_steps must be an int >= 0"):
-        load_config(None, ["train.warmup_steps=1.5"])
-    with pytest.raises(ConfigError, match="train.lr must be > 0"):
-        load_config(None, ["train.lr=.nan"])
-    with pytest.raises(ConfigError, match="train.stop_after must be a positive int"):
-        load_config(None, ["train.stop_after=true"])
     assert load_config(None, ["checkpoint.every=null"])["checkpoint"]["every"] == 0  # null: off, as 0
     cfg = load_config(ROOT / "configs" / "tiny.yaml")
     assert cfg["model"]["preset"] == "tiny" and cfg["train"]["batch_size"] == 8
