@@ -1,6 +1,7 @@
-"""Run under torchrun by tests/test_train.py: train a few steps, then print this process's thread
-names (Linux /proc). Threads still alive after train() returns are joined at interpreter exit, where
-a gloo worker that needs the GIL aborts the process."""
+"""Run under torchrun by tests/test_train.py: train a few steps, then write this process's thread
+names (Linux /proc) to threads-rank<R>.txt in the out folder. One file per rank: the ranks' prints
+to one shared stdout pipe interleaved within a line once. Threads still alive after train() returns
+are joined at interpreter exit, where a gloo worker that needs the GIL aborts the process."""
 import os
 import sys
 from pathlib import Path
@@ -15,4 +16,4 @@ out, strategy = sys.argv[1], sys.argv[2]
 train(load_config(None, SMALL_RUN + ["train.steps=2", f"out={out}", f"distributed.strategy={strategy}"]),
       log=lambda m: None)
 names = sorted(Path(f"/proc/self/task/{t}/comm").read_text().strip() for t in os.listdir("/proc/self/task"))
-print(f"rank {os.environ['RANK']} threads: {','.join(names)}", flush=True)
+Path(out, f"threads-rank{os.environ['RANK']}.txt").write_text(",".join(names))
