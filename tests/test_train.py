@@ -338,6 +338,21 @@ def test_cli_runs_the_shipped_config_with_overrides(tmp_path):
     assert torch.__version__  # the environment under test
 
 
+def test_cli_auto_resume_and_conflicting_arguments(tmp_path):
+    base = [sys.executable, "-m", "fourm_fast", "train", "--auto-resume", "--steps", "2", "--out", str(tmp_path), *SMALL]
+    first = subprocess.run(base + ["--stop-after", "1"], env=_env(), capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0 and "done: 1 steps" in first.stderr, first.stderr
+    second = subprocess.run(base, env=_env(), capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0 and "done: 2 steps" in second.stderr, second.stderr
+    assert [int(r["step"]) for r in rows(tmp_path)] == [1, 2]
+    both = subprocess.run(base + ["--resume"], env=_env(), capture_output=True, text=True, timeout=120)
+    assert both.returncode == 2 and "not allowed with argument" in both.stderr, both.stderr
+    tiny = str(ROOT / "configs" / "tiny.yaml")
+    two = subprocess.run([sys.executable, "-m", "fourm_fast", "train", "--config", tiny, tiny, "--out", str(tmp_path / "x")],
+                         env=_env(), capture_output=True, text=True, timeout=120)
+    assert two.returncode == 2 and "one config file at most" in two.stderr, two.stderr
+
+
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
 def test_two_process_resume_with_accumulation_is_bit_exact(tmp_path, strategy):
     # Two processes, two micro-batches each: the steps of one process with the whole batch, and

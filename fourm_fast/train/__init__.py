@@ -13,8 +13,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.lr=3e-4 (before or after the flags)")
     p.add_argument("--steps", type=int, help="total steps (train.steps)")
     p.add_argument("--out", help="output folder: metrics.csv, checkpoints/, tensorboard/")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
-    p.add_argument("--auto-resume", action="store_true",
+    resume = p.add_mutually_exclusive_group()
+    resume.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    resume.add_argument("--auto-resume", action="store_true",
                    help="continue from the latest checkpoint in --out when there is one, else start fresh "
                         "(one command line for restarts: torchrun --max-restarts, requeued jobs)")
     p.add_argument("--stop-after", type=int, help="stop after this step with a checkpoint (train.stop_after)")
@@ -34,10 +35,13 @@ def take_extra_overrides(args: argparse.Namespace, extra: list[str], parser: arg
 def _config_path(args: argparse.Namespace) -> str | None:
     """--config, or a positional YAML file among the overrides (``fourm-fast train CONFIG.yaml``)."""
     files = [o for o in args.overrides if "=" not in o and o.endswith((".yaml", ".yml"))]
-    if files and args.config is None and len(files) == 1:
-        args.overrides = [o for o in args.overrides if o != files[0]]
-        return files[0]
-    return args.config
+    if not files:
+        return args.config
+    given = ([f"--config {args.config}"] if args.config is not None else []) + files
+    if len(given) > 1:
+        raise ConfigError(f"one config file at most, got {', '.join(given)}")
+    args.overrides = [o for o in args.overrides if o != files[0]]
+    return files[0]
 
 
 def overrides_from_args(args: argparse.Namespace) -> list[str]:
@@ -59,9 +63,9 @@ def run(args: argparse.Namespace) -> int:
     from .checkpoint import CheckpointError
     from .trainer import train
 
-    config = _config_path(args)
-    overrides = overrides_from_args(args)
     try:
+        config = _config_path(args)
+        overrides = overrides_from_args(args)
         cfg = load_config(config, overrides)
         resume = "auto" if getattr(args, "auto_resume", False) else args.resume
         result = train(cfg, resume=resume, log=lambda m: print(m, file=sys.stderr, flush=True))
