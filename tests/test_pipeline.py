@@ -70,6 +70,33 @@ def test_training_from_token_shards(tokenized, tmp_path):
     assert res["steps"] == 2 and np.isfinite(res["last"]["loss"])
 
 
+def _shard_cfg(path, out, *extra):
+    return load_config(None, ["data.source=shards", f"data.path={path}", "modalities=auto", "data.num_input_tokens=8",
+                              "data.num_target_tokens=8", "model.overrides={dim: 32, encoder_depth: 1, decoder_depth: 1, num_heads: 2}",
+                              "train.steps=1", "train.batch_size=4", "log.tensorboard=false", "log.progress=false",
+                              f"out={out}", *extra])
+
+
+def test_shard_training_checks_sentinels_and_reports_cut_text(tokenized, tmp_path):
+    import shutil
+
+    lines = []
+    train(_shard_cfg(tokenized, tmp_path / "a", "data.max_text_tokens=3"), log=lines.append)
+    assert any("caption rows are longer than 3 tokens and are cut" in ln for ln in lines), lines
+    lines.clear()
+    train(_shard_cfg(tokenized, tmp_path / "b"), log=lines.append)
+    assert not any("are cut" in ln for ln in lines), lines
+    from fourm_fast.train.config import ConfigError
+
+    with pytest.raises(ConfigError, match="caption: 500 tokens need 252 sentinels .* has 200"):
+        train(_shard_cfg(tokenized, tmp_path / "c", "data.max_text_tokens=500"), log=lambda m: None)
+    bare = tmp_path / "bare"
+    shutil.copytree(tokenized, bare)
+    (bare / "tokenizers" / "text.json").unlink()
+    with pytest.raises(ShardError, match="text.json does not exist: the span masking of caption needs"):
+        train(_shard_cfg(bare, tmp_path / "d"), log=lambda m: None)
+
+
 def test_demo_end_to_end_small(tmp_path):
     res = subprocess.run([sys.executable, "-m", "fourm_fast.demo", "--out", str(tmp_path / "demo"), "--scenes", "20",
                           "--size", "16", "--tokenizer-steps", "2", "--train-steps", "2"],

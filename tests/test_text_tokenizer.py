@@ -41,3 +41,15 @@ def test_captions_and_boxes_round_trip(tok, tmp_path):
         TextTokenizer.load(tmp_path / "junk.json")
     with pytest.raises(ValueError, match="must exceed"):
         train_wordpiece(["a"], vocab_size=100)
+
+
+def test_load_counts_the_sentinels_the_file_has(tmp_path):
+    # a tokenizer trained with 50 sentinels loaded with the old default of 200 gave None ids
+    small = train_wordpiece(["a red circle", "a blue square"] * 10, vocab_size=4200, num_sentinels=50)
+    small.save(tmp_path / "text.json")
+    again = TextTokenizer.load(tmp_path / "text.json")
+    assert again.num_sentinels == 50 and again.sentinel_ids == small.sentinel_ids == list(range(4, 54))
+    assert TextTokenizer.load(tmp_path / "text.json", num_sentinels=20).sentinel_ids == list(range(4, 24))
+    with pytest.raises(ValueError, match=r"text.json: the text tokenizer lacks \[S_50\], \[S_51\], \[S_52\], \[S_53\] "
+                                         r"and 6 more \(num_sentinels 60\)"):
+        TextTokenizer.load(tmp_path / "text.json", num_sentinels=60)

@@ -22,6 +22,10 @@ class TextTokenizer:
     """Thin wrapper: encode/decode, the sentinel ids in 4M's order, pad/eos ids, save/load."""
 
     def __init__(self, tokenizer, num_sentinels: int):
+        missing = [t for t in SPECIAL + [f"[S_{i}]" for i in range(num_sentinels)] if tokenizer.token_to_id(t) is None]
+        if missing:
+            shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+            raise ValueError(f"the text tokenizer lacks {shown} (num_sentinels {num_sentinels})")
         self.tk = tokenizer
         self.num_sentinels = num_sentinels
         self.pad_id = tokenizer.token_to_id("[PAD]")
@@ -45,7 +49,8 @@ class TextTokenizer:
         self.tk.save(str(path))
 
     @classmethod
-    def load(cls, path: str | Path, num_sentinels: int = 200) -> "TextTokenizer":
+    def load(cls, path: str | Path, num_sentinels: int | None = None) -> "TextTokenizer":
+        """num_sentinels: None counts the file's [S_0], [S_1], ... tokens; a number is checked."""
         from tokenizers import Tokenizer
 
         path = Path(path)
@@ -55,7 +60,14 @@ class TextTokenizer:
             tok = Tokenizer.from_file(str(path))
         except Exception as e:  # noqa: BLE001 - the tokenizers package raises a bare Exception
             raise ValueError(f"text tokenizer {path} cannot be read: {e}") from None
-        return cls(tok, num_sentinels)
+        if num_sentinels is None:
+            num_sentinels = 0
+            while tok.token_to_id(f"[S_{num_sentinels}]") is not None:
+                num_sentinels += 1
+        try:
+            return cls(tok, num_sentinels)
+        except ValueError as e:
+            raise ValueError(f"text tokenizer {path}: {e}") from None
 
 
 def train_wordpiece(texts: Iterable[str], vocab_size: int = 8000, num_sentinels: int = 200,

@@ -32,7 +32,7 @@ def modalities_from_shards(path: str, max_text_tokens: int) -> list[ModalityConf
 
 
 class ShardSource:
-    def __init__(self, model_cfg: FourMConfig, data_cfg: dict, seed: int):
+    def __init__(self, model_cfg: FourMConfig, data_cfg: dict, seed: int, log=lambda line: None):
         self.model_cfg = model_cfg
         self.seed = seed
         self.names = [m.name for m in model_cfg.modalities]
@@ -50,8 +50,24 @@ class ShardSource:
         from ..tokenizers.text import TextTokenizer
         from pathlib import Path
 
+        seqs = [m for m in model_cfg.modalities if m.kind == "sequence"]
         text = Path(data_cfg["path"]) / "tokenizers" / "text.json"
-        self.sentinels = TextTokenizer.load(text).sentinel_ids if text.exists() else []
+        self.sentinels = []
+        if seqs:
+            if not text.exists():
+                raise ShardError(f"{text} does not exist: the span masking of {seqs[0].name} needs its sentinel ids")
+            self.sentinels = TextTokenizer.load(text).sentinel_ids
+        for m in seqs:
+            # a sequence of L tokens has at most ceil(L / 2) masked runs; the target ends with one
+            # more sentinel, and numbering starts at [S_1]
+            need = (m.max_length + 1) // 2 + 2
+            if len(self.sentinels) < need:
+                raise ConfigError(f"{m.name}: {m.max_length} tokens need {need} sentinels ([S_0] .. [S_{need - 1}]), "
+                                  f"{text} has {len(self.sentinels)}")
+            longer = int((self.ds.lengths[m.name][self.ds.good] > m.max_length).sum())
+            if longer:
+                log(f"data: {longer} of {len(self.ds)} {m.name} rows are longer than {m.max_length} tokens and are "
+                    f"cut to that length (EOS dropped), as 4M does; data.max_text_tokens sets it")
         specs = [ModalitySpec(m.name, m.kind, m.num_tokens) for m in model_cfg.modalities]
         self.sampler = TokenBudgetSampler(specs, data_cfg["num_input_tokens"], data_cfg["num_target_tokens"],
                                           _alpha_table(data_cfg["alphas_in"], self.names),

@@ -177,7 +177,7 @@ def train(cfg: dict, resume: bool | str = False, log=print) -> dict:
         optimizer, lambda s: cosine_factor(s, total, tc["warmup_steps"], tc["lr"], tc["min_lr"]))
     if cfg["data"]["source"] == "shards":
         from .shards_source import ShardSource
-        source = ShardSource(model_cfg, cfg["data"], tc["seed"])
+        source = ShardSource(model_cfg, cfg["data"], tc["seed"], log=log if writer else (lambda line: None))
     else:
         source = SyntheticSource(model_cfg, cfg["data"], tc["seed"])
     out = Path(cfg["out"])
