@@ -4,6 +4,7 @@ import hashlib
 import io
 import json
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -192,6 +193,22 @@ def test_seeds_epochs_and_resume(synth):
     next(iter(e))
     for x, y in _pairs(_batches(e), ea[3:]):
         _equal(x, y)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("workers", [0, 2])
+def test_overlapping_iterations_raise(synth, backend, workers):
+    # a second pass started before the first ended would take over its batches (the torch backend's
+    # persistent DataLoader iterator is reset by it): the first pass raises instead
+    loader = build_loader(synth, 4, backend=backend, seed=3, num_workers=workers)
+    straight = _batches(build_loader(synth, 4, backend=backend, seed=3, num_workers=workers), 2)
+    first = iter(loader)
+    _equal(next(first), straight[0])
+    second = iter(loader)
+    for x, y in _pairs(list(second), straight[3:]):  # the next epoch, whole
+        _equal(x, y)
+    with pytest.raises(RuntimeError, match="another iteration over this .*Loader started"):
+        next(first)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -502,14 +519,22 @@ def test_dropped_dali_loader_frees_its_threads_without_gc(synth):
     def threads():
         return len(list(Path("/proc/self/task").iterdir()))
 
+    def drop_one():
+        loader = build_loader(synth, 4, backend="dali", tokens=[], num_workers=2)
+        next(iter(loader))
+        del loader
+
+    drop_one()  # threads that live for the whole process (thread pools started on first use)
     gc.collect()
     before = threads()
     gc.disable()
     try:
         for _ in range(3):
-            loader = build_loader(synth, 4, backend="dali", tokens=[], num_workers=2)
-            next(iter(loader))
-            del loader
+            drop_one()
+        # a joined thread can stay listed for a moment; one kept alive by a cycle stays for good
+        deadline = time.monotonic() + 10
+        while threads() > before and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert threads() <= before
     finally:
         gc.enable()

@@ -261,8 +261,9 @@ class _PlanSampler(torch.utils.data.Sampler):
         return self.plan.num_batches
 
     def __iter__(self):
+        epoch = self.epoch  # fixed for this pass (it read self.epoch per batch)
         for j in range(self.plan.num_batches):
-            idx, y0, x0, flip = self.plan.batch(self.epoch, j)
+            idx, y0, x0, flip = self.plan.batch(epoch, j)
             yield list(zip(idx.tolist(), y0.tolist(), x0.tolist(), flip.tolist()))
 
 
@@ -280,9 +281,16 @@ class TorchLoader(ShardBatches):
                                                    persistent_workers=self.num_workers > 0)
 
     def __iter__(self):
-        self._sampler.epoch = self.epoch
+        epoch = self.epoch
         self.epoch += 1
-        yield from self._loader
+        self._sampler.epoch = epoch
+        # The DataLoader (persistent workers) keeps one iterator and resets it when iteration
+        # starts again, so an overlapping pass would take over this one's batches silently.
+        me = self._active = object()
+        for batch in self._loader:
+            yield batch
+            if self._active is not me:  # checked on resuming, before the shared iterator is read again
+                raise RuntimeError("another iteration over this TorchLoader started; iterate one epoch at a time")
 
 
 def build_loader(root: str | Path, batch_size: int, backend: str = "torch", shuffle: bool = True, seed: int = 0,
