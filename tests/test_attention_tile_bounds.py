@@ -63,9 +63,9 @@ def test_tile_bounds_never_skip_a_visible_pair_nor_call_a_masked_one_visible(tmp
     assert cxx, "a C++ compiler is needed to build fourm_fast, and this test uses it"
     src, exe = tmp_path / "tile_bounds.cpp", tmp_path / "tile_bounds"
     src.write_text(DRIVER)
-    subprocess.run([cxx, "-std=c++17", "-O1", f"-I{CSRC}", str(src), "-o", str(exe)], check=True)
+    subprocess.run([cxx, "-std=c++17", "-O1", f"-I{CSRC}", str(src), "-o", str(exe)], check=True, timeout=600)
     errors, skipped, full, full_true = map(int, subprocess.run([str(exe)], check=True, capture_output=True,
-                                                               text=True).stdout.split())
+                                                               text=True, timeout=600).stdout.split())
     assert errors == 0
     # not vacuous: both shortcuts fire often, and the full-tile proof finds most fully visible tiles
     assert skipped > 10_000 and full > 10_000

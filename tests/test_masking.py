@@ -185,11 +185,12 @@ def test_determinism_and_batch_independence():
     small = sampler.sample(10, seed=5)
     for x, y in zip(a.slots, small.slots):
         assert torch.equal(x[:10], y)
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         single = sampler.sample(64, seed=5)
     finally:
-        torch.set_num_threads(2)
+        torch.set_num_threads(threads)
     for x, y in zip(a.slots, single.slots):
         assert torch.equal(x, y)
 
@@ -269,7 +270,9 @@ def test_to_ml4m_batch_format_and_meaning():
         assert torch.equal(enc[b, :n], expect)
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# derandomize: the same 40 configurations every run (CI must not turn red on an unrelated change);
+# widen the search locally with more examples or another seed when touching the sampler
+@settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_fuzzed_configs_keep_invariants(data):
     M = data.draw(st.integers(1, 5))
@@ -296,7 +299,8 @@ def test_fuzzed_configs_keep_invariants(data):
     weights = data.draw(st.one_of(st.none(), st.lists(st.floats(0.1, 3.0), min_size=C, max_size=C)))
     sampler = TokenBudgetSampler(specs, (lo, hi), (tlo, thi), table(), table(), weights=weights)
     B = data.draw(st.integers(0, 40))
-    lengths = {s.name: torch.randint(0, s.num_tokens + 3, (B,)) for s in specs if s.kind == "sequence"}
+    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**32)))  # replayable with the example
+    lengths = {s.name: torch.randint(0, s.num_tokens + 3, (B,), generator=gen) for s in specs if s.kind == "sequence"}
     lay = sampler.sample(B, seed=data.draw(st.integers(0, 2**40)), lengths=lengths)
     check_budgets(sampler, lay.budgets)
     check_layout(sampler, lay)

@@ -223,15 +223,48 @@ def _env():
     return env
 
 
+def _wait_for_rows(proc: subprocess.Popen, out: Path, n: int, timeout: float) -> None:
+    """Until the trainer has logged n steps; fails at once if it exits first or the time runs out."""
+    deadline = time.monotonic() + timeout
+    while not ((out / "metrics.csv").exists() and len(rows(out)) >= n):
+        if proc.poll() is not None:
+            pytest.fail(f"the trainer exited with {proc.returncode} before step {n}:\n{proc.stderr.read()[-4000:]}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"the trainer logged no {n} steps within {timeout} s")
+        time.sleep(0.2)
+
+
+def _stop(proc: subprocess.Popen, workers=()) -> None:
+    """A test's trainer still running after a failure: SIGTERM (torchrun passes it on to its
+    workers, which run in sessions of their own and would outlive a killed agent), then SIGKILL
+    to the agent and to any worker left."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    for pid in workers:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
-    cmd = [sys.executable, "-m", "fourm_fast", "train", "--steps", "100000", "--out", str(tmp_path), *SMALL,
+    # --steps is large enough for the signal to land mid-run, small enough that a trainer left
+    # behind by a broken test ends on its own
+    cmd = [sys.executable, "-m", "fourm_fast", "train", "--steps", "3000", "--out", str(tmp_path), *SMALL,
            "checkpoint.every=0"]
     proc = subprocess.Popen(cmd, env=_env(), stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and not ((tmp_path / "metrics.csv").exists() and len(rows(tmp_path)) >= 2):
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
+    try:
+        _wait_for_rows(proc, tmp_path, 2, 120)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        _stop(proc)
     assert proc.returncode == 0, err
     assert "SIGTERM: saved step" in err
     assert any((tmp_path / "checkpoints").iterdir())
@@ -291,20 +324,19 @@ def test_sigterm_on_one_process_stops_every_process(tmp_path, strategy):
     # A signal that reaches one worker only: every worker must stop after the same step, save and
     # exit 0; a worker stopping alone would leave the others hanging in the next collective.
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "-m",
-           "fourm_fast.train", "--steps", "100000", "--out", str(tmp_path), *SMALL, f"distributed.strategy={strategy}",
+           "fourm_fast.train", "--steps", "3000", "--out", str(tmp_path), *SMALL, f"distributed.strategy={strategy}",
            "checkpoint.every=0"]
     proc = subprocess.Popen(cmd, env=_env(), stderr=subprocess.PIPE, text=True)
+    workers = []
     try:
-        deadline = time.time() + 180
-        while time.time() < deadline and not ((tmp_path / "metrics.csv").exists() and len(rows(tmp_path)) >= 2):
-            time.sleep(0.2)
+        _wait_for_rows(proc, tmp_path, 2, 180)
+        workers = [w for w in (_worker_pid(proc.pid, r) for r in (0, 1)) if w is not None]
         worker = _worker_pid(proc.pid, 1)
         assert worker is not None, "no worker with RANK=1 under torchrun"
         os.kill(worker, signal.SIGTERM)
         _, err = proc.communicate(timeout=120)
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        _stop(proc, workers)
     assert proc.returncode == 0, err[-4000:]
     assert "SIGTERM: saved step" in err  # logged by rank 0, which never got the signal itself
     saved = sorted((tmp_path / "checkpoints").iterdir())

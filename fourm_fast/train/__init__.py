@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .config import ConfigError, load_config
@@ -59,6 +60,19 @@ def overrides_from_args(args: argparse.Namespace) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    rc = _run(args)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Under FSDP2, torch's DTensor state keeps the process group, and gloo's threads, alive past
+        # train(); joined during interpreter finalization, such a thread can abort a finished run
+        # ("terminate called without an active exception", seen once with DDP before its group was
+        # torn down in train()). Files are closed and there is nothing left to do: leave now.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+    return rc
+
+
+def _run(args: argparse.Namespace) -> int:
     from ..data.shards import ShardError
     from .checkpoint import CheckpointError
     from .trainer import train
