@@ -49,6 +49,10 @@ inline void check_alphas(const at::Tensor& alpha, int64_t M, const char* op, con
   const at::Tensor a = alpha.cpu();
   TORCH_CHECK_VALUE(at::isfinite(a).all().item<bool>() && (a >= 0).all().item<bool>(), op, ": ", name,
                     " must be finite and >= 0, got ", a);
+  // Below it, log(U) / alpha in the log-gamma draw overflows to -inf, and a component whose
+  // every draw is -inf has no argmax to hand tokens to.
+  TORCH_CHECK_VALUE(((a == 0) | (a >= kernels::kMinPositiveAlpha)).all().item<bool>(), op, ": ", name,
+                    " must be 0 or at least ", kernels::kMinPositiveAlpha, ", got ", a);
   const at::Tensor positive = (a > 0).any(1);
   TORCH_CHECK_VALUE(positive.all().item<bool>(), op, ": ", name, " is all zero in mixture component(s) ",
                     at::nonzero(~positive).flatten(), "; each component needs one alpha > 0");

@@ -33,8 +33,10 @@ inline SampleInputs check_sample_inputs(const at::Tensor& logits, const std::opt
                                         const at::Tensor& offset) {
   TORCH_CHECK_VALUE(logits.dim() == 2, "sample_tokens: logits must be 2-D (R, V), got shape ", logits.sizes());
   TORCH_CHECK_VALUE(logits.size(1) >= 1, "sample_tokens: the vocabulary is empty (V = 0)");
-  TORCH_CHECK_VALUE(logits.size(1) <= (int64_t{1} << 31) - 1 && logits.size(0) <= (int64_t{1} << 32) - 1,
-                    "sample_tokens: R must be < 2^32 and V < 2^31");
+  // V: int32 indexing in the kernels, whose 16-byte vectors may start up to 15 slots before a row
+  TORCH_CHECK_VALUE(logits.size(1) <= (int64_t{1} << 31) - 17 && logits.size(0) <= (int64_t{1} << 32) - 1,
+                    "sample_tokens: R must be < 2^32 and V <= 2^31 - 17, got R = ", logits.size(0), ", V = ",
+                    logits.size(1));
   const auto st = logits.scalar_type();
   TORCH_CHECK_TYPE(st == at::kFloat || st == at::kBFloat16 || st == at::kHalf,
                    "sample_tokens: logits must be float32, bfloat16 or float16, got ", st);

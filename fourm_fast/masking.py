@@ -20,7 +20,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from .ops.masking import KEEP_MODES, SPAN_PAD, Layout, sample_budgets, span_mask, token_layout
+from .ops.masking import KEEP_MODES, MIN_POSITIVE_ALPHA, SPAN_PAD, Layout, sample_budgets, span_mask, token_layout
 
 __all__ = [
     "ModalitySpec", "TokenBudgetSampler", "Budgets", "TokenLayout", "to_ml4m_batch",
@@ -232,6 +232,8 @@ class TokenBudgetSampler:
         table = torch.tensor(rows, dtype=torch.float32).T.contiguous()  # [C, M]
         if not torch.isfinite(table).all() or (table < 0).any():
             raise ValueError(f"{what}: alphas must be finite and >= 0, got {dict(zip(self.modalities, rows))}")
+        if ((table > 0) & (table < MIN_POSITIVE_ALPHA)).any():  # the op's limit (log-gamma draws overflow below it)
+            raise ValueError(f"{what}: alphas must be 0 or at least {MIN_POSITIVE_ALPHA:g}, got {dict(zip(self.modalities, rows))}")
         dead = [c for c in range(table.shape[0]) if not (table[c] > 0).any()]
         if dead:
             raise ValueError(f"{what}: mixture component(s) {dead} have all-zero alphas")

@@ -319,6 +319,8 @@ def test_bad_configs_raise_clear_errors():
     zero = {k: [0.0, v[1]] for k, v in FOURM7_ALPHAS_IN.items()}
     with pytest.raises(ValueError, match="all-zero alphas"):
         TokenBudgetSampler(specs, 128, 128, zero, FOURM7_ALPHAS_TG)
+    with pytest.raises(ValueError, match="alphas must be 0 or at least 1e-30"):
+        TokenBudgetSampler(specs, 128, 128, {**FOURM7_ALPHAS_IN, "rgb": [1e-35, 1.0]}, FOURM7_ALPHAS_TG)
     with pytest.raises(ValueError, match="unknown modalities \\['sound'\\]"):
         TokenBudgetSampler(specs, 128, 128, {**FOURM7_ALPHAS_IN, "sound": [1.0, 1.0]}, FOURM7_ALPHAS_TG)
     with pytest.raises(ValueError, match="missing modalities \\['det'\\]"):
@@ -359,6 +361,12 @@ def test_ops_reject_bad_inputs():
         sample_budgets(3, torch.zeros(1, 2), a, None, size, img, (1, 2), (1, 2), 0)
     with pytest.raises(ValueError, match="must be finite and >= 0"):
         sample_budgets(3, torch.tensor([[1.0, float("nan")]]), a, None, size, img, (1, 2), (1, 2), 0)
+    # a positive alpha so small that every log-gamma draw is -inf left no modality to take tokens
+    # (an index of -1 into the budgets: a write before the array)
+    with pytest.raises(ValueError, match="alpha_tg must be 0 or at least 1e-30"):
+        sample_budgets(3, a, torch.tensor([[1e-40, 0.0]]), None, size, img, (1, 2), (1, 2), 0)
+    ok = sample_budgets(64, torch.tensor([[1e-30, 0.0]]), a, None, size, img, (2, 2), (1, 2), 0)
+    assert ok[1][:, 0].eq(2).all()  # the only modality with alpha > 0 takes every input token
     with pytest.raises(ValueError, match="input token range"):
         sample_budgets(3, a, a, None, size, img, (3, 2), (1, 2), 0)
     with pytest.raises(ValueError, match="is_image has 1 entries"):

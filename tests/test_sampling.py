@@ -257,6 +257,9 @@ def test_bad_inputs_raise_clear_errors():
         sample_tokens(x, min_p=1.5)
     with pytest.raises(ValueError, match="cfg_scale"):
         sample_tokens(x, uncond_logits=x, cfg_scale=math.inf)
+    # int32 indexing with 16-byte vectors: V stops 17 short of 2^31 (a stride-0 row costs no memory)
+    with pytest.raises(ValueError, match="V <= 2\\^31 - 17, got R = 1, V = 2147483645"):
+        sample_tokens(torch.zeros(1, 1).expand(1, 2**31 - 3))
     with pytest.raises(ValueError, match="uncond_logits has shape"):
         sample_tokens(x, uncond_logits=torch.randn(4, 11))
     with pytest.raises(TypeError, match="uncond_logits must have the logits' dtype"):

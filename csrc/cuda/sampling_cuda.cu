@@ -68,40 +68,19 @@
 #include <algorithm>
 #include <climits>
 #include <cstdint>
-#include <mutex>
 #include <tuple>
 #include <type_traits>
-#include <vector>
 
 #include "../kernels/sampling_math.h"
 #include "../sampling_checks.h"
 #include "sampling_kernels.cuh"
+#include "smem_optin.h"
 
 namespace fourm_fast {
 namespace {
 
 // ---------------------------------------------------------------------------------------------
 // Host side (the kernel is in sampling_kernels.cuh).
-
-// Largest dynamic smem a launch of fn may use on this device, after opting in to it once per
-// (kernel, device): the opt-in limit minus the kernel's static smem. Setting the attribute to the
-// maximum (rather than to each launch's size) keeps concurrent callers from undoing each other.
-int max_dynamic_smem(const void* fn, int device) {
-  static std::mutex mu;
-  static std::vector<std::tuple<const void*, int, int>> cache;
-  std::lock_guard<std::mutex> lock(mu);
-  for (const auto& [f, dev, bytes] : cache) {
-    if (f == fn && dev == device) return bytes;
-  }
-  cudaFuncAttributes attr;
-  C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, fn));
-  const int optin = static_cast<int>(at::cuda::getDeviceProperties(device)->sharedMemPerBlockOptin);
-  int bytes = optin - static_cast<int>(attr.sharedSizeBytes);
-  bytes = bytes > 0 ? bytes : 0;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
-  cache.emplace_back(fn, device, bytes);
-  return bytes;
-}
 
 template <typename scalar_t, bool kCfg>
 void launch_sample(const SampleArgs<scalar_t>& args, int device, cudaStream_t stream) {

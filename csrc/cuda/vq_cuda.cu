@@ -47,6 +47,7 @@
 #include "../kernels/vq_math.h"
 #include "../vq_checks.h"
 #include "ptx.cuh"
+#include "smem_optin.h"
 #include "vq_kernels.cuh"
 
 namespace fourm_fast {
@@ -127,8 +128,11 @@ at::Tensor mma_row_operand(const at::Tensor& x2) {
 template <bool kBf16, bool kResidentX>
 void launch_mma_search(const VqSearchArgs& args, dim3 grid, int smem_bytes, cudaStream_t stream) {
   const auto kernel = vq_search_mma_kernel<kBf16, kResidentX>;
-  C10_CUDA_CHECK(
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes));
+  // opted in once to the device's maximum: the resident size varies with D, and a per-launch
+  // setting could be undone by another thread before this launch
+  const int allowed = max_dynamic_smem(reinterpret_cast<const void*>(kernel), c10::cuda::current_device());
+  TORCH_CHECK(smem_bytes <= allowed, "vq_lookup (CUDA): the search needs ", smem_bytes,
+              " bytes of shared memory per block, this GPU allows ", allowed);
   kernel<<<grid, kThreads, smem_bytes, stream>>>(args);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -183,8 +187,9 @@ Partials search_simt(const at::Tensor& x2, const at::Tensor& codebook, VqMetric 
   args.bias = bias.const_data_ptr<float>();
   Partials partials;
   const dim3 grid = attach_partials(x2, args, partials);
-  C10_CUDA_CHECK(cudaFuncSetAttribute(vq_search_simt_kernel,
-                                      cudaFuncAttributeMaxDynamicSharedMemorySize, kSimtSmemBytes));
+  TORCH_CHECK(kSimtSmemBytes <= max_dynamic_smem(reinterpret_cast<const void*>(vq_search_simt_kernel),
+                                                 c10::cuda::current_device()),
+              "vq_lookup (CUDA): the SIMT search needs ", kSimtSmemBytes, " bytes of shared memory per block");
   vq_search_simt_kernel<<<grid, kThreads, kSimtSmemBytes, stream>>>(args);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return partials;

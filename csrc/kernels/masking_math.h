@@ -26,6 +26,8 @@ namespace kernels {
 
 constexpr int kMaskMaxModalities = 64;
 constexpr int kMaskMaxComponents = 16;
+// Smallest positive Dirichlet alpha: log(U) / alpha stays finite (|log U| <= 17 for U >= 2^-24).
+constexpr float kMinPositiveAlpha = 1e-30f;
 // Source code of a padding slot in a span-masked sequence buffer; sentinel s (s >= 1) is -s and
 // token j of the original sequence is j.
 constexpr int32_t kSpanPad = -2147483647 - 1;

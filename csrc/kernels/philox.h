@@ -61,9 +61,11 @@ FF_INLINE uint32_t philox_word(uint64_t seed, uint64_t offset, uint32_t row, uin
   return philox_block(seed, offset, row, index >> 2).v[index & 3u];
 }
 
-// Uniform in the open interval (0, 1): the top 24 bits plus half a step, exact in fp32.
+// Uniform in the open interval (0, 1): the top 23 bits as an odd multiple of 2^-24, so every
+// value is exact in fp32 and lies in [2^-24, 1 - 2^-24]. (Adding half a step to the top 24 bits
+// rounds above 2^23 and gave exactly 1.0 for the largest.)
 FF_INLINE float uniform_open01(uint32_t bits) {
-  return (static_cast<float>(bits >> 8) + 0.5f) * (1.0f / 16777216.0f);
+  return static_cast<float>((bits >> 8) | 1u) * (1.0f / 16777216.0f);
 }
 
 }  // namespace kernels

@@ -11,6 +11,7 @@ from torch import Tensor
 
 KEEP_MODES = {"random": 0, "all": 1, "binary": 2}
 SPAN_PAD = -(2**31)  # source code of a padding slot in span_mask's output (sentinel s is -s)
+MIN_POSITIVE_ALPHA = 1e-30  # smallest Dirichlet alpha above 0 (kMinPositiveAlpha in csrc/kernels/masking_math.h)
 
 
 class Layout(NamedTuple):
