@@ -20,6 +20,12 @@ def test_special_token_layout(tok):
     assert tok.sentinel_ids[:3] == [4, 5, 6] and tok.sentinel_ids[-1] == 203
     assert t.token_to_id("v0=0") == 204 and t.token_to_id("v3=999") == 204 + 3999
     assert t.token_to_id("circle") == 4204
+    # class names and coordinates match whole words only: inside a longer word the pieces after
+    # the first continue it (##), where "circles" was cut into the words "circle" and "s"
+    for word in ("circles", "semicircle", "xv0=12"):
+        pieces = tok.tk.encode(word).tokens
+        assert all(p.startswith("##") for p in pieces[1:]), (word, pieces)
+    assert tok.tk.encode("v0=12 circle").tokens == ["v0=12", "circle"]
 
 
 def test_captions_and_boxes_round_trip(tok, tmp_path):

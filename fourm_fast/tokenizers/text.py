@@ -72,7 +72,7 @@ class TextTokenizer:
 
 def train_wordpiece(texts: Iterable[str], vocab_size: int = 8000, num_sentinels: int = 200,
                     class_names: Iterable[str] = ()) -> TextTokenizer:
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
     specials = special_tokens(num_sentinels, class_names)
     if vocab_size <= len(specials):
@@ -81,6 +81,10 @@ def train_wordpiece(texts: Iterable[str], vocab_size: int = 8000, num_sentinels:
     tk.normalizer = normalizers.BertNormalizer(lowercase=True)
     tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tk.decoder = decoders.WordPiece()
+    # Coordinates and class names match whole words only: added tokens otherwise match anywhere,
+    # and "circles" became the class token "circle" and "s".
+    words = len(SPECIAL) + num_sentinels
+    specials = specials[:words] + [AddedToken(t, single_word=True, special=True) for t in specials[words:]]
     trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials)
     tk.train_from_iterator(texts, trainer)
     return TextTokenizer(tk, num_sentinels)
