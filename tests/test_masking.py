@@ -378,6 +378,12 @@ def test_ops_reject_bad_inputs():
     inp = torch.tensor([[3, 0]], dtype=torch.int32)
     with pytest.raises(ValueError, match="more input or target tokens than encoder / decoder slots"):
         token_layout(inp, z, z, z, size, img, 2, 8, 0)
+    # two failing samples in different chunks: the error names the first with its own reason
+    many = torch.tensor([[1, 0]], dtype=torch.int32).repeat(256, 1)
+    many[0], many[255] = torch.tensor([5, 0]), torch.tensor([3, 0])
+    zz = torch.zeros_like(many)
+    with pytest.raises(ValueError, match="sample 0: a budget outside its modality"):
+        token_layout(many, zz, zz, zz, size, img, 2, 8, 0)
     with pytest.raises(ValueError, match="must be \\[batch, 2\\]"):
         token_layout(inp, z[:, :1], z, z, size, img, 8, 8, 0)
     one = torch.ones(1, dtype=torch.int32)

@@ -6,6 +6,7 @@ import torch
 
 from fourm_fast.ops import sample_tokens, select_positions
 from fourm_fast.reference.sampling import (
+    effective_top_k,
     filter_mask_reference,
     filtered_probs_reference,
     guided_logits_reference,
@@ -257,6 +258,12 @@ def test_bad_inputs_raise_clear_errors():
         sample_tokens(x, min_p=1.5)
     with pytest.raises(ValueError, match="cfg_scale"):
         sample_tokens(x, uncond_logits=x, cfg_scale=math.inf)
+    # a fraction of a small vocabulary that rounds to 0 keeps one token (it turned filtering off)
+    small = torch.randn(64, 5)
+    for k in (0.1, torch.full((64,), 0.1)):
+        tokens, _ = sample_tokens(small, top_k=k, seed=3)
+        assert torch.equal(tokens, small.argmax(1)), k
+    assert effective_top_k(0.1, 5) == 1 and effective_top_k(0.4, 5) == 2
     # int32 indexing with 16-byte vectors: V stops 17 short of 2^31 (a stride-0 row costs no memory)
     with pytest.raises(ValueError, match="V <= 2\\^31 - 17, got R = 1, V = 2147483645"):
         sample_tokens(torch.zeros(1, 1).expand(1, 2**31 - 3))

@@ -59,8 +59,9 @@ LayoutTensors token_layout_cpu(const at::Tensor& input_budget, const at::Tensor&
   const int32_t* size_p = sz.const_data_ptr<int32_t>();
   const uint8_t* img_p = reinterpret_cast<const uint8_t*>(img.const_data_ptr<bool>());
   const int64_t* off_p = offsets.const_data_ptr<int64_t>();
-  std::atomic<int64_t> first_bad{B};
-  std::atomic<int32_t> bad_status{0};
+  // The first failing sample with its own status, packed (b << 8 | status) so that one atomic
+  // minimum keeps them together (a separate status was whichever chunk failed last).
+  std::atomic<int64_t> first_bad{B << 8};
   at::parallel_for(0, B, kSampleGrain, [&](int64_t b0, int64_t b1) {
     std::vector<int32_t> order(static_cast<size_t>(max_size));
     std::vector<uint8_t> role(static_cast<size_t>(max_size));
@@ -72,16 +73,17 @@ LayoutTensors token_layout_cpu(const at::Tensor& input_budget, const at::Tensor&
           s_tg.const_data_ptr<int32_t>() + b * M, num_encoder, num_decoder, static_cast<uint64_t>(seed),
           static_cast<uint64_t>(offset), static_cast<uint32_t>(b), order.data(), role.data(), row);
       if (st != 0) {
+        const int64_t mine = (b << 8) | st;
         int64_t cur = first_bad.load();
-        while (b < cur && !first_bad.compare_exchange_weak(cur, b)) {
+        while (mine < cur && !first_bad.compare_exchange_weak(cur, mine)) {
         }
-        bad_status.store(st);
         return;
       }
     }
   });
-  if (first_bad.load() < B) {
-    raise_layout_error(first_bad.load(), bad_status.load(), in_b, tg_b, s_in, s_tg, num_encoder, num_decoder);
+  const int64_t bad = first_bad.load();
+  if ((bad >> 8) < B) {
+    raise_layout_error(bad >> 8, static_cast<int32_t>(bad & 0xff), in_b, tg_b, s_in, s_tg, num_encoder, num_decoder);
   }
   return outs.as_tuple();
 }

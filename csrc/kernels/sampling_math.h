@@ -54,12 +54,14 @@ FF_INLINE int32_t validate_sample_params(const SampleParams& p) {
   return kSampleOk;
 }
 
-// 4M's rule: an integer k is min(k, V); a fraction is min(int(k * V), V); 0 disables.
+// 4M's rule: an integer k is min(k, V); a fraction is min(int(k * V), V), at least 1 (where 4M's
+// topk(logits, 0) fails; 0 here would turn filtering off); 0 disables.
 FF_INLINE int64_t effective_top_k(float top_k, int64_t V) {
   if (top_k <= 0.0f) return 0;
   int64_t k;
   if (top_k < 1.0f) {
     k = static_cast<int64_t>(static_cast<double>(top_k) * static_cast<double>(V));
+    k = k > 1 ? k : 1;
   } else {
     // (compared as floats first: a count beyond int64's range, e.g. 1e30, has no defined cast)
     if (static_cast<double>(top_k) >= static_cast<double>(V)) return V;

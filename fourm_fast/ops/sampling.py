@@ -76,8 +76,9 @@ def sample_tokens(
     R, dev = logits.shape[0], logits.device
     if isinstance(top_k, float) and 0.0 < top_k < 1.0:
         # 4M's fraction rule in Python's double precision: 0.01 * 1000 is 10 here, while the same
-        # fraction rounded to the op's float32 parameters would give 9.
-        top_k = max(min(int(top_k * logits.shape[1]), logits.shape[1]), 0)
+        # fraction rounded to the op's float32 parameters would give 9. At least 1: a fraction of a
+        # small vocabulary rounding to 0 turned filtering off (0 means "no top-k").
+        top_k = max(min(int(top_k * logits.shape[1]), logits.shape[1]), 1)
     return torch.ops.fourm_fast.sample_tokens.default(
         logits,
         uncond_logits,

@@ -30,10 +30,11 @@ def guided_logits_reference(logits: Tensor, uncond_logits: Tensor | None, cfg_sc
 
 
 def effective_top_k(top_k: float, V: int) -> int:
-    """4M's rule: an integer k is min(k, V); a fraction in (0, 1) is min(int(k * V), V); 0 disables."""
+    """4M's rule: an integer k is min(k, V); a fraction in (0, 1) is min(int(k * V), V), at least 1
+    (4M's topk(logits, 0) fails there); 0 disables."""
     if top_k <= 0:
         return 0
-    k = int(top_k * V) if top_k < 1 else int(top_k)
+    k = max(int(top_k * V), 1) if top_k < 1 else int(top_k)
     return min(k, V)
 
 
