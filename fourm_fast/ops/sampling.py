@@ -49,8 +49,8 @@ def sample_tokens(
     Args:
         logits: ``(R, V)`` float32 / bfloat16 / float16; finite or -inf (masked).
         temperature: ``>= 0``; 0 means argmax with probability 1.
-        top_k: 0 (off), a count ``>= 1``, or a fraction of V in (0, 1) as in 4M (a Python float
-            fraction is resolved in double precision like 4M; a tensor fraction in float32).
+        top_k: 0 (off), a count ``>= 1``, or a fraction of V in (0, 1) as in 4M, at least one token
+            (a Python float fraction is resolved in double precision like 4M; a tensor fraction in float32).
         top_p: in (0, 1]; 1 is off. Keeps the highest tokens until their mass reaches p.
         min_p: in [0, 1]; keeps tokens with ``p >= min_p * p_max``; 0 is off.
         uncond_logits: ``(R, V)`` like logits; enables guidance ``u + cfg_scale (c - u)``.
