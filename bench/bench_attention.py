@@ -10,6 +10,10 @@ a block mask (where it runs). On the CPU the methods are timed in interleaved ro
 self-attention of a realistic modality mix (five
 image modalities, bidirectional within each, plus a causal caption). Forward and forward+backward.
 
+FLOP rates: "dense GF/s" counts every query-key pair (dense-equivalent: the masked pairs that ours
+and Flex skip count too, so it overstates their arithmetic rate on masked patterns); "vis GF/s"
+counts the visible pairs alone ("vis frac" of all pairs, from the mask).
+
   python bench/bench_attention.py [--quick] [--device cuda]
 """
 from __future__ import annotations
@@ -72,7 +76,8 @@ def main(argv=None) -> int:
     Ns = (128,) if args.quick else (128, 256)
     print(f"# masked_attention benchmark on {env['device_name']}, B={args.batch} H={H} d={d} {dtype}, sha {env['git_sha']}")
     launch_col = f" {'w/ launch':>10}" if device == "cuda" else ""
-    print(f"{'pattern':<8} {'N':>4} {'pass':<8} {'method':<18} {'median ms':>10} {'vs ours':>8} {'GFLOP/s':>9} {'peak MiB':>9}{launch_col}")
+    print(f"{'pattern':<8} {'N':>4} {'pass':<8} {'method':<18} {'median ms':>10} {'vs ours':>8} {'vis frac':>8} "
+          f"{'dense GF/s':>10} {'vis GF/s':>9} {'peak MiB':>9}{launch_col}")
     rows = []
     for N in Ns:
         for pattern in ("unmasked", "encoder", "decoder"):
@@ -84,11 +89,16 @@ def main(argv=None) -> int:
                 k_valid[:, N - N // 8 :] = False  # some padding
             meta = decoder_layout(B, N, device)[0] if pattern == "decoder" else {}
             vis = visible_mask(k_valid, N, **{k_: v_ for k_, v_ in meta.items()})[:, None]
-            additive = torch.zeros(vis.shape, dtype=dtype, device=device).masked_fill(~vis, float("-inf"))
+            visible_frac = vis.float().mean().item()
+            # masked scores get -finfo.max, as 4M's masked_fill gives them (reference/fourm.py), not
+            # -inf: 4M's softmax never makes NaN, so the baseline carries no nan_to_num of ours. Every
+            # query here sees a key, so its output equals ours.
+            assert vis.any(-1).all(), "a fully masked query: 4M's output would differ from ours"
+            additive = torch.zeros(vis.shape, dtype=dtype, device=device).masked_fill(~vis, -torch.finfo(dtype).max)
             scale = d**-0.5
             methods = {
                 "fourm_fast": lambda q, k, v: masked_attention(q, k, v, k_valid, **meta, backend="fourm_fast"),
-                "4m_eager_dense": lambda q, k, v: attention_4m_dense(q, k, v, additive, scale).nan_to_num(0.0),
+                "4m_eager_dense": lambda q, k, v: attention_4m_dense(q, k, v, additive, scale),
                 "sdpa_bool_mask": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=vis, scale=scale),
             }
             if pattern == "unmasked":  # no mask at all: SDPA's flash kernel is the bar (issue 4's GPU goal)
@@ -99,11 +109,20 @@ def main(argv=None) -> int:
 
                 vis_b = vis[:, 0]
                 block = create_block_mask(lambda b, h, qi, ki: vis_b[b, qi, ki], B, None, N, N, device=device)
-                flex = torch.compile(flex_attention)
+                # a fresh, static compile per case: sharing Dynamo's cache across cases runs into its
+                # recompile limit (8), past which it falls back to eager or goes dynamic unnoticed.
+                # The compile itself happens in the untimed first run below.
+                torch._dynamo.reset()
+                flex = torch.compile(flex_attention, dynamic=False)
                 methods["flex_attention"] = lambda q, k, v: flex(q, k, v, block_mask=block, scale=scale)
             except Exception as exc:  # noqa: BLE001  (report why the baseline is absent)
                 print(f"# flex_attention skipped: {type(exc).__name__}: {str(exc)[:120]}")
-            flops_fwd = 4.0 * B * H * N * N * d
+            flops_fwd = 4.0 * B * H * N * N * d  # dense-equivalent: every pair, masked or not
+            # fwd+bwd = 3x fwd: the backward's four products (dV, dP, dQ, dK) are twice the forward's
+            # two, as bench/flops.py counts it. FlashAttention counts 3.5x (bwd 2.5x, its recomputed
+            # Q K^T); that is one implementation's work, and the eager baselines do not recompute,
+            # so the algorithm's count keeps the rates of all methods on one scale.
+            fwd_bwd_factor = 3.0
             for pas in ("fwd", "fwd+bwd"):
                 runs, failed = {}, {}
                 for name, fn in methods.items():
@@ -136,18 +155,23 @@ def main(argv=None) -> int:
                     t, run = times[name], runs[name]
                     t_launch = time_fn(run, device, repeats=repeats, warmup=0) if device == "cuda" else None
                     mem = peak_memory_mib(run, device)
-                    flops = flops_fwd * (3.5 if pas == "fwd+bwd" else 1.0)
+                    flops = flops_fwd * (fwd_bwd_factor if pas == "fwd+bwd" else 1.0)
                     gflops = flops / (t.median_ms * 1e-3) / 1e9
+                    vis_gflops = gflops * visible_frac
                     rows.append({"op": "masked_attention", "pattern": pattern, "N": N, "B": B, "H": H, "d": d,
                                  "pass": pas, "dtype": str(dtype).split(".")[-1], "method": name, **timing_dict(t),
-                                 "time_vs_ours": round(t.median_ms / ours, 3), "gflops": round(gflops, 2),
+                                 "time_vs_ours": round(t.median_ms / ours, 3),
+                                 # new keys: older rows' "gflops" counted fwd+bwd as 3.5x fwd
+                                 "dense_equiv_gflops": round(gflops, 2), "visible_frac": round(visible_frac, 4),
+                                 "visible_gflops": round(vis_gflops, 2), "fwd_bwd_flop_factor": fwd_bwd_factor,
                                  "interleaved": device == "cpu",
                                  **({"timing": "device (queued behind a spin kernel)",
                                      "with_launch_median_ms": round(t_launch.median_ms, 4)} if t_launch else {}),
                                  "peak_mib": None if mem is None else round(mem, 1)})
                     mem_s = "n/a" if mem is None else f"{mem:.0f}"
                     launch_s = f" {t_launch.median_ms:>10.3f}" if t_launch else ""
-                    print(f"{pattern:<8} {N:>4} {pas:<8} {name:<18} {t.median_ms:>10.3f} {t.median_ms / ours:>7.2f}x {gflops:>9.1f} {mem_s:>9}{launch_s}", flush=True)
+                    print(f"{pattern:<8} {N:>4} {pas:<8} {name:<18} {t.median_ms:>10.3f} {t.median_ms / ours:>7.2f}x {visible_frac:>8.3f} "
+                          f"{gflops:>10.1f} {vis_gflops:>9.1f} {mem_s:>9}{launch_s}", flush=True)
     if not args.no_save:
         print(f"# appended {len(rows)} rows to {append_results('attention', rows, env)}")
     return 0

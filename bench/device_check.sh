@@ -1,8 +1,14 @@
 #!/usr/bin/env bash
 # The one script to run when an issue is lent a GPU machine (shared/DESIGN.md section 7).
 #
-#   device tool: run(command="FOURM_FAST_GIT_SHA=<sha> bash bench/device_check.sh", timeout_s=570)
+#   device tool: run(command="FOURM_FAST_GIT_SHA=<label> bash bench/device_check.sh", timeout_s=570)
 #   here:        OUT=/tmp/dc bash bench/device_check.sh          (no GPU: a dry run, nothing saved)
+#
+# <label> is the sha with a dirty marker, got here before the call, e.g.
+# `git describe --always --dirty=+dirty` (8f3c2d1+dirty), and pasted in as text: the device's
+# copy of the tree has no .git, so a $(git ...) in the command would find nothing there, and the
+# rows would carry the label as given. That describe ignores untracked files (the copy includes
+# them); `python -c 'from bench.utils import git_sha; print(git_sha())'` counts them too.
 #
 # Stages, in priority order, each bounded by its own cap and by one overall deadline
 # (DEADLINE_S, default 540 s) so the call ends inside the lease: environment, build (sm_90 only),
@@ -25,7 +31,7 @@ rm -rf "$STAGE"; mkdir -p "$OUT" "$STAGE"
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] && [ -z "${PYTHON:-}" ] && PY=.venv/bin/python
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-export FOURM_FAST_GIT_SHA=${FOURM_FAST_GIT_SHA:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+export FOURM_FAST_GIT_SHA=${FOURM_FAST_GIT_SHA:-$(git describe --always --dirty=+dirty 2>/dev/null || echo unknown)}
 start=$(date +%s)
 gpu=0
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then gpu=1; fi

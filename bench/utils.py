@@ -83,14 +83,17 @@ def time_cpu_interleaved(fns: dict[str, Callable[[], object]], repeats: int,
 _L2_FLUSH: torch.Tensor | None = None
 
 
-def time_cuda(fn: Callable[[], object], repeats: int = 20, warmup: int = 3, backlog: bool = False) -> Timing:
-    """CUDA-event timing of fn on the current stream, flushing L2 (256 MiB write) before each run.
+def time_cuda(fn: Callable[[], object], repeats: int = 20, warmup: int = 3, backlog: bool = False,
+              max_seconds: float | None = None) -> Timing:
+    """CUDA-event timing of fn on the current stream, flushing L2 (256 MiB write) before each run;
+    no new run starts past max_seconds of wall time (warm-up excluded, as on the CPU).
 
-    By default the span between the events includes any time the GPU waits for the host to launch
-    fn's kernels, so a call whose launches outlast its kernels (autograd, Python checks) measures
-    the host. With backlog=True a spin kernel (torch.cuda._sleep) sits ahead of the start event,
-    long enough (3x the host's launch time of fn, at least 1 ms) that every kernel of fn is queued
-    before the start event fires: the span is then the device's time alone."""
+    By default the GPU is idle (synchronised) when the start event is recorded, so the span
+    includes the host's launch of fn's kernels: a call whose launches outlast its kernels
+    (autograd, Python checks) measures the host. With backlog=True a spin kernel
+    (torch.cuda._sleep) sits ahead of the start event, long enough (3x the host's launch time of
+    fn, at least 1 ms) that every kernel of fn is queued before the start event fires: the span is
+    then the device's time alone."""
     global _L2_FLUSH
     if _L2_FLUSH is None:
         _L2_FLUSH = torch.empty(256 * 1024 * 1024 // 4, dtype=torch.float32, device="cuda")
@@ -106,23 +109,32 @@ def time_cuda(fn: Callable[[], object], repeats: int = 20, warmup: int = 3, back
         spin_cycles = int(max(1.0, 3.0 * launch_ms) * 2.0e6)  # cycles at 2 GHz (H100/H200 run at <= 1.98)
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
+    done = 0
+    start = time.perf_counter()
     for s, e in zip(starts, ends):
+        if done and max_seconds is not None and time.perf_counter() - start > max_seconds:
+            break
         _L2_FLUSH.zero_()
         if spin_cycles:
             torch.cuda._sleep(spin_cycles)
+        else:
+            # finish the flush first: else the start event fires while the GPU is still flushing
+            # and the host's launch time of fn hides behind the flush
+            torch.cuda.synchronize()
         s.record()
         fn()
         e.record()
+        done += 1
         if spin_cycles:
             torch.cuda.synchronize()  # one backlog at a time: the next spin must not overlap this run
     torch.cuda.synchronize()
-    return _summarise([s.elapsed_time(e) for s, e in zip(starts, ends)])
+    return _summarise([s.elapsed_time(e) for s, e in zip(starts[:done], ends[:done])])
 
 
 def time_fn(fn: Callable[[], object], device: str, repeats: int, warmup: int = 1, max_seconds: float | None = None,
             backlog: bool = False) -> Timing:
     if device.startswith("cuda"):
-        return time_cuda(fn, repeats=repeats, warmup=warmup, backlog=backlog)
+        return time_cuda(fn, repeats=repeats, warmup=warmup, backlog=backlog, max_seconds=max_seconds)
     return time_cpu(fn, repeats=repeats, warmup=warmup, max_seconds=max_seconds)
 
 
@@ -177,16 +189,21 @@ def peak_memory_mib(fn: Callable[[], object], device: str) -> float | None:
 
 
 def git_sha() -> str:
-    # The device machine gets a copy of the tree without .git: device_check.sh passes the sha in.
-    if os.environ.get("FOURM_FAST_GIT_SHA"):
-        return os.environ["FOURM_FAST_GIT_SHA"]
+    """Short sha of HEAD, "+dirty" when the tree (untracked, non-ignored files included) differs.
+
+    The device machine gets a copy of the tree without .git: there FOURM_FAST_GIT_SHA, which the
+    caller of device_check.sh sets (dirty marker included), is taken as given."""
+    given = os.environ.get("FOURM_FAST_GIT_SHA")
+    root = Path(__file__).resolve().parent.parent
+    if not (root / ".git").exists():
+        return given or "unknown"
     try:
-        root = Path(__file__).resolve().parent.parent
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True).stdout.strip()
-        return sha + ("+dirty" if dirty else "")
+        sha = given or subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+        return given or "unknown"
+    # a given label may carry its own marker (git describe --dirty): do not add a second one
+    return sha + ("+dirty" if dirty and "dirty" not in sha else "")
 
 
 def _cpu_name() -> str:
