@@ -313,8 +313,10 @@ def test_bad_inputs_raise_clear_errors():
         masked_attention(q, q, q, kv, q_limit=seg, k_rank=torch.zeros(2, 4, dtype=torch.int32))
     with pytest.raises(TypeError, match="share a dtype"):
         masked_attention(q, q.half(), q, kv)
-    with pytest.raises(TypeError, match="float32, bfloat16 or float16"):
-        masked_attention(q.double(), q.double(), q.double(), kv)
+    with pytest.raises(RuntimeError, match="fourm_fast: q is torch.float64; the kernels take float32"):
+        masked_attention(q.double(), q.double(), q.double(), kv, backend="fourm_fast")
+    with pytest.raises(TypeError, match="q must be a floating tensor"):
+        masked_attention(q.int(), q.int(), q.int(), kv, backend="sdpa_dense")
     with pytest.raises(ValueError, match="4-D"):
         masked_attention(q[0], q[0], q[0], kv)
 
@@ -332,6 +334,78 @@ def test_dispatcher_backends_agree_and_explain():
         masked_attention(q, k, v, k_valid, backend="flash_attn")
     with pytest.raises(ValueError, match="unknown backend"):
         masked_attention(q, k, v, k_valid, backend="nope")
+
+
+@pytest.mark.parametrize("backend", ["fourm_fast", "sdpa_dense"])
+def test_every_backend_checks_its_inputs_the_same(backend):
+    # sdpa_dense ran a lone k_segment (ignoring it) and failed on a lone q_segment with a NoneType error
+    q = torch.randn(2, 3, 5, 8)
+    kv = torch.ones(2, 5, dtype=torch.bool)
+    seg = torch.zeros(2, 5, dtype=torch.int32)
+    with pytest.raises(ValueError, match="give both q_segment and k_segment"):
+        masked_attention(q, q, q, kv, k_segment=seg, backend=backend)
+    with pytest.raises(ValueError, match="give both q_segment and k_segment"):
+        masked_attention(q, q, q, kv, q_segment=seg, backend=backend)
+    with pytest.raises(TypeError, match="k_valid must be bool"):
+        masked_attention(q, q, q, kv.int(), backend=backend)
+    with pytest.raises(TypeError, match="q_limit must be int32"):
+        masked_attention(q, q, q, kv, q_limit=seg.long(), k_rank=seg, backend=backend)
+    with pytest.raises(ValueError, match="k_valid must have shape"):
+        masked_attention(q, q, q, kv[:, :4], backend=backend)
+
+
+def test_float64_runs_on_sdpa_dense_and_says_so():
+    from fourm_fast.ops import attention as attn
+
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(2, 2, 9, 16, generator=gen, dtype=torch.float64) for _ in range(3))
+    k_valid, meta = _metadata(2, 9, 9, "both", gen)
+    attn._warned.clear()
+    with pytest.warns(UserWarning, match="(?s)running the sdpa_dense backend.*fourm_fast: q is torch.float64"):
+        out = masked_attention(q, k, v, k_valid, **meta)
+    torch.testing.assert_close(out, masked_attention_reference(q, k, v, k_valid, **meta), atol=1e-10, rtol=1e-10)
+
+
+def test_autocast_runs_q_k_v_in_its_dtype():
+    # CUDA autocast computes LayerNorm (QK-norm) in float32 next to a bfloat16 v; as SDPA, the op
+    # takes all three in the autocast dtype. Without autocast, mixed dtypes stay an error.
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 2, 7, 16, generator=gen) for _ in range(3))
+    kv = torch.ones(1, 7, dtype=torch.bool)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = masked_attention(q, k.bfloat16(), v.bfloat16(), kv)
+    assert mixed.dtype == torch.bfloat16
+    torch.testing.assert_close(mixed, masked_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), kv), atol=0, rtol=0)
+    with pytest.raises(TypeError, match="share a dtype"):
+        masked_attention(q, k.bfloat16(), v.bfloat16(), kv)
+
+
+def test_compiles_with_dynamic_shapes():
+    # sizes symbolic (the default scale was a symbolic float that math.isfinite could not take)
+    def f(q, k, v, k_valid, seg):
+        return masked_attention(q, k, v, k_valid, q_segment=seg, k_segment=seg).square().sum()
+
+    torch._dynamo.reset()
+    g = torch.compile(f, fullgraph=True, dynamic=True)
+    gen = torch.Generator().manual_seed(6)
+    for B, N in ((2, 7), (3, 11), (1, 13)):
+        q, k, v = (torch.randn(B, 2, N, 16, generator=gen, requires_grad=True) for _ in range(3))
+        k_valid = torch.rand(B, N, generator=gen) < 0.8
+        seg = torch.randint(0, 2, (B, N), generator=gen, dtype=torch.int32)
+        got, want = g(q, k, v, k_valid, seg), f(q, k, v, k_valid, seg)
+        torch.testing.assert_close(got, want)
+        for a, b in zip(torch.autograd.grad(got, (q, k, v)), torch.autograd.grad(want, (q, k, v))):
+            torch.testing.assert_close(a, b)
+
+
+def test_backend_choice_traces_without_a_graph_break():
+    # the CUDA path asks the extension whether it has kernels: a constant to torch.compile (calling
+    # it while tracing broke every compiled model's graph at each attention layer on the GPU)
+    from fourm_fast.ops.attention import _cuda_build_problem
+
+    torch._dynamo.reset()
+    f = torch.compile(lambda x: x + len(_cuda_build_problem()), fullgraph=True)
+    assert torch.equal(f(torch.zeros(3)), torch.full((3,), float(len(_cuda_build_problem()))))
 
 
 def test_dispatcher_never_falls_back_silently(monkeypatch):

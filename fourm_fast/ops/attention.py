@@ -6,7 +6,8 @@ bool mask built from the metadata). ``backend=`` or FOURM_FAST_ATTENTION_BACKEND
 none fits, the error lists every backend with its reasons. Without a choice, the first that fits
 runs, and passing over this library's kernels says why (a warning, once per reason); CUDA tensors
 in a build without CUDA kernels raise instead (an installation problem, not a pattern the kernel
-cannot take), as every fourm_fast op does.
+cannot take), as every fourm_fast op does. The environment variable is read when a call runs, and
+under torch.compile when it is traced: compiled code keeps the backend it was traced with.
 """
 from __future__ import annotations
 
@@ -40,8 +41,23 @@ class AttentionInputs:
 _NO_CUDA_KERNELS = "this build has no CUDA kernels"
 
 
-def _has_cuda_kernel(op: str) -> bool:
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"fourm_fast::{op}", "CUDA")
+@torch.compiler.assume_constant_result
+def _cuda_build_problem() -> str:
+    """Why this build cannot run the CUDA kernel ("" when it can). A constant to torch.compile:
+    Dynamo cannot trace the extension's build_info, and a graph break here split every compiled
+    model at each attention layer on the GPU."""
+    from .._extension import extension
+
+    if not extension().build_info()["cuda_compiled"]:
+        return _NO_CUDA_KERNELS
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("fourm_fast::masked_attention_fwd", "CUDA"):
+        return "the CUDA masked_attention kernel is not implemented in this build"
+    return ""
+
+
+@torch.compiler.assume_constant_result
+def _cuda_capability_major(index: int) -> int:
+    return torch.cuda.get_device_capability(index)[0]
 
 
 class Backend:
@@ -59,13 +75,16 @@ class FourmFastBackend(Backend):
 
     def not_supported_reasons(self, a):
         reasons = []
+        if a.q.dtype not in _SUPPORTED:
+            reasons.append(f"q is {a.q.dtype}; the kernels take float32, bfloat16 or float16")
         if a.q.device.type == "cuda":
-            from .._extension import extension
-
-            if not extension().build_info()["cuda_compiled"]:
-                reasons.append(_NO_CUDA_KERNELS)
-            elif not _has_cuda_kernel("masked_attention_fwd"):
-                reasons.append("the CUDA masked_attention kernel is not implemented in this build")
+            problem = _cuda_build_problem()
+            if problem:
+                reasons.append(problem)
+            else:
+                index = a.q.device.index if a.q.device.index is not None else torch.cuda.current_device()
+                if _cuda_capability_major(index) < 8:
+                    reasons.append("the CUDA kernel needs compute capability 8.0 or newer")
         elif a.q.device.type != "cpu":
             reasons.append(f"device {a.q.device.type} is not supported")
         return reasons
@@ -98,7 +117,8 @@ class FlashAttnBackend(Backend):
     API takes the longest key count as a host int, and the packing indices come from nonzero: a
     call syncs with the device three times.
     Segments and ranks (4M's decoder self-attention: bidirectional and causal modalities in one
-    row) have no varlen form and are rejected."""
+    row) have no varlen form and are rejected. The data-dependent packing does not trace into
+    one graph: under torch.compile(fullgraph=True) use another backend."""
 
     name = "flash_attn"
     MAX_HEAD_DIM = 256  # flash-attn 2's largest head dim; it also needs d % 8 == 0
@@ -195,6 +215,8 @@ def masked_attention(q: Tensor, k: Tensor, v: Tensor, k_valid: Tensor, q_segment
         scale: score scale, default ``d ** -0.5``.
         backend: "fourm_fast", "flash_attn", "sdpa_dense" or None (first that fits).
 
+    Under autocast, q, k and v run in the autocast dtype (as SDPA does).
+
     Returns:
         ``(B, H, Nq, d)`` in q's dtype. A query that sees no key outputs zeros (zero gradients).
 
@@ -210,51 +232,92 @@ def masked_attention(q: Tensor, k: Tensor, v: Tensor, k_valid: Tensor, q_segment
     """
     if q.dim() == 4 and q.shape[-1] == 0:
         raise ValueError("masked_attention: head dim must be positive")
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    if not math.isfinite(scale):
-        raise ValueError(f"masked_attention: scale must be finite, got {scale}")
+    dev = q.device.type
+    if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev):
+        # As SDPA under autocast: q, k, v in the autocast dtype. (CUDA autocast runs LayerNorm in
+        # float32, so QK-norm hands over float32 q, k next to a bfloat16 v.)
+        dt = torch.get_autocast_dtype(dev)
+        q, k, v = (t.to(dt) if t.is_floating_point() else t for t in (q, k, v))
+    if scale is None:  # (finite for d >= 1; under dynamic shapes a symbolic float, left unchecked)
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    else:
+        scale = float(scale)
+        if not math.isfinite(scale):
+            raise ValueError(f"masked_attention: scale must be finite, got {scale}")
     a = AttentionInputs(q, k, v, k_valid, q_segment, k_segment, q_limit, k_rank, scale)
-    return select_backend(a, backend)(a)
+    chosen = select_backend(a, backend)
+    if chosen.name != "fourm_fast":
+        # the op checks its inputs in C++ (and in its fake impl); the other backends get the same
+        # checks here (they took bad metadata silently or failed obscurely)
+        _check_inputs(q, k, v, k_valid, q_segment, k_segment, q_limit, k_rank, dtypes=None,
+                      check_value=_raise_value, check_type=_raise_type)
+    return chosen(a)
 
 
-def _fake_checks(q, k, v, k_valid, q_segment=None, k_segment=None, q_limit=None, k_rank=None):
-    """The C++ checks (csrc/attention_checks.h) on shapes and dtypes, for tracing: a graph that
-    could not run fails when it is traced, with the same message."""
-    torch._check_value(q.dim() == 4 and k.dim() == 4 and v.dim() == 4, lambda: "masked_attention: q, k, v must be 4-D (B, H, N, d)")
-    torch._check_type(q.dtype in _SUPPORTED, lambda: f"masked_attention: q must be float32, bfloat16 or float16, got {q.dtype}")
-    torch._check_type(k.dtype == q.dtype and v.dtype == q.dtype, lambda: "masked_attention: q, k, v must share a dtype")
-    torch._check_value(k.shape[:2] == q.shape[:2] and v.shape[:3] == k.shape[:3], lambda: "masked_attention: mismatched B/H/N")
-    torch._check_value(k.shape[3] == q.shape[3] and v.shape[3] == q.shape[3], lambda: "masked_attention: head dims differ")
-    torch._check_type(k_valid.dtype == torch.bool, lambda: "masked_attention: k_valid must be bool")
-    B, Nq, Nk = q.shape[0], q.shape[2], k.shape[2]
-    # (one device for all: a lone meta tensor would otherwise route the call to this fake impl and
+def _raise_value(ok, message) -> None:
+    if not ok:
+        raise ValueError(message())
+
+
+def _raise_type(ok, message) -> None:
+    if not ok:
+        raise TypeError(message())
+
+
+def _check_inputs(q, k, v, k_valid, q_segment=None, k_segment=None, q_limit=None, k_rank=None, dtypes=_SUPPORTED,
+                  check_value=torch._check_value, check_type=torch._check_type):
+    """The C++ checks (csrc/attention_checks.h) on shapes, dtypes and devices, with its messages.
+    In the fake impl (torch._check: a graph that could not run fails when it is traced), and in
+    the wrapper for every backend (plain raises, which Dynamo traces; dtypes=None: any floating q,
+    as SDPA takes float64)."""
+    check_value(q.dim() == 4 and k.dim() == 4 and v.dim() == 4,
+                lambda: f"masked_attention: q, k, v must be 4-D (B, H, N, d), got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if dtypes is None:
+        check_type(q.is_floating_point(), lambda: f"masked_attention: q must be a floating tensor, got {q.dtype}")
+    else:
+        check_type(q.dtype in dtypes, lambda: f"masked_attention: q must be float32, bfloat16 or float16, got {q.dtype}")
+    check_type(k.dtype == q.dtype and v.dtype == q.dtype,
+               lambda: f"masked_attention: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    # (one device for all: a lone meta tensor would otherwise route the call to the fake impl and
     # return uninitialised memory)
     for name, t in (("k", k), ("v", v), ("k_valid", k_valid), ("q_segment", q_segment), ("k_segment", k_segment),
                     ("q_limit", q_limit), ("k_rank", k_rank)):
         if t is not None:
-            torch._check_value(t.device == q.device,
-                               lambda: f"masked_attention: {name} is on {t.device} but q is on {q.device}; all inputs must be on one device")
-    torch._check_value(k_valid.dim() == 2 and k_valid.shape[0] == B and k_valid.shape[1] == Nk,
-                       lambda: f"masked_attention: k_valid must have shape ({B}, {Nk}), got {tuple(k_valid.shape)}")
+            check_value(t.device == q.device,
+                        lambda: f"masked_attention: {name} is on {t.device} but q is on {q.device}; all inputs must be on one device")
+    B, H, Nq, Nk = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+    sizes = lambda: f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"  # noqa: E731
+    check_value(k.shape[0] == B and v.shape[0] == B, lambda: f"masked_attention: batch sizes differ: {sizes()}")
+    check_value(k.shape[1] == H and v.shape[1] == H, lambda: f"masked_attention: head counts differ: {sizes()}")
+    check_value(v.shape[2] == Nk, lambda: f"masked_attention: k and v must have the same number of keys, got {sizes()}")
+    check_value(k.shape[3] == q.shape[3] and v.shape[3] == q.shape[3], lambda: f"masked_attention: head dims differ: {sizes()}")
+    check_type(k_valid.dtype == torch.bool, lambda: f"masked_attention: k_valid must be bool, got {k_valid.dtype}")
+    check_value(k_valid.dim() == 2 and k_valid.shape[0] == B and k_valid.shape[1] == Nk,
+                lambda: f"masked_attention: k_valid must have shape ({B}, {Nk}), got {tuple(k_valid.shape)}")
     for a_name, a, b_name, b in (("q_segment", q_segment, "k_segment", k_segment), ("q_limit", q_limit, "k_rank", k_rank)):
-        torch._check_value((a is None) == (b is None), lambda: f"masked_attention: give both {a_name} and {b_name}, or neither")
+        check_value((a is None) == (b is None), lambda: f"masked_attention: give both {a_name} and {b_name}, or neither")
         for name, t, n in ((a_name, a, Nq), (b_name, b, Nk)):
             if t is not None:
-                torch._check_type(t.dtype == torch.int32, lambda: f"masked_attention: {name} must be int32, got {t.dtype}")
-                torch._check_value(t.dim() == 2 and t.shape[0] == B and t.shape[1] == n,
-                                   lambda: f"masked_attention: {name} must have shape ({B}, {n}), got {tuple(t.shape)}")
+                check_type(t.dtype == torch.int32, lambda: f"masked_attention: {name} must be int32, got {t.dtype}")
+                check_value(t.dim() == 2 and t.shape[0] == B and t.shape[1] == n,
+                            lambda: f"masked_attention: {name} must have shape ({B}, {n}), got {tuple(t.shape)}")
 
 
 @torch.library.register_fake("fourm_fast::masked_attention_fwd")
 def _fwd_fake(q, k, v, k_valid, q_segment, k_segment, q_limit, k_rank, scale):
-    _fake_checks(q, k, v, k_valid, q_segment, k_segment, q_limit, k_rank)
+    _check_inputs(q, k, v, k_valid, q_segment, k_segment, q_limit, k_rank)
     B, H, Nq, _ = q.shape
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((B, H, Nq), dtype=torch.float32)
 
 
 @torch.library.register_fake("fourm_fast::masked_attention_bwd")
 def _bwd_fake(grad_out, q, k, v, out, lse, k_valid, q_segment, k_segment, q_limit, k_rank, scale):
-    _fake_checks(q, k, v, k_valid, q_segment, k_segment, q_limit, k_rank)
+    _check_inputs(q, k, v, k_valid, q_segment, k_segment, q_limit, k_rank)
+    torch._check_value(grad_out.shape == q.shape and out.shape == q.shape,
+                       lambda: f"masked_attention backward: grad_out and out must have q's shape {tuple(q.shape)}, "
+                               f"got {tuple(grad_out.shape)} and {tuple(out.shape)}")
+    torch._check_value(lse.shape == q.shape[:3] and lse.dtype == torch.float32,
+                       lambda: f"masked_attention backward: lse must be float32 {tuple(q.shape[:3])}, got {lse.dtype} {tuple(lse.shape)}")
     torch._check_type(grad_out.dtype in _SUPPORTED and out.dtype in _SUPPORTED,
                       lambda: "masked_attention backward: grad_out and out must be float32, bfloat16 or float16, "
                               f"got {grad_out.dtype if grad_out.dtype not in _SUPPORTED else out.dtype}")
