@@ -296,3 +296,31 @@ def test_cuda_huge_finite_values_in_masked_keys_do_not_reach_gradients(dtype):
     for name, a, b in zip("qk", grads[0][:2], grads[1][:2]):
         assert torch.isfinite(b).all(), name
         torch.testing.assert_close(b, a, rtol=0, atol=0, msg=name)
+
+
+def test_cuda_compiles_into_one_graph_and_takes_autocast_qk_norm():
+    # Two GPU-only paths a CPU run cannot reach: the backend check used to break the graph at every
+    # attention call on CUDA (fullgraph raised), and CUDA autocast keeps QK-norm's LayerNorm in
+    # float32 next to a bfloat16 v (the op raised "must share a dtype").
+    from fourm_fast.nn import Attention
+
+    gen = torch.Generator().manual_seed(9)
+    B, H, N, d = 2, 3, 33, 32
+    q, k, v = (torch.randn(B, H, N, d, generator=gen).to(DEVICE).requires_grad_() for _ in range(3))
+    k_valid, meta = _metadata(B, N, N, "both", gen)
+    k_valid, meta = k_valid.to(DEVICE), {key: t.to(DEVICE) for key, t in meta.items()}
+
+    def f(q, k, v):
+        return masked_attention(q, k, v, k_valid, **meta).square().sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True)
+    got, want = compiled(q, k, v), f(q, k, v)
+    torch.testing.assert_close(got, want)
+    for a, b in zip(torch.autograd.grad(got, (q, k, v)), torch.autograd.grad(want, (q, k, v))):
+        torch.testing.assert_close(a, b)
+    layer = Attention(H * d, H, qk_norm=True).to(DEVICE)
+    x = torch.randn(B, N, H * d, generator=gen).to(DEVICE)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y = layer(x, torch.ones(B, N, dtype=torch.bool, device=DEVICE))
+    assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
