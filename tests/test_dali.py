@@ -38,14 +38,20 @@ def _rewrite(root: Path, rel: str, data: bytes, update_checksum: bool) -> None:
 
 
 def _add_tokens(root: Path, n: int, seed: int = 0) -> None:
-    """Token arrays in the format fourm-fast tokenize writes (without training tokenizers)."""
+    """Token arrays in the format fourm-fast tokenize writes (without training tokenizers), and a
+    word-level text tokenizer holding 4M's specials and 40 sentinels (ids 4..43) for span masking."""
+    from tokenizers import Tokenizer, models
+
+    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[SOS]", "[EOS]"] + [f"[S_{i}]" for i in range(40)])}
+    (root / "tokenizers").mkdir(exist_ok=True)
+    Tokenizer(models.WordLevel(vocab, unk_token="[UNK]")).save(str(root / "tokenizers" / "text.json"))
     rng = np.random.default_rng(seed)
     (root / "tokens").mkdir(exist_ok=True)
     grids = rng.integers(0, 64, (n, 4, 4)).astype(np.int16)
     lengths = rng.integers(1, 7, n).astype(np.int32)
     ids = np.zeros((n, 6), np.int32)
     for i, l in enumerate(lengths):
-        ids[i, :l] = rng.integers(5, 100, l)
+        ids[i, :l] = rng.integers(50, 100, l)
     np.save(root / "tokens" / "depth.npy", grids)
     np.save(root / "tokens" / "caption.npy", ids)
     np.save(root / "tokens" / "caption.lengths.npy", lengths)
@@ -53,7 +59,7 @@ def _add_tokens(root: Path, n: int, seed: int = 0) -> None:
     manifest = json.loads(path.read_text())
     manifest["tokens"] = {"depth": {"tokenizer": "fake", "version": 1, "shape": [n, 4, 4], "num_codes": 64},
                           "caption": {"tokenizer": "fake", "version": 1, "shape": [n, 6], "num_codes": 100,
-                                      "num_sentinels": 0}}
+                                      "num_sentinels": 40}}
     path.write_text(json.dumps(manifest))
 
 
@@ -436,6 +442,8 @@ def test_shard_source_leaves_bad_rows_out(synth, tmp_path):
     src = ShardSource(build_model_config(cfg), cfg["data"], 0)
     ids = np.concatenate([src._indices(4, step) for step in range(11)])
     assert src.skipped == 1 and 5 not in ids and set(ids.tolist()) == set(range(N)) - {5}
+    batch, _ = src.global_batch(4, 0)  # span masking has its sentinels
+    assert batch is not None
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

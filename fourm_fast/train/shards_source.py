@@ -64,6 +64,9 @@ class ShardSource:
             if len(self.sentinels) < need:
                 raise ConfigError(f"{m.name}: {m.max_length} tokens need {need} sentinels ([S_0] .. [S_{need - 1}]), "
                                   f"{text} has {len(self.sentinels)}")
+            if max(self.sentinels[:need]) >= m.vocab_size:
+                raise ConfigError(f"{m.name}: sentinel ids of {text} reach {max(self.sentinels[:need])}, "
+                                  f"beyond the model's vocab_size {m.vocab_size}")
             longer = int((self.ds.lengths[m.name][self.ds.good] > m.max_length).sum())
             if longer:
                 log(f"data: {longer} of {len(self.ds)} {m.name} rows are longer than {m.max_length} tokens and are "
