@@ -235,12 +235,17 @@ def test_cuda_long_block_sparse_decoder(dtype):
     _check(q, k, v, k_valid.to(DEVICE), {key: t.to(DEVICE) for key, t in meta.items()}, g)
 
 
+def _leaf_inputs(B, H, N, d, gen):
+    """q, k, v on the GPU requiring grad, with "both" metadata (segments and ranks) there too."""
+    q, k, v = (torch.randn(B, H, N, d, generator=gen).to(DEVICE).requires_grad_() for _ in range(3))
+    k_valid, meta = _metadata(B, N, N, "both", gen)
+    return q, k, v, k_valid.to(DEVICE), {key: t.to(DEVICE) for key, t in meta.items()}
+
+
 def test_cuda_public_api_autograd_opcheck_and_determinism():
     gen = torch.Generator().manual_seed(2)
     B, H, N, d = 2, 3, 67, 32
-    q, k, v = (torch.randn(B, H, N, d, generator=gen).to(DEVICE).requires_grad_() for _ in range(3))
-    k_valid, meta = _metadata(B, N, N, "both", gen)
-    k_valid, meta = k_valid.to(DEVICE), {key: t.to(DEVICE) for key, t in meta.items()}
+    q, k, v, k_valid, meta = _leaf_inputs(B, H, N, d, gen)
     out = masked_attention(q, k, v, k_valid, **meta)
     grads = torch.autograd.grad(out.square().sum(), (q, k, v))
     qc, kc, vc = (t.detach().cpu().requires_grad_() for t in (q, k, v))
@@ -306,9 +311,7 @@ def test_cuda_compiles_into_one_graph_and_takes_autocast_qk_norm():
 
     gen = torch.Generator().manual_seed(9)
     B, H, N, d = 2, 3, 33, 32
-    q, k, v = (torch.randn(B, H, N, d, generator=gen).to(DEVICE).requires_grad_() for _ in range(3))
-    k_valid, meta = _metadata(B, N, N, "both", gen)
-    k_valid, meta = k_valid.to(DEVICE), {key: t.to(DEVICE) for key, t in meta.items()}
+    q, k, v, k_valid, meta = _leaf_inputs(B, H, N, d, gen)
 
     def f(q, k, v):
         return masked_attention(q, k, v, k_valid, **meta).square().sum()

@@ -4,13 +4,7 @@ attn_tiles_may_meet may only say "no" when no pair is visible (the kernels skip 
 attn_tiles_all_visible may only say "all" when every pair is (the kernels then drop the
 per-element rule). The CUDA kernels themselves need a GPU (tests/test_attention_cuda.py); this
 proves the bounds logic they rely on on any machine with a C++ compiler."""
-import shutil
-import subprocess
-from pathlib import Path
-
-import pytest
-
-CSRC = Path(__file__).resolve().parent.parent / "csrc"
+from host_cpp import run_driver
 
 DRIVER = r"""
 #include <cstdio>
@@ -59,13 +53,7 @@ int main() {
 
 
 def test_tile_bounds_never_skip_a_visible_pair_nor_call_a_masked_one_visible(tmp_path):
-    cxx = shutil.which("c++") or shutil.which("g++")
-    assert cxx, "a C++ compiler is needed to build fourm_fast, and this test uses it"
-    src, exe = tmp_path / "tile_bounds.cpp", tmp_path / "tile_bounds"
-    src.write_text(DRIVER)
-    subprocess.run([cxx, "-std=c++17", "-O1", f"-I{CSRC}", str(src), "-o", str(exe)], check=True, timeout=600)
-    errors, skipped, full, full_true = map(int, subprocess.run([str(exe)], check=True, capture_output=True,
-                                                               text=True, timeout=600).stdout.split())
+    errors, skipped, full, full_true = map(int, run_driver(DRIVER, tmp_path, "tile_bounds"))
     assert errors == 0
     # not vacuous: both shortcuts fire often, and the full-tile proof finds most fully visible tiles
     assert skipped > 10_000 and full > 10_000

@@ -1,11 +1,7 @@
 """csrc/kernels/philox.h, compiled as host C++: Philox4x32-10 against the known-answer vectors of
 the Random123 distribution (Salmon et al. 2011), and uniform_open01 over every input it can
 distinguish (it reads the top 24 bits): strictly inside (0, 1), exact, and monotone."""
-import shutil
-import subprocess
-from pathlib import Path
-
-CSRC = Path(__file__).resolve().parent.parent / "csrc"
+from host_cpp import run_driver
 
 DRIVER = r"""
 #include <cstdio>
@@ -41,13 +37,7 @@ int main() {
 
 
 def test_philox_known_answers_and_open_unit_interval(tmp_path):
-    cxx = shutil.which("c++") or shutil.which("g++")
-    assert cxx, "a C++ compiler is needed to build fourm_fast, and this test uses it"
-    src, exe = tmp_path / "philox.cpp", tmp_path / "philox"
-    src.write_text(DRIVER)
-    subprocess.run([cxx, "-std=c++17", "-O1", f"-I{CSRC}", str(src), "-o", str(exe)], check=True, timeout=600)
-    kat, outside, not_exact, decreasing, top = subprocess.run([str(exe)], check=True, capture_output=True, text=True,
-                                                              timeout=600).stdout.split()
+    kat, outside, not_exact, decreasing, top = run_driver(DRIVER, tmp_path, "philox")
     assert int(kat) == 0, "Philox4x32-10 differs from the published known answers"
     assert int(outside) == 0 and int(not_exact) == 0 and int(decreasing) == 0, (outside, not_exact, decreasing)
     assert float(top) == 1 - 2**-24  # the largest draw, strictly below 1 (it was exactly 1.0)
