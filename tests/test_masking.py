@@ -434,3 +434,22 @@ def test_cuda_equals_cpu():
     assert torch.equal(a.budgets.component, b.budgets.component.cpu())
     for x, y in zip(a.slots, b.slots):
         assert y.is_cuda and torch.equal(x, y.cpu())
+
+
+def test_fakes_check_dtypes_like_the_kernels():
+    # traced with an int64 lengths, span_mask's fake returned int64 outputs for a graph the kernel
+    # then refused at run time
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        l, i32 = torch.ones(4, dtype=torch.int64), torch.ones(4, dtype=torch.int32)
+        with pytest.raises(TypeError, match="span_mask: lengths must be torch.int32, got torch.int64"):
+            torch.ops.fourm_fast.span_mask(l, i32, i32, i32, 8, 0, 0, 0)
+        outs = torch.ops.fourm_fast.span_mask(i32, i32, i32, i32, 8, 0, 0, 0)
+        assert [o.dtype for o in outs] == [torch.int32] * 4 and outs[0].shape == (4, 18)
+        size, img, a = torch.ones(2, dtype=torch.int32), torch.ones(2, dtype=torch.bool), torch.ones(1, 2)
+        with pytest.raises(TypeError, match="sample_budgets: alpha_in must be torch.float32"):
+            torch.ops.fourm_fast.sample_budgets(3, a.double(), a, None, size, img, 1, 2, 1, 2, 0, 0)
+        t = torch.ones(3, 2, dtype=torch.int32)
+        with pytest.raises(ValueError, match="token_layout: seq_target must have 2 dimension"):
+            torch.ops.fourm_fast.token_layout(t, t, t, t[0], size, img, 8, 8, 0, 0)

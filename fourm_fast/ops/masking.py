@@ -93,8 +93,22 @@ def span_mask(
     )
 
 
+def _check_config(op: str, name: str, t: Tensor, dtype: torch.dtype, dim: int) -> None:
+    """csrc/masking_checks.h's check_config_tensor, for tracing: a graph that could not run fails
+    when it is traced (the fakes' outputs otherwise took the wrong dtype from a wrong input)."""
+    torch._check_type(t.dtype == dtype, lambda: f"{op}: {name} must be {dtype}, got {t.dtype}")
+    torch._check_value(t.dim() == dim, lambda: f"{op}: {name} must have {dim} dimension(s), got shape {tuple(t.shape)}")
+
+
 @torch.library.register_fake("fourm_fast::sample_budgets")
 def _sample_budgets_fake(batch_size, alpha_in, alpha_tg, weights, size, is_image, in_lo, in_hi, tg_lo, tg_hi, seed, offset):
+    op = "sample_budgets"
+    _check_config(op, "size", size, torch.int32, 1)
+    _check_config(op, "is_image", is_image, torch.bool, 1)
+    _check_config(op, "alpha_in", alpha_in, torch.float32, 2)
+    _check_config(op, "alpha_tg", alpha_tg, torch.float32, 2)
+    if weights is not None:
+        _check_config(op, "weights", weights, torch.float32, 1)
     M = size.shape[0]
     opts = dict(dtype=torch.int32, device=size.device)
     return size.new_empty((batch_size,), **opts), size.new_empty((batch_size, M), **opts), size.new_empty((batch_size, M), **opts)
@@ -102,6 +116,11 @@ def _sample_budgets_fake(batch_size, alpha_in, alpha_tg, weights, size, is_image
 
 @torch.library.register_fake("fourm_fast::token_layout")
 def _token_layout_fake(input_budget, target_budget, seq_input, seq_target, size, is_image, num_encoder, num_decoder, seed, offset):
+    for name, t in (("input_budget", input_budget), ("target_budget", target_budget), ("seq_input", seq_input),
+                    ("seq_target", seq_target)):
+        _check_config("token_layout", name, t, torch.int32, 2)
+    _check_config("token_layout", "size", size, torch.int32, 1)
+    _check_config("token_layout", "is_image", is_image, torch.bool, 1)
     B = input_budget.shape[0]
 
     def make(n, dtype):
@@ -115,6 +134,10 @@ def _token_layout_fake(input_budget, target_budget, seq_input, seq_target, size,
 
 @torch.library.register_fake("fourm_fast::span_mask")
 def _span_mask_fake(lengths, input_budget, target_budget, keep_mode, max_tokens, modality, seed, offset):
+    for name, t in (("lengths", lengths), ("input_budget", input_budget), ("target_budget", target_budget),
+                    ("keep_mode", keep_mode)):
+        _check_config("span_mask", name, t, torch.int32, 1)
     B = lengths.shape[0]
-    return (lengths.new_empty((B, 2 * (max_tokens + 1))), lengths.new_empty((B,)), lengths.new_empty((B,)),
-            lengths.new_empty((B,)))
+    i32 = dict(dtype=torch.int32)
+    return (lengths.new_empty((B, 2 * (max_tokens + 1)), **i32), lengths.new_empty((B,), **i32),
+            lengths.new_empty((B,), **i32), lengths.new_empty((B,), **i32))
