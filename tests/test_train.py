@@ -1,5 +1,6 @@
 """Trainer: exact resume, signals, checkpoint errors, config errors, DDP / FSDP2 on 2 CPU processes."""
 import csv
+import math
 import os
 import re
 import signal
@@ -463,6 +464,14 @@ def test_progress_line_shows_step_loss_throughput_and_mfu(tmp_path, capsys):
     assert out.startswith("\r[############------------] step 1/2 loss 2.5000 1,234 tok/s mfu  25.0%")
     assert "\r[########################] step 2/2 loss 2.2500 1,500 tok/s" in out and out.endswith("\n")
     assert out.count("\n") == 1  # rewritten in place, one newline at the end
+    bar.finish()  # nothing left open
+    assert term.getvalue() == out
+    cut = Terminal()  # a run stopped mid-way (signal, divergence): its message starts a new line
+    bar = Progress(total=4, enabled=True, stream=cut)
+    bar.update(1, 2.5, 1234.0, None)
+    bar.finish()
+    bar.finish()
+    assert cut.getvalue().endswith("tok/s    \n") and cut.getvalue().count("\n") == 1
 
 
 def test_flops_per_step_counts_what_a_step_executes():
@@ -537,3 +546,112 @@ def test_resume_accepts_what_only_changes_how_the_run_executes(tmp_path):
     res = train(small_cfg(tmp_path, "train.steps=3", "train.grad_accum=2", "data.path=/moved"), resume=True,
                 log=lambda m: None)
     assert res["steps"] == 3
+
+
+class _NanGrad(torch.autograd.Function):
+    """The loss unchanged forward, NaN gradients backward: a divergence the loss does not show."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * float("nan")
+
+
+def _poison_step(monkeypatch, at: int, kind: str) -> None:
+    """FourM.forward's loss turns NaN ("loss") or +inf ("inf"), or its gradients NaN ("grad"), at
+    call number ``at`` (one call per step without accumulation)."""
+    from fourm_fast.model import FourM
+
+    forward, calls = FourM.forward, [0]
+
+    def poisoned(self, *args, **kwargs):
+        loss, per_mod = forward(self, *args, **kwargs)
+        calls[0] += 1
+        if calls[0] == at:
+            loss = {"loss": lambda x: x * float("nan"), "inf": lambda x: x + float("inf"), "grad": _NanGrad.apply}[kind](loss)
+        return loss, per_mod
+
+    monkeypatch.setattr(FourM, "forward", poisoned)
+
+
+def _finite_checkpoints(out) -> list[str]:
+    from safetensors.torch import load_file
+
+    names = []
+    for c in sorted((Path(out) / "checkpoints").iterdir()):
+        assert all(bool(torch.isfinite(t).all()) for t in load_file(c / "model.safetensors").values()), c.name
+        names.append(c.name)
+    return names
+
+
+@pytest.mark.parametrize("kind", ["loss", "inf", "grad"])
+def test_a_diverged_run_stops_before_saving_nan_weights(tmp_path, monkeypatch, kind):
+    # Before this check, a NaN at step 3 trained on to the end and exited 0: every later checkpoint
+    # held NaN weights and keep-last-k deleted the good ones.
+    from fourm_fast.train.trainer import TrainingDiverged
+
+    _poison_step(monkeypatch, 3, kind)
+    with pytest.raises(TrainingDiverged, match=r"NaN or inf at step 3 \(seen at step 3\); stopped without saving: "
+                                               r"the newest checkpoint, .*step-0000002, predates it"):
+        train(small_cfg(tmp_path, "train.steps=8", "checkpoint.keep=1"), log=lambda m: None)
+    assert _finite_checkpoints(tmp_path) == ["step-0000002"]
+    logged = rows(tmp_path)
+    assert [r["step"] for r in logged] == ["1", "2", "3"]
+    assert all(math.isfinite(float(r["loss"])) for r in logged[:2])
+    bad = logged[2]["grad_norm"] if kind == "grad" else logged[2]["loss"]
+    assert not math.isfinite(float(bad))
+
+
+def test_divergence_between_log_lines_is_caught_at_the_next_one(tmp_path, monkeypatch):
+    from fourm_fast.train.trainer import TrainingDiverged
+
+    _poison_step(monkeypatch, 1, "loss")
+    with pytest.raises(TrainingDiverged, match=r"at step 1 \(seen at step 2\); stopped without saving: this run wrote no checkpoint"):
+        train(small_cfg(tmp_path, "train.steps=8", "log.every=4"), log=lambda m: None)
+    assert not list((tmp_path / "checkpoints").glob("step-*"))  # the step-2 checkpoint checks first
+
+
+def test_checkpoints_with_nan_weights_are_refused_by_name(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from fourm_fast.train.checkpoint import load_model
+
+    train(small_cfg(tmp_path, "train.steps=2"), log=lambda m: None)
+    mfile = tmp_path / "checkpoints" / "step-0000002" / "model.safetensors"
+    tensors = load_file(mfile)
+    with safe_open(str(mfile), "pt") as f:
+        meta = f.metadata()
+    name = sorted(tensors)[0]
+    tensors[name][..., 0] = float("inf")
+    save_file(tensors, mfile, metadata=meta)
+    with pytest.raises(CheckpointError, match=re.escape(f"{mfile} holds NaN or inf weights in 1 tensors ({name})")):
+        train(small_cfg(tmp_path, "train.steps=4"), resume=True, log=lambda m: None)
+    with pytest.raises(CheckpointError, match=re.escape(f"{mfile} holds NaN or inf weights")):
+        load_model(tmp_path)
+
+
+def test_cli_reports_divergence_in_one_line_and_exits_1(tmp_path, monkeypatch, capsys):
+    from fourm_fast.cli import main
+
+    _poison_step(monkeypatch, 2, "loss")
+    rc = main(["train", "--steps", "4", "--out", str(tmp_path), *SMALL])
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "fourm-fast train: training diverged: the loss or the gradient norm was NaN or inf at step 2" in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_divergence_on_one_process_stops_every_process(tmp_path, strategy):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+           str(ROOT / "tests" / "train_with_nan_loss.py"), str(tmp_path), strategy]
+    res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert res.returncode != 0, res.stderr[-4000:]
+    for rank in range(2):
+        err = (tmp_path / f"error-rank{rank}.txt").read_text()
+        assert "NaN or inf at step 3 (seen at step 3)" in err, (rank, err)
+    assert _finite_checkpoints(tmp_path) == ["step-0000002"]

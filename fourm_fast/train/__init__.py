@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from ..data.shards import ShardError
     from .checkpoint import CheckpointError
-    from .trainer import train
+    from .trainer import TrainingDiverged, train
 
     try:
         config = _config_path(args)
@@ -86,6 +86,9 @@ def _run(args: argparse.Namespace) -> int:
     except (ConfigError, CheckpointError, ShardError, FileNotFoundError) as e:
         print(f"fourm-fast train: error: {e}", file=sys.stderr)
         return 2
+    except TrainingDiverged as e:
+        print(f"fourm-fast train: {e}", file=sys.stderr)
+        return 1
     last = result["last"]
     if last and result["rank"] == 0:
         print(f"done: {result['steps']} steps, loss {last['loss']:.4f}, {last['tokens_per_s']:,.0f} tokens/s; "

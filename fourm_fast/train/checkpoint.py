@@ -199,6 +199,15 @@ def _read_tensors(mfile: Path) -> dict:
     return tensors
 
 
+def _refuse_nonfinite(tensors: dict, mfile: Path) -> None:
+    """A checkpoint with NaN or inf weights (written by a diverged run before the trainer stopped
+    such runs, or damaged) would resume or generate garbage without a word: refuse it by name."""
+    bad = sorted(k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all()))
+    if bad:
+        raise CheckpointError(f"checkpoint file {mfile} holds NaN or inf weights in {len(bad)} tensors "
+                              f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}): the run that wrote it had diverged")
+
+
 def load_checkpoint(path: Path, model: nn.Module, inner: nn.Module, optimizer, scheduler, model_config: dict) -> dict:
     """Restore model, optimizer and scheduler; returns the rest of state.pt. Raises CheckpointError
     naming the file and what does not match."""
@@ -221,6 +230,7 @@ def load_checkpoint(path: Path, model: nn.Module, inner: nn.Module, optimizer, s
     if missing or unexpected or shapes:
         raise CheckpointError(f"checkpoint file {mfile} does not match the model: missing {missing[:5]}, "
                               f"unexpected {unexpected[:5]}, shapes {shapes[:5]}")
+    _refuse_nonfinite(tensors, mfile)
     set_model_state_dict(model, tensors, options=StateDictOptions(full_state_dict=True))
     set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
     scheduler.load_state_dict(state["scheduler"])
@@ -248,7 +258,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
     if "model_config" not in state:
         raise CheckpointError(f"checkpoint file {sfile} holds no model_config")
     model = FourM(FourMConfig.from_dict(state["model_config"]))
-    missing, unexpected = model.load_state_dict(_read_tensors(mfile), strict=False)
+    tensors = _read_tensors(mfile)
+    _refuse_nonfinite(tensors, mfile)
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
     if missing or unexpected:
         raise CheckpointError(f"checkpoint file {mfile} does not match its model_config: missing {sorted(missing)[:5]}, "
                               f"unexpected {sorted(unexpected)[:5]}")

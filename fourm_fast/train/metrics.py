@@ -119,6 +119,14 @@ class Progress:
         self.enabled = enabled
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty()
+        self._open = False  # a bar is on the terminal's current line
+
+    def finish(self) -> None:
+        """Ends a bar left mid-line, so a message after it starts on a line of its own."""
+        if self._open:
+            self.stream.write("\n")
+            self.stream.flush()
+            self._open = False
 
     def update(self, step: int, loss: float, tokens_per_s: float, mfu: float | None) -> None:
         if not self.enabled:
@@ -129,7 +137,8 @@ class Progress:
         line = f"[{bar}] step {step}/{self.total} loss {loss:.4f} {tokens_per_s:,.0f} tok/s{mfu_s}"
         if self.tty:
             self.stream.write("\r" + line + (" " * 4))
-            if step == self.total:
+            self._open = step != self.total
+            if not self._open:
                 self.stream.write("\n")
         else:
             self.stream.write(line + "\n")

@@ -5,6 +5,7 @@ Every process builds the same global batch and trains on its slice; each slice's
 normalised by the global batch's per-modality target counts (known on the host, no sync), so the
 gradients the processes average are exactly the gradient of the global batch's loss: N processes
 and one process with the same global batch take the same steps, up to float summation order.
+A NaN or inf loss or gradient norm stops the run (TrainingDiverged) before it saves anything more.
 """
 from __future__ import annotations
 
@@ -26,6 +27,30 @@ from .checkpoint import (CheckpointError, checkpoint_dirs, latest_checkpoint, lo
 from .config import ConfigError, resume_mismatches
 from .metrics import MetricsLog, Progress, flops_per_step, peak_tflops
 from .synthetic import SyntheticSource, slice_batch
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradient norm stopped being finite: the run stops without a checkpoint."""
+
+
+_NEVER = torch.iinfo(torch.int64).max  # "no non-finite step seen" in the divergence tracker
+
+
+def _note_nonfinite(first_bad: torch.Tensor, step: int, loss: torch.Tensor, grad_norm: torch.Tensor) -> torch.Tensor:
+    """first_bad lowered to ``step`` when this step's loss or gradient norm is NaN or inf: device
+    ops only, so the step does not wait for the GPU; the value is read where the loop syncs anyway."""
+    finite = torch.isfinite(loss) & torch.isfinite(grad_norm.to(loss.device))
+    return torch.where(finite, first_bad, first_bad.clamp(max=step))
+
+
+def _first_nonfinite_step(first_bad: torch.Tensor, d: "_Distributed") -> int | None:
+    """The first step any process saw a non-finite loss or gradient norm (one all-reduce: every
+    process reaches this at the same step and decides alike, so none is left in a collective)."""
+    t = first_bad.clone()
+    if d.active:
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    n = int(t.item())
+    return None if n == _NEVER else n
 
 
 def build_model_config(cfg: dict):
@@ -243,6 +268,22 @@ def train(cfg: dict, resume: bool | str = False, log=print) -> dict:
 
     last = {}
     steps_done = start
+    last_saved = path if resume else None  # the newest checkpoint of this run, for the divergence message
+    # A diverged run (NaN or inf loss / gradient norm) would go on training NaN weights, save them
+    # and let keep-last-k delete the good checkpoints. Each step notes a non-finite value on the
+    # device; every log line and every checkpoint reads the note first and stops the run.
+    first_bad = torch.full((), _NEVER, dtype=torch.int64, device=device)
+
+    def stop_if_diverged() -> None:
+        bad = _first_nonfinite_step(first_bad, d)
+        if bad is None:
+            return
+        saved = f"the newest checkpoint, {last_saved}, predates it" if last_saved else "this run wrote no checkpoint"
+        progress.finish()
+        if writer:
+            metrics.close()
+        raise TrainingDiverged(f"training diverged: the loss or the gradient norm was NaN or inf at step {bad} "
+                               f"(seen at step {steps_done}); stopped without saving: {saved}")
     clip = tc["clip_grad"] if tc["clip_grad"] is not None else float("inf")  # inf: the norm only
     # Throughput is averaged over the steps since the last logged one (the logging sync waits for
     # all of them, so on a GPU the queued work of unlogged steps lands in this window), minus the
@@ -267,6 +308,7 @@ def train(cfg: dict, resume: bool | str = False, log=print) -> dict:
             grad_norm = torch.nn.utils.clip_grad_norm_(inner.parameters(), clip)
             if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
                 grad_norm = grad_norm.full_tensor()
+            first_bad = _note_nonfinite(first_bad, step + 1, loss_sum, grad_norm)
             lr = scheduler.get_last_lr()[0]  # the rate this step trains at (step() moves to the next)
             optimizer.step()
             scheduler.step()
@@ -294,19 +336,23 @@ def train(cfg: dict, resume: bool | str = False, log=print) -> dict:
                 if writer:
                     metrics.write(row)
                     progress.update(steps_done, row["loss"], row["tokens_per_s"], mfu)
+                stop_if_diverged()  # after the row: metrics.csv shows the NaN that stopped the run
                 window_start, window_steps, ckpt_s = time.perf_counter(), 0, 0.0
             every = cfg["checkpoint"]["every"]
             if (every and steps_done % every == 0) or steps_done == total or stop.signal:
+                stop_if_diverged()
                 t_ckpt = time.perf_counter()
                 extra = {"model_config": model_cfg_dict, "config": cfg, "data_state": {"next_step": steps_done},
                          "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                                  "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}}
                 path = save_checkpoint(ckpt_root, steps_done, model, inner, optimizer, scheduler, extra,
                                        cfg["checkpoint"]["keep"], writer)
+                last_saved = path
                 if writer and (stop.signal or steps_done == total):
                     log(f"checkpoint {path}")
                 ckpt_s += time.perf_counter() - t_ckpt
             if stop.signal:
+                progress.finish()
                 if writer:
                     log(f"{stop.signal}: saved step {steps_done} and stopped; continue with --resume")
                 break
