@@ -93,7 +93,11 @@ def main(argv: list[str] | None = None) -> int:
                     else:
                         methods[name] = fn
                 if args.compile and nk_gib * 2 <= args.max_baseline_gib:
-                    compiled = torch.compile(vq_lookup_4m)
+                    # a fresh, static compile per case, as bench_sampling / bench_attention: one cache
+                    # shared by every case runs into Dynamo's recompile limit, past which it falls back
+                    # to eager or goes dynamic unnoticed
+                    torch._dynamo.reset()
+                    compiled = torch.compile(vq_lookup_4m, dynamic=False)
                     methods["4m_expansion(compiled)"] = lambda: compiled(x, cb)
                 if device == "cpu" and dtype == torch.float32:
                     search = _faiss_search(cb, threads)

@@ -17,8 +17,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     resume = p.add_mutually_exclusive_group()
     resume.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     resume.add_argument("--auto-resume", action="store_true",
-                   help="continue from the latest checkpoint in --out when there is one, else start fresh "
-                        "(one command line for restarts: torchrun --max-restarts, requeued jobs)")
+                        help="continue from the latest checkpoint in --out when there is one, else start fresh "
+                             "(one command line for restarts: torchrun --max-restarts, requeued jobs)")
     p.add_argument("--stop-after", type=int, help="stop after this step with a checkpoint (train.stop_after)")
     p.add_argument("--skip-bad", action="store_true",
                    help="shards: leave out and count samples with bad token rows instead of stopping (data.skip_bad)")
