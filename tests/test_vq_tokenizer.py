@@ -75,6 +75,21 @@ def test_errors_name_the_problem(shards, tmp_path):
         tokenize_shards(tmp_path / "few", log=lambda m: None)
 
 
+def test_diverged_training_saves_nothing(shards, tmp_path, monkeypatch):
+    loss, calls = VQTokenizer.loss, [0]
+
+    def nan_at_step_3(self, batch):
+        calls[0] += 1
+        out, extra = loss(self, batch)
+        return (out * float("nan") if calls[0] == 3 else out), extra
+
+    monkeypatch.setattr(VQTokenizer, "loss", nan_at_step_3)
+    out = tmp_path / "depth.safetensors"
+    with pytest.raises(ValueError, match=r"tokenizer depth: training diverged \(loss nan at step 3 of 5, lr 0.002\); nothing was saved"):
+        train_tokenizer(shards, "depth", steps=5, batch_size=4, num_codes=16, out=out, log=lambda m: None)
+    assert not out.exists()
+
+
 def test_cli(shards, tmp_path):
     out = tmp_path / "edges.safetensors"
     res = subprocess.run([sys.executable, "-m", "fourm_fast", "tokenizer", "train", "--data", str(shards), "--modality",

@@ -194,6 +194,10 @@ def train_tokenizer(data: str | Path, modality: str, steps: int = 300, batch_siz
     for step in range(steps):
         batch = images[torch.randint(0, len(images), (batch_size,), generator=gen)]
         loss, _ = model.loss(batch)
+        if not math.isfinite(loss.item()):  # a CPU loop: reading the loss waits for nothing
+            # a diverged tokenizer would be saved with NaN codes and fail only later, in tokenize
+            raise ValueError(f"tokenizer {modality}: training diverged (loss {loss.item()} at step {step + 1} of "
+                             f"{steps}, lr {lr}); nothing was saved")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
