@@ -391,11 +391,13 @@ def test_bad_generation_requests_raise(model):
         g.generate(st, [TargetSpec("depth", "autoregressive")])
     with pytest.raises(ValueError, match="sentinel"):
         Generator(model).generate(g.new_state(1), [TargetSpec("caption", "autoregressive")])
-    with pytest.raises(ValueError, match="neither given nor generated"):
+    with pytest.raises(ValueError, match="neither given .* nor generated"):
+        g.generate(st, [TargetSpec("depth", "maskgit", cfg_scale=2.0, cfg_conditions=["caption"])])
+    with pytest.raises(ValueError, match=r"guidance names \['normal'\], which the model's encoder does not take"):
         g.generate(st, [TargetSpec("depth", "maskgit", cfg_scale=2.0, cfg_conditions=["normal"])])
     with pytest.raises(ValueError, match="guide itself"):
         g.generate(st, [TargetSpec("depth", "maskgit", cfg_scale=2.0, cfg_conditions=["depth"])])
-    with pytest.raises(ValueError, match="25 ids per sample"):
+    with pytest.raises(ValueError, match=r"tokens must be \(B, 25\) or \(B, 5, 5\)"):
         st.set_image("depth", torch.zeros(2, 24, dtype=torch.long))
     with pytest.raises(ValueError, match="outside"):
         st.set_image("depth", torch.full((2, 25), 37))
@@ -405,6 +407,86 @@ def test_bad_generation_requests_raise(model):
         st.add_empty("semseg")
     with pytest.raises(ValueError, match="at least"):
         Generator(model, {"caption": [0, 40]})
+
+
+def test_guidance_on_what_cannot_guide_raises_before_anything_is_generated(model):
+    g = Generator(model, SENTINELS)
+    st = g.new_state(2)
+    st.set_image("rgb", torch.randint(0, 64, (2, 16)))
+    before = {n: t.clone() for n, t in st.tokens.items()}
+    # caption comes after depth in the chain: guiding depth by it used to pass (every target is
+    # added to the state up front) and ran a second pass that changed nothing
+    with pytest.raises(ValueError, match=r"target 'depth': guidance names \['caption'\], which are neither given"):
+        g.generate(st, [TargetSpec("depth", "maskgit", cfg_scale=3.0, cfg_conditions=["caption"]),
+                        TargetSpec("caption", "autoregressive")])
+    with pytest.raises(ValueError, match="neither given"):  # multi-condition guidance too
+        g.generate(st, [TargetSpec("depth", "maskgit", guidance=[(["rgb"], 2.0), (["caption"], 1.0)]),
+                        TargetSpec("caption", "autoregressive")])
+    # a bad setting of the last target leaves the first ungenerated
+    with pytest.raises(ValueError, match="encoder does not take"):
+        g.generate(st, [TargetSpec("depth", "maskgit"), TargetSpec("caption", "autoregressive", cfg_scale=2.0,
+                                                                    cfg_conditions=["normal"])])
+    with pytest.raises(ValueError, match=r"targets \['depth'\] appear more than once"):
+        g.generate(st, [TargetSpec("depth", "maskgit"), TargetSpec("depth", "roar")])
+    assert set(st.tokens) == set(before) and all(torch.equal(st.tokens[n], before[n]) for n in before)
+    # given tokens with none known cannot guide either
+    st.set_image("depth", torch.zeros(25, dtype=torch.long), known=torch.zeros(25, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"guidance names \['depth'\]"):
+        g.generate(st, [TargetSpec("caption", "autoregressive", cfg_scale=2.0, cfg_conditions=["depth"])])
+    # guiding by an earlier target of the same chain is fine
+    g.generate(st, [TargetSpec("caption", "autoregressive", max_length=3),
+                    TargetSpec("depth", "maskgit", steps=2, cfg_scale=2.0, cfg_conditions=["caption"])])
+    assert bool(st.known["depth"].all())
+
+
+def test_target_spec_checks_and_normalises_its_settings():
+    t = TargetSpec("rgb", steps=np.int64(4), temperature=np.float32(0.5), top_k=np.int64(5), top_p=np.float64(0.9),
+                   cfg_scale=np.float32(2.0), max_length=np.int64(3))
+    assert (type(t.steps), type(t.temperature), type(t.top_k), type(t.top_p), type(t.cfg_scale), type(t.max_length)) == \
+        (int, float, int, float, float, int)
+    assert TargetSpec("rgb", top_k=7.0).top_k == 7 and TargetSpec("rgb", top_k=0.25).top_k == 0.25
+    for kwargs, message in [({"top_p": 90}, "top_p must be in \\[0, 1\\]"), ({"top_p": -0.3}, "top_p"),
+                            ({"top_p": float("nan")}, "top_p"), ({"top_k": 2.5}, "whole count"),
+                            ({"top_k": -1}, "top_k"), ({"min_p": 1.5}, "min_p"), ({"max_length": 0}, "max_length must be >= 1"),
+                            ({"max_length": 2.0}, "max_length must be an integer"), ({"steps": 2.0}, "steps must be an integer"),
+                            ({"temperature": "1"}, "temperature must be a number"), ({"cfg_conditions": "rgb"}, "a list of modality names"),
+                            ({"guidance": [("rgb", 2.0)]}, "a list of modality names"), ({"top_k": True}, "top_k must be a number")]:
+        with pytest.raises(ValueError, match=message):
+            TargetSpec("depth", **kwargs)
+
+
+def test_state_accepts_the_documented_shapes_and_refuses_others(model):
+    g = Generator(model, SENTINELS)
+    st = g.new_state(3)
+    grid = torch.arange(25).reshape(5, 5)
+    for value in (grid, grid.reshape(25), grid[None], grid.reshape(1, 25), grid.expand(3, 5, 5), grid.reshape(1, 25).expand(3, 25)):
+        st.set_image("depth", value)
+        assert torch.equal(st.tokens["depth"], grid.reshape(1, 25).expand(3, 25)) and bool(st.known["depth"].all())
+    known = torch.rand(3, 25) < 0.5  # one grid for all, a known mask per sample
+    st.set_image("depth", grid, known=known)
+    assert torch.equal(st.known["depth"], known)
+    st.set_image("depth", grid.reshape(1, 25).expand(3, 25), known=known[0].reshape(5, 5))
+    assert torch.equal(st.known["depth"], known[:1].expand(3, 25))
+    # an 8 x 8 grid for a 5 x 5 modality holds 64 ids, not 3 x 25: it used to be cut into strips
+    # across the samples when the counts happened to divide
+    for bad in (torch.zeros(10, 10, dtype=torch.long), torch.zeros(3, 5, 6, dtype=torch.long), torch.zeros(2, 25, dtype=torch.long),
+                torch.zeros(5, 5, 3, dtype=torch.long), torch.zeros(75, dtype=torch.long)):
+        with pytest.raises(ValueError, match=r"depth: tokens must be \(B, 25\) or \(B, 5, 5\) with B = 3"):
+            st.set_image("depth", bad)
+    with pytest.raises(ValueError, match="must be integer ids, got torch.float32"):
+        st.set_image("depth", grid.float())
+    with pytest.raises(ValueError, match="known must be"):
+        st.set_image("depth", grid, known=torch.ones(2, 25, dtype=torch.bool))
+    st.set_sequence("caption", torch.tensor([5, 6, 3]))
+    assert st.sequence("caption", 2) == [5, 6, 3]
+    st.set_sequence("caption", np.array([[5, 6], [7, 8], [9, 3]]))
+    assert [st.sequence("caption", b) for b in range(3)] == [[5, 6], [7, 8], [9, 3]]
+    st.set_sequence("caption", [torch.tensor([5]), [6, 7], np.array([8, 9, 3])])
+    assert [st.sequence("caption", b) for b in range(3)] == [[5], [6, 7], [8, 9, 3]]
+    with pytest.raises(ValueError, match="not a mix"):
+        st.set_sequence("caption", [5, [6, 7], 3])
+    with pytest.raises(ValueError, match="must be integers"):
+        st.set_sequence("caption", [5.5, 3])
 
 
 def test_encoder_runs_once_per_input_change(model):

@@ -72,3 +72,75 @@ def test_generate_bad_requests(run_dir, tmp_path, capsys, extra, message):
 def test_generate_missing_checkpoint(tmp_path, capsys):
     assert main(["generate", "--checkpoint", str(tmp_path), "--target", "rgb", "--out", str(tmp_path / "x")]) == 2
     assert "no checkpoint" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def rgb_tokenizer(tmp_path_factory):
+    """A VQ tokenizer for the run's 4 x 4 rgb grid (32 px), trained for two steps: enough to encode."""
+    from fourm_fast.data import write_synthetic
+    from fourm_fast.tokenizers.vq import train_tokenizer
+
+    root = tmp_path_factory.mktemp("tok")
+    write_synthetic(root / "shards", 12, size=32, progress=False)
+    train_tokenizer(root / "shards", "rgb", steps=2, batch_size=4, num_codes=64, out=root / "tokenizers" / "rgb.safetensors",
+                    log=lambda m: None)
+    return root / "tokenizers"
+
+
+def _cond(run_dir, tmp_path, cond, *extra):
+    return main(["generate", "--checkpoint", str(run_dir), "--cond", cond, "--target", "depth", "--steps", "1",
+                 "--batch", "2", "--out", str(tmp_path / "o"), *extra])
+
+
+def test_image_conditions_in_other_modes_encode_as_rgb(run_dir, rgb_tokenizer, tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "rgb.png")
+    Image.fromarray(np.dstack([rgb, np.full((32, 32), 255, np.uint8)])).save(tmp_path / "rgba.png")
+    grey = rgb[..., 0]
+    Image.fromarray(grey).save(tmp_path / "grey.png")
+    Image.fromarray(np.repeat(grey[..., None], 3, axis=2)).save(tmp_path / "grey3.png")
+    for name in ("rgb", "rgba", "grey", "grey3"):
+        assert _cond(run_dir, tmp_path / name, f"rgb={tmp_path / name}.png", "--tokenizers", str(rgb_tokenizer)) == 0, \
+            capsys.readouterr().err
+    given = lambda name: json.loads((tmp_path / name / "o" / "settings.json").read_text())["conditions"]  # noqa: E731
+    assert given("rgba")["rgb"].endswith("rgba.png")
+    # an opaque alpha channel drops out; a greyscale picture encodes as its RGB replica
+    assert (tmp_path / "rgb" / "o" / "tokens" / "depth.npy").read_bytes() == (tmp_path / "rgba" / "o" / "tokens" / "depth.npy").read_bytes()
+    assert (tmp_path / "grey" / "o" / "tokens" / "depth.npy").read_bytes() == (tmp_path / "grey3" / "o" / "tokens" / "depth.npy").read_bytes()
+
+
+def test_condition_files_of_the_wrong_size_or_kind_raise(run_dir, rgb_tokenizer, tmp_path, capsys):
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(tmp_path / "big.png")
+    (tmp_path / "notes.png").write_text("not an image")
+    np.save(tmp_path / "grid8.npy", np.zeros((8, 8), np.int64))
+    np.save(tmp_path / "float.npy", np.full((4, 4), 3.7))
+    np.save(tmp_path / "per_sample.npy", np.zeros((3, 4, 4), np.int64))  # 3 grids for a batch of 2
+    cases = [(f"rgb={tmp_path / 'big.png'}", "the image is 64 x 64 px; the rgb tokenizer takes 32 x 32"),
+             (f"rgb={tmp_path / 'notes.png'}", "not a readable image"),
+             # 64 ids used to be cut into a 16-id strip per sample (4 samples' worth) without a word
+             (f"rgb={tmp_path / 'grid8.npy'}", "rgb: tokens must be (B, 16) or (B, 4, 4) with B = 2"),
+             (f"rgb={tmp_path / 'float.npy'}", "token ids must be integers, got float64"),
+             (f"rgb={tmp_path / 'per_sample.npy'}", "got shape (3, 4, 4)")]
+    for cond, message in cases:
+        assert _cond(run_dir, tmp_path, cond, "--tokenizers", str(rgb_tokenizer)) == 2
+        assert message in capsys.readouterr().err, cond
+    np.save(tmp_path / "two.npy", np.stack([np.zeros((4, 4), np.int64), np.ones((4, 4), np.int64)]))
+    assert _cond(run_dir, tmp_path, f"rgb={tmp_path / 'two.npy'}") == 0  # one grid per sample
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--cond", "rgb=a.npy", "--cond", "rgb=b.npy"], "--cond rgb: given twice"),
+    (["--target", "depth,depth"], "targets ['depth'] appear more than once"),
+    (["--cond", "depth=x.npy", "--target", "depth"], "['depth'] are both conditions and targets"),
+    (["--target", "rgb", "--top-p", "90"], "top_p must be in [0, 1]"),
+])
+def test_generate_refuses_requests_it_would_not_honour(run_dir, tmp_path, capsys, extra, message):
+    for f in ("a.npy", "b.npy", "x.npy"):
+        np.save(tmp_path / f, np.zeros((4, 4), np.int64))
+    args = ["generate", "--checkpoint", str(run_dir), "--out", str(tmp_path / "o")]
+    args += [a.replace("=", f"={tmp_path}/") if a.endswith(".npy") else a for a in extra]
+    if "--target" not in extra:
+        args += ["--target", "depth"]
+    assert main(args) == 2
+    assert message in capsys.readouterr().err

@@ -58,23 +58,48 @@ class Assets:
             self.sentinels = {m.name: [0] + list(range(m.vocab_size - ns, m.vocab_size)) for m in seqs}
 
     def image_tokens(self, name: str, value: str) -> torch.Tensor:
-        """A condition image: a .npy token grid, or an image file through the VQ tokenizer."""
+        """A condition image: a .npy token grid ((g, g), or (B, g, g) for one per sample), or an
+        image file at the tokenizer's size through the VQ tokenizer."""
         path = Path(value)
         if not path.exists():
             raise FileNotFoundError(f"--cond {name}={value}: no such file")
         if path.suffix == ".npy":
-            return torch.from_numpy(np.load(path).astype(np.int64)).reshape(1, -1)
+            try:
+                arr = np.load(path, allow_pickle=False)
+            except (ValueError, OSError) as e:
+                raise ValueError(f"--cond {name}={value}: not a readable .npy array ({e})") from None
+            if arr.dtype.kind not in "iu":  # a float grid used to be truncated to ids without a word
+                raise ValueError(f"--cond {name}={value}: token ids must be integers, got {arr.dtype}")
+            return torch.from_numpy(arr.astype(np.int64))  # GenerationState.set_image checks the shape
         if name not in self.vq:
             raise ValueError(f"--cond {name}={value}: no VQ tokenizer for {name}; pass its token grid as .npy")
-        from PIL import Image
+        from PIL import Image, UnidentifiedImageError
 
-        from ..tokenizers.vq import to_input
+        from ..tokenizers.vq import CHANNELS, to_input
 
-        arr = np.asarray(Image.open(path))
+        try:
+            img = Image.open(path)
+            img.load()
+        except (UnidentifiedImageError, OSError) as e:
+            raise ValueError(f"--cond {name}={value}: not a readable image ({e})") from None
+        if name in ("rgb", "normal") and img.mode != "RGB":
+            img = img.convert("RGB")  # RGBA, greyscale or palette pictures: their colours
+        elif name == "edges" and img.mode != "L":
+            img = img.convert("L")
+        arr = np.asarray(img)
+        if arr.ndim != (3 if name in ("rgb", "normal") else 2):  # depth and semseg values must not be recoloured
+            raise ValueError(f"--cond {name}={value}: a {name} image is single-channel (as the shards store it), "
+                             f"got PIL mode {img.mode}")
+        size = self.vq[name].cfg.image_size
+        if arr.shape[:2] != (size, size):
+            raise ValueError(f"--cond {name}={value}: the image is {arr.shape[1]} x {arr.shape[0]} px; the {name} "
+                             f"tokenizer takes {size} x {size} (resize it first)")
         if name == "depth":
             arr = arr.astype(np.float32) / 1000.0
         elif name == "normal":
             arr = arr.astype(np.float32) / 127.5 - 1.0
+        elif name == "semseg" and int(arr.max()) >= CHANNELS["semseg"]:
+            raise ValueError(f"--cond {name}={value}: class ids must be below {CHANNELS['semseg']}, found {int(arr.max())}")
         return self.vq[name].encode(to_input(name, arr)[None]).long().reshape(1, -1)
 
     def text_tokens(self, name: str, text: str) -> list[int]:
@@ -192,9 +217,14 @@ def run(args: argparse.Namespace) -> int:
             if "=" not in c:
                 raise ValueError(f"--cond {c!r}: write MODALITY=VALUE")
             k, v = c.split("=", 1)
+            if k.strip() in conditions:
+                raise ValueError(f"--cond {k.strip()}: given twice")
             conditions[k.strip()] = v
         assets = Assets(args.checkpoint, args.tokenizers, args.device)
         targets = build_targets(assets.model, args)
+        both = [t.name for t in targets if t.name in conditions]
+        if both:
+            raise ValueError(f"{both} are both conditions and targets: a target is generated, a condition given")
         res = run_generation(assets, conditions, targets, args.batch, args.seed, Path(args.out), log=log)
     except (ValueError, KeyError, FileNotFoundError, CheckpointError) as e:
         print(f"fourm-fast generate: error: {e}", file=sys.stderr)

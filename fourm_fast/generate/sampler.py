@@ -151,7 +151,14 @@ class Generator:
     # ---- the chain ----------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, state: GenerationState, targets: list[TargetSpec], seed: int = 0) -> GenerationState:
-        """Generate each target in turn; later targets see earlier ones. Modifies and returns state."""
+        """Generate each target in turn; later targets see earlier ones. Modifies and returns state.
+        Every target is checked before any is generated (a bad last target leaves the state as it was)."""
+        names = [spec.name for spec in targets]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"targets {twice} appear more than once; each target is generated once per call")
+        # what each target may be guided by: modalities given (something known) or generated before it
+        available = {n for n, k in state.known.items() if bool(k.any())}
         for spec in targets:
             if spec.name not in self.model.decoder_embeddings:
                 raise ValueError(f"target {spec.name!r}: the model does not decode it (outputs: {list(self.model.decoder_embeddings)})")
@@ -161,6 +168,18 @@ class Generator:
                                  f"{'autoregressive' if kind == 'sequence' else 'maskgit or roar'}, not {spec.scheme}")
             if kind == "sequence" and spec.name not in self.sentinels:
                 raise ValueError(f"target {spec.name!r}: sentinel ids are needed to start and stop a sequence")
+            named = set().union(*(set(mods) for mods, _ in spec.guidance)) if spec.guidance else set(spec.cfg_conditions or ())
+            if spec.name in named:
+                raise ValueError(f"target {spec.name!r}: a target cannot guide itself")
+            unseen = sorted(n for n in named if n not in self.model.encoder_embeddings)
+            if unseen:
+                raise ValueError(f"target {spec.name!r}: guidance names {unseen}, which the model's encoder does not "
+                                 f"take (inputs: {list(self.model.encoder_embeddings)}): it could change nothing")
+            missing = sorted(named - available)
+            if missing:
+                raise ValueError(f"target {spec.name!r}: guidance names {missing}, which are neither given (with known "
+                                 f"tokens) nor generated before it")
+            available.add(spec.name)
         for spec in targets:  # 4M adds every target up front: later sequence targets show as [S_1]
             if spec.name not in state.tokens:
                 state.add_empty(spec.name)

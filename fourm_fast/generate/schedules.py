@@ -104,6 +104,29 @@ def _onex_params(kind: str) -> tuple[float, float]:
     return min_t, power
 
 
+def _integer(value, who: str):
+    if isinstance(value, np.integer):
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{who} must be an integer, got {value!r}")
+    return value
+
+
+def _real(value, who: str) -> float | int:
+    if isinstance(value, (np.integer, np.floating)):
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{who} must be a number, got {value!r}")
+    return value
+
+
+def _names(mods, who: str) -> list[str]:
+    """A list of modality names; a bare string would be read letter by letter."""
+    if isinstance(mods, str) or not all(isinstance(m, str) for m in mods):
+        raise ValueError(f"{who}: a list of modality names, got {mods!r}")
+    return list(mods)
+
+
 @dataclass
 class TargetSpec:
     """How one target modality is generated.
@@ -114,7 +137,13 @@ class TargetSpec:
     unconditional pass (None: every modality given or generated before this target).
     guidance: multi-condition guidance, a list of (modalities, weight) pairs:
     logits = u + sum_i w_i (c_i - u), where c_i sees condition i and u sees neither (overrides
-    cfg_scale). top_k / top_p / min_p: filters of sample_tokens (top_p 0 or 1 is off).
+    cfg_scale). top_k / top_p / min_p: filters of sample_tokens: top_k 0 (off), a count >= 1 or a
+    fraction of the vocabulary in (0, 1); top_p in [0, 1], 0 or 1 is off; min_p in [0, 1].
+    Autoregressive targets decode one token per step at ``temperature``: steps, token_schedule and
+    temp_schedule apply to MaskGIT / ROAR only (as in 4M). With maskgit, a step's confidence is
+    the sampled token's probability at that step's temperature; at temperature 0 (and at the
+    near-zero temperatures 4M's linear and onex schedules end with) every such probability is 1,
+    so the step commits the lowest unknown positions (4M's top-k meets the same tie).
     """
 
     name: str
@@ -129,9 +158,34 @@ class TargetSpec:
     top_k: float = 0
     top_p: float = 0.0
     min_p: float = 0.0
-    max_length: int | None = None  # autoregressive: cap on generated tokens (default max_length - 1, as 4M)
+    # autoregressive: cap on generated tokens (at most, and by default, the modality's max_length - 1, as 4M)
+    max_length: int | None = None
 
     def __post_init__(self):
+        who = f"target {self.name!r}"
+        # numpy scalars (from a config or an array) become Python numbers; the op takes no others
+        self.steps = _integer(self.steps, f"{who}: steps")
+        self.temperature = _real(self.temperature, f"{who}: temperature")
+        self.cfg_scale = _real(self.cfg_scale, f"{who}: cfg_scale")
+        self.top_k = _real(self.top_k, f"{who}: top_k")
+        if not (self.top_k == 0 or 0 < self.top_k < 1 or (self.top_k >= 1 and float(self.top_k).is_integer())):
+            raise ValueError(f"{who}: top_k must be 0 (off), a whole count >= 1 or a fraction in (0, 1), got {self.top_k}")
+        if self.top_k >= 1:
+            self.top_k = int(self.top_k)
+        self.top_p = _real(self.top_p, f"{who}: top_p")
+        if not 0 <= self.top_p <= 1:  # 0.9, not 90: a value outside used to turn the filter off unnoticed
+            raise ValueError(f"{who}: top_p must be in [0, 1] (0 or 1: off), got {self.top_p}")
+        self.min_p = _real(self.min_p, f"{who}: min_p")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"{who}: min_p must be in [0, 1] (0: off), got {self.min_p}")
+        if self.max_length is not None:
+            self.max_length = _integer(self.max_length, f"{who}: max_length")
+            if self.max_length < 1:
+                raise ValueError(f"{who}: max_length must be >= 1, got {self.max_length}")
+        if self.cfg_conditions is not None:
+            self.cfg_conditions = _names(self.cfg_conditions, f"{who}: cfg_conditions")
+        if self.guidance is not None:
+            self.guidance = [(_names(mods, f"{who}: guidance"), w) for mods, w in self.guidance]
         if self.scheme not in SCHEMES:
             raise ValueError(f"target {self.name!r}: scheme must be one of {SCHEMES}, got {self.scheme!r}")
         if self.scheme != "autoregressive":

@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -60,31 +61,57 @@ class GenerationState:
         self.known[name] = torch.zeros(self.B, N, dtype=torch.bool, device=self.device)
         self.version += 1
 
+    def _per_sample(self, name: str, value, g: int, what: str) -> Tensor:
+        """(1 or B, N) from (N,), (g, g), (1 or B, N) or (1 or B, g, g)."""
+        N = g * g
+        x = torch.as_tensor(value)
+        shape = tuple(x.shape)
+        if x.dim() == 1 or (x.dim() == 2 and shape == (g, g)):  # one sample
+            x = x.reshape(1, *shape)
+        if x.dim() == 3 and tuple(x.shape[1:]) == (g, g):
+            x = x.reshape(x.shape[0], N)
+        if x.dim() != 2 or x.shape[1] != N or x.shape[0] not in (1, self.B):
+            raise ValueError(f"{name}: {what} must be (B, {N}) or (B, {g}, {g}) with B = {self.B} (or 1 sample: ({N},), "
+                             f"({g}, {g})), got shape {shape}")
+        return x.to(self.device)
+
     def set_image(self, name: str, tokens: Tensor, known: Tensor | None = None) -> None:
-        """tokens: (B, N) or (B, g, g) ids (or one sample, broadcast); known: same shape, default all."""
+        """tokens: (B, N) or (B, g, g) ids, or one sample ((N,) or (g, g)) for every sample; known:
+        which of them are given (default all), in any of the same shapes."""
         m = self.cfg.modality(name)
         if m.kind != "image":
             raise ValueError(f"{name} is a sequence modality; use set_sequence")
+        g = m.grid
         raw = torch.as_tensor(tokens)
-        N = m.num_tokens
-        if raw.numel() == 0 or raw.numel() % N or raw.numel() // N not in (1, self.B):
-            raise ValueError(f"{name}: tokens must hold {N} ids per sample for 1 or {self.B} samples, "
-                             f"got shape {tuple(raw.shape)}")
-        t = raw.reshape(-1, N).to(self.device, torch.int64)
+        if raw.is_floating_point() or raw.is_complex() or raw.dtype == torch.bool:
+            raise ValueError(f"{name}: tokens must be integer ids, got {raw.dtype}")
+        t = self._per_sample(name, raw, g, "tokens").to(torch.int64)
         if bool(((t < 0) | (t >= m.vocab_size)).any()):
             raise ValueError(f"{name}: token ids outside [0, {m.vocab_size})")
-        k = torch.ones_like(t, dtype=torch.bool) if known is None else torch.as_tensor(known).to(self.device, torch.bool).reshape(t.shape)
+        k = torch.ones_like(t, dtype=torch.bool) if known is None else self._per_sample(name, known, g, "known").to(torch.bool)
         self.tokens[name] = t.expand(self.B, -1).clone()
         self.known[name] = k.expand(self.B, -1).clone()
         self.version += 1
 
     def set_sequence(self, name: str, ids) -> None:
-        """ids: one list of token ids for every sample, or a list of B lists (EOS included as the
-        tokenizer writes it); longer than the modality's max_length is an error."""
+        """ids: one sequence of token ids for every sample, or B of them (lists, or a 1-D / 2-D
+        tensor or array), EOS included as the tokenizer writes it and no padding (every id given is
+        shown to the encoder); longer than the modality's max_length is an error."""
         m = self.cfg.modality(name)
         if m.kind != "sequence":
             raise ValueError(f"{name} is an image modality; use set_image")
-        rows = [list(ids)] * self.B if not ids or not isinstance(ids[0], (list, tuple)) else [list(r) for r in ids]
+        if isinstance(ids, (Tensor, np.ndarray)):
+            if ids.ndim not in (1, 2):
+                raise ValueError(f"{name}: a 1-D sequence or a 2-D batch of them, got shape {tuple(ids.shape)}")
+            ids = ids.tolist()
+        ids = list(ids)
+        nested = [isinstance(r, (list, tuple, Tensor, np.ndarray)) for r in ids]
+        if any(nested) and not all(nested):
+            raise ValueError(f"{name}: give one sequence of ids or a list of sequences, not a mix")
+        if ids and all(nested):
+            rows = [list(r.tolist() if isinstance(r, (Tensor, np.ndarray)) else r) for r in ids]
+        else:
+            rows = [ids] * self.B
         if len(rows) != self.B:
             raise ValueError(f"{name}: {len(rows)} sequences for a batch of {self.B}")
         t = torch.zeros(self.B, m.max_length, dtype=torch.int64)
@@ -92,9 +119,11 @@ class GenerationState:
         for b, r in enumerate(rows):
             if len(r) > m.max_length:
                 raise ValueError(f"{name}: sequence of {len(r)} tokens exceeds max_length {m.max_length}")
+            if any(isinstance(x, bool) or not isinstance(x, (int, np.integer)) for x in r):
+                raise ValueError(f"{name}: token ids must be integers, got {r[:8]}")
             if any(not 0 <= int(x) < m.vocab_size for x in r):
                 raise ValueError(f"{name}: token ids outside [0, {m.vocab_size})")
-            t[b, : len(r)] = torch.tensor(r, dtype=torch.int64)
+            t[b, : len(r)] = torch.tensor([int(x) for x in r], dtype=torch.int64)
             k[b, : len(r)] = True
         self.tokens[name] = t.to(self.device)
         self.known[name] = k.to(self.device)
