@@ -177,6 +177,8 @@ def test_dali_equals_torch_and_the_shard_reader(synth):
             arr = arr[y0:y0 + 20, x0:x0 + 20]
             if b["flip"][k]:
                 arr = arr[:, ::-1]
+                if m == "normal":  # a mirror negates the x component
+                    arr = arr * np.array([-1, 1, 1], np.float32)
             assert np.array_equal(out[k].numpy(), arr.transpose(2, 0, 1)), (m, i)
 
 
@@ -239,10 +241,34 @@ def test_crop_and_flip_are_the_same_for_every_modality(coords, backend):
             mm = np.rint(im["depth"][0].astype(np.float64) * 1000).astype(np.int64)
             assert np.array_equal(mm, i * s * s + want_y * s + want_x)
             assert np.array_equal(im["depth"][0], (mm.astype(np.float32) / 1000.0)), "depth as shards._decode"
-            assert np.array_equal(np.rint((im["normal"][0] + 1) * 127.5), want_x)
+            # a mirror negates the normals' x component: stored value v reads as 255 - v
+            assert np.array_equal(np.rint((im["normal"][0] + 1) * 127.5), 255 - want_x if flip else want_x)
             assert np.array_equal(im["semseg"][0], want_x) and np.array_equal(im["edges"][0], want_y)
     assert 0.2 < np.mean(flips) < 0.8, "flips happen for some samples and not for others"
     assert len(corners) > 10
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_flipped_normals_describe_the_mirrored_scene(synth, backend):
+    # The synthetic world rendered with every object mirrored (cx -> 1 - cx) is what a flipped
+    # sample shows: its normals' x components must point the same way. Flipping the stored map
+    # alone left all of them pointing the other way (both backends agreed, wrongly).
+    import dataclasses
+
+    from fourm_fast.data import render, sample_scene
+    from fourm_fast.data.shards import read_manifest
+
+    seed = read_manifest(synth)["seed"]
+    b = next(iter(build_loader(synth, 4, backend=backend, shuffle=False, flip_prob=1.0, num_workers=0, images=["normal"], tokens=[])))
+    assert b["flip"].all()
+    agree = []
+    for k, i in enumerate(b["index"].tolist()):
+        mirrored = render([dataclasses.replace(o, cx=1.0 - o.cx) for o in sample_scene(seed, i)], SIZE)["normal"]
+        nx, want = b["images"]["normal"][k, 0].numpy(), mirrored[..., 0]
+        tilted = (np.abs(nx) > 0.05) & (np.abs(want) > 0.05)
+        agree.append(np.sign(nx[tilted]) == np.sign(want[tilted]))
+    agree = np.concatenate(agree)
+    assert agree.size > 100 and agree.mean() > 0.98, agree.mean()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -48,7 +48,7 @@ from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.backend import TensorGPU, TensorListGPU
 from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
 
-from .loader import ShardBatches, ShardError, _check_int
+from .loader import ShardBatches, ShardError, _check_int, mirror_normals
 from .validate import FLOAT_IMAGES, IMAGE_SPECS, read_file
 
 
@@ -156,7 +156,10 @@ class DaliLoader(ShardBatches):
         k = 1 + len(self.images)
         toks = tensors[k:k + len(self.token_names)]
         lens = tensors[k + len(self.token_names):]
-        return {"images": dict(zip(self.images, tensors[1:k])),
+        images = dict(zip(self.images, tensors[1:k]))
+        if "normal" in images:
+            mirror_normals(images["normal"], meta[:, 3].bool())
+        return {"images": images,
                 "tokens": {m: t.long() for m, t in zip(self.token_names, toks)},
                 "lengths": {m: t.long() for m, t in zip(self._seqs, lens)},
                 "index": meta[:, 0].contiguous(), "crop": meta[:, 1:3].contiguous(), "flip": meta[:, 3].bool()}

@@ -208,6 +208,15 @@ class ShardBatches:
                 raise ShardError(f"{path}: not a decodable image ({type(e).__name__}: {e})") from None
 
 
+def mirror_normals(normal, flip):
+    """A left-right mirror negates the x component of a surface normal; without it the flipped map
+    points the other way from the flipped rgb and depth (as 4M's NormalTransform flips it too).
+    normal: (B, 3, H, W) torch tensor, flip: bool (B,); multiplies by -1, exact."""
+    sign = 1.0 - 2.0 * flip.to(normal.device, normal.dtype)
+    normal[:, 0] *= sign[:, None, None]
+    return normal
+
+
 def _convert(m: str, arr: np.ndarray) -> np.ndarray:
     """HWC stored values -> the batch's CHW values, the same maths as shards._decode."""
     arr = arr.transpose(2, 0, 1)
@@ -250,6 +259,8 @@ class _PILItems(torch.utils.data.Dataset):
             if flip:
                 arr = arr[:, ::-1]
             out["images"][m] = _convert(m, arr)
+            if flip and m == "normal":
+                out["images"][m][0] *= -1  # see mirror_normals
         return out
 
 
