@@ -33,11 +33,16 @@ def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
     from .tokenizers.vq import train_text_tokenizer, train_tokenizer
 
     try:
+        vq_only = {"--steps": args.steps, "--batch-size": args.batch_size, "--num-codes": args.num_codes}
         if args.modality == "text":
-            train_text_tokenizer(args.data, log=_log)
+            given = [k for k, v in vq_only.items() if v is not None]
+            if given:  # WordPiece has none of them; they used to be dropped without a word
+                raise ValueError(f"{', '.join(given)}: VQ tokenizer settings; the text tokenizer takes --out only")
+            train_text_tokenizer(args.data, out=args.out, log=_log)
             return 0
-        train_tokenizer(args.data, args.modality, steps=args.steps, batch_size=args.batch_size,
-                        num_codes=args.num_codes, out=args.out, log=_log)
+        train_tokenizer(args.data, args.modality, **{k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size),
+                                                                       ("num_codes", args.num_codes)) if v is not None},
+                        out=args.out, log=_log)
     except (ValueError, ShardError, FileNotFoundError) as e:
         print(f"fourm-fast tokenizer train: error: {e}", file=sys.stderr)
         return 2
@@ -79,10 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     p_tt = tok_sub.add_parser("train", help="train a VQ tokenizer on a shard folder's modality")
     p_tt.add_argument("--data", required=True, help="shard folder (fourm-fast data synth)")
     p_tt.add_argument("--modality", required=True, help="rgb, depth, normal, semseg, edges, or text (WordPiece over caption + det)")
-    p_tt.add_argument("--steps", type=int, default=300)
-    p_tt.add_argument("--batch-size", type=int, default=32)
-    p_tt.add_argument("--num-codes", type=int, default=256)
-    p_tt.add_argument("--out", help="weights file (default DATA/tokenizers/MODALITY.safetensors)")
+    p_tt.add_argument("--steps", type=int, help="VQ: training steps (default 300)")
+    p_tt.add_argument("--batch-size", type=int, help="VQ: images per step (default 32)")
+    p_tt.add_argument("--num-codes", type=int, help="VQ: codebook size (default 256)")
+    p_tt.add_argument("--out", help="output file (default DATA/tokenizers/MODALITY.safetensors, or text.json)")
     p_tt.set_defaults(func=_cmd_tokenizer_train)
     p_tk = sub.add_parser("tokenize", help="token grids for every modality with a trained tokenizer")
     p_tk.add_argument("data", help="shard folder")

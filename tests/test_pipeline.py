@@ -97,6 +97,24 @@ def test_shard_training_checks_sentinels_and_reports_cut_text(tokenized, tmp_pat
         train(_shard_cfg(bare, tmp_path / "d"), log=lambda m: None)
 
 
+def test_generation_refuses_tokenizers_retrained_after_training(tokenized, tmp_path, capsys):
+    # generate decodes with the training data's tokenizers: a codebook retrained since would turn
+    # the model's tokens into other pictures without a word
+    import shutil
+
+    from fourm_fast.cli import main
+
+    data = tmp_path / "data"
+    shutil.copytree(tokenized, data)
+    train(_shard_cfg(data, tmp_path / "run"), log=lambda m: None)
+    args = ["generate", "--checkpoint", str(tmp_path / "run"), "--target", "depth", "--steps", "1", "--batch", "1"]
+    assert main([*args, "--out", str(tmp_path / "ok")]) == 0
+    train_tokenizer(data, "depth", steps=1, batch_size=4, num_codes=32, seed=5, log=lambda m: None)
+    capsys.readouterr()
+    assert main([*args, "--out", str(tmp_path / "stale")]) == 2
+    assert "tokens/depth.npy: made by another depth.safetensors than" in capsys.readouterr().err
+
+
 def test_demo_end_to_end_small(tmp_path):
     res = subprocess.run([sys.executable, "-m", "fourm_fast.demo", "--out", str(tmp_path / "demo"), "--scenes", "20",
                           "--size", "16", "--tokenizer-steps", "2", "--train-steps", "2"],

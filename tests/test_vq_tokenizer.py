@@ -75,6 +75,32 @@ def test_errors_name_the_problem(shards, tmp_path):
         tokenize_shards(tmp_path / "few", log=lambda m: None)
 
 
+def test_tokens_of_a_retrained_tokenizer_are_refused(tmp_path):
+    # Retraining a tokenizer after tokenize paired the stored ids with another codebook (or, for
+    # text, another WordPiece vocabulary: its training is not reproducible) without a word.
+    from fourm_fast.data import ShardError, TokenShards
+    from fourm_fast.tokenizers.vq import train_text_tokenizer
+
+    root = tmp_path / "shards"
+    write_synthetic(root, 12, size=16, seed=2, progress=False)
+    quiet = dict(log=lambda m: None)
+    train_tokenizer(root, "depth", steps=2, batch_size=4, num_codes=16, **quiet)
+    train_text_tokenizer(root, **quiet)
+    tokenize_shards(root, **quiet)
+    assert len(TokenShards(root, ["depth", "caption"])) == 12
+    train_tokenizer(root, "depth", steps=2, batch_size=4, num_codes=32, **quiet)
+    with pytest.raises(ShardError, match=r"tokens/depth.npy: made by another depth.safetensors than .* holds now "
+                                         r"\(retrained after fourm-fast tokenize\); run fourm-fast tokenize"):
+        TokenShards(root, ["depth"])
+    assert len(TokenShards(root, ["caption"])) == 12  # the other modality's tokens are still good
+    tokenize_shards(root, **quiet)
+    assert len(TokenShards(root, ["depth", "caption"])) == 12
+    text = root / "tokenizers" / "text.json"
+    text.write_text(text.read_text() + " ")
+    with pytest.raises(ShardError, match="made by another text.json"):
+        TokenShards(root, ["caption"])
+
+
 def test_diverged_training_saves_nothing(shards, tmp_path, monkeypatch):
     loss, calls = VQTokenizer.loss, [0]
 
@@ -90,7 +116,7 @@ def test_diverged_training_saves_nothing(shards, tmp_path, monkeypatch):
     assert not out.exists()
 
 
-def test_cli(shards, tmp_path):
+def test_cli(shards, tmp_path, capfd):
     out = tmp_path / "edges.safetensors"
     res = subprocess.run([sys.executable, "-m", "fourm_fast", "tokenizer", "train", "--data", str(shards), "--modality",
                           "edges", "--steps", "5", "--batch-size", "4", "--out", str(out)], capture_output=True, text=True,
@@ -100,3 +126,12 @@ def test_cli(shards, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "fourm_fast", "tokenize", str(tmp_path)], capture_output=True, text=True,
                          timeout=120)
     assert bad.returncode == 2 and "manifest.json is missing" in bad.stderr
+    from fourm_fast.cli import main
+
+    text = tmp_path / "own_text.json"  # --out was ignored for text: DATA/tokenizers/text.json was overwritten
+    assert main(["tokenizer", "train", "--data", str(shards), "--modality", "text", "--out", str(text)]) == 0
+    assert text.exists() and not (shards / "tokenizers" / "text.json").exists()
+    assert main(["tokenizer", "train", "--data", str(shards), "--modality", "text", "--num-codes", "99"]) == 2
+    assert "--num-codes: VQ tokenizer settings; the text tokenizer takes --out only" in capfd.readouterr().err
+    assert main(["tokenizer", "train", "--data", str(shards), "--modality", "depth", "--batch-size", "0"]) == 2
+    assert "batch_size must be an integer >= 1, got 0" in capfd.readouterr().err

@@ -177,6 +177,24 @@ def _load_npy(path: Path, missing: str, sha256: str | None = None) -> np.ndarray
         raise ShardError(f"{path}: unreadable ({e})") from None
 
 
+def check_tokenizers_unchanged(root: Path, manifest: dict, names: list[str]) -> None:
+    """The tokens of ``names`` were made by the tokenizer files DIR/tokenizers/ holds now (the hashes
+    tokenize recorded). A tokenizer retrained after tokenize (text.json's WordPiece vocabulary
+    differs from run to run even on the same data) would pair the stored ids with another
+    vocabulary or codebook: training, decoding and generation would read them wrongly without a
+    word. A tokenizer file that is absent is not checked (token-only training does not need it)."""
+    entries = manifest.get("tokens") or {}
+    for m in names:
+        e = entries.get(m, {})
+        want, name = e.get("tokenizer_sha256"), e.get("tokenizer")
+        path = Path(root) / "tokenizers" / str(name)
+        if want is None or name is None or not path.exists():
+            continue
+        if hashlib.sha256(path.read_bytes()).hexdigest() != want:
+            raise ShardError(f"{Path(root) / 'tokens' / (m + '.npy')}: made by another {name} than {path} holds now "
+                             f"(retrained after fourm-fast tokenize); run fourm-fast tokenize {root} again")
+
+
 def load_tokens(root: Path, manifest: dict, names: list[str]) -> TokenArrays:
     """Load and check DIR/tokens/<m>.npy. Whole-file problems raise ShardError (no sample can be served
     without its row of a well-formed array); per-row problems come back in .bad."""
@@ -186,6 +204,7 @@ def load_tokens(root: Path, manifest: dict, names: list[str]) -> TokenArrays:
         if not entries:
             raise ShardError(f"{root}: the manifest lists no tokens; run fourm-fast tokenize {root}")
         raise ShardError(f"{root}: no tokens for {unknown} (tokenized: {list(entries)})")
+    check_tokenizers_unchanged(root, manifest, names)
     n = manifest["num_samples"]
     out = TokenArrays({}, {}, {}, [])
     for m in names:

@@ -49,6 +49,12 @@ class Assets:
                 from ..tokenizers.text import TextTokenizer
 
                 self.text = TextTokenizer.load(folder / "text.json")
+        if folder is not None and tokenizers is None:  # the training data's: they must be those it was tokenized with
+            from ..data.shards import read_manifest
+            from ..data.validate import check_tokenizers_unchanged
+
+            manifest = read_manifest(data["path"])
+            check_tokenizers_unchanged(Path(data["path"]), manifest, list(manifest.get("tokens") or {}))
         cfg = self.model.cfg
         seqs = [m for m in cfg.modalities if m.kind == "sequence"]
         if self.text is not None:

@@ -174,6 +174,9 @@ def train_tokenizer(data: str | Path, modality: str, steps: int = 300, batch_siz
                     num_codes: int = 256, seed: int = 0, out: str | Path | None = None, log=print) -> dict:
     """Train on the shards' first 90 % of samples, measure on the last 10 %; save under
     DATA/tokenizers/<modality>.safetensors unless ``out`` says otherwise."""
+    for name, value in (("steps", steps), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"tokenizer {modality}: {name} must be an integer >= 1, got {value!r}")
     root = Path(data)
     manifest = read_manifest(root)
     if modality not in manifest["modalities"]:
@@ -213,7 +216,7 @@ def train_tokenizer(data: str | Path, modality: str, steps: int = 300, batch_siz
     return {"path": str(path), **meta}
 
 
-def train_text_tokenizer(data: str | Path, vocab_size: int = 500, log=print) -> dict:
+def train_text_tokenizer(data: str | Path, vocab_size: int = 500, out: str | Path | None = None, log=print) -> dict:
     """WordPiece over the shards' captions and box texts (one text tokenizer, as 4M shares one)."""
     from ..data.synthetic import SHAPES
     from .text import special_tokens, train_wordpiece
@@ -224,7 +227,7 @@ def train_text_tokenizer(data: str | Path, vocab_size: int = 500, log=print) -> 
              for i in range(manifest["num_samples"])]
     # vocab_size counts the learned word pieces, on top of 4M's special tokens
     tok = train_wordpiece(texts, vocab_size=len(special_tokens(200, SHAPES)) + vocab_size, class_names=SHAPES)
-    path = root / "tokenizers" / "text.json"
+    path = Path(out) if out else root / "tokenizers" / "text.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     tok.save(path)
     log(f"tokenizer text: {tok.vocab_size} tokens from {len(texts)} texts -> {path}")
