@@ -6,7 +6,9 @@
 
 #include <ATen/ATen.h>
 
+#include <cmath>
 #include <cstdint>
+#include <limits>
 #include <optional>
 #include <tuple>
 #include <string>
@@ -88,6 +90,14 @@ inline BudgetArgs check_budget_inputs(int64_t batch_size, const at::Tensor& alph
     const at::Tensor w = weights->cpu();
     TORCH_CHECK_VALUE(at::isfinite(w).all().item<bool>() && (w >= 0).all().item<bool>() && w.sum().item<float>() > 0,
                       op, ": weights must be finite, >= 0 and not all zero, got ", w);
+    // The draw scales a uniform by the float32 sum, added in the kernel's order: a sum that
+    // overflows (2e38 + 2e38) or is subnormal no longer splits by weight.
+    float wsum = 0.0f;
+    const at::Tensor wc = w.contiguous();
+    for (int64_t i = 0; i < C; ++i) wsum += wc.data_ptr<float>()[i];
+    TORCH_CHECK_VALUE(std::isfinite(wsum) && wsum >= std::numeric_limits<float>::min(), op,
+                      ": weights must add up to a finite, normal float32 number, got a sum of ", wsum,
+                      "; scale them (e.g. divide by their sum)");
     a.weights = weights->contiguous();
   }
   const int64_t kMax = (int64_t{1} << 24);

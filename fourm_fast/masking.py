@@ -105,7 +105,7 @@ class TokenLayout:
             if is_token.any():
                 raise ValueError(f"{name}: token ids are empty but the layout refers to tokens")
             ids = torch.zeros(B, 1, dtype=torch.int64)
-        if int(source.max()) >= ids.shape[1]:
+        if source.numel() and int(source.max()) >= ids.shape[1]:
             raise ValueError(f"{name}: the layout refers to token {int(source.max())} but ids have length {ids.shape[1]}")
         tok = ids.gather(1, source.clamp(min=0).long())
         sen = sentinels[sentinel_no]
@@ -198,11 +198,14 @@ class TokenBudgetSampler:
             raise ValueError(f"alphas_in has {a_in.shape[0]} mixture components, alphas_tg {a_tg.shape[0]}")
         self.num_components = a_in.shape[0]
         if weights is not None:
-            w = torch.tensor([float(x) for x in weights], dtype=torch.float32)
-            if w.numel() != self.num_components:
-                raise ValueError(f"weights has {w.numel()} entries for {self.num_components} mixture components")
-            if not torch.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
-                raise ValueError(f"weights must be finite, >= 0 and not all zero, got {w.tolist()}")
+            w64 = torch.tensor([float(x) for x in weights], dtype=torch.float64)
+            if w64.numel() != self.num_components:
+                raise ValueError(f"weights has {w64.numel()} entries for {self.num_components} mixture components")
+            if not torch.isfinite(w64).all() or (w64 < 0).any() or w64.sum() <= 0:
+                raise ValueError(f"weights must be finite, >= 0 and not all zero, got {w64.tolist()}")
+            # normalised in float64: weights whose float32 sum overflows (2e38 + 2e38) or is
+            # subnormal drew the last component, even one of weight 0
+            w = (w64 / w64.sum()).to(torch.float32)
         for spec in self.specs:
             if spec.kind == "sequence" and not isinstance(spec.keep, str) and len(spec.keep) != self.num_components:
                 raise ValueError(f"{spec.name}: keep has {len(spec.keep)} entries for {self.num_components} components")
@@ -282,7 +285,9 @@ class TokenBudgetSampler:
                         raise ValueError(f"lengths[{spec.name!r}] must be an integer tensor of shape ({batch_size},), got {L.dtype} {tuple(L.shape)}")
                     if (L < 0).any():
                         raise ValueError(f"lengths[{spec.name!r}] must be >= 0")
-                    L = L.to(device="cpu", dtype=torch.int32)
+                    # longer sequences are cut to num_tokens (4M's ids[:max_tokens]); clamped before
+                    # the int32 cast, which made 2**32 + 3 a 3-token sequence
+                    L = L.to("cpu").clamp(max=spec.num_tokens).to(torch.int32)
                 else:
                     L = torch.full((batch_size,), spec.num_tokens, dtype=torch.int32)
                 keep = self.keep_table[comp_cpu, m].contiguous()

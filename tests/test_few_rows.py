@@ -101,3 +101,18 @@ def test_weights_strided_along_k_keep_linear():
     x = torch.randn(5, 48)
     w = torch.randn(48, 30000).t()  # (30000, 48), stride 1 along N
     assert torch.equal(few_rows_linear(x, w), F.linear(x, w))
+
+
+def test_autocast_and_mixed_bias_behave_as_linear():
+    # Under CPU autocast F.linear runs in bfloat16; rows_linear's float32 path ran instead for
+    # 4-12 rows, so the output dtype depended on the row count
+    for rows in (2, FEW_ROWS_MIN, FEW_ROWS_MAX, FEW_ROWS_MAX + 4):
+        x, w, b = _operands(rows, 384, 8192, True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got, want = few_rows_linear(x, w, b), F.linear(x, w, b)
+        assert got.dtype == want.dtype == torch.bfloat16 and torch.equal(got, want), rows
+    x, w, b = _operands(2, 384, 8192, True)
+    with pytest.raises(RuntimeError):  # F.linear refuses a float32 bias beside bfloat16 x and weight
+        F.linear(x.bfloat16(), w.bfloat16(), b)
+    with pytest.raises(RuntimeError):
+        few_rows_linear(x.bfloat16(), w.bfloat16(), b)

@@ -1,6 +1,7 @@
 """Token-budget sampler: invariants, statistics against 4M's algorithm, determinism, format, errors."""
 import random
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -193,6 +194,50 @@ def test_determinism_and_batch_independence():
         torch.set_num_threads(threads)
     for x, y in zip(a.slots, single.slots):
         assert torch.equal(x, y)
+
+
+def test_seeds_lengths_and_empty_batches_at_the_edges():
+    sampler = fourm7_sampler(128)
+    # any 64-bit seed, as sample_tokens takes them: 2**63 and up wrap to the same bits as int64
+    # (they raised the dispatcher's "Expected a value of type 'int' ... found type 'int'")
+    for x, y in zip(sampler.sample(4, seed=2**64 - 1).slots, sampler.sample(4, seed=-1).slots):
+        assert torch.equal(x, y)
+    assert torch.equal(sampler.sample(4, seed=np.int64(5)).slots.enc_index, sampler.sample(4, seed=5).slots.enc_index)
+    for bad, kind, message in [(2**64, ValueError, "seed must fit in 64 bits"), (5.0, TypeError, "seed must be an int, got float"),
+                               (True, TypeError, "seed must be an int, got bool")]:
+        with pytest.raises(kind, match=message):
+            sampler.sample(4, seed=bad)
+    with pytest.raises(TypeError, match="offset must be an int"):
+        sampler.sample(4, seed=1, offset=0.5)
+    with pytest.raises(TypeError, match="batch_size must be an int"):
+        sampler.budgets(4.0, seed=1)
+    # lengths past int32: cut to the modality's tokens like any long sequence (2**32 + 3 wrapped to 3)
+    spec = next(s for s in sampler.specs if s.kind == "sequence")
+    full = torch.full((4,), spec.num_tokens, dtype=torch.int64)
+    for huge in (2**32 + 3, 2**32, spec.num_tokens + 1):
+        a = sampler.sample(4, seed=3, lengths={spec.name: torch.full((4,), huge, dtype=torch.int64)})
+        b = sampler.sample(4, seed=3, lengths={spec.name: full})
+        assert torch.equal(a.sequence_source[spec.name], b.sequence_source[spec.name]), huge
+    # an empty batch gets through to ml-4m's format (a max() over no elements raised)
+    layout = sampler.sample(0, seed=1)
+    tokens = {s.name: torch.zeros(0, s.num_tokens, dtype=torch.int64) for s in sampler.specs}
+    batch = to_ml4m_batch(layout, tokens, list(range(100)), 0)
+    assert all(d["tensor"].shape[0] == 0 for d in batch.values())
+
+
+def test_mixture_weights_split_by_weight_at_float32_extremes():
+    # The kernel scales a uniform by the float32 sum of the weights: 2e38 + 2e38 overflowed and
+    # every sample drew the last component; a subnormal sum sent half the draws to a weight of 0
+    specs = fourm7_specs()
+    for weights, want in [([2e38, 2e38], (0.5, 0.5)), ([1e-45, 0.0], (1.0, 0.0)), ([3.0, 1.0], (0.75, 0.25))]:
+        sampler = TokenBudgetSampler(specs, 128, 128, FOURM7_ALPHAS_IN, FOURM7_ALPHAS_TG, weights=weights)
+        share = torch.bincount(sampler.budgets(4000, seed=1).component.long(), minlength=2).double() / 4000
+        assert abs(share[0] - want[0]) < 0.03 and abs(share[1] - want[1]) < 0.03, (weights, share.tolist())
+    size = torch.tensor([4, 6], dtype=torch.int32)
+    a = torch.ones(2, 2)
+    for w in ([2e38, 2e38], [1e-45, 0.0]):  # the op itself, given such weights directly, refuses them
+        with pytest.raises(ValueError, match="weights must add up to a finite, normal float32 number"):
+            sample_budgets(3, a, a, torch.tensor(w), size, torch.tensor([True, False]), (1, 2), (1, 2), 0)
 
 
 def test_image_selection_is_uniform():

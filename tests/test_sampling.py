@@ -288,6 +288,16 @@ def test_bad_inputs_raise_clear_errors():
         sample_tokens(x, temperature=bad_rows)
 
 
+def test_backward_through_probs_raises():
+    logits = torch.randn(4, 50, requires_grad=True)
+    tokens, probs = sample_tokens(logits, seed=1)
+    assert probs.requires_grad and not tokens.requires_grad
+    with pytest.raises(RuntimeError, match="sample_tokens is not differentiable"):
+        probs.log().sum().backward()  # left logits.grad None with only a warning before
+    with torch.no_grad():
+        assert torch.equal(sample_tokens(logits, seed=1)[0], tokens)
+
+
 def test_opcheck_and_compile():
     op = torch.ops.fourm_fast.sample_tokens.default
     logits = torch.randn(9, 33)

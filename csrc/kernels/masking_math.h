@@ -186,7 +186,8 @@ FF_INLINE void budget_sample(const BudgetConfig& cfg, uint64_t seed, uint64_t of
     for (int i = 0; i < cfg.C; ++i) wsum = ff_add(wsum, cfg.weights[i]);
     const float u = ff_mul(next_open01(s), wsum);
     float acc = 0.0f;
-    c = cfg.C - 1;
+    c = cfg.C - 1;  // reached only by rounding at the top: the last component that can be drawn
+    while (c > 0 && !(cfg.weights[c] > 0.0f)) --c;
     for (int i = 0; i < cfg.C; ++i) {
       acc = ff_add(acc, cfg.weights[i]);
       if (u < acc && cfg.weights[i] > 0.0f) {

@@ -73,7 +73,11 @@ HALF_ROWS_MAX_K = 1024
 _HALF = (torch.bfloat16, torch.float16)
 
 
-def _few_rows_path(rows: int, x: Tensor, weight: Tensor) -> bool:
+def _few_rows_path(rows: int, x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
+    if torch.is_autocast_enabled("cpu"):  # F.linear's autocast dtype, whatever the row count
+        return False
+    if bias is not None and bias.dtype != x.dtype:  # F.linear's error, not a silent promotion
+        return False
     if x.dtype in _HALF:
         return (x.device.type == "cpu" and weight.dtype == x.dtype and 1 <= rows <= FEW_ROWS_MAX_HALF
                 and weight.numel() * 2 >= HALF_ROWS_MIN_BYTES and weight.shape[-1] <= HALF_ROWS_MAX_K
@@ -86,7 +90,7 @@ def _few_rows_path(rows: int, x: Tensor, weight: Tensor) -> bool:
 def few_rows_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """``F.linear(x, weight, bias)``: x (..., K), weight (N, K), bias (N,) or None -> (..., N)."""
     rows = x.numel() // max(x.shape[-1], 1)
-    if not _few_rows_path(rows, x, weight):
+    if not _few_rows_path(rows, x, weight, bias):
         return F.linear(x, weight, bias)
     y = rows_linear(x.reshape(rows, x.shape[-1]), weight)
     if bias is not None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -36,6 +37,19 @@ class Layout(NamedTuple):
     dec_limit: Tensor
 
 
+def _counter(value, name: str, op: str) -> int:
+    """seed / offset: any 64-bit integer, as sample_tokens takes them (>= 2**63 wraps to the same
+    64 bits as int64, which is what the schema holds); others get a TypeError here instead of the
+    dispatcher's schema error."""
+    if isinstance(value, np.integer):
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{op}: {name} must be an int, got {type(value).__name__}")
+    if not -(2**63) <= value < 2**64:
+        raise ValueError(f"{op}: {name} must fit in 64 bits")
+    return value - 2**64 if value >= 2**63 else value
+
+
 def sample_budgets(
     batch_size: int,
     alpha_in: Tensor,
@@ -49,6 +63,10 @@ def sample_budgets(
     offset: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Per sample: mixture component, input and target budgets ``[B, M]`` (int32), as 4M draws them."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)):
+        raise TypeError(f"sample_budgets: batch_size must be an int, got {type(batch_size).__name__}")
+    batch_size = int(batch_size)
+    seed, offset = _counter(seed, "seed", "sample_budgets"), _counter(offset, "offset", "sample_budgets")
     return torch.ops.fourm_fast.sample_budgets.default(
         batch_size, alpha_in, alpha_tg, weights, size, is_image,
         input_range[0], input_range[1], target_range[0], target_range[1], seed, offset,
@@ -68,6 +86,7 @@ def token_layout(
     offset: int = 0,
 ) -> Layout:
     """Choose image tokens (uniform, disjoint) and lay out encoder / decoder slots per sample."""
+    seed, offset = _counter(seed, "seed", "token_layout"), _counter(offset, "offset", "token_layout")
     return Layout(*torch.ops.fourm_fast.token_layout.default(
         input_budget, target_budget, seq_input, seq_target, size, is_image, num_encoder, num_decoder, seed, offset,
     ))
@@ -88,6 +107,7 @@ def span_mask(
     Returns ``source [B, 2 (max_tokens + 1)]`` (token index j >= 0, sentinel s as -s, SPAN_PAD),
     the input and target lengths, and the highest sentinel number each sample used.
     """
+    seed, offset = _counter(seed, "seed", "span_mask"), _counter(offset, "offset", "span_mask")
     return torch.ops.fourm_fast.span_mask.default(
         lengths, input_budget, target_budget, keep_mode, max_tokens, modality, seed, offset,
     )

@@ -63,7 +63,7 @@ def sample_tokens(
     Returns:
         tokens: ``(R,)`` int64.
         probs: ``(R,)`` float32, the drawn token's probability under the filtered, tempered
-            distribution (MaskGIT's confidence).
+            distribution (MaskGIT's confidence); not differentiable (a backward through it raises).
 
     Top-k, then top-p (on the top-k survivors), then min-p filter the guided logits. Softmax
     weights are fixed-point integers, so sums are exact in any order; the draw is the inverse CDF
@@ -104,6 +104,17 @@ def _sample_tokens_fake(logits, uncond_logits, temperature, top_k, top_p, min_p,
         torch._check_type(t.dtype == torch.float32, lambda: f"sample_tokens: {name} must be a float32 tensor")
     R = logits.shape[0]
     return logits.new_empty((R,), dtype=torch.int64), logits.new_empty((R,), dtype=torch.float32)
+
+
+def _not_differentiable(ctx, *grads):
+    raise RuntimeError("sample_tokens is not differentiable: tokens are discrete draws and probs is the "
+                       "drawn token's probability with no gradient formula; for a gradient of it, gather "
+                       "log_softmax(logits / T) at the returned tokens")
+
+
+# Without this, a backward through probs warned and left the logits' gradient None silently.
+torch.library.register_autograd("fourm_fast::sample_tokens", _not_differentiable,
+                                setup_context=lambda ctx, inputs, output: None)
 
 
 def select_positions(confidence: Tensor, candidates: Tensor, num_select: Tensor) -> Tensor:
