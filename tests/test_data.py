@@ -47,10 +47,13 @@ def test_modalities_agree_pixel_by_pixel(index):
             assert out["semseg"][y, x] == cls and out["depth"][y, x] == np.float32(best), (y, x)
     norms = np.linalg.norm(out["normal"], axis=-1)
     assert np.allclose(norms, 1.0, atol=1e-5)
-    change = np.zeros((size, size), bool)
-    change[:, 1:] |= out["semseg"][:, 1:] != out["semseg"][:, :-1]
-    change[1:, :] |= out["semseg"][1:, :] != out["semseg"][:-1, :]
-    assert (out["edges"][change] == 255).all(), "a class change is always an edge"
+    # a class change is an edge on both sides, so it stays one under a horizontal or vertical flip
+    for seg, edges in ((out["semseg"], out["edges"]), (out["semseg"][:, ::-1], out["edges"][:, ::-1]),
+                       (out["semseg"][::-1], out["edges"][::-1])):
+        change = np.zeros((size, size), bool)
+        change[:, 1:] |= seg[:, 1:] != seg[:, :-1]
+        change[1:, :] |= seg[1:, :] != seg[:-1, :]
+        assert (edges[change] == 255).all(), "a class change is always an edge"
 
 
 def test_caption_and_boxes_describe_the_scene():

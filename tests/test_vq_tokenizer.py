@@ -101,6 +101,38 @@ def test_tokens_of_a_retrained_tokenizer_are_refused(tmp_path):
         TokenShards(root, ["caption"])
 
 
+def test_bad_class_ids_and_text_encodings_name_the_file(tmp_path):
+    # both used to surface as tracebacks without a path (a one_hot RuntimeError, a UnicodeDecodeError)
+    import hashlib
+
+    from PIL import Image
+
+    from fourm_fast.data import ShardError
+    from fourm_fast.tokenizers.vq import train_text_tokenizer
+
+    root = tmp_path / "shards"
+    write_synthetic(root, 12, size=16, seed=3, progress=False)
+    manifest = json.loads((root / "manifest.json").read_text())
+
+    def replace(rel: str, data: bytes) -> None:
+        (root / rel).write_bytes(data)
+        manifest["checksums"][rel] = hashlib.sha256(data).hexdigest()  # a valid shard, bad content
+        (root / "manifest.json").write_text(json.dumps(manifest))
+
+    seg = f"semseg/000003.{manifest['extensions']['semseg']}"
+    arr = np.array(Image.open(root / seg))
+    arr[0, 0] = 4
+    (root / "tmp.png").unlink(missing_ok=True)
+    Image.fromarray(arr).save(root / "tmp.png")
+    replace(seg, (root / "tmp.png").read_bytes())
+    with pytest.raises(ShardError, match="semseg/000003.png: class id 4, the semseg tokenizer knows 4 classes"):
+        train_tokenizer(root, "semseg", steps=1, batch_size=2, num_codes=8, log=lambda m: None)
+    cap = f"caption/000002.{manifest['extensions']['caption']}"
+    replace(cap, "café".encode("latin-1"))
+    with pytest.raises(ShardError, match="caption/000002.txt: not UTF-8 text"):
+        train_text_tokenizer(root, log=lambda m: None)
+
+
 def test_diverged_training_saves_nothing(shards, tmp_path, monkeypatch):
     loss, calls = VQTokenizer.loss, [0]
 

@@ -49,7 +49,10 @@ def _encode(name: str, value) -> bytes:
 
 def _decode(name: str, data: bytes, path: Path):
     if name in ("caption", "det"):
-        return data.decode("utf-8")
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ShardError(f"{path}: not UTF-8 text ({e})") from None
     try:
         arr = np.asarray(Image.open(io.BytesIO(data)))
     except Exception as e:  # noqa: BLE001 - PIL raises many types for bad images

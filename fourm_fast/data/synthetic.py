@@ -8,7 +8,7 @@ computed from the same description with one z-buffer, so they agree by construct
   depth    (H, W) float32    distance of the visible surface (background 10)
   normal   (H, W, 3) float32 unit surface normals (camera looks along -z)
   semseg   (H, W) uint8      class of the visible surface (0 background, 1 circle, 2 square, 3 triangle)
-  edges    (H, W) uint8      255 where the visible object changes between neighbouring pixels
+  edges    (H, W) uint8      255 on both pixels of each neighbouring pair whose visible object differs
   caption  str               "a small red circle left of a large blue square"
   det      str               4M's box text: "v0=x0 v1=y0 v2=x1 v3=y1 class" per object, corners in 0..999
 
@@ -101,9 +101,14 @@ def render(objs: list[SceneObject], size: int) -> dict[str, np.ndarray]:
         normal = np.where(win[..., None], n, normal)
         semseg = np.where(win, np.uint8(CLASS_ID[obj.shape]), semseg)
         instance = np.where(win, np.int16(k), instance)
+    # both pixels of a differing pair, so edges stay on the boundary when a sample is flipped or
+    # cropped (marking one side put a flipped sample's edges a pixel off its semseg boundary)
     edges = np.zeros((size, size), bool)
-    edges[:, 1:] |= instance[:, 1:] != instance[:, :-1]
-    edges[1:, :] |= instance[1:, :] != instance[:-1, :]
+    dx, dy = instance[:, 1:] != instance[:, :-1], instance[1:, :] != instance[:-1, :]
+    edges[:, 1:] |= dx
+    edges[:, :-1] |= dx
+    edges[1:, :] |= dy
+    edges[:-1, :] |= dy
     return {"rgb": np.clip(rgb, 0, 255).astype(np.uint8), "depth": depth, "normal": normal.astype(np.float32),
             "semseg": semseg, "edges": (edges * 255).astype(np.uint8)}
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..data.shards import read_manifest, read_sample
+from ..data.shards import ShardError, read_manifest, read_sample
 from ..nn import VectorQuantizer
 
 # channels of each modality as the tokenizer sees it (semseg: one-hot of its classes)
@@ -166,8 +166,14 @@ class VQTokenizer(nn.Module):
 
 
 def load_images(root: Path, modality: str, indices: list[int], manifest: dict) -> Tensor:
-    return torch.stack([to_input(modality, read_sample(root, i, manifest, modalities=[modality])[modality])
-                        for i in indices])
+    out = []
+    for i in indices:
+        value = read_sample(root, i, manifest, modalities=[modality])[modality]
+        if modality == "semseg" and value.size and int(value.max()) >= CHANNELS["semseg"]:
+            path = Path(root) / "semseg" / f"{i:06d}.{manifest['extensions']['semseg']}"
+            raise ShardError(f"{path}: class id {int(value.max())}, the semseg tokenizer knows {CHANNELS['semseg']} classes")
+        out.append(to_input(modality, value))
+    return torch.stack(out)
 
 
 def train_tokenizer(data: str | Path, modality: str, steps: int = 300, batch_size: int = 32, lr: float = 2e-3,
