@@ -208,11 +208,19 @@ struct LayoutOutputs {
   }
 };
 
+// One sample's row as "[a, b, c]" (a tensor streamed into the message spans several lines).
+inline std::string int_row(const at::Tensor& t, int64_t b) {
+  const at::Tensor r = t[b].to(at::kCPU, at::kLong).contiguous();
+  std::string s = "[";
+  for (int64_t i = 0; i < r.numel(); ++i) s += (i ? ", " : "") + std::to_string(r.const_data_ptr<int64_t>()[i]);
+  return s + "]";
+}
+
 [[noreturn]] inline void raise_layout_error(int64_t b, int32_t status, const at::Tensor& in_b, const at::Tensor& tg_b,
                                             const at::Tensor& s_in, const at::Tensor& s_tg, int64_t ne, int64_t nd) {
   TORCH_CHECK_VALUE(false, "token_layout: sample ", b, ": ", layout_status_message(status), "; input_budget ",
-                    in_b[b].cpu(), ", target_budget ", tg_b[b].cpu(), ", seq_input ", s_in[b].cpu(), ", seq_target ",
-                    s_tg[b].cpu(), ", slots ", ne, "/", nd);
+                    int_row(in_b, b), ", target_budget ", int_row(tg_b, b), ", seq_input ", int_row(s_in, b),
+                    ", seq_target ", int_row(s_tg, b), ", slots ", ne, "/", nd);
 }
 
 }  // namespace fourm_fast

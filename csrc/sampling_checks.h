@@ -91,7 +91,8 @@ inline void raise_sample_status(int32_t status, int64_t row, const kernels::Samp
       TORCH_CHECK_VALUE(false, "sample_tokens: row ", row, " has a NaN logit (after guidance, if any)");
     case kSampleNoFinite:
       TORCH_CHECK_VALUE(false, "sample_tokens: row ", row,
-                        " has no finite logit or a +inf logit (logits must be finite or -inf)");
+                        " has no finite logit or a +inf logit (logits must be finite or -inf; with guidance, "
+                        "u + cfg_scale (c - u) can overflow to +inf from finite logits)");
     case kSampleBadTemperature:
       TORCH_CHECK_VALUE(false, "sample_tokens: temperature must be finite and >= 0, got ", p.temperature,
                         " at row ", row);

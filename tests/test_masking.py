@@ -418,7 +418,8 @@ def test_ops_reject_bad_inputs():
         sample_budgets(3, a, a, None, size, img[:1], (1, 2), (1, 2), 0)
     inp = torch.tensor([[5, 0]], dtype=torch.int32)  # 5 inputs from a 4-token grid
     z = torch.zeros_like(inp)
-    with pytest.raises(ValueError, match="sample 0: a budget outside its modality"):
+    with pytest.raises(ValueError, match=r"sample 0: a budget outside its modality.*; input_budget \[5, 0\], "
+                                         r"target_budget \[0, 0\], seq_input \[0, 0\], seq_target \[0, 0\], slots 8/8$"):
         token_layout(inp, z, z, z, size, img, 8, 8, 0)
     inp = torch.tensor([[3, 0]], dtype=torch.int32)
     with pytest.raises(ValueError, match="more input or target tokens than encoder / decoder slots"):

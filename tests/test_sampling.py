@@ -244,6 +244,9 @@ def test_bad_inputs_raise_clear_errors():
     pinf[0, 0] = math.inf
     with pytest.raises(ValueError, match="finite or -inf"):
         sample_tokens(pinf)
+    big = torch.full((1, 10), 3e38)  # finite logits whose guided value overflows to +inf
+    with pytest.raises(ValueError, match="with guidance, u \\+ cfg_scale \\(c - u\\) can overflow"):
+        sample_tokens(big, uncond_logits=-big, cfg_scale=2.0)
     with pytest.raises(ValueError, match="temperature"):
         sample_tokens(x, temperature=-1.0)
     with pytest.raises(ValueError, match="top_p"):

@@ -40,7 +40,9 @@ class VectorQuantizer(nn.Module):
             assignment from dividing by zero).
         dead_code_threshold: with EMA, codes whose running usage falls below this many
             assignments are restarted at random inputs of the current batch.
-        check_finite: raise on inputs with NaN/inf (one host sync per call).
+        check_finite: raise on inputs with NaN/inf (one host sync per call). False saves the sync and
+            makes finite inputs a precondition: such a row's index is -1, which the code gather
+            and the EMA update then fail on with an indexing error, not a clear message.
     """
 
     def __init__(
