@@ -445,6 +445,8 @@ def test_target_spec_checks_and_normalises_its_settings():
     assert (type(t.steps), type(t.temperature), type(t.top_k), type(t.top_p), type(t.cfg_scale), type(t.max_length)) == \
         (int, float, int, float, float, int)
     assert TargetSpec("rgb", top_k=7.0).top_k == 7 and TargetSpec("rgb", top_k=0.25).top_k == 0.25
+    assert TargetSpec("rgb", temperature=torch.tensor(0.5)).temperature == 0.5
+    assert TargetSpec("caption", "autoregressive", steps=None).steps is None  # ignored there
     for kwargs, message in [({"top_p": 90}, "top_p must be in \\[0, 1\\]"), ({"top_p": -0.3}, "top_p"),
                             ({"top_p": float("nan")}, "top_p"), ({"top_k": 2.5}, "whole count"),
                             ({"top_k": -1}, "top_k"), ({"min_p": 1.5}, "min_p"), ({"max_length": 0}, "max_length must be >= 1"),
@@ -483,6 +485,8 @@ def test_state_accepts_the_documented_shapes_and_refuses_others(model):
     assert [st.sequence("caption", b) for b in range(3)] == [[5, 6], [7, 8], [9, 3]]
     st.set_sequence("caption", [torch.tensor([5]), [6, 7], np.array([8, 9, 3])])
     assert [st.sequence("caption", b) for b in range(3)] == [[5], [6, 7], [8, 9, 3]]
+    st.set_sequence("caption", list(torch.tensor([5, 6, 3])))  # a list of 0-d tensors is one sequence
+    assert st.sequence("caption", 0) == [5, 6, 3]
     with pytest.raises(ValueError, match="not a mix"):
         st.set_sequence("caption", [5, [6, 7], 3])
     with pytest.raises(ValueError, match="must be integers"):

@@ -146,6 +146,22 @@ def test_diverged_training_saves_nothing(shards, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"tokenizer depth: training diverged \(loss nan at step 3 of 5, lr 0.002\); nothing was saved"):
         train_tokenizer(shards, "depth", steps=5, batch_size=4, num_codes=16, out=out, log=lambda m: None)
     assert not out.exists()
+    # a NaN step whose loss still read finite (here: the last step's gradients) is caught before saving
+    monkeypatch.setattr(VQTokenizer, "loss", loss)
+    step = torch.optim.AdamW.step
+
+    def poison_last(self, *args, **kwargs):
+        out = step(self, *args, **kwargs)
+        calls[0] += 1
+        if calls[0] == 3 + 5:
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].fill_(float("nan"))
+        return out
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", poison_last)
+    with pytest.raises(ValueError, match=r"tokenizer depth: training diverged \(NaN or inf in encoder"):
+        train_tokenizer(shards, "depth", steps=5, batch_size=4, num_codes=16, out=out, log=lambda m: None)
+    assert not out.exists()
 
 
 def test_cli(shards, tmp_path, capfd):

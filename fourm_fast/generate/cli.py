@@ -12,6 +12,7 @@ its data folder holds the text tokenizer.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import sys
@@ -33,7 +34,7 @@ class Assets:
     def __init__(self, checkpoint: str | Path, tokenizers: str | Path | None = None, device: str = "cpu"):
         from ..train.checkpoint import load_model
 
-        self.model, self.train_config, self.path = load_model(checkpoint, device)
+        self.model, self.train_config, self.path, trained_with = load_model(checkpoint, device)
         data = self.train_config.get("data", {})
         folder = Path(tokenizers) if tokenizers else (Path(data["path"]) / "tokenizers" if data.get("source") == "shards" else None)
         self.vq, self.text = {}, None
@@ -49,12 +50,8 @@ class Assets:
                 from ..tokenizers.text import TextTokenizer
 
                 self.text = TextTokenizer.load(folder / "text.json")
-        if folder is not None and tokenizers is None:  # the training data's: they must be those it was tokenized with
-            from ..data.shards import read_manifest
-            from ..data.validate import check_tokenizers_unchanged
-
-            manifest = read_manifest(data["path"])
-            check_tokenizers_unchanged(Path(data["path"]), manifest, list(manifest.get("tokens") or {}))
+        if folder is not None and trained_with:
+            self._check_trained_with(folder, trained_with)
         cfg = self.model.cfg
         seqs = [m for m in cfg.modalities if m.kind == "sequence"]
         if self.text is not None:
@@ -62,6 +59,19 @@ class Assets:
         else:  # the synthetic source's convention: the last num_sentinels ids, [S_1] first
             ns = int(data.get("num_sentinels", 100))
             self.sentinels = {m.name: [0] + list(range(m.vocab_size - ns, m.vocab_size)) for m in seqs}
+
+    def _check_trained_with(self, folder: Path, trained_with: dict) -> None:
+        """The tokenizers in ``folder`` must be the files the model's tokens came from: a codebook
+        or WordPiece vocabulary retrained since would decode (and encode conditions) into ids the
+        model never learnt, without a word."""
+        for m, rec in sorted(trained_with.items()):
+            path = folder / str(rec.get("file"))
+            if m not in self.model.modalities or not rec.get("sha256") or not path.exists():
+                continue
+            if hashlib.sha256(path.read_bytes()).hexdigest() != rec["sha256"]:
+                raise ValueError(f"{path} changed since the checkpoint {self.path} was trained on {m} tokens made "
+                                 f"with it (retrained?): put back the tokenizer the model learnt, or train the "
+                                 f"model again on tokens of this one")
 
     def image_tokens(self, name: str, value: str) -> torch.Tensor:
         """A condition image: a .npy token grid ((g, g), or (B, g, g) for one per sample), or an

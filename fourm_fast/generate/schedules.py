@@ -113,8 +113,8 @@ def _integer(value, who: str):
 
 
 def _real(value, who: str) -> float | int:
-    if isinstance(value, (np.integer, np.floating)):
-        value = value.item()
+    if isinstance(value, (np.integer, np.floating)) or (hasattr(value, "item") and getattr(value, "ndim", 1) == 0):
+        value = value.item()  # numpy scalars and 0-d tensors
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{who} must be a number, got {value!r}")
     return value
@@ -141,9 +141,8 @@ class TargetSpec:
     fraction of the vocabulary in (0, 1); top_p in [0, 1], 0 or 1 is off; min_p in [0, 1].
     Autoregressive targets decode one token per step at ``temperature``: steps, token_schedule and
     temp_schedule apply to MaskGIT / ROAR only (as in 4M). With maskgit, a step's confidence is
-    the sampled token's probability at that step's temperature; at temperature 0 (and at the
-    near-zero temperatures 4M's linear and onex schedules end with) every such probability is 1,
-    so the step commits the lowest unknown positions (4M's top-k meets the same tie).
+    the sampled token's probability at that step's temperature; at temperature 0 every such
+    probability is 1, so the step commits the lowest unknown positions (4M's top-k meets the same tie).
     """
 
     name: str
@@ -164,7 +163,8 @@ class TargetSpec:
     def __post_init__(self):
         who = f"target {self.name!r}"
         # numpy scalars (from a config or an array) become Python numbers; the op takes no others
-        self.steps = _integer(self.steps, f"{who}: steps")
+        if self.scheme != "autoregressive":  # autoregressive targets ignore steps
+            self.steps = _integer(self.steps, f"{who}: steps")
         self.temperature = _real(self.temperature, f"{who}: temperature")
         self.cfg_scale = _real(self.cfg_scale, f"{who}: cfg_scale")
         self.top_k = _real(self.top_k, f"{who}: top_k")

@@ -104,7 +104,8 @@ class GenerationState:
             if ids.ndim not in (1, 2):
                 raise ValueError(f"{name}: a 1-D sequence or a 2-D batch of them, got shape {tuple(ids.shape)}")
             ids = ids.tolist()
-        ids = list(ids)
+        # 0-d tensors and numpy scalars are ids; lists, tuples and 1-D arrays are sequences
+        ids = [r.item() if isinstance(r, (Tensor, np.ndarray, np.generic)) and np.ndim(r) == 0 else r for r in ids]
         nested = [isinstance(r, (list, tuple, Tensor, np.ndarray)) for r in ids]
         if any(nested) and not all(nested):
             raise ValueError(f"{name}: give one sequence of ids or a list of sequences, not a mix")

@@ -79,9 +79,12 @@ def sample_tokens(
         # fraction rounded to the op's float32 parameters would give 9. At least 1: a fraction of a
         # small vocabulary rounding to 0 turned filtering off (0 means "no top-k").
         top_k = max(min(int(top_k * logits.shape[1]), logits.shape[1]), 1)
-    return torch.ops.fourm_fast.sample_tokens.default(
-        logits,
-        uncond_logits,
+    # No autograd kernel on the op (one would put a Python hop at the Autograd key on every call,
+    # no_grad ones included: about 8 us): inputs that need a gradient go through _SampledProbs.
+    grad = torch.is_grad_enabled() and (logits.requires_grad or (uncond_logits is not None and uncond_logits.requires_grad))
+    tokens, probs = torch.ops.fourm_fast.sample_tokens.default(
+        logits.detach() if grad else logits,
+        uncond_logits.detach() if grad and uncond_logits is not None else uncond_logits,
         _param(temperature, "temperature", R, dev),
         _param(top_k, "top_k", R, dev),
         _param(top_p, "top_p", R, dev),
@@ -90,6 +93,22 @@ def sample_tokens(
         _counter(seed, "seed", dev),
         _counter(offset, "offset", dev),
     )
+    return tokens, (_SampledProbs.apply(probs, logits, uncond_logits) if grad else probs)
+
+
+class _SampledProbs(torch.autograd.Function):
+    """probs joined to the logits' graph with a backward that raises: the op has no gradient, and
+    without this a backward through probs warned and left the logits' gradient None silently."""
+
+    @staticmethod
+    def forward(ctx, probs, logits, uncond_logits):
+        return probs.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError("sample_tokens is not differentiable: tokens are discrete draws and probs is the "
+                           "drawn token's probability with no gradient formula; for a gradient of it, gather "
+                           "log_softmax(logits / T) at the returned tokens")
 
 
 @torch.library.register_fake("fourm_fast::sample_tokens")
@@ -104,17 +123,6 @@ def _sample_tokens_fake(logits, uncond_logits, temperature, top_k, top_p, min_p,
         torch._check_type(t.dtype == torch.float32, lambda: f"sample_tokens: {name} must be a float32 tensor")
     R = logits.shape[0]
     return logits.new_empty((R,), dtype=torch.int64), logits.new_empty((R,), dtype=torch.float32)
-
-
-def _not_differentiable(ctx, *grads):
-    raise RuntimeError("sample_tokens is not differentiable: tokens are discrete draws and probs is the "
-                       "drawn token's probability with no gradient formula; for a gradient of it, gather "
-                       "log_softmax(logits / T) at the returned tokens")
-
-
-# Without this, a backward through probs warned and left the logits' gradient None silently.
-torch.library.register_autograd("fourm_fast::sample_tokens", _not_differentiable,
-                                setup_context=lambda ctx, inputs, output: None)
 
 
 def select_positions(confidence: Tensor, candidates: Tensor, num_select: Tensor) -> Tensor:

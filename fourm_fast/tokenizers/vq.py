@@ -213,6 +213,10 @@ def train_tokenizer(data: str | Path, modality: str, steps: int = 300, batch_siz
         if (step + 1) % max(1, steps // 10) == 0 or step + 1 == steps:
             log(f"tokenizer {modality}: step {step + 1}/{steps} loss {loss.item():.4f} ({time.perf_counter() - t0:.0f} s)")
     model.eval()
+    bad = [k for k, t in model.state_dict().items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:  # NaN gradients or a NaN EMA update on the last step, after the last loss check
+        raise ValueError(f"tokenizer {modality}: training diverged (NaN or inf in {', '.join(bad[:3])} after "
+                         f"{steps} steps, lr {lr}); nothing was saved")
     quality = model.quality(held_out)
     path = Path(out) if out else root / "tokenizers" / f"{modality}.safetensors"
     meta = {"quality": quality, "steps": steps, "train_samples": len(train_idx), "eval_samples": n_eval,

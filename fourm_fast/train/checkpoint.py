@@ -239,7 +239,9 @@ def load_checkpoint(path: Path, model: nn.Module, inner: nn.Module, optimizer, s
 
 def load_model(path: str | Path, device: str | torch.device = "cpu"):
     """A trained FourM for inference from a checkpoint folder (step-NNNNNNN) or a training output
-    folder (its latest checkpoint): (model in eval mode, training config, checkpoint folder)."""
+    folder (its latest checkpoint): (model in eval mode, training config, checkpoint folder, the
+    tokenizer files its shard tokens came from: {modality: {"file", "sha256"}}, None for the
+    synthetic source or a checkpoint written before they were recorded)."""
     from ..model import FourM, FourMConfig
 
     path = Path(path)
@@ -264,4 +266,4 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
     if missing or unexpected:
         raise CheckpointError(f"checkpoint file {mfile} does not match its model_config: missing {sorted(missing)[:5]}, "
                               f"unexpected {sorted(unexpected)[:5]}")
-    return model.to(device).eval(), state.get("config", {}), path
+    return model.to(device).eval(), state.get("config", {}), path, state.get("tokenizers")

@@ -40,6 +40,10 @@ class ShardSource:
         # (self.ds.skipped, one log line), else the first one raises naming its file
         self.ds = TokenShards(data_cfg["path"], self.names, skip_bad=bool(data_cfg.get("skip_bad", False)))
         self.skipped = self.ds.skipped
+        # the tokenizer files the tokens came from (checked unchanged by TokenShards): checkpoints
+        # record them, so generate can tell whether DATA/tokenizers still decodes what the model learnt
+        self.tokenizers = {m: {"file": e.get("tokenizer"), "sha256": e.get("tokenizer_sha256")}
+                           for m, e in self.ds.manifest["tokens"].items() if m in self.names}
         for m in model_cfg.modalities:
             entry = self.ds.manifest["tokens"][m.name]
             if m.vocab_size < entry["num_codes"]:

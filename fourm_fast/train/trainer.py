@@ -343,6 +343,7 @@ def train(cfg: dict, resume: bool | str = False, log=print) -> dict:
                 stop_if_diverged()
                 t_ckpt = time.perf_counter()
                 extra = {"model_config": model_cfg_dict, "config": cfg, "data_state": {"next_step": steps_done},
+                         "tokenizers": getattr(source, "tokenizers", None),
                          "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                                  "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}}
                 path = save_checkpoint(ckpt_root, steps_done, model, inner, optimizer, scheduler, extra,
