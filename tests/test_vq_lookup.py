@@ -77,6 +77,19 @@ def test_exact_ties_go_to_smallest_index(cpu_isa, metric, dtype):
         assert torch.equal(idx, ref_idx)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_one_dim_cosine_ties_go_to_smallest_index(cpu_isa, dtype):
+    # With D = 1 every code of a row's sign is at cosine distance exactly 0. Codes normalised as
+    # c * (1 / |c|) read 0.99999994 for some values and 1 for others, so the search picked a larger
+    # index for 32 of 70 rows; c / |c| is exactly +-1, as F.normalize gives.
+    g = torch.Generator().manual_seed(1)
+    cb, x = torch.randn(33, 1, generator=g).to(dtype), torch.randn(70, 1, generator=g).to(dtype)
+    idx, dist = vq_lookup(x, cb, "cosine")
+    first_pos, first_neg = int((cb[:, 0] > 0).nonzero()[0]), int((cb[:, 0] < 0).nonzero()[0])
+    assert torch.equal(idx, torch.where(x[:, 0] > 0, first_pos, first_neg))
+    assert (dist == 0).all()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_all_codes_equal_picks_zero(cpu_isa, dtype):
     cb = torch.ones(1031, 5, dtype=dtype)

@@ -174,9 +174,9 @@ PackedCodebook pack_codebook(const at::Tensor& codebook, VqMetric metric) {
       float* dst = values + (j / kNr) * D * kNr + (j % kNr);
       // Prepared codes are rounded to the input dtype, as the CUDA executor stores them for its
       // tensor cores, so both executors rank the same numbers (a no-op for float32, and for l2,
-      // whose multiplier is 1).
+      // whose divisor is 1).
       for (int64_t d = 0; d < D; ++d) {
-        dst[d * kNr] = static_cast<float>(static_cast<scalar_t>(static_cast<float>(row[d * s1]) * prep.multiplier));
+        dst[d * kNr] = static_cast<float>(static_cast<scalar_t>(kernels::vq_prepared_entry(static_cast<float>(row[d * s1]), prep)));
       }
     }
   });

@@ -6,7 +6,7 @@
 // Three kernels, all on the current stream:
 //  1. prepare: one thread per code (K rounded up to a tile) computes |c|^2 and the finite flag in
 //     index order (the CPU's order, so the biases agree bit for bit), then writes the prepared code
-//     c' = c * multiplier and bias[K_pad]; padding codes and padding dims are zero, padding codes
+//     c' = c / divisor and bias[K_pad]; padding codes and padding dims are zero, padding codes
 //     get bias +inf. c' is stored tile-major: one contiguous block per (code tile, D chunk), in the
 //     order the search streams it, so each pipeline step copies one contiguous run.
 //  2. search, grid (row tiles of 128, code splits), 256 threads, a 3-stage cp.async pipeline over

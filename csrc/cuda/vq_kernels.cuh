@@ -197,7 +197,7 @@ __global__ void vq_prepare_codes_kernel(const scalar_t* __restrict__ codebook, i
   bias[j] = prep.bias;
   // A non-finite code keeps zeros (inf * 0 would be NaN); its +inf bias already excludes it.
   for (int64_t d = 0; d < d_pad; ++d) {
-    const float v = (finite && d < D) ? static_cast<float>(row[d * cs1]) * prep.multiplier : 0.0f;
+    const float v = (finite && d < D) ? kernels::vq_prepared_entry(static_cast<float>(row[d * cs1]), prep) : 0.0f;
     // Rounded to the input dtype whatever out_t is (the CPU executor does the same).
     store(d, static_cast<float>(static_cast<scalar_t>(v)));
   }

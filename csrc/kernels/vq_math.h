@@ -34,30 +34,35 @@ FF_INLINE bool vq_better(float score, int64_t index, float best_score, int64_t b
   return score < best_score || (score == best_score && index < best_index);
 }
 
-// Per-code preparation: given |c|^2 and whether every entry is finite, the code's bias and the factor
-// its entries are multiplied by before the dot product (1 for l2, 1/max(|c|, eps) for cosine).
+// Per-code preparation: given |c|^2 and whether every entry is finite, the code's bias and the
+// divisor of its entries before the dot product (1 for l2, max(|c|, eps) for cosine). A division,
+// as F.normalize does, not a product with 1/|c|: that rounds twice, so a D = 1 code read
+// 0.99999994 instead of 1 and exact cosine ties went to a larger index.
 struct VqCodePrep {
   float bias;
-  float multiplier;
+  float divisor;
 };
 
 FF_INLINE VqCodePrep vq_prepare_code(float sum_sq, bool all_finite, VqMetric metric) {
   VqCodePrep p;
   if (!all_finite || !is_finite_f32(sum_sq)) {
     p.bias = positive_infinity_f32();
-    p.multiplier = 0.0f;
+    p.divisor = 1.0f;  // unused: such a code is stored as zeros
     return p;
   }
   if (metric == VqMetric::L2) {
     p.bias = sum_sq;
-    p.multiplier = 1.0f;
+    p.divisor = 1.0f;
   } else {
     const float norm = sqrtf(sum_sq);
     p.bias = 0.0f;
-    p.multiplier = 1.0f / (norm > kVqNormEps ? norm : kVqNormEps);
+    p.divisor = norm > kVqNormEps ? norm : kVqNormEps;
   }
   return p;
 }
+
+// One entry of a prepared code (c_d or c_d / |c|).
+FF_INLINE float vq_prepared_entry(float v, const VqCodePrep& p) { return v / p.divisor; }
 
 // Exact distance between row x and code c, both of length D, accumulated in fp32 in index order.
 //   l2:     sum_d (x_d - c_d)^2                               (squared Euclidean distance)
