@@ -440,9 +440,12 @@ def test_token_shards_skip_bad_and_the_train_flag(synth, tmp_path):
     add_arguments(p)
     assert "data.skip_bad=true" in overrides_from_args(p.parse_args(["--skip-bad"]))
     assert "data.skip_bad=true" not in overrides_from_args(p.parse_args([]))
-    assert load_config(None, ["data.skip_bad=true"])["data"]["skip_bad"] is True
+    shards = ["data.source=shards", "data.path=/data", "modalities=auto"]
+    assert load_config(None, shards + ["data.skip_bad=true"])["data"]["skip_bad"] is True
     with pytest.raises(ConfigError, match="data.skip_bad must be true or false"):
-        load_config(None, ["data.skip_bad=3"])
+        load_config(None, shards + ["data.skip_bad=3"])
+    with pytest.raises(ConfigError, match="data.skip_bad: settings of data.source 'shards'"):
+        load_config(None, ["data.skip_bad=true"])  # the synthetic source has no bad rows to skip
 
 
 def test_torch_workers_give_the_same_batches(synth):

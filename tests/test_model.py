@@ -172,6 +172,13 @@ def test_from_ml4m_errors_name_the_problem():
     FourM.from_ml4m(sd, {**ml4m_config(), "image_size": 224, "patch_size": 16})  # 14 x 14, as the weights
     with pytest.raises(ValueError, match="patch_size 8 gives a 28x28 token grid, but tok_.*holds 14x14"):
         FourM.from_ml4m(sd, {**ml4m_config(), "image_size": 224, "patch_size": 8})
+    # names in the fourm_fast extensions are checked too (a misspelt one was ignored)
+    with pytest.raises(ValueError, match="modality_kinds names \\['tok_rbg'\\], which are not among the domains"):
+        FourM.from_ml4m(sd, {**ml4m_config(), "modality_kinds": {"tok_rbg": "image"}})
+    with pytest.raises(ValueError, match="max_lengths names \\['captions'\\]"):
+        FourM.from_ml4m(sd, {**ml4m_config(), "max_lengths": {"captions": 64}})
+    with pytest.raises(ValueError, match="modality_kinds must be 'image' or 'sequence'"):
+        FourM.from_ml4m(sd, {**ml4m_config(), "modality_kinds": {"caption": "text"}})
 
 
 def test_reduced_vocabulary_checkpoints_load():

@@ -98,6 +98,26 @@ def test_data_errors_are_config_errors(tmp_path):
     (["train.warmup_steps=1.5"], "train.warmup_steps must be an int >= 0"),
     (["train.stop_after=true"], "train.stop_after must be a positive int"),
     (["train.clip_grad=-1"], "clip_grad must be >= 0"),
+    # accepted and misused before: a CPU run for any device name, a rising "cosine", true as 1
+    (["train.device=cuda:1"], "train.device must be auto, cpu or cuda"),
+    (["train.device=gpu"], "train.device must be auto, cpu or cuda"),
+    (["train.weight_decay=-0.5"], "weight_decay must be finite and >= 0"),
+    (["train.min_lr=1e-2"], "train.min_lr 0.01 is above train.lr"),
+    (["train.lr=true"], "train.lr must be a number, got True"),
+    (["train.clip_grad=true"], "train.clip_grad must be a number"),
+    (["train.steps=true"], "train.steps must be a positive int"),
+    (["log.peak_tflops=-100"], "log.peak_tflops must be > 0"),
+    (["log.peak_tflops=0"], "log.peak_tflops must be > 0"),
+    (["model.overrides={domains_in: [rgb]}"], "unknown or unsupported keys \\['domains_in'\\]"),
+    (["data.path=/my/shards"], "data.path: settings of data.source 'shards'"),
+    # tracebacks before
+    (["train.betas=0.9"], "train.betas must be a pair"),
+    (["train.betas=[0.9, 1.5]"], "train.betas must lie in \\[0, 1\\)"),
+    (["train.seed=1.5"], "train.seed must be an int"),
+    (["model.preset=base"], "model.preset must be one of"),
+    (["model.overrides={dimm: 32}"], "unknown or unsupported keys \\['dimm'\\]"),
+    (["train=5"], "train is a section"),
+    (["train={lrr: 1}"], "unknown config key train.'lrr'"),
 ])
 def test_config_errors(overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -110,6 +130,43 @@ def test_config_file_and_null_settings():
     assert load_config(None, ["checkpoint.every=null"])["checkpoint"]["every"] == 0  # null: off, as 0
     cfg = load_config(ROOT / "configs" / "tiny.yaml")
     assert cfg["model"]["preset"] == "tiny" and cfg["train"]["batch_size"] == 8
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["model.overrides.dim=33"], "model: dim 33 is not divisible by num_heads 2"),
+    (["modalities=[{name: rgb, kind: image, vocab: 64, grid: 4}]"], "modalities: .*unexpected keyword argument 'vocab'"),
+    (["data.alphas_in={rgb: 0.5}"], "data.alphas_in: unknown modalities \\[\\], missing \\['depth', 'caption'\\]"),
+    (["data.alphas_in={rgb: 0.5, depth: 0.5, captions: 0.5}"], "unknown modalities \\['captions'\\]"),
+    (["data.num_target_tokens=0"], "data.num_target_tokens: at least one token is needed"),
+    (["data.num_input_tokens=[5, 2]"], "data: num_input_tokens"),
+])
+def test_model_and_data_errors_are_config_errors(tmp_path, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        train(small_cfg(tmp_path, "train.steps=1", *overrides), log=lambda m: None)
+
+
+def test_a_section_override_merges_and_yaml_strings_read_as_numbers(tmp_path):
+    cfg = small_cfg(tmp_path, "train={lr: 1e-3}")
+    assert cfg["train"]["lr"] == 1e-3 and cfg["train"]["min_lr"] == 1e-6  # the rest of the section stays
+    (tmp_path / "c.yaml").write_text("data:\n  alphas_in: 5e-1\n")  # YAML 1.1: the string '5e-1'
+    cfg = load_config(tmp_path / "c.yaml", SMALL + [f"out={tmp_path}", "train.steps=1"])
+    assert train(cfg, log=lambda m: None)["steps"] == 1
+
+
+def test_a_micro_batch_without_targets_still_steps(tmp_path):
+    # targets 0 or 1 per sample, 4 accumulation steps of one sample: some micro-batches have no
+    # target at all; their detached zero loss raised in backward
+    res = train(small_cfg(tmp_path, "train.steps=3", "data.num_target_tokens=[0, 1]", "train.grad_accum=4"),
+                log=lambda m: None)
+    assert res["steps"] == 3
+
+
+def test_restarts_past_stop_after_train_nothing(tmp_path):
+    # an unchanged --stop-after under --auto-resume restarts: each restart used to add a step
+    for _ in range(3):
+        res = train(small_cfg(tmp_path, "train.steps=6", "train.stop_after=2"), resume="auto", log=lambda m: None)
+        assert res["steps"] == 2 and res["stopped_by"] == "stop_after=2"
+    assert [p.name for p in sorted((tmp_path / "checkpoints").iterdir())] == ["step-0000002"]
 
 
 def test_grad_accumulation_equals_one_big_batch(tmp_path):
@@ -543,9 +600,15 @@ def test_resume_accepts_what_only_changes_how_the_run_executes(tmp_path):
     state = torch.load(state_file, weights_only=True)
     del state["config"]["data"]["skip_bad"]
     torch.save(state, state_file)
-    res = train(small_cfg(tmp_path, "train.steps=3", "train.grad_accum=2", "data.path=/moved"), resume=True,
-                log=lambda m: None)
+    res = train(small_cfg(tmp_path, "train.steps=3", "train.grad_accum=2"), resume=True, log=lambda m: None)
     assert res["steps"] == 3
+    # shard runs: a moved data folder and skip_bad (the way on after a ShardError) may change too
+    from fourm_fast.train.config import resume_mismatches
+
+    shards = ["data.source=shards", "data.path=/data", "modalities=auto"]
+    saved = load_config(None, shards)
+    assert resume_mismatches(saved, load_config(None, shards + ["data.path=/moved", "data.skip_bad=true"])) == []
+    assert resume_mismatches(saved, load_config(None, shards + ["data.num_input_tokens=64"])) != []
 
 
 class _NanGrad(torch.autograd.Function):

@@ -210,6 +210,11 @@ class FourM(nn.Module):
             loss = sum(per_mod.values()) / max(len(per_mod), 1)
         else:
             loss = sum(s for s, _ in parts.values()) / max(sum(counts[index[n]] for n in parts), 1)
+        if not any(b.dec_counts):
+            # no targets in this batch (a process's or an accumulation step's share can have none):
+            # a loss of 0 still tied to the graph, so backward runs (zero gradients) and every
+            # process joins the gradient all-reduce; a detached zero raised in backward
+            loss = loss + y.sum() * 0.0
         return loss, per_mod
 
     def logits(self, b: FourMBatch, y: Tensor | None = None) -> dict[str, Tensor]:

@@ -88,6 +88,13 @@ def config_from_ml4m(config: dict, sd: dict[str, Tensor]) -> FourMConfig:
     kinds = dict(config.get("modality_kinds", {}))
     lengths = dict(config.get("max_lengths", {}))
     names = sorted(set(config["domains_in"]) | set(config["domains_out"]))  # ml-4m's all_domains order
+    for key, table in (("modality_kinds", kinds), ("max_lengths", lengths)):
+        stray = sorted(set(table) - set(names))  # a misspelt name was ignored: rgb then loaded as a sequence
+        if stray:
+            raise ValueError(f"from_ml4m: {key} names {stray}, which are not among the domains {names}")
+    bad_kinds = {n: k for n, k in kinds.items() if k not in ("image", "sequence")}
+    if bad_kinds:
+        raise ValueError(f"from_ml4m: modality_kinds must be 'image' or 'sequence', got {bad_kinds}")
     mods = []
     for n in names:
         side = "encoder" if n in config["domains_in"] else "decoder"

@@ -91,7 +91,12 @@ def apply_override(cfg: dict, item: str) -> dict:
     last = parts[-1]
     if not isinstance(node, dict) or (last not in node and not key.startswith("model.overrides.")):
         raise ConfigError(f"override {item!r}: unknown key {key!r}")
-    node[last] = _parse_value(value)
+    parsed = _parse_value(value)
+    if isinstance(node.get(last), dict) and last != "overrides":  # a section: merged, keys checked
+        if not isinstance(parsed, dict):
+            raise ConfigError(f"override {item!r}: {key} is a section; give a mapping or set key.sub=value")
+        parsed = _merge(node[last], parsed, f"{key}.")
+    node[last] = parsed
     return cfg
 
 
@@ -120,20 +125,49 @@ _FLOAT_KEYS = ("lr", "min_lr", "weight_decay")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
+def _number(value, where: str) -> float:
+    """A float from a number or a numeric string (YAML 1.1 reads 1e-3 as a string); true/false are
+    refused (Python would take them as 1 and 0)."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{where} must be a number, got {value!r}")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where} must be a number, got {value!r}") from None
+
+
 def validate(cfg: dict) -> None:
+    for section in ("model", "data", "train", "log", "checkpoint", "distributed"):
+        if not isinstance(cfg[section], dict):
+            raise ConfigError(f"{section} must be a mapping of settings, got {cfg[section]!r}")
     t = cfg["train"]
     for k in _FLOAT_KEYS:
-        try:
-            t[k] = float(t[k])
-        except (TypeError, ValueError):
-            raise ConfigError(f"train.{k} must be a number, got {t[k]!r}") from None
+        t[k] = _number(t[k], f"train.{k}")
     if not (math.isfinite(t["lr"]) and t["lr"] > 0 and math.isfinite(t["min_lr"]) and t["min_lr"] >= 0):
         raise ConfigError(f"train.lr must be > 0 and train.min_lr >= 0, got {t['lr']!r} and {t['min_lr']!r}")
+    if t["min_lr"] > t["lr"]:  # the cosine would climb to min_lr instead of decaying
+        raise ConfigError(f"train.min_lr {t['min_lr']} is above train.lr {t['lr']}")
+    if not (math.isfinite(t["weight_decay"]) and t["weight_decay"] >= 0):
+        raise ConfigError(f"train.weight_decay must be finite and >= 0, got {t['weight_decay']!r}")
+    betas = t["betas"]
+    if not isinstance(betas, (list, tuple)) or len(betas) != 2:
+        raise ConfigError(f"train.betas must be a pair [beta1, beta2], got {betas!r}")
+    t["betas"] = [_number(b, "train.betas") for b in betas]
+    if not all(0 <= b < 1 for b in t["betas"]):
+        raise ConfigError(f"train.betas must lie in [0, 1), got {t['betas']!r}")
+    if isinstance(t["seed"], bool) or not isinstance(t["seed"], int) or not 0 <= t["seed"] < 2**63:
+        raise ConfigError(f"train.seed must be an int in [0, 2**63), got {t['seed']!r}")
+    if t["device"] not in ("auto", "cpu", "cuda"):  # any other value used to train on the CPU
+        raise ConfigError(f"train.device must be auto, cpu or cuda, got {t['device']!r} (pick a GPU with "
+                          f"CUDA_VISIBLE_DEVICES; under torchrun each process takes its LOCAL_RANK's)")
+    peak = cfg["log"]["peak_tflops"]
+    if peak is not None:
+        cfg["log"]["peak_tflops"] = peak = _number(peak, "log.peak_tflops")
+        if not (math.isfinite(peak) and peak > 0):
+            raise ConfigError(f"log.peak_tflops must be > 0 (or null: the device's), got {peak!r}")
+    _validate_model(cfg["model"])
     if t["clip_grad"] is not None:
-        try:
-            t["clip_grad"] = float(t["clip_grad"])
-        except (TypeError, ValueError):
-            raise ConfigError(f"train.clip_grad must be a number or null, got {t['clip_grad']!r}") from None
+        t["clip_grad"] = _number(t["clip_grad"], "train.clip_grad")
         if t["clip_grad"] < 0:
             raise ConfigError(f"train.clip_grad must be >= 0 (0 or null: no clipping), got {t['clip_grad']!r}")
         if t["clip_grad"] == 0:
@@ -145,7 +179,7 @@ def validate(cfg: dict) -> None:
     if t["compile"] not in (True, False) and t["compile"] not in COMPILE_MODES:
         raise ConfigError(f"train.compile must be true, false or one of {', '.join(COMPILE_MODES)}; got {t['compile']!r}")
     for k in ("steps", "batch_size", "grad_accum"):
-        if not isinstance(t[k], int) or t[k] < 1:
+        if isinstance(t[k], bool) or not isinstance(t[k], int) or t[k] < 1:
             raise ConfigError(f"train.{k} must be a positive int, got {t[k]!r}")
     if cfg["checkpoint"]["every"] is None:  # null: no periodic checkpoints (the last step still gets one)
         cfg["checkpoint"]["every"] = 0
@@ -169,8 +203,29 @@ def validate(cfg: dict) -> None:
         raise ConfigError(f"data.skip_bad must be true or false, got {cfg['data']['skip_bad']!r}")
     if cfg["modalities"] == "auto" and cfg["data"]["source"] != "shards":
         raise ConfigError("modalities 'auto' reads them from tokenized shards (data.source: shards)")
+    if cfg["data"]["source"] == "synthetic":  # shard settings would be ignored there without a word
+        d = cfg["data"]
+        given = [f"data.{k}" for k in ("path", "skip_bad", "max_text_tokens") if d[k] != DEFAULTS["data"][k]]
+        if given:
+            raise ConfigError(f"{', '.join(given)}: settings of data.source 'shards', which this config does not use "
+                              f"(data.source: synthetic); set data.source=shards to train on shards")
     if not cfg["modalities"]:
         raise ConfigError("modalities: at least one modality is needed")
+
+
+def _validate_model(m: dict) -> None:
+    from ..model.config import PRESETS, FourMConfig
+
+    if m["preset"] not in PRESETS:
+        raise ConfigError(f"model.preset must be one of {sorted(PRESETS)}, got {m['preset']!r}")
+    if not isinstance(m["overrides"], dict):
+        raise ConfigError(f"model.overrides must be a mapping, got {m['overrides']!r}")
+    fields = set(FourMConfig.__dataclass_fields__) - {"modalities", "domains_in", "domains_out"}
+    unknown = sorted(set(m["overrides"]) - fields)
+    if unknown:
+        # domains_in / domains_out: the sampler draws inputs and targets from every modality
+        raise ConfigError(f"model.overrides: unknown or unsupported keys {unknown} (known: {sorted(fields)}; "
+                          f"training takes every modality as input and target)")
 
 
 # Settings a resumed run may change: how long it runs (steps re-spans the cosine schedule from

@@ -11,10 +11,10 @@ import torch
 
 from ..data.loader import TokenShards
 from ..data.shards import ShardError, read_manifest
-from ..masking import ModalitySpec, TokenBudgetSampler
+from ..masking import ModalitySpec
 from ..model import FourMBatch, FourMConfig, ModalityConfig, batch_from_layout
 from .config import ConfigError
-from .synthetic import _alpha_table
+from .synthetic import make_sampler
 
 
 def modalities_from_shards(path: str, max_text_tokens: int) -> list[ModalityConfig]:
@@ -76,9 +76,7 @@ class ShardSource:
                 log(f"data: {longer} of {len(self.ds)} {m.name} rows are longer than {m.max_length} tokens and are "
                     f"cut to that length (EOS dropped), as 4M does; data.max_text_tokens sets it")
         specs = [ModalitySpec(m.name, m.kind, m.num_tokens) for m in model_cfg.modalities]
-        self.sampler = TokenBudgetSampler(specs, data_cfg["num_input_tokens"], data_cfg["num_target_tokens"],
-                                          _alpha_table(data_cfg["alphas_in"], self.names),
-                                          _alpha_table(data_cfg["alphas_tg"], self.names), weights=data_cfg.get("weights"))
+        self.sampler = make_sampler(specs, data_cfg, self.names)
         self.num_encoder = self.sampler.input_range[1]
         self.num_decoder = self.sampler.target_range[1]
 

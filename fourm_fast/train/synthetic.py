@@ -15,10 +15,42 @@ from ..model import FourMBatch, FourMConfig, batch_from_layout
 from .config import ConfigError
 
 
-def _alpha_table(value, names):
-    if isinstance(value, (int, float)):
+def _alpha_table(value, names, where: str):
+    """data.alphas_*: one number for every modality, or {name: number or [per-component values]}
+    naming every modality and no other (a misspelt name used to be dropped here unseen)."""
+    if isinstance(value, str):  # YAML 1.1 reads 5e-1 as a string
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
         return {n: [float(value)] for n in names}
-    return {n: list(value[n]) if isinstance(value[n], (list, tuple)) else [float(value[n])] for n in names}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where} must be a number or a mapping {{modality: alpha or [alphas]}}, got {value!r}")
+    unknown, missing = sorted(set(value) - set(names)), [n for n in names if n not in value]
+    if unknown or missing:
+        raise ConfigError(f"{where}: unknown modalities {unknown}, missing {missing} (the model's: {names})")
+    try:
+        return {n: [float(a) for a in value[n]] if isinstance(value[n], (list, tuple)) else [float(value[n])] for n in names}
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: alphas must be numbers, got {value!r}") from None
+
+
+def make_sampler(specs, data_cfg: dict, names: list[str]) -> TokenBudgetSampler:
+    """The token-budget sampler of data_cfg; its refusals (ranges, alphas, weights) as ConfigErrors."""
+    try:
+        sampler = TokenBudgetSampler(specs, data_cfg["num_input_tokens"], data_cfg["num_target_tokens"],
+                                     _alpha_table(data_cfg["alphas_in"], names, "data.alphas_in"),
+                                     _alpha_table(data_cfg["alphas_tg"], names, "data.alphas_tg"),
+                                     weights=data_cfg.get("weights"))
+    except (TypeError, ValueError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"data: {e}") from None
+    for what, (_, hi) in (("num_input_tokens", sampler.input_range), ("num_target_tokens", sampler.target_range)):
+        if hi < 1:
+            raise ConfigError(f"data.{what}: at least one token is needed, got at most {hi}")
+    return sampler
 
 
 class SyntheticSource:
@@ -34,10 +66,7 @@ class SyntheticSource:
                 raise ConfigError(f"{m.name}: vocab_size {m.vocab_size} leaves no room for {self.num_sentinels} sentinels")
             if m.kind == "sequence" and self.num_sentinels < m.max_length // 2 + 3:
                 raise ConfigError(f"data.num_sentinels {self.num_sentinels} is too few for {m.name} (max_length {m.max_length})")
-        self.sampler = TokenBudgetSampler(
-            specs, data_cfg["num_input_tokens"], data_cfg["num_target_tokens"],
-            _alpha_table(data_cfg["alphas_in"], self.names), _alpha_table(data_cfg["alphas_tg"], self.names),
-            weights=data_cfg.get("weights"))
+        self.sampler = make_sampler(specs, data_cfg, self.names)
         self.num_encoder = self.sampler.input_range[1]
         self.num_decoder = self.sampler.target_range[1]
 

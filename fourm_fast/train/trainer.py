@@ -58,8 +58,14 @@ def build_model_config(cfg: dict):
         from .shards_source import modalities_from_shards
         mods = tuple(modalities_from_shards(cfg["data"]["path"], cfg["data"]["max_text_tokens"]))
     else:
-        mods = tuple(ModalityConfig(**m) for m in cfg["modalities"])
-    model_cfg = preset(cfg["model"]["preset"], mods, **cfg["model"].get("overrides", {}))
+        try:
+            mods = tuple(ModalityConfig(**m) for m in cfg["modalities"])
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"modalities: {e}") from None
+    try:
+        model_cfg = preset(cfg["model"]["preset"], mods, **cfg["model"].get("overrides", {}))
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"model: {e}") from None
     if not model_cfg.decoder_sep_mask or model_cfg.decoder_causal_mask:
         # the sampler's layout carries 4M's default decoder mask; other settings would be ignored
         raise ConfigError("training uses 4M's default decoder mask (decoder_sep_mask true, decoder_causal_mask "
@@ -250,6 +256,9 @@ def train(cfg: dict, resume: bool | str = False, log=print) -> dict:
             log(f"resumed from {path} at step {start}")
     if start >= total:
         raise CheckpointError(f"--resume: the checkpoint is at step {start}, the run has {total} steps; raise --steps")
+    # Training runs to stop_after (checkpointed there), else to the end. A restart past stop_after
+    # (an unchanged --stop-after under --auto-resume) trains nothing: it used to add a step per restart.
+    end = total if tc["stop_after"] is None else min(total, max(tc["stop_after"], start))
 
     precision = tc["precision"]
     use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
@@ -290,7 +299,11 @@ def train(cfg: dict, resume: bool | str = False, log=print) -> dict:
     # time spent writing checkpoints in it.
     window_start, window_steps, ckpt_s = time.perf_counter(), 0, 0.0
     with _StopFlag() as stop:
-        for step in range(start, total):
+        if end == start:
+            stop.signal = f"stop_after={tc['stop_after']}"
+            if writer:
+                log(f"the checkpoint is at step {start}, at or past train.stop_after={tc['stop_after']}: nothing to train")
+        for step in range(start, end):
             gb, _ = source.global_batch(B, step)
             counts = gb.dec_counts
             loss_sum = torch.zeros((), device=device)
