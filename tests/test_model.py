@@ -181,6 +181,30 @@ def test_from_ml4m_errors_name_the_problem():
         FourM.from_ml4m(sd, {**ml4m_config(), "modality_kinds": {"caption": "text"}})
 
 
+def test_forward_ml4m_refuses_batches_it_would_misread(tiny_a):
+    # ids past the vocabulary were clamped to its last id, and an image tensor longer than its grid
+    # read the next modality's positions (ml-4m's embedding raises on the former)
+    import copy
+
+    model, mod_dict, _ = tiny_a
+    name = next(n for n in mod_dict if model.cfg.modality(n).kind == "image")
+    V = model.cfg.modality(name).vocab_size
+    bad = copy.deepcopy(mod_dict)
+    bad[name]["tensor"][0, 0] = V
+    with pytest.raises(ValueError, match=f"{name} token ids outside \\[0, {V}\\)"):
+        model.forward_ml4m(bad, 128, 128)
+    bad = copy.deepcopy(mod_dict)
+    for k in ("tensor", "input_mask", "target_mask"):
+        t = bad[name][k]
+        bad[name][k] = torch.cat([t, t[:, :4]], 1)
+    with pytest.raises(ValueError, match=f"{name} has 200 tokens per sample; the model's image modality takes exactly 196"):
+        model.forward_ml4m(bad, 128, 128)
+    bad = copy.deepcopy(mod_dict)
+    bad[name]["tensor"] = bad[name]["tensor"][:1]
+    with pytest.raises(ValueError, match="holds a batch of 1, another modality"):
+        model.forward_ml4m(bad, 128, 128)
+
+
 def test_reduced_vocabulary_checkpoints_load():
     """Vocabulary sizes come from the weights (the parity model uses 1024-code image vocabularies)."""
     sd = load_safetensors("fourm_tiny_A.safetensors")

@@ -192,8 +192,18 @@ def batch_from_ml4m(model, mod_dict: dict, num_encoder_tokens: int, num_decoder_
     dec = {k: [] for k in ("ids", "tgt", "valid", "mod", "pos", "dam")}
     for name, d in mod_dict.items():
         m = cfg.modality(name)
+        if d["tensor"].shape[0] != B:
+            raise ValueError(f"forward_ml4m: {name} holds a batch of {d['tensor'].shape[0]}, another modality {B}")
         t = d["tensor"].reshape(B, -1).long()
         L = t.shape[1]
+        # ml-4m's layouts: an image's grid, a sequence of at most 2 (max_length + 1) (its span-masked
+        # buffer); more tokens would read the next modality's rows of the shared position table
+        want = m.buffer_size
+        if (m.kind == "image" and L != want) or L > want:
+            raise ValueError(f"forward_ml4m: {name} has {L} tokens per sample; the model's {m.kind} modality "
+                             f"takes {'exactly' if m.kind == 'image' else 'at most'} {want}")
+        if L and bool(((t < 0) | (t >= m.vocab_size)).any()):  # one host sync: ml-4m's embedding raises too
+            raise ValueError(f"forward_ml4m: {name} token ids outside [0, {m.vocab_size})")
         mod_col = torch.full((B, L), index[name], dtype=torch.long, device=device)
         if name in model.encoder_embeddings:
             im = d["input_mask"].reshape(B, -1).bool()
