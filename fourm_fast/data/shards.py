@@ -36,10 +36,12 @@ class ShardError(ValueError):
 def _encode(name: str, value) -> bytes:
     if name in ("caption", "det"):
         return value.encode("utf-8")
+    # rounded to the nearest step (a cast truncates: depth read up to 1 mm short, a flat normal's
+    # x and y as -0.004)
     if name == "depth":
-        arr = np.clip(value * 1000.0, 0, 65535).astype(np.uint16)
+        arr = np.clip(np.rint(value * 1000.0), 0, 65535).astype(np.uint16)
     elif name == "normal":
-        arr = np.clip((value + 1.0) * 127.5, 0, 255).astype(np.uint8)
+        arr = np.clip(np.rint((value + 1.0) * 127.5), 0, 255).astype(np.uint8)
     else:
         arr = value
     buf = io.BytesIO()
