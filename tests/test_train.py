@@ -148,6 +148,11 @@ def test_model_and_data_errors_are_config_errors(tmp_path, overrides, message):
 def test_a_section_override_merges_and_yaml_strings_read_as_numbers(tmp_path):
     cfg = small_cfg(tmp_path, "train={lr: 1e-3}")
     assert cfg["train"]["lr"] == 1e-3 and cfg["train"]["min_lr"] == 1e-6  # the rest of the section stays
+    # a setting whose value is a mapping is replaced whole, never merged or taken for a section
+    (tmp_path / "a.yaml").write_text("data:\n  alphas_in: {rgb: 0.5, depth: 0.5, caption: 1.0}\n")
+    assert load_config(tmp_path / "a.yaml", SMALL + ["data.alphas_in=0.3"])["data"]["alphas_in"] == 0.3
+    swapped = load_config(tmp_path / "a.yaml", SMALL + ["data.alphas_in={rgb: [0.5, 1.0], depth: [1, 1], caption: [1, 1]}"])
+    assert swapped["data"]["alphas_in"] == {"rgb": [0.5, 1.0], "depth": [1, 1], "caption": [1, 1]}
     (tmp_path / "c.yaml").write_text("data:\n  alphas_in: 5e-1\n")  # YAML 1.1: the string '5e-1'
     cfg = load_config(tmp_path / "c.yaml", SMALL + [f"out={tmp_path}", "train.steps=1"])
     assert train(cfg, log=lambda m: None)["steps"] == 1
@@ -609,6 +614,9 @@ def test_resume_accepts_what_only_changes_how_the_run_executes(tmp_path):
     saved = load_config(None, shards)
     assert resume_mismatches(saved, load_config(None, shards + ["data.path=/moved", "data.skip_bad=true"])) == []
     assert resume_mismatches(saved, load_config(None, shards + ["data.num_input_tokens=64"])) != []
+    old = load_config(None)  # a synthetic run's checkpoint from before shard settings were refused there
+    old["data"]["max_text_tokens"] = 128
+    assert resume_mismatches(old, load_config(None)) == []
 
 
 class _NanGrad(torch.autograd.Function):

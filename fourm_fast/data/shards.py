@@ -36,8 +36,8 @@ class ShardError(ValueError):
 def _encode(name: str, value) -> bytes:
     if name in ("caption", "det"):
         return value.encode("utf-8")
-    # rounded to the nearest step (a cast truncates: depth read up to 1 mm short, a flat normal's
-    # x and y as -0.004)
+    # rounded to the nearest step: at most half a step off (a truncating cast read depth up to 1 mm
+    # short); 8 bits cannot hold a normal component of exactly 0, which reads as +0.0039
     if name == "depth":
         arr = np.clip(np.rint(value * 1000.0), 0, 65535).astype(np.uint16)
     elif name == "normal":

@@ -202,7 +202,7 @@ def batch_from_ml4m(model, mod_dict: dict, num_encoder_tokens: int, num_decoder_
         if (m.kind == "image" and L != want) or L > want:
             raise ValueError(f"forward_ml4m: {name} has {L} tokens per sample; the model's {m.kind} modality "
                              f"takes {'exactly' if m.kind == 'image' else 'at most'} {want}")
-        if L and bool(((t < 0) | (t >= m.vocab_size)).any()):  # one host sync: ml-4m's embedding raises too
+        if L and bool(((t < 0) | (t >= m.vocab_size)).any()):  # a host sync per modality; ml-4m's embedding raises too
             raise ValueError(f"forward_ml4m: {name} token ids outside [0, {m.vocab_size})")
         mod_col = torch.full((B, L), index[name], dtype=torch.long, device=device)
         if name in model.encoder_embeddings:

@@ -92,7 +92,9 @@ def apply_override(cfg: dict, item: str) -> dict:
     if not isinstance(node, dict) or (last not in node and not key.startswith("model.overrides.")):
         raise ConfigError(f"override {item!r}: unknown key {key!r}")
     parsed = _parse_value(value)
-    if isinstance(node.get(last), dict) and last != "overrides":  # a section: merged, keys checked
+    # a top-level section (train=..., data=...): merged, keys checked. Settings whose value may be a
+    # mapping (data.alphas_in, model.overrides) are replaced whole.
+    if len(parts) == 1 and isinstance(DEFAULTS.get(last), dict):
         if not isinstance(parsed, dict):
             raise ConfigError(f"override {item!r}: {key} is a section; give a mapping or set key.sub=value")
         parsed = _merge(node[last], parsed, f"{key}.")
@@ -263,9 +265,14 @@ def resume_mismatches(saved: dict, now: dict) -> list[str]:
     resuming run's, other than those in RESUME_MAY_CHANGE."""
     # the saved config over today's defaults: a key added since it was written counts as its default
     a, b = _flatten(_merge_missing(DEFAULTS, saved)), _flatten(now)
+    # a shard-only setting means nothing to two synthetic-source runs (a checkpoint may carry one
+    # from before such settings were refused there)
+    synthetic = a.get("data.source") == b.get("data.source") == "synthetic"
     out = []
     for k in sorted(set(a) | set(b)):
         if any(k == p or (p.endswith(".") and k.startswith(p)) for p in RESUME_MAY_CHANGE):
+            continue
+        if synthetic and k == "data.max_text_tokens":
             continue
         if a.get(k, "<unset>") != b.get(k, "<unset>"):
             out.append(f"{k}: {a.get(k, '<unset>')!r} -> {b.get(k, '<unset>')!r}")
