@@ -177,6 +177,10 @@ def _load_npy(path: Path, missing: str, sha256: str | None = None) -> np.ndarray
         raise ShardError(f"{path}: unreadable ({e})") from None
 
 
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
 def check_tokenizers_unchanged(root: Path, manifest: dict, names: list[str]) -> None:
     """The tokens of ``names`` were made by the tokenizer files DIR/tokenizers/ holds now (the hashes
     tokenize recorded). A tokenizer retrained after tokenize (text.json's WordPiece vocabulary
@@ -190,7 +194,7 @@ def check_tokenizers_unchanged(root: Path, manifest: dict, names: list[str]) -> 
         path = Path(root) / "tokenizers" / str(name)
         if want is None or name is None or not path.exists():
             continue
-        if hashlib.sha256(path.read_bytes()).hexdigest() != want:
+        if file_sha256(path) != want:
             raise ShardError(f"{Path(root) / 'tokens' / (m + '.npy')}: made by another {name} than {path} holds now "
                              f"(retrained after fourm-fast tokenize); run fourm-fast tokenize {root} again")
 

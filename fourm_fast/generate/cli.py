@@ -12,7 +12,6 @@ its data folder holds the text tokenizer.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import sys
@@ -22,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..data.validate import file_sha256
 from .render import render_grid
 from .sampler import Generator
 from .schedules import TargetSpec
@@ -68,7 +68,7 @@ class Assets:
             path = folder / str(rec.get("file"))
             if m not in self.model.modalities or not rec.get("sha256") or not path.exists():
                 continue
-            if hashlib.sha256(path.read_bytes()).hexdigest() != rec["sha256"]:
+            if file_sha256(path) != rec["sha256"]:
                 raise ValueError(f"{path} changed since the checkpoint {self.path} was trained on {m} tokens made "
                                  f"with it (retrained?): put back the tokenizer the model learnt, or train the "
                                  f"model again on tokens of this one")

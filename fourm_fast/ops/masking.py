@@ -37,10 +37,10 @@ class Layout(NamedTuple):
     dec_limit: Tensor
 
 
-def _counter(value, name: str, op: str) -> int:
-    """seed / offset: any 64-bit integer, as sample_tokens takes them (>= 2**63 wraps to the same
-    64 bits as int64, which is what the schema holds); others get a TypeError here instead of the
-    dispatcher's schema error."""
+def int64_counter(value, name: str, op: str) -> int:
+    """A seed or offset: any 64-bit integer (>= 2**63 wraps to the same 64 bits as int64, which is
+    what the schemas hold); others get a TypeError here instead of the dispatcher's schema error.
+    Shared by the masking ops and sample_tokens."""
     if isinstance(value, np.integer):
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):
@@ -66,7 +66,7 @@ def sample_budgets(
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)):
         raise TypeError(f"sample_budgets: batch_size must be an int, got {type(batch_size).__name__}")
     batch_size = int(batch_size)
-    seed, offset = _counter(seed, "seed", "sample_budgets"), _counter(offset, "offset", "sample_budgets")
+    seed, offset = int64_counter(seed, "seed", "sample_budgets"), int64_counter(offset, "offset", "sample_budgets")
     return torch.ops.fourm_fast.sample_budgets.default(
         batch_size, alpha_in, alpha_tg, weights, size, is_image,
         input_range[0], input_range[1], target_range[0], target_range[1], seed, offset,
@@ -86,7 +86,7 @@ def token_layout(
     offset: int = 0,
 ) -> Layout:
     """Choose image tokens (uniform, disjoint) and lay out encoder / decoder slots per sample."""
-    seed, offset = _counter(seed, "seed", "token_layout"), _counter(offset, "offset", "token_layout")
+    seed, offset = int64_counter(seed, "seed", "token_layout"), int64_counter(offset, "offset", "token_layout")
     return Layout(*torch.ops.fourm_fast.token_layout.default(
         input_budget, target_budget, seq_input, seq_target, size, is_image, num_encoder, num_decoder, seed, offset,
     ))
@@ -107,7 +107,7 @@ def span_mask(
     Returns ``source [B, 2 (max_tokens + 1)]`` (token index j >= 0, sentinel s as -s, SPAN_PAD),
     the input and target lengths, and the highest sentinel number each sample used.
     """
-    seed, offset = _counter(seed, "seed", "span_mask"), _counter(offset, "offset", "span_mask")
+    seed, offset = int64_counter(seed, "seed", "span_mask"), int64_counter(offset, "offset", "span_mask")
     return torch.ops.fourm_fast.span_mask.default(
         lengths, input_budget, target_budget, keep_mode, max_tokens, modality, seed, offset,
     )

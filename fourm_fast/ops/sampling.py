@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .masking import int64_counter
+
 _SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
 ParamLike = float | int | Tensor
 
@@ -23,13 +25,7 @@ def _counter(value: int | Tensor, name: str, device: torch.device) -> Tensor:
         if value.numel() != 1 or value.dtype.is_floating_point:
             raise TypeError(f"sample_tokens: {name} must be an integer scalar or a 0-d integer tensor")
         return value.to(device=device, dtype=torch.int64).reshape(())
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"sample_tokens: {name} must be an int or a 0-d integer tensor, got {type(value).__name__}")
-    if not -(2**63) <= value < 2**64:
-        raise ValueError(f"sample_tokens: {name} must fit in 64 bits")
-    if value >= 2**63:
-        value -= 2**64  # same 64 bits, as int64
-    return torch.full((), value, dtype=torch.int64, device=device)
+    return torch.full((), int64_counter(value, name, "sample_tokens"), dtype=torch.int64, device=device)
 
 
 def sample_tokens(

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..data.shards import ShardError, read_manifest, read_sample
+from ..data.validate import file_sha256
 from ..nn import VectorQuantizer
 
 # channels of each modality as the tokenizer sees it (semseg: one-hot of its classes)
@@ -256,10 +257,6 @@ def _save_array(path: Path, arr: np.ndarray) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def tokenize_shards(data: str | Path, log=print) -> dict:
     """Token grids (int16 .npy, [N, g, g]) for every modality with a trained VQ tokenizer and text
     ids (int32 [N, L], 0-padded, with tokens/<m>.lengths.npy) when DATA/tokenizers/text.json exists,
@@ -279,7 +276,7 @@ def tokenize_shards(data: str | Path, log=print) -> dict:
         (root / "tokens").mkdir(exist_ok=True)
         sums = {f"{m}.npy": _save_array(root / "tokens" / f"{m}.npy", arr)}
         done[m] = {"tokenizer": path.name, "version": meta["version"], "shape": list(arr.shape),
-                   "num_codes": meta["config"]["num_codes"], "sha256": sums, "tokenizer_sha256": _file_sha256(path)}
+                   "num_codes": meta["config"]["num_codes"], "sha256": sums, "tokenizer_sha256": file_sha256(path)}
         log(f"tokenize: {m} -> tokens/{m}.npy {arr.shape}")
     text_path = tok_dir / "text.json"
     if text_path.exists():
@@ -299,7 +296,7 @@ def tokenize_shards(data: str | Path, log=print) -> dict:
                     f"{m}.lengths.npy": _save_array(root / "tokens" / f"{m}.lengths.npy",
                                                     np.array([len(x) for x in ids], np.int32))}
             done[m] = {"tokenizer": "text.json", "version": 1, "shape": list(arr.shape), "num_codes": tok.vocab_size,
-                       "num_sentinels": tok.num_sentinels, "sha256": sums, "tokenizer_sha256": _file_sha256(text_path)}
+                       "num_sentinels": tok.num_sentinels, "sha256": sums, "tokenizer_sha256": file_sha256(text_path)}
             log(f"tokenize: {m} -> tokens/{m}.npy {arr.shape} (EOS included)")
     if not done:
         raise ValueError(f"{root}: no tokenizers in {tok_dir}; train one with fourm-fast tokenizer train")
