@@ -426,6 +426,7 @@ def test_dispatcher_never_falls_back_silently(monkeypatch):
     cpu_only = {**ext.build_info(), "cuda_compiled": False}
     with monkeypatch.context() as m:  # as a CPU-only build: CUDA tensors raise, naming the fix
         m.setattr(ext, "build_info", lambda: cpu_only)
+        m.setattr(attn, "_cuda_build_problem_cached", None)  # asked again, then restored on exit
         with pytest.raises(RuntimeError, match="no CUDA kernels .*backend='sdpa_dense'"):
             select_backend(inputs("cuda"))
         assert select_backend(inputs("cuda"), "sdpa_dense").name == "sdpa_dense"  # chosen: no error

@@ -685,6 +685,18 @@ def test_divergence_between_log_lines_is_caught_at_the_next_one(tmp_path, monkey
     assert not list((tmp_path / "checkpoints").glob("step-*"))  # the step-2 checkpoint checks first
 
 
+def test_divergence_is_read_once_per_step(tmp_path, monkeypatch):
+    # The read is a host sync (and an all-reduce under torchrun): a step both logged and
+    # checkpointed pays it once.
+    from fourm_fast.train import trainer
+
+    seen = []
+    read = trainer._first_nonfinite_step
+    monkeypatch.setattr(trainer, "_first_nonfinite_step", lambda *a: seen.append(1) or read(*a))
+    train(small_cfg(tmp_path, "train.steps=4", "log.every=2", "checkpoint.every=2"), log=lambda m: None)
+    assert len(seen) == 2
+
+
 def test_checkpoints_with_nan_weights_are_refused_by_name(tmp_path):
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file

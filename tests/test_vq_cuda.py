@@ -40,6 +40,18 @@ def test_cuda_equals_cpu_on_exact_data(dtype):
     assert (c_idx < 300).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cuda_one_dim_cosine_ties_go_to_smallest_index(dtype):
+    # With D = 1 every code of a row's sign is at cosine distance 0: the GPU's prepared codes must
+    # be exactly +-1 (c / |c|), as the CPU's are, or ties go to a larger index.
+    g = torch.Generator().manual_seed(1)
+    cb, x = torch.randn(33, 1, generator=g).to(dtype), torch.randn(70, 1, generator=g).to(dtype)
+    idx, dist = vq_lookup(x.cuda(), cb.cuda(), "cosine")
+    first_pos, first_neg = int((cb[:, 0] > 0).nonzero()[0]), int((cb[:, 0] < 0).nonzero()[0])
+    assert torch.equal(idx.cpu(), torch.where(x[:, 0] > 0, first_pos, first_neg))
+    assert (dist == 0).all()
+
+
 def test_cuda_strided_and_batched():
     x = torch.randn(3, 40, 64, device="cuda")[:, ::3, :]
     cb = torch.randn(64, 500, device="cuda").T

@@ -39,20 +39,26 @@ class AttentionInputs:
 
 
 _NO_CUDA_KERNELS = "this build has no CUDA kernels"
+_cuda_build_problem_cached: str | None = None
 
 
 @torch.compiler.assume_constant_result
 def _cuda_build_problem() -> str:
     """Why this build cannot run the CUDA kernel ("" when it can). A constant to torch.compile:
     Dynamo cannot trace the extension's build_info, and a graph break here split every compiled
-    model at each attention layer on the GPU."""
-    from .._extension import extension
+    model at each attention layer on the GPU. Cached: the build cannot change within a process, and
+    asking it cost about 6 us on every eager attention call."""
+    global _cuda_build_problem_cached
+    if _cuda_build_problem_cached is None:
+        from .._extension import extension
 
-    if not extension().build_info()["cuda_compiled"]:
-        return _NO_CUDA_KERNELS
-    if not torch._C._dispatch_has_kernel_for_dispatch_key("fourm_fast::masked_attention_fwd", "CUDA"):
-        return "the CUDA masked_attention kernel is not implemented in this build"
-    return ""
+        if not extension().build_info()["cuda_compiled"]:
+            _cuda_build_problem_cached = _NO_CUDA_KERNELS
+        elif not torch._C._dispatch_has_kernel_for_dispatch_key("fourm_fast::masked_attention_fwd", "CUDA"):
+            _cuda_build_problem_cached = "the CUDA masked_attention kernel is not implemented in this build"
+        else:
+            _cuda_build_problem_cached = ""
+    return _cuda_build_problem_cached
 
 
 @torch.compiler.assume_constant_result

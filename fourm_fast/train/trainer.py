@@ -283,7 +283,13 @@ def train(cfg: dict, resume: bool | str = False, log=print) -> dict:
     # device; every log line and every checkpoint reads the note first and stops the run.
     first_bad = torch.full((), _NEVER, dtype=torch.int64, device=device)
 
+    checked_at = None  # a step both logged and checkpointed reads the note (a sync, an all-reduce) once
+
     def stop_if_diverged() -> None:
+        nonlocal checked_at
+        if checked_at == steps_done:
+            return
+        checked_at = steps_done
         bad = _first_nonfinite_step(first_bad, d)
         if bad is None:
             return
