@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_synth.set_defaults(func=_cmd_synth)
     p_tok = sub.add_parser("tokenizer", help="tokenizers: VQ for image modalities, WordPiece for text")
     tok_sub = p_tok.add_subparsers(dest="tokenizer_command", required=True)
-    p_tt = tok_sub.add_parser("train", help="train a VQ tokenizer on a shard folder's modality")
+    p_tt = tok_sub.add_parser("train", help="train a shard folder's tokenizer: VQ for an image modality, WordPiece for --modality text")
     p_tt.add_argument("--data", required=True, help="shard folder (fourm-fast data synth)")
     p_tt.add_argument("--modality", required=True, help="rgb, depth, normal, semseg, edges, or text (WordPiece over caption + det)")
     p_tt.add_argument("--steps", type=int, help="VQ: training steps (default 300)")

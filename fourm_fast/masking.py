@@ -342,9 +342,11 @@ FOURM7_ALPHAS_TG = {"rgb": [0.5, 0.0], "depth": [0.5, 0.5], "normal": [0.5, 0.5]
                     "clip": [0.5, 0.5], "caption": [0.5, 0.5], "det": [0.5, 0.5]}
 
 
-def fourm7_specs(grid: int = 196, max_text_tokens: int = 256) -> list[ModalitySpec]:
-    """Five image-like token modalities (14 x 14 at 224 px) plus caption and boxes as text."""
-    images = [ModalitySpec(n, "image", grid) for n in ("rgb", "depth", "normal", "semseg", "clip")]
+def fourm7_specs(image_tokens: int = 196, max_text_tokens: int = 256) -> list[ModalitySpec]:
+    """Five image-like token modalities of ``image_tokens`` tokens each (196: a 14 x 14 grid at
+    224 px) plus caption and boxes as text of up to ``max_text_tokens``. (The first argument was
+    named ``grid``, which elsewhere means a grid's side: renamed so that 14 cannot be misread.)"""
+    images = [ModalitySpec(n, "image", image_tokens) for n in ("rgb", "depth", "normal", "semseg", "clip")]
     return images + [ModalitySpec("caption", "sequence", max_text_tokens), ModalitySpec("det", "sequence", max_text_tokens)]
 
 

@@ -319,6 +319,17 @@ def test_bad_inputs_raise_clear_errors():
         masked_attention(q.int(), q.int(), q.int(), kv, backend="sdpa_dense")
     with pytest.raises(ValueError, match="4-D"):
         masked_attention(q[0], q[0], q[0], kv)
+    # malformed q before any other check: these read q's last dim for the default scale and
+    # failed with IndexError / ZeroDivisionError, and k_valid=None with "does not have a device"
+    for bad in (torch.randn(()), torch.randn(1, 3, 0), torch.randn(0)):
+        with pytest.raises(ValueError, match="must be 4-D"):
+            masked_attention(bad, bad, bad, kv)
+    with pytest.raises(TypeError, match="k_valid must be a bool .* tensor, got NoneType"):
+        masked_attention(q, q, q, None)
+    s = torch.tensor(0.5, requires_grad=True)  # a learnable scale would get no gradient
+    with pytest.raises(TypeError, match="scale is a number"):
+        masked_attention(q, q, q, kv, scale=s)
+    torch.testing.assert_close(masked_attention(q, q, q, kv, scale=s.detach()), masked_attention(q, q, q, kv, scale=0.5))
 
 
 def test_dispatcher_backends_agree_and_explain():
@@ -378,6 +389,11 @@ def test_autocast_runs_q_k_v_in_its_dtype():
     torch.testing.assert_close(mixed, masked_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), kv), atol=0, rtol=0)
     with pytest.raises(TypeError, match="share a dtype"):
         masked_attention(q, k.bfloat16(), v.bfloat16(), kv)
+    # float64 stays float64 under autocast, as with SDPA (a float64 check ran in bfloat16 before)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        wide = masked_attention(q.double(), k.double(), v.double(), kv, backend="sdpa_dense")
+    assert wide.dtype == torch.float64
+    torch.testing.assert_close(wide, masked_attention(q.double(), k.double(), v.double(), kv, backend="sdpa_dense"))
 
 
 def test_compiles_with_dynamic_shapes():

@@ -106,6 +106,35 @@ def test_native_path_equals_ml4m_path():
         torch.testing.assert_close(per_n[name], per_m[name], rtol=1e-6, atol=1e-6)
 
 
+def test_native_path_refuses_slots_it_would_misread():
+    # The lookups clamp ids and index one concatenated position table: an id beyond the vocabulary
+    # or a position beyond the modality's read another row without a word before this check.
+    import dataclasses
+
+    model = tiny_model().eval()
+    layout, tokens, sentinels = sampled_batch()
+    b = batch_from_layout(layout, layout.build_buffer(tokens, sentinels, pad_id=0), model.modalities)
+    v = b.enc_valid.nonzero()[0].tolist()
+    d = (b.dec_valid & model._is_sequence[b.dec_modality.long()]).nonzero()[0].tolist()
+    img = (b.dec_valid & ~model._is_sequence[b.dec_modality.long()]).nonzero()[0].tolist()
+
+    def poke(field, at, value):
+        t = getattr(b, field).clone()
+        t[at[0], at[1]] = value
+        return dataclasses.replace(b, **{field: t})
+
+    with torch.no_grad():
+        model(b)
+        for field, at, value in (("enc_ids", v, 10**6), ("enc_ids", v, -1), ("enc_position", v, 10**4),
+                                 ("enc_position", v, -1), ("dec_ids", d, 10**6), ("dec_position", img, 10**4)):
+            with pytest.raises(RuntimeError, match="slot has a modality .* position beyond .* outside its vocabulary"):
+                model(poke(field, at, value))
+        model(poke("dec_ids", img, 10**6))  # an image target slot's id is never read (the mask token is)
+        pad = (~b.enc_valid).nonzero()
+        if len(pad):  # padding slots are never read either
+            model(poke("enc_ids", pad[0].tolist(), 10**6))
+
+
 def test_training_step_has_gradients_everywhere_used():
     model = tiny_model()
     layout, tokens, sentinels = sampled_batch()

@@ -301,6 +301,21 @@ def test_backward_through_probs_raises():
         assert torch.equal(sample_tokens(logits, seed=1)[0], tokens)
 
 
+@pytest.mark.parametrize("name", ["temperature", "top_p", "min_p", "top_k", "cfg_scale"])
+def test_backward_through_probs_raises_for_parameter_tensors(name):
+    # A learnable temperature (say) requires grad: its gradient used to stay None with a warning.
+    value = {"temperature": 0.7, "top_p": 0.9, "min_p": 0.05, "top_k": 5.0, "cfg_scale": 2.0}[name]
+    p = torch.tensor(value, requires_grad=True)
+    logits = torch.randn(4, 50)
+    extra = {"uncond_logits": torch.randn(4, 50)} if name == "cfg_scale" else {}
+    tokens, probs = sample_tokens(logits, seed=1, **{name: p}, **extra)
+    assert probs.requires_grad
+    with pytest.raises(RuntimeError, match="sample_tokens is not differentiable"):
+        probs.sum().backward()
+    with torch.no_grad():
+        assert torch.equal(sample_tokens(logits, seed=1, **{name: p.detach()}, **extra)[0], tokens)
+
+
 def test_opcheck_and_compile():
     op = torch.ops.fourm_fast.sample_tokens.default
     logits = torch.randn(9, 33)

@@ -61,10 +61,12 @@ class FourM(nn.Module):
                              persistent=False)
         for side, embs in (("enc", self.encoder_embeddings), ("dec", self.decoder_embeddings)):
             pos_off, vocab_off, tables = [0] * M, [0] * M, []
+            pos_count, vocab_size = [0] * M, [0] * M  # 0: this side does not embed the modality
             p = v = 0
             for i, name in enumerate(self.modalities):
                 if name in embs:
                     pos_off[i], vocab_off[i] = p, v
+                    pos_count[i], vocab_size[i] = embs[name].pos_emb.shape[1], embs[name].token_emb.num_embeddings
                     tables.append(embs[name].pos_emb[0])
                     p += embs[name].pos_emb.shape[1]
                     v += embs[name].token_emb.num_embeddings
@@ -72,6 +74,8 @@ class FourM(nn.Module):
             self.register_buffer(f"_{side}_pos_table", table, persistent=False)
             self.register_buffer(f"_{side}_pos_offset", torch.tensor(pos_off), persistent=False)
             self.register_buffer(f"_{side}_vocab_offset", torch.tensor(vocab_off), persistent=False)
+            self.register_buffer(f"_{side}_pos_count", torch.tensor(pos_count), persistent=False)
+            self.register_buffer(f"_{side}_vocab_size", torch.tensor(vocab_size), persistent=False)
 
     def init_weights(self, std: float = 0.02):
         """4M's (MAE-style) init: xavier-uniform linears (q, k, v treated separately), N(0, 0.02)
@@ -114,8 +118,20 @@ class FourM(nn.Module):
             out = x if out is None else torch.where((mod == i)[..., None], x, out)
         return out
 
+    def _check_slots(self, side: str, ids: Tensor, pos: Tensor, mod: Tensor, valid: Tensor, ids_used: Tensor | bool) -> None:
+        """Valid slots must name a modality this side embeds, a position it has and (where the id
+        is embedded) an id in its vocabulary. The lookups clamp ids and index one concatenated
+        position table, so a bad slot read a neighbour's row silently. The check stays on the
+        device (no host sync): an assert raises on the CPU, a device-side assert on CUDA."""
+        npos, nvocab = getattr(self, f"_{side}_pos_count")[mod], getattr(self, f"_{side}_vocab_size")[mod]
+        bad = valid & ((pos < 0) | (pos >= npos) | (ids_used & ((ids < 0) | (ids >= nvocab))))
+        torch._assert_async(~bad.any(), f"FourM: a valid {side}_* slot has a modality the "
+                            f"{'encoder' if side == 'enc' else 'decoder'} does not embed, a position beyond its "
+                            "modality's or a token id outside its vocabulary")
+
     def embed_encoder(self, b: FourMBatch) -> tuple[Tensor, Tensor]:
         mod = b.enc_modality.long()
+        self._check_slots("enc", b.enc_ids, b.enc_position, mod, b.enc_valid, True)
         x = self._lookup(self.encoder_embeddings, b.enc_ids.long(), mod)
         emb = self._enc_pos_table[self._enc_pos_offset[mod] + b.enc_position.long()] + self._mod_emb(self.encoder_embeddings, mod)
         keep = b.enc_valid[..., None]
@@ -124,6 +140,7 @@ class FourM(nn.Module):
     def embed_decoder(self, b: FourMBatch) -> tuple[Tensor, Tensor]:
         mod = b.dec_modality.long()
         is_seq = self._is_sequence[mod]
+        self._check_slots("dec", b.dec_ids, b.dec_position, mod, b.dec_valid, is_seq)  # image slots: ids unread
         tok = self._lookup(self.decoder_embeddings, b.dec_ids.long(), mod)
         y = torch.where(is_seq[..., None], tok, self.mask_token.to(tok.dtype))  # images: the mask token
         emb = self._dec_pos_table[self._dec_pos_offset[mod] + b.dec_position.long()] + self._mod_emb(self.decoder_embeddings, mod)

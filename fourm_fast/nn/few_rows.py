@@ -9,7 +9,7 @@ the slow one. So FEW_ROWS_MIN-FEW_ROWS_MAX float32 rows times a weight of ROWS_L
 more go to fourm_fast.ops.rows_linear, which streams the weight with software prefetch and does
 not depend on the BLAS; everything else is ``F.linear``. Weights cold in memory, as in a decoding
 step, GB/s of weight read on the Xeon (``bench/bench_linear_rows.py``, roofline about 23 GB/s,
-rows in bench/results/linear_rows.jsonl; 829bc81 for dim 384, 5fa01fc for dim 768):
+rows in bench/results/linear_rows.jsonl; 829bc81 for dim 384, ebe1eb5 for dim 768):
 
     rows                    1      2      4      8     12     16     32
     30522 x 384 F.linear  24.1   22.7   14.2   13.4   12.3   11.5    9.0
@@ -19,8 +19,8 @@ rows in bench/results/linear_rows.jsonl; 829bc81 for dim 384, 5fa01fc for dim 76
                 rows_lin  22.2   19.3   18.0   15.3   13.9   10.9    6.5
     1024 x 384  F.linear  23.9   23.9   16.9   14.3   12.8   12.1    9.8
                 rows_lin  21.9   19.2   16.4   15.4   12.4   11.2    6.8
-    3072 x 768  F.linear  23.8   22.5   12.6    9.7    8.1    9.8    8.0
-                rows_lin  20.6   19.6   17.8   14.0   11.6    9.5    6.0
+    3072 x 768  F.linear  24.0   23.6   14.0   10.8    8.7   10.9    8.3
+                rows_lin  21.4   20.6   18.3   15.0   12.1   10.1    6.2
 
 The weights of 4 MiB and more are the heads at the tiny preset (dim 384) and also the blocks' qkv
 and MLP weights from dim 768 on. In the table rows_linear won by 1.16-1.76x at 4-12 rows on the

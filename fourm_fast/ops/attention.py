@@ -236,17 +236,27 @@ def masked_attention(q: Tensor, k: Tensor, v: Tensor, k_valid: Tensor, q_segment
     backward rounds the score gradient dS to fp16 for its tensor cores, as FlashAttention does, so
     |dS| beyond 65504 (large loss scales) overflows; the CPU computes in float32.
     """
-    if q.dim() == 4 and q.shape[-1] == 0:
+    # Rank and k_valid first: the scale below reads q's last dim (a 0-d or 3-D q failed with an
+    # IndexError or a ZeroDivisionError, a missing k_valid with "tensor does not have a device").
+    if not all(isinstance(t, Tensor) and t.dim() == 4 for t in (q, k, v)):
+        shapes = ", ".join(str(tuple(t.shape)) if isinstance(t, Tensor) else type(t).__name__ for t in (q, k, v))
+        raise ValueError(f"masked_attention: q, k, v must be 4-D (B, H, N, d) tensors, got {shapes}")
+    if not isinstance(k_valid, Tensor):
+        raise TypeError(f"masked_attention: k_valid must be a bool (B, Nk) tensor, got {type(k_valid).__name__}")
+    if q.shape[-1] == 0:
         raise ValueError("masked_attention: head dim must be positive")
     dev = q.device.type
     if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev):
-        # As SDPA under autocast: q, k, v in the autocast dtype. (CUDA autocast runs LayerNorm in
-        # float32, so QK-norm hands over float32 q, k next to a bfloat16 v.)
+        # As SDPA under autocast: q, k, v in the autocast dtype, float64 left alone. (CUDA autocast
+        # runs LayerNorm in float32, so QK-norm hands over float32 q, k next to a bfloat16 v.)
         dt = torch.get_autocast_dtype(dev)
-        q, k, v = (t.to(dt) if t.is_floating_point() else t for t in (q, k, v))
+        q, k, v = (t.to(dt) if t.is_floating_point() and t.dtype != torch.float64 else t for t in (q, k, v))
     if scale is None:  # (finite for d >= 1; under dynamic shapes a symbolic float, left unchecked)
         scale = 1.0 / math.sqrt(q.shape[-1])
     else:
+        if isinstance(scale, Tensor) and scale.requires_grad:
+            raise TypeError("masked_attention: scale is a number; a tensor that requires grad would get no "
+                            "gradient (scale q instead: masked_attention(q * s, k, v, ..., scale=1.0))")
         scale = float(scale)
         if not math.isfinite(scale):
             raise ValueError(f"masked_attention: scale must be finite, got {scale}")

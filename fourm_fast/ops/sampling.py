@@ -14,7 +14,7 @@ def _param(value: ParamLike, name: str, R: int, device: torch.device) -> Tensor:
     if isinstance(value, Tensor):
         if value.dim() not in (0, 1) or (value.dim() == 1 and value.shape[0] != R):
             raise ValueError(f"sample_tokens: {name} must be a scalar or have one value per row ({R}), got shape {tuple(value.shape)}")
-        return value.to(device=device, dtype=torch.float32)
+        return value.detach().to(device=device, dtype=torch.float32)  # a gradient is refused by the caller
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"sample_tokens: {name} must be a number or a tensor, got {type(value).__name__}")
     return torch.full((), float(value), dtype=torch.float32, device=device)
@@ -77,7 +77,10 @@ def sample_tokens(
         top_k = max(min(int(top_k * logits.shape[1]), logits.shape[1]), 1)
     # No autograd kernel on the op (one would put a Python hop at the Autograd key on every call,
     # no_grad ones included: about 8 us): inputs that need a gradient go through _SampledProbs.
-    grad = torch.is_grad_enabled() and (logits.requires_grad or (uncond_logits is not None and uncond_logits.requires_grad))
+    # Parameter tensors count too: a learnable temperature left its gradient None without a word.
+    needs_grad = [t for t in (logits, uncond_logits, temperature, top_k, top_p, min_p, cfg_scale)
+                  if isinstance(t, Tensor) and t.requires_grad] if torch.is_grad_enabled() else []
+    grad = bool(needs_grad)
     tokens, probs = torch.ops.fourm_fast.sample_tokens.default(
         logits.detach() if grad else logits,
         uncond_logits.detach() if grad and uncond_logits is not None else uncond_logits,
@@ -89,19 +92,20 @@ def sample_tokens(
         _counter(seed, "seed", dev),
         _counter(offset, "offset", dev),
     )
-    return tokens, (_SampledProbs.apply(probs, logits, uncond_logits) if grad else probs)
+    return tokens, (_SampledProbs.apply(probs, *needs_grad) if grad else probs)
 
 
 class _SampledProbs(torch.autograd.Function):
-    """probs joined to the logits' graph with a backward that raises: the op has no gradient, and
-    without this a backward through probs warned and left the logits' gradient None silently."""
+    """probs joined to the graph of the inputs that need a gradient (logits, or a parameter tensor),
+    with a backward that raises: the op has no gradient, and without this a backward through probs
+    warned and left their gradients None silently."""
 
     @staticmethod
-    def forward(ctx, probs, logits, uncond_logits):
+    def forward(ctx, probs, *inputs):
         return probs.clone()
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, *grads):
         raise RuntimeError("sample_tokens is not differentiable: tokens are discrete draws and probs is the "
                            "drawn token's probability with no gradient formula; for a gradient of it, gather "
                            "log_softmax(logits / T) at the returned tokens")

@@ -9,7 +9,8 @@ from .config import ConfigError, load_config
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML config (configs/tiny.yaml); defaults when omitted; a lone "
+    p.add_argument("--config", help="YAML config, e.g. configs/tiny.yaml; without one the built-in defaults of "
+                                    "fourm_fast/train/config.py apply (not tiny.yaml's); a lone "
                                     "positional *.yaml / *.yml file is taken as the config too")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.lr=3e-4 (before or after the flags)")
     p.add_argument("--steps", type=int, help="total steps (train.steps)")
