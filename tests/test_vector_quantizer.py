@@ -84,3 +84,7 @@ def test_bad_input():
         VectorQuantizer(8, 3, metric="dot")
     with pytest.raises(ValueError, match="ema_decay"):
         VectorQuantizer(8, 3, ema_decay=1.5)
+    with pytest.raises(TypeError, match="codebook must be float32, bfloat16 or float16 .* got codebook torch.float64"):
+        VectorQuantizer(8, 3).double()(torch.randn(4, 3, dtype=torch.float64))
+    with pytest.raises(TypeError, match="z floating, got codebook torch.float32 and z torch.int64"):
+        vq(torch.ones(4, 3, dtype=torch.int64))

@@ -16,6 +16,9 @@ from torch import Tensor, nn
 from ..ops.vq import NORM_EPS, vq_dequantize, vq_lookup
 
 
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
 @dataclass
 class VQOutput:
     quantized: Tensor  # (..., D) straight-through: forward = code, backward = identity to z
@@ -82,6 +85,10 @@ class VectorQuantizer(nn.Module):
         if z.shape[-1] != self.dim:
             raise ValueError(f"VectorQuantizer: expected (..., {self.dim}), got {tuple(z.shape)}")
         codebook = self.codebook
+        # vq_lookup's dtypes, named here (a .double() module or an integer z failed deep inside it)
+        if codebook.dtype not in _DTYPES or not z.is_floating_point():
+            raise TypeError(f"VectorQuantizer: the codebook must be float32, bfloat16 or float16 and z floating, "
+                            f"got codebook {codebook.dtype} and z {z.dtype}")
         z_in = z.to(codebook.dtype) if z.dtype != codebook.dtype else z
         indices, _ = vq_lookup(z_in.detach(), codebook.detach(), self.metric)
         if self.check_finite and bool((indices < 0).any()):
