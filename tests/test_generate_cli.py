@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from fourm_fast.cli import main
@@ -63,10 +64,21 @@ def test_generate_with_a_token_grid_condition(run_dir, tmp_path):
     (["--target", "rgb", "--cond", "depth"], "MODALITY=VALUE"),
     (["--target", "caption", "--scheme", "maskgit"], "sequence modality"),
     (["--target", "rgb", "--cond", "normal=/nonexistent.npy"], "not an input modality of this model"),
-])
+    (["--target", "rgb", "--device", "gpu"], "--device 'gpu' is not a device"),
+    (["--target", "rgb", "--device", "meta"], "cpu, cuda or cuda:N"),
+] + ([(["--target", "rgb", "--device", "cuda"], "no CUDA device is available")] if not torch.cuda.is_available() else []))
 def test_generate_bad_requests(run_dir, tmp_path, capsys, extra, message):
     assert main(["generate", "--checkpoint", str(run_dir), "--out", str(tmp_path / "x"), *extra]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_explicit_defaults_write_the_same_settings(run_dir, tmp_path):
+    # "--top-k 0" was parsed as 0.0 while the default stayed 0: settings.json differed by a byte
+    run = lambda out, *extra: main(["generate", "--checkpoint", str(run_dir), "--target", "depth", "--steps", "1",  # noqa: E731
+                                    "--batch", "1", "--out", str(tmp_path / out), *extra])
+    assert run("a") == 0 and run("b", "--top-k", "0") == 0 and run("c", "--top-k", "0.5") == 0
+    assert (tmp_path / "a" / "settings.json").read_bytes() == (tmp_path / "b" / "settings.json").read_bytes()
+    assert json.loads((tmp_path / "c" / "settings.json").read_text())["targets"][0]["top_k"] == 0.5
 
 
 def test_generate_missing_checkpoint(tmp_path, capsys):

@@ -124,6 +124,12 @@ def test_config_errors(overrides, message):
         load_config(None, overrides)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_cuda_device_without_a_gpu_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="train.device=cuda, but no CUDA device is available"):
+        train(small_cfg(tmp_path, "train.steps=1", "train.device=cuda"), log=lambda m: None)
+
+
 def test_config_file_and_null_settings():
     with pytest.raises(ConfigError, match="does not exist"):
         load_config("/nonexistent.yaml")
@@ -230,6 +236,16 @@ def test_logged_lr_is_the_rate_the_step_trained_at(tmp_path):
     got = [float(r["lr"]) for r in rows(tmp_path)]
     want = [1e-3 * cosine_factor(s, 5, 3, 1e-3, 1e-6) for s in range(5)]  # step s trains at factor(s)
     assert got == pytest.approx(want, rel=1e-6)
+
+
+def test_resume_with_more_steps_trains_on_the_new_schedule_at_once(tmp_path):
+    # The first resumed step trained at the old schedule's last rate (min_lr here), then jumped.
+    from fourm_fast.train.trainer import cosine_factor
+
+    train(small_cfg(tmp_path, "train.steps=4", "train.warmup_steps=0"), log=lambda m: None)
+    train(small_cfg(tmp_path, "train.steps=8", "train.warmup_steps=0"), resume=True, log=lambda m: None)
+    got = [float(r["lr"]) for r in rows(tmp_path)][4:]
+    assert got == pytest.approx([1e-3 * cosine_factor(s, 8, 0, 1e-3, 1e-6) for s in range(4, 8)], rel=1e-6)
 
 
 def test_stop_after_step_is_logged_with_sparse_logging(tmp_path):
@@ -737,4 +753,5 @@ def test_divergence_on_one_process_stops_every_process(tmp_path, strategy):
     for rank in range(2):
         err = (tmp_path / f"error-rank{rank}.txt").read_text()
         assert "NaN or inf at step 3 (seen at step 3)" in err, (rank, err)
+        assert "step-0000002, predates it" in err, (rank, err)  # rank 1 said "this run wrote no checkpoint"
     assert _finite_checkpoints(tmp_path) == ["step-0000002"]

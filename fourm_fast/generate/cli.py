@@ -212,13 +212,35 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temp-schedule", default="constant", help="constant, linear or onex:MIN_T:POWER")
     p.add_argument("--token-schedule", default="cosine", help="cosine or linear (MaskGIT)")
     p.add_argument("--cfg", default="1.0", help="classifier-free guidance scale on all earlier modalities")
-    p.add_argument("--top-k", type=float, default=0)
+    p.add_argument("--top-k", type=_count_or_fraction, default=0, help="a count, or a fraction of the vocabulary in (0, 1) (0: off)")
     p.add_argument("--top-p", type=float, default=0.0, help="nucleus filtering (0: off)")
     p.add_argument("--batch", type=int, default=4, help="samples per condition")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tokenizers", help="tokenizer folder (default: the training data's)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--out", required=True)
+
+
+def _count_or_fraction(text: str) -> int | float:
+    """--top-k: an int when whole (so "0" and the default write the same settings.json), else a float."""
+    value = float(text)
+    return int(value) if value.is_integer() else value
+
+
+def _device(name: str) -> torch.device:
+    """--device, checked here: a missing GPU or a misspelt device ended in a traceback."""
+    try:
+        dev = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"--device {name!r} is not a device ({e})") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name!r}: cpu, cuda or cuda:N")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: no CUDA device is available (torch.cuda.is_available() is False)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    return dev
 
 
 def run(args: argparse.Namespace) -> int:
@@ -236,7 +258,7 @@ def run(args: argparse.Namespace) -> int:
             if k.strip() in conditions:
                 raise ValueError(f"--cond {k.strip()}: given twice")
             conditions[k.strip()] = v
-        assets = Assets(args.checkpoint, args.tokenizers, args.device)
+        assets = Assets(args.checkpoint, args.tokenizers, _device(args.device))
         targets = build_targets(assets.model, args)
         both = [t.name for t in targets if t.name in conditions]
         if both:

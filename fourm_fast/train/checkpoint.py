@@ -124,17 +124,19 @@ def recover_leftovers(root: Path) -> None:
 
 
 def save_checkpoint(root: Path, step: int, model: nn.Module, inner: nn.Module, optimizer, scheduler, extra: dict,
-                    keep: int, is_writer: bool) -> Path | None:
-    """Every process must call this (sharded models gather their weights); one writes."""
+                    keep: int, is_writer: bool) -> Path:
+    """Every process must call this (sharded models gather their weights); one writes. Returns the
+    checkpoint's folder on every process (a None on the others made their divergence message say
+    that no checkpoint had been written)."""
     sd = get_model_state_dict(model, options=_full(model))
     osd = get_optimizer_state_dict(model, optimizer, options=_full(model))
+    final = root / f"step-{step:07d}"
     if not is_writer:
-        return None
+        return final
     aliases = tied_aliases(inner)
     tensors = {k: v.detach().contiguous() for k, v in sd.items() if k not in aliases}
     root.mkdir(parents=True, exist_ok=True)
     recover_leftovers(root)
-    final = root / f"step-{step:07d}"
     tmp = _temp_name(final, "tmp")
     tmp.mkdir()
     save_file(tensors, str(tmp / MODEL_FILE), metadata={"fourm_fast_aliases": json.dumps(aliases)})

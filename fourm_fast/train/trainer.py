@@ -183,6 +183,8 @@ def train(cfg: dict, resume: bool | str = False, log=print) -> dict:
     tc = cfg["train"]
     want = tc["device"]
     device_kind = ("cuda" if torch.cuda.is_available() else "cpu") if want == "auto" else want
+    if device_kind == "cuda" and not torch.cuda.is_available():  # a traceback from set_device before
+        raise ConfigError("train.device=cuda, but no CUDA device is available (torch.cuda.is_available() is False)")
     d.init(device_kind)
     device = torch.device(device_kind, d.local_rank) if device_kind == "cuda" else torch.device("cpu")
     if device.type == "cuda":
@@ -248,6 +250,12 @@ def train(cfg: dict, resume: bool | str = False, log=print) -> dict:
             raise CheckpointError(f"--resume: {path / 'state.pt'} was written with other settings, which the "
                                   f"resumed run would not honour exactly: {'; '.join(changed)}")
         start = state["step"]
+        # The rate at the resume point under this run's schedule: with --steps changed, the rate
+        # stored in the checkpoint is the old schedule's, and the first resumed step trained at it.
+        # (Unchanged steps give the very value stored: the same lambda at the same step.)
+        for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+            group["lr"] = base * factor(scheduler.last_epoch)
+        scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(state["rng"]["python"])
         if device.type == "cuda" and state["rng"].get("cuda") is not None:
