@@ -281,6 +281,30 @@ def test_4m_decoder_rule_from_metadata(case, flags):
     assert torch.equal(out[:, 0] > 0, ~expected_blocked)
 
 
+def test_flush_denormal_applies_on_every_thread():
+    # torch.set_flush_denormal sets the calling thread's FTZ/DAZ only. Units of work are handed to
+    # whichever thread is free, so the same call flushed a different set of heads each time.
+    # Here key 1's weight is exp(-90), a subnormal: 8.2e-10 in the output unflushed, 0 flushed.
+    B, H, Nq, Nk, d = 1, 64, 4, 2, 8
+    q = torch.zeros(B, H, Nq, d)
+    q[..., 0] = 1.0
+    k, v = torch.zeros(B, H, Nk, d), torch.zeros(B, H, Nk, d)
+    k[:, :, 1, 0], v[:, :, 1, :] = -90.0, 1e30
+    kv = torch.ones(B, Nk, dtype=torch.bool)
+    assert (masked_attention(q, k, v, kv, scale=1.0)[..., 0] > 0).all()
+    threads = torch.get_num_threads()
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU has no flush-denormal mode")
+    try:
+        torch.set_num_threads(max(threads, 2))
+        for _ in range(20):
+            assert (masked_attention(q, k, v, kv, scale=1.0)[..., 0] == 0).all()
+    finally:
+        torch.set_flush_denormal(False)
+        torch.set_num_threads(threads)
+    assert (masked_attention(q, k, v, kv, scale=1.0)[..., 0] > 0).all()  # the workers got their own mode back
+
+
 def test_bad_inputs_raise_clear_errors():
     q = torch.randn(2, 3, 5, 8)
     kv = torch.ones(2, 5, dtype=torch.bool)

@@ -13,6 +13,8 @@
 // (attention_cpu_amx_tiles.cpp); other 16-bit inputs are widened to float32 here.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+
+#include "parallel.h"
 #include <torch/library.h>
 
 #include <c10/util/BFloat16.h>
@@ -111,7 +113,7 @@ void forward_direct(const MetaView& meta, const AttnInputs& in, const at::Tensor
   const int64_t qs0 = qf.stride(0), qs1 = qf.stride(1), qs2 = qf.stride(2);
   const int64_t ks0 = kf.stride(0), ks1 = kf.stride(1), ks2 = kf.stride(2);
   const int64_t vs0 = vf.stride(0), vs1 = vf.stride(1), vs2 = vf.stride(2);
-  at::parallel_for(0, in.B * H, 1, [&](int64_t bh0, int64_t bh1) {
+  fourm_fast::parallel_for(0, in.B * H, 1, [&](int64_t bh0, int64_t bh1) {
     std::vector<float> score(static_cast<size_t>(Nk));
     std::vector<int64_t> keys(static_cast<size_t>(Nk));
     std::vector<float> acc(static_cast<size_t>(D));
@@ -303,7 +305,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_attention_bwd_cpu(
   if (splits > 1) {  // dK, dV = the chunks' sums, in chunk order
     const float* pp = parts.const_data_ptr<float>();
     const int64_t n = Nk * D;
-    at::parallel_for(0, pairs * 2, 1, [&](int64_t t0, int64_t t1) {
+    fourm_fast::parallel_for(0, pairs * 2, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t bh = t / 2, which = t % 2;
         sum_chunks(pp + (bh * splits * 2 + which) * n, splits, 2 * n, n, (which == 0 ? dkp : dvp) + bh * n);

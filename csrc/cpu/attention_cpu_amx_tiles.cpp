@@ -15,6 +15,7 @@
 
 #include "attention_cpu_rows_dispatch.h"
 #include "bf16_gemm.h"
+#include "parallel.h"
 
 namespace fourm_fast {
 
@@ -171,7 +172,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_attention_bwd_amx(const Me
   });
   if (splits > 1) {  // dK, dV = the chunks' sums in chunk order, rounded once
     const int64_t n = Nk * D;
-    at::parallel_for(0, pairs * 2, 1, [&](int64_t t0, int64_t t1) {
+    fourm_fast::parallel_for(0, pairs * 2, 1, [&](int64_t t0, int64_t t1) {
       std::vector<float> sum(static_cast<size_t>(n));
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t bh = t / 2, which = t % 2;

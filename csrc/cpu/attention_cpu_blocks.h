@@ -8,6 +8,8 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include "parallel.h"
+
 #include <algorithm>
 #include <atomic>
 #include <tuple>
@@ -125,7 +127,7 @@ inline MetaView make_meta(const AttnInputs& in) {
   m.valid_lanes.resize(static_cast<size_t>(in.B * in.Nk));
   for (size_t j = 0; j < m.valid_lanes.size(); ++j) m.valid_lanes[j] = m.valid[j] ? -1 : 0;
   m.blocks.resize(static_cast<size_t>(in.B));
-  at::parallel_for(0, in.B, 1, [&](int64_t b0, int64_t b1) {
+  fourm_fast::parallel_for(0, in.B, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) m.blocks[b] = m.make_blocks(b);
   });
   return m;
@@ -142,7 +144,7 @@ template <typename Worker>
 void parallel_units(int64_t n, const Worker& worker) {
   std::atomic<int64_t> counter{0};
   const int64_t slots = std::min<int64_t>(at::get_num_threads(), n);
-  at::parallel_for(0, slots, 1, [&](int64_t, int64_t) {
+  fourm_fast::parallel_for(0, slots, 1, [&](int64_t, int64_t) {
     worker([&]() { return counter.fetch_add(1, std::memory_order_relaxed); });
   });
 }
@@ -173,7 +175,7 @@ inline std::vector<BlockItem> forward_items(const MetaView& meta, int64_t B, int
 // are summed in chunk order afterwards. splits depends on the shape and the mask's block count,
 // never on the thread count, so on fourm_fast's own GEMM kernels the gradients are the same bits
 // with any number of threads (not where sgemm_rows hands a product to BLAS: the portable ISA, or
-// a sum over more than kSmallGemmMaxK terms). The price is paid on any machine: a split costs
+// a sum over more than kSmallGemmMaxK terms, which holds for the forward's P V too). The price is paid on any machine: a split costs
 // the buffers and the summing pass, which a CPU with no idle threads gains nothing for. On the
 // 4M decoder pattern at B 8, H 6, N 128 (2 chunks) the backward took 39-40 us per pair against
 // 28-31 us unsplit, so from 16 pairs there is one chunk.

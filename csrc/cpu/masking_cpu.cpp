@@ -3,6 +3,8 @@
 // code in csrc/kernels/masking_math.h.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+
+#include "parallel.h"
 #include <torch/library.h>
 
 #include <algorithm>
@@ -34,7 +36,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_budgets_cpu(
   int32_t* comp = component.data_ptr<int32_t>();
   int32_t* in = input.data_ptr<int32_t>();
   int32_t* tg = target.data_ptr<int32_t>();
-  at::parallel_for(0, a.B, kSampleGrain, [&](int64_t b0, int64_t b1) {
+  fourm_fast::parallel_for(0, a.B, kSampleGrain, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       kernels::budget_sample(cfg, static_cast<uint64_t>(seed), static_cast<uint64_t>(offset), static_cast<uint32_t>(b),
                              comp + b, in + b * a.M, tg + b * a.M);
@@ -62,7 +64,7 @@ LayoutTensors token_layout_cpu(const at::Tensor& input_budget, const at::Tensor&
   // The first failing sample with its own status, packed (b << 8 | status) so that one atomic
   // minimum keeps them together (a separate status was whichever chunk failed last).
   std::atomic<int64_t> first_bad{B << 8};
-  at::parallel_for(0, B, kSampleGrain, [&](int64_t b0, int64_t b1) {
+  fourm_fast::parallel_for(0, B, kSampleGrain, [&](int64_t b0, int64_t b1) {
     std::vector<int32_t> order(static_cast<size_t>(max_size));
     std::vector<uint8_t> role(static_cast<size_t>(max_size));
     for (int64_t b = b0; b < b1; ++b) {
@@ -120,7 +122,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> span_mask_cpu(
   const auto i32 = lengths.options();
   at::Tensor source = at::empty({B, slots}, i32), n_in = at::empty({B}, i32), n_tg = at::empty({B}, i32),
              top_sentinel = at::empty({B}, i32);
-  at::parallel_for(0, B, kSampleGrain, [&](int64_t b0, int64_t b1) {
+  fourm_fast::parallel_for(0, B, kSampleGrain, [&](int64_t b0, int64_t b1) {
     std::vector<uint8_t> keep(static_cast<size_t>(max_tokens));
     std::vector<int32_t> tgt(static_cast<size_t>(2 * max_tokens + 2));
     for (int64_t b = b0; b < b1; ++b) {

@@ -13,6 +13,8 @@
 // x is widened once up front, the sums are float32 and rounded once to the inputs' dtype.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+
+#include "parallel.h"
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
@@ -182,7 +184,7 @@ void rows_linear_run(const float* xp, int64_t ldx, const W* wp, int64_t ldw, flo
 #else
   const bool avx2 = false;
 #endif
-  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+  fourm_fast::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
 #ifdef FF_HAVE_X86
     if (avx2) {
       rows_block_avx2(xp, ldx, wp, ldw, yf, R, N, K, n0, n1);

@@ -4,6 +4,8 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+
+#include "parallel.h"
 #include <torch/library.h>
 
 #include <vector>
@@ -37,7 +39,7 @@ void sample_tokens_cpu_impl(const SampleInputs& in, int64_t* tokens, float* prob
 #if defined(__x86_64__) || defined(_M_X64)
   const bool avx2 = cpu_isa_allows_avx2(), avx512 = cpu_isa_allows_avx512();
 #endif
-  at::parallel_for(0, R, 1, [&](int64_t r0, int64_t r1) {
+  fourm_fast::parallel_for(0, R, 1, [&](int64_t r0, int64_t r1) {
 #if defined(__x86_64__) || defined(_M_X64)
     if (avx512) {
       sample_rows_avx512(cond, cs0, cs1, uncond, us0, us1, V, params.data(), per_row ? 1 : 0, seed, offset, r0, r1,

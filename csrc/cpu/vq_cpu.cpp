@@ -6,6 +6,8 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+
+#include "parallel.h"
 #include <torch/library.h>
 
 #include <atomic>
@@ -158,7 +160,7 @@ PackedCodebook pack_codebook(const at::Tensor& codebook, VqMetric metric) {
                          codebook.options().dtype(at::kFloat));
   float* values = packed.values.data_ptr<float>();
   float* bias = packed.bias.data_ptr<float>();
-  at::parallel_for(0, K, 256, [&](int64_t j0, int64_t j1) {
+  fourm_fast::parallel_for(0, K, 256, [&](int64_t j0, int64_t j1) {
     for (int64_t j = j0; j < j1; ++j) {
       const scalar_t* row = src + j * s0;
       float sum_sq = 0.0f;
@@ -198,7 +200,7 @@ bool vq_lookup_amx(const at::Tensor& x2, const at::Tensor& codebook, const Packe
   const c10::BFloat16* cb = codebook.const_data_ptr<c10::BFloat16>();
   if (!vq_amx_codes_in_range(packed.values.const_data_ptr<float>(), packed.panels, D)) return false;
   std::atomic<bool> rows_ok{true};
-  at::parallel_for(0, N, 1024, [&](int64_t r0, int64_t r1) {
+  fourm_fast::parallel_for(0, N, 1024, [&](int64_t r0, int64_t r1) {
     if (!vq_amx_rows_in_range(reinterpret_cast<const uint16_t*>(x + r0 * xs0), xs0, r1 - r0, D)) rows_ok = false;
   });
   if (!rows_ok) return false;
@@ -207,7 +209,7 @@ bool vq_lookup_amx(const at::Tensor& x2, const at::Tensor& codebook, const Packe
   const float* pbias = packed.bias.const_data_ptr<float>();
   const float scale = kernels::vq_score_scale(metric);
   const int64_t num_blocks = (N + kAmxRowsPerBlock - 1) / kAmxRowsPerBlock;
-  at::parallel_for(0, num_blocks, 1, [&](int64_t blk0, int64_t blk1) {
+  fourm_fast::parallel_for(0, num_blocks, 1, [&](int64_t blk0, int64_t blk1) {
     std::vector<char> scratch(vq_search_amx_scratch_bytes(kAmxRowsPerBlock, D) + 64);
     void* aligned = scratch.data() + (64 - reinterpret_cast<uintptr_t>(scratch.data()) % 64) % 64;
     std::vector<VqLaneBest16> best(static_cast<size_t>(kAmxRowsPerBlock));
@@ -263,7 +265,7 @@ void vq_lookup_cpu_impl(const at::Tensor& x2, const at::Tensor& codebook, VqMetr
   const int64_t rows_per_block = panels_per_block * kMr;
   const int64_t num_blocks = (N + rows_per_block - 1) / rows_per_block;
 
-  at::parallel_for(0, num_blocks, 1, [&](int64_t blk0, int64_t blk1) {
+  fourm_fast::parallel_for(0, num_blocks, 1, [&](int64_t blk0, int64_t blk1) {
     std::vector<float> apack(static_cast<size_t>(panels_per_block * D * kMr));
     std::vector<LaneBest> best(static_cast<size_t>(rows_per_block));
     for (int64_t blk = blk0; blk < blk1; ++blk) {
