@@ -2,7 +2,9 @@
 hostile shapes, low precision, dispatcher, opcheck and torch.compile."""
 
 import math
+import platform
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -293,6 +295,8 @@ def test_flush_denormal_applies_on_every_thread():
     kv = torch.ones(B, Nk, dtype=torch.bool)
     assert (masked_attention(q, k, v, kv, scale=1.0)[..., 0] > 0).all()
     threads = torch.get_num_threads()
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip("the caller's mode is carried to the workers on x86-64 only (csrc/cpu/parallel.h)")
     if not torch.set_flush_denormal(True):
         pytest.skip("this CPU has no flush-denormal mode")
     try:
@@ -303,6 +307,14 @@ def test_flush_denormal_applies_on_every_thread():
         torch.set_flush_denormal(False)
         torch.set_num_threads(threads)
     assert (masked_attention(q, k, v, kv, scale=1.0)[..., 0] > 0).all()  # the workers got their own mode back
+
+
+def test_every_cpu_op_runs_its_workers_in_the_callers_float_mode():
+    # the test above exercises attention alone: the other CPU ops must go through the same wrapper
+    root = Path(__file__).resolve().parents[1] / "csrc" / "cpu"
+    stray = [f"{p.name}:{i}" for p in sorted(root.iterdir()) if p.suffix in (".h", ".cpp") and p.name != "parallel.h"
+             for i, line in enumerate(p.read_text().splitlines(), 1) if "at::parallel_for(" in line]
+    assert not stray, f"at::parallel_for called directly (use fourm_fast::parallel_for): {stray}"
 
 
 def test_bad_inputs_raise_clear_errors():

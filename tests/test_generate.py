@@ -281,6 +281,16 @@ def test_autoregressive_stops_per_sample_at_end_sentinel(model, monkeypatch):
     assert calls["t"] == 4  # stopped once every sample ended
 
 
+def test_sentinel_ids_outside_the_vocabulary_are_refused(model):
+    # [S_1] goes into the cached decoder step unchecked: an id past the vocabulary was clamped
+    vocab = model.cfg.modality("caption").vocab_size
+    for bad in ([0, vocab, 41], [0, -1, 41], [0, 40.0, 41]):
+        with pytest.raises(ValueError, match=r"sentinel ids .* must be ints in \[0, "):
+            Generator(model, {"caption": bad})
+    Generator(model, {"caption": [0, vocab - 1, 41]})
+    Generator(model, {"caption": list(np.arange(40, 50))})  # numpy integers are ints too
+
+
 def test_guidance_scale_one_equals_unguided(model):
     _, a = _run(model, [TargetSpec("depth", "maskgit", steps=4, cfg_scale=1.0, cfg_conditions=["rgb"])], seed=2)
     _, b = _run(model, [TargetSpec("depth", "maskgit", steps=4)], seed=2)

@@ -72,8 +72,8 @@ def test_encoder_selection_matches_reference(tiny_a):
 def tiny_model(**overrides):
     mods = (ModalityConfig("rgb", "image", 64, grid=4), ModalityConfig("depth", "image", 32, grid=4),
             ModalityConfig("caption", "sequence", 50, max_length=12))
-    cfg = FourMConfig(dim=32, encoder_depth=2, decoder_depth=2, num_heads=2, modalities=mods,
-                      domains_in=("caption", "depth", "rgb"), domains_out=("caption", "depth", "rgb"), **overrides)
+    domains = {"domains_in": ("caption", "depth", "rgb"), "domains_out": ("caption", "depth", "rgb"), **overrides}
+    cfg = FourMConfig(dim=32, encoder_depth=2, decoder_depth=2, num_heads=2, modalities=mods, **domains)
     torch.manual_seed(0)
     return FourM(cfg)
 
@@ -133,6 +133,12 @@ def test_native_path_refuses_slots_it_would_misread():
         pad = (~b.enc_valid).nonzero()
         if len(pad):  # padding slots are never read either
             model(poke("enc_ids", pad[0].tolist(), 10**6))
+        # a modality the encoder does not embed (it took the first modality's table before)
+        out_only = tiny_model(domains_in=("caption", "rgb")).eval()
+        depth = model.modalities.index("depth")
+        assert (b.enc_valid & (b.enc_modality == depth)).any()
+        with pytest.raises(RuntimeError, match="slot has a modality the encoder does not embed"):
+            out_only(b)
 
 
 def test_training_step_has_gradients_everywhere_used():

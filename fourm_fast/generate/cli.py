@@ -223,7 +223,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _count_or_fraction(text: str) -> int | float:
     """--top-k: an int when whole (so "0" and the default write the same settings.json), else a float."""
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
     return int(value) if value.is_integer() else value
 
 

@@ -13,6 +13,7 @@ What differs from ml-4m's GenerationSampler (fourm/models/generate.py), in how a
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 
 import numpy as np
@@ -49,6 +50,11 @@ class Generator:
         for name, ids in self.sentinels.items():
             if len(ids) < 3:
                 raise ValueError(f"{name}: need the ids of at least [S_0], [S_1], [S_2], got {ids}")
+            # [S_1] is fed to the decoder as is (the cached step does not check its slots)
+            vocab = model.cfg.modality(name).vocab_size if name in model.modalities else None
+            if vocab is not None and not all(isinstance(i, numbers.Integral) and not isinstance(i, bool) and 0 <= i < vocab
+                                             for i in ids[:3]):
+                raise ValueError(f"{name}: sentinel ids {ids[:3]} must be ints in [0, {vocab}), the modality's vocabulary")
         self.use_cache = use_cache
         self.log = log
         self._enc_key = None

@@ -137,10 +137,13 @@ class FourM(nn.Module):
         keep = b.enc_valid[..., None]
         return torch.where(keep, x, 0.0), torch.where(keep, emb, 0.0)
 
-    def embed_decoder(self, b: FourMBatch) -> tuple[Tensor, Tensor]:
+    def embed_decoder(self, b: FourMBatch, check: bool = True) -> tuple[Tensor, Tensor]:
+        """check=False: the caller vouches for the slots (the KV cache's step, whose ids are the
+        start sentinel or tokens sampled from the head's own vocabulary, at a position it bounds)."""
         mod = b.dec_modality.long()
         is_seq = self._is_sequence[mod]
-        self._check_slots("dec", b.dec_ids, b.dec_position, mod, b.dec_valid, is_seq)  # image slots: ids unread
+        if check:
+            self._check_slots("dec", b.dec_ids, b.dec_position, mod, b.dec_valid, is_seq)  # image slots: ids unread
         tok = self._lookup(self.decoder_embeddings, b.dec_ids.long(), mod)
         y = torch.where(is_seq[..., None], tok, self.mask_token.to(tok.dtype))  # images: the mask token
         emb = self._dec_pos_table[self._dec_pos_offset[mod] + b.dec_position.long()] + self._mod_emb(self.decoder_embeddings, mod)

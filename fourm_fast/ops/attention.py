@@ -221,7 +221,7 @@ def masked_attention(q: Tensor, k: Tensor, v: Tensor, k_valid: Tensor, q_segment
         scale: score scale, default ``d ** -0.5``.
         backend: "fourm_fast", "flash_attn", "sdpa_dense" or None (first that fits).
 
-    Under autocast, q, k and v run in the autocast dtype (as SDPA does).
+    Under autocast, q, k and v run in the autocast dtype (as SDPA does); float64 is left alone.
 
     Returns:
         ``(B, H, Nq, d)`` in q's dtype. A query that sees no key outputs zeros (zero gradients).
@@ -254,7 +254,7 @@ def masked_attention(q: Tensor, k: Tensor, v: Tensor, k_valid: Tensor, q_segment
     if scale is None:  # (finite for d >= 1; under dynamic shapes a symbolic float, left unchecked)
         scale = 1.0 / math.sqrt(q.shape[-1])
     else:
-        if isinstance(scale, Tensor) and scale.requires_grad:
+        if isinstance(scale, Tensor) and scale.requires_grad and torch.is_grad_enabled():
             raise TypeError("masked_attention: scale is a number; a tensor that requires grad would get no "
                             "gradient (scale q instead: masked_attention(q * s, k, v, ..., scale=1.0))")
         scale = float(scale)
