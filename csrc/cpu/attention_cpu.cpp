@@ -13,8 +13,6 @@
 // (attention_cpu_amx_tiles.cpp); other 16-bit inputs are widened to float32 here.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-
-#include "parallel.h"
 #include <torch/library.h>
 
 #include <c10/util/BFloat16.h>
@@ -34,6 +32,7 @@
 #include "attention_cpu_rows_dispatch.h"
 #include "cpu_gemm.h"
 #include "cpu_isa.h"
+#include "parallel.h"
 
 namespace fourm_fast {
 namespace {

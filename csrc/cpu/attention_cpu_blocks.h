@@ -8,8 +8,6 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
-#include "parallel.h"
-
 #include <algorithm>
 #include <atomic>
 #include <tuple>
@@ -19,6 +17,7 @@
 #include "../attention_checks.h"
 #include "../kernels/attention_math.h"
 #include "attention_cpu_rows_dispatch.h"
+#include "parallel.h"
 
 namespace fourm_fast {
 namespace attn_cpu {

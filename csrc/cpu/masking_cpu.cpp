@@ -3,8 +3,6 @@
 // code in csrc/kernels/masking_math.h.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-
-#include "parallel.h"
 #include <torch/library.h>
 
 #include <algorithm>
@@ -14,6 +12,7 @@
 
 #include "../kernels/masking_math.h"
 #include "../masking_checks.h"
+#include "parallel.h"
 
 namespace fourm_fast {
 namespace {

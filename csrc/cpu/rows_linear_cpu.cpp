@@ -13,8 +13,6 @@
 // x is widened once up front, the sums are float32 and rounded once to the inputs' dtype.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-
-#include "parallel.h"
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
@@ -31,6 +29,7 @@
 #include "../kernels/rows_linear_math.h"
 #include "../rows_linear_checks.h"
 #include "cpu_isa.h"
+#include "parallel.h"
 
 namespace fourm_fast {
 namespace {

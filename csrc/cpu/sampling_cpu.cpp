@@ -4,8 +4,6 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-
-#include "parallel.h"
 #include <torch/library.h>
 
 #include <vector>
@@ -15,6 +13,7 @@
 #include "sampling_cpu_dispatch.h"
 #include "../sampling_checks.h"
 #include "cpu_isa.h"
+#include "parallel.h"
 
 namespace fourm_fast {
 

@@ -6,8 +6,6 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-
-#include "parallel.h"
 #include <torch/library.h>
 
 #include <atomic>
@@ -22,6 +20,7 @@
 #include "../kernels/vq_math.h"
 #include "../vq_checks.h"
 #include "cpu_isa.h"
+#include "parallel.h"
 #include "vq_amx.h"
 
 namespace fourm_fast {
