@@ -146,37 +146,113 @@ def test_sequence_tokens_in_range(model):
 
 
 def _record_commits(monkeypatch):
+    """Each commit of the generator: (positions, candidates, chosen mask), candidates being the
+    positions still unknown when the step ran."""
     from fourm_fast.generate.state import GenerationState
 
     seen = []
     orig = GenerationState.commit
 
     def commit(self, name, positions, values, mask):
-        seen.append(mask.sum(1).tolist())
+        seen.append((positions.clone(), ~self.known[name].gather(1, positions), mask.clone()))
         return orig(self, name, positions, values, mask)
 
     monkeypatch.setattr(GenerationState, "commit", commit)
     return seen
 
 
+def _record_sampling(monkeypatch):
+    """Each sample_tokens call of the generator: its keyword arguments and the probs it returned."""
+    import fourm_fast.generate.sampler as sampler
+
+    calls = []
+    real = sampler.sample_tokens
+
+    def spy(logits, **kw):
+        tokens, probs = real(logits, **kw)
+        calls.append(dict(kw, rows=logits.shape[0], probs=probs.clone()))
+        return tokens, probs
+
+    monkeypatch.setattr(sampler, "sample_tokens", spy)
+    return calls
+
+
+def _own_schedules(kind: str, steps: int, unknown: list[int]) -> list[np.ndarray]:
+    """Each sample's 4M schedule over its own unknown tokens, written out from the parity-tested
+    schedule functions (not through per_sample_table, which the generator itself calls)."""
+    out = [(cosine_schedule if kind == "cosine" else linear_schedule)(steps, n) for n in unknown]
+    for n, own in zip(unknown, out):  # these sizes stay clear of 4M's cosine overshoot
+        assert (np.cumsum(own) <= n).all() and own.sum() == n
+    return out
+
+
+def _partly_known_depth(model, known_rows: list[slice]):
+    g = Generator(model, SENTINELS)
+    B = len(known_rows)
+    st = g.new_state(B)
+    gen = torch.Generator().manual_seed(4)
+    st.set_image("rgb", torch.randint(0, 64, (B, 16), generator=gen))
+    known = torch.zeros(B, 25, dtype=torch.bool)
+    for b, rows in enumerate(known_rows):
+        known[b, rows] = True
+    st.set_image("depth", torch.randint(0, 37, (B, 25), generator=gen), known=known)
+    return g, st, known, [25 - int(k.sum()) for k in known]
+
+
 @pytest.mark.parametrize("scheme", ["maskgit", "roar"])
 def test_per_sample_counts_honoured(model, monkeypatch, scheme):
-    """Samples with different numbers of given tokens each follow their own schedule."""
+    """Samples with different numbers of given tokens each follow their own schedule: MaskGIT the
+    token schedule asked for, ROAR 4M's linear one whatever is asked (as 4M's chained schedules)."""
     seen = _record_commits(monkeypatch)
-    g = Generator(model, SENTINELS)
-    st = g.new_state(3)
-    st.set_image("rgb", torch.randint(0, 64, (3, 16)))
-    known = torch.zeros(3, 25, dtype=torch.bool)
-    known[1, :5] = True
-    known[2, :24] = True
-    st.set_image("depth", torch.randint(0, 37, (3, 25)), known=known)
-    spec = TargetSpec("depth", scheme, steps=6, token_schedule="cosine", temperature=1.0)
-    g.generate(st, [spec])
-    table = per_sample_table(spec, [25, 20, 1])
-    steps = [s for s in range(table.counts.shape[0]) if table.counts[s].any()]
-    assert seen == [table.counts[s].tolist() for s in steps]
+    g, st, known, unknown = _partly_known_depth(model, [slice(0, 0), slice(0, 5), slice(0, 24)])
+    assert unknown == [25, 20, 1]
+    g.generate(st, [TargetSpec("depth", scheme, steps=6, token_schedule="cosine", temperature=1.0)])
+    own = _own_schedules("cosine" if scheme == "maskgit" else "linear", 6, unknown)
+    S = max(len(o) for o in own)
+    want = [[int(o[s]) if s < len(o) else 0 for o in own] for s in range(S)]
+    assert [m.sum(1).tolist() for _, _, m in seen] == [w for w in want if any(w)]
     assert bool(st.known["depth"].all())
     assert torch.equal(st.known["depth"] & known, known)
+
+
+def test_maskgit_commits_each_samples_most_confident_candidates(model, monkeypatch):
+    """Each MaskGIT step commits, per sample, its own count of the still-unknown positions whose
+    sampled tokens had the highest probability (ties to the lower position), and samples its rows
+    at that sample's own temperature of the step (linear schedule over its own counts)."""
+    commits = _record_commits(monkeypatch)
+    calls = _record_sampling(monkeypatch)
+    g, st, _, unknown = _partly_known_depth(model, [slice(0, 0), slice(0, 5), slice(3, 24)])
+    assert unknown == [25, 20, 4]
+    g.generate(st, [TargetSpec("depth", "maskgit", steps=6, temperature=3.0, temp_schedule="linear")], seed=5)
+    own = _own_schedules("cosine", 6, unknown)
+    steps = [s for s in range(max(len(o) for o in own)) if any(s < len(o) and o[s] for o in own)]
+    assert len(commits) == len(calls) == len(steps)
+    for s, (positions, candidates, chosen), call in zip(steps, commits, calls):
+        B, Q = positions.shape
+        probs = call["probs"].reshape(B, Q)
+        temps = call["temperature"].reshape(B, Q)
+        for b in range(B):
+            count = int(own[b][s]) if s < len(own[b]) else 0
+            ranked = sorted((j for j in range(Q) if candidates[b, j]), key=lambda j: (-float(probs[b, j]), j))
+            want = torch.zeros(Q, dtype=torch.bool)
+            want[ranked[:count]] = True
+            assert torch.equal(chosen[b], want), (s, b)
+            if count:
+                t = float(np.float32(linear_temp_schedule(3.0, own[b])[s]))
+                assert temps[b].tolist() == [t] * Q, (s, b)
+    # the samples' temperatures differ within a step, so a row order mixed up across samples shows
+    assert any(len({float(call["temperature"].reshape(3, -1)[b, 0]) for b in range(3)}) > 1 for call in calls[:3])
+
+
+@pytest.mark.parametrize("scheme", ["maskgit", "autoregressive"])
+def test_filters_reach_sample_tokens_in_its_convention(model, monkeypatch, scheme):
+    """TargetSpec takes 4M's conventions (top_p 0 or 1 is off); the op's "off" is top_p 1."""
+    calls = _record_sampling(monkeypatch)
+    name = "depth" if scheme == "maskgit" else "caption"
+    for top_p, top_k, min_p, want_p in ((0.0, 0, 0.0, 1.0), (1.0, 5, 0.2, 1.0), (0.9, 0.25, 0.0, 0.9)):
+        calls.clear()
+        _run(model, [TargetSpec(name, scheme, steps=2, temperature=1.0, top_p=top_p, top_k=top_k, min_p=min_p)], B=2)
+        assert calls and all((c["top_p"], c["top_k"], c["min_p"]) == (want_p, top_k, min_p) for c in calls)
 
 
 def test_given_tokens_are_kept(model):
@@ -317,6 +393,32 @@ def test_guidance_batches_passes_into_one_forward(model, monkeypatch):
     _, one = _run(model, [TargetSpec("depth", "maskgit", steps=3, guidance=[(["rgb"], 2.0)])], seed=7)
     _, cfg = _run(model, [TargetSpec("depth", "maskgit", steps=3, cfg_scale=2.0, cfg_conditions=["rgb"])], seed=7)
     assert torch.equal(one.tokens["depth"], cfg.tokens["depth"])
+
+
+@pytest.mark.parametrize("rows", [3, 40])  # a few rows (rows_linear) and many (the logits buffer)
+def test_guidance_in_hidden_space_equals_guidance_of_the_logits(rows):
+    """u + sum_i w_i (c_i - u) taken before the head equals it taken on the logits, for 4M's
+    bias-free head and for an affine one (the weights add up to 1, so a bias passes through)."""
+    import torch.nn as nn
+
+    model = _model(seed=3)
+    g = Generator(model, SENTINELS)
+    gen = torch.Generator().manual_seed(6)
+    weights = [2.5, -0.75]
+    y = torch.randn(3 * rows, 64, generator=gen)
+    for bias in (False, True):
+        head = nn.Linear(64, 37, bias=bias)
+        with torch.no_grad():
+            head.weight.normal_(0, 0.3, generator=gen)
+            if bias:
+                head.bias.normal_(0, 3.0, generator=gen)
+        model.decoder_embeddings["depth"].to_logits = head
+        with torch.no_grad():
+            got = g._guided_logits("depth", y, 3, weights)
+            logits = head(y.double().to(head.weight.dtype)).double()
+        u = logits[-rows:]
+        want = u + sum(w * (logits[i * rows:(i + 1) * rows] - u) for i, w in enumerate(weights))
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
 
 
 def test_multi_condition_guidance_values(model):

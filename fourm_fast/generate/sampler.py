@@ -108,10 +108,11 @@ class Generator:
             raise ValueError(f"target {spec.name!r}: a target cannot guide itself")
 
     def _guided_logits(self, name: str, y: Tensor, P: int, weights: list[float] | None) -> Tensor:
-        """Target-head logits of the guided decoder output. The head is linear without bias, so
-        u + sum_i w_i (c_i - u) of the logits equals the head applied to the same combination of
-        the hidden states: one (R, dim) x (dim, V) product instead of P. An autoregressive step
-        has a few rows, for which fourm_fast.nn.few_rows streams the head through rows_linear."""
+        """Target-head logits of the guided decoder output. The head is affine and the weights of
+        u + sum_i w_i (c_i - u) add up to 1, so that combination of the logits equals the head
+        applied to the same combination of the hidden states (a bias too, were there one): one
+        (R, dim) x (dim, V) product instead of P. An autoregressive step has a few rows, for which
+        fourm_fast.nn.few_rows streams the head through rows_linear."""
         layer = self.model.decoder_embeddings[name].to_logits
 
         def head(rows: Tensor) -> Tensor:
@@ -130,10 +131,6 @@ class Generator:
         R = y.shape[0] // P
         if weights is None:
             return head(y)
-        if layer.bias is not None:  # not 4M's head: guide in logit space
-            logits = head(y)
-            u = logits[-R:]
-            return u + sum(w * (logits[i * R:(i + 1) * R] - u) for i, w in enumerate(weights))
         u = y[-R:]
         g = u.clone()
         for i, w in enumerate(weights):
