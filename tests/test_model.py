@@ -106,6 +106,55 @@ def test_native_path_equals_ml4m_path():
         torch.testing.assert_close(per_n[name], per_m[name], rtol=1e-6, atol=1e-6)
 
 
+def test_native_token_loss_is_the_mean_over_all_targets():
+    """loss_type "token" on the native path: the mean cross-entropy over every target token of every
+    modality, here from each decoder slot's full logits under its own head (not modality_losses'
+    chunks); modalities with unequal target counts make it differ from the mean of the means."""
+    model = tiny_model().eval()
+    layout, tokens, sentinels = sampled_batch()
+    b = batch_from_layout(layout, layout.build_buffer(tokens, sentinels, pad_id=0), model.modalities)
+    with torch.no_grad():
+        loss, per_mod = model(b, "token")
+        logits = model.logits(b)
+    total, count, means = 0.0, 0, []
+    for i, name in enumerate(model.modalities):
+        sel = b.dec_valid & (b.dec_modality == i)
+        ce = torch.nn.functional.cross_entropy(logits[name][sel].double(), b.dec_targets[sel].long(), reduction="sum")
+        n = int(sel.sum())
+        assert n > 0
+        torch.testing.assert_close(per_mod[name].double(), ce / n, rtol=1e-5, atol=1e-6)
+        total, count = total + ce, count + n
+        means.append(ce / n)
+    torch.testing.assert_close(loss.double(), total / count, rtol=1e-5, atol=1e-6)
+    assert abs(float(total / count) - float(sum(means) / len(means))) > 1e-3
+
+
+def test_full_length_caption_target_reads_position_zero_past_the_table():
+    """ml-4m's TransferMasking writes a full caption target as [S_1] t_1 .. t_11 [EOS] [S_2], which
+    fills the whole target half of the 2 (max_length + 1) buffer: the slot predicting [S_2] has
+    position max_length, past the table. ml-4m (SequenceDecoderEmbedding.forward_embed) sets such
+    positions to 0 and keeps the slot's loss; so does forward_ml4m (without that, it refused the batch)."""
+    model = tiny_model().eval()
+    M, s1, s2, eos = 12, 40, 41, 3
+    target = [s1] + list(range(5, 5 + M - 1)) + [eos, s2]
+    tensor = torch.zeros(1, 2 * (M + 1), dtype=torch.int32)
+    tensor[0, M:] = torch.tensor(target)
+    tm = torch.ones(1, 2 * (M + 1), dtype=torch.bool)
+    tm[0, M:] = False
+    rgb = {"tensor": torch.randint(0, 64, (1, 16), generator=torch.Generator().manual_seed(0)),
+           "input_mask": torch.zeros(1, 16, dtype=torch.bool), "target_mask": torch.ones(1, 16, dtype=torch.bool),
+           "decoder_attention_mask": torch.zeros(1, 16, dtype=torch.int32)}
+    caption = {"tensor": tensor, "input_mask": torch.ones_like(tm), "target_mask": tm, "decoder_attention_mask": (~tm).int()}
+    md = {"rgb": rgb, "caption": caption}
+    b = batch_from_ml4m(model, md, 16, 16 + 2 * (M + 1) - 1)
+    cap = b.dec_valid[0] & (b.dec_modality[0] == model.modalities.index("caption"))
+    assert b.dec_targets[0][cap].tolist() == target[1:]
+    assert b.dec_position[0][cap].tolist() == list(range(M)) + [0]  # the [S_2] slot: position M read as 0
+    with torch.no_grad():
+        loss, per_mod = model.forward_ml4m(md, 16, 16 + 2 * (M + 1) - 1)
+    assert torch.isfinite(loss) and per_mod["caption"] > 0
+
+
 def test_native_path_refuses_slots_it_would_misread():
     # The lookups clamp ids and index one concatenated position table: an id beyond the vocabulary
     # or a position beyond the modality's read another row without a word before this check.
@@ -258,6 +307,10 @@ def test_eager_4m_restatement_matches_reference(tiny_a, loss_type):
     with torch.no_grad():
         loss, per_mod = forward_4m_eager(model, mod_dict, 128, 128, loss_type)
     assert abs(loss.item() - io[f"out.loss_{loss_type}"].item()) <= 1e-5
+    prefix = "mod_loss" if loss_type == "mod" else "token_mod_loss"
+    assert sorted(per_mod) == sorted(META["inputs"]["mod_dict_order"])
+    for name, value in per_mod.items():
+        assert abs(value.item() - io[f"out.{prefix}.{name}"].item()) <= 1e-5, name
 
 
 def _parity_outputs(model):

@@ -186,8 +186,11 @@ def test_determinism_and_streams():
     assert (a[0] != c[0]).float().mean() > 0.5 and (a[0] != d[0]).float().mean() > 0.5
     e = sample_tokens(logits, seed=torch.tensor(11), offset=torch.tensor(0))
     assert torch.equal(a[0], e[0])
-    big = sample_tokens(logits, seed=2**64 - 1, offset=2**63 + 5)  # full 64-bit range
-    assert big[0].shape == (2000,)
+    big = sample_tokens(logits, seed=2**64 - 1, offset=2**63 + 5)  # full 64-bit range: the same bits as int64
+    same = sample_tokens(logits, seed=-1, offset=-(2**63) + 5)
+    assert torch.equal(big[0], same[0]) and not torch.equal(big[0], a[0])
+    edge = sample_tokens(logits, seed=2**63, offset=0)
+    assert torch.equal(edge[0], sample_tokens(logits, seed=-(2**63), offset=0)[0])
 
 
 def test_per_row_parameters_equal_scalar_calls():

@@ -229,6 +229,27 @@ def test_clip_grad_zero_or_null_turns_clipping_off(tmp_path):
         load_config(None, ["train.clip_grad=-1"])
 
 
+def test_lr_schedule_values():
+    """The schedule against hand values and 4M's cosine_scheduler written out (iters = arange(n),
+    final + (base - final) (1 + cos(pi iters / n)) / 2); the other lr tests take cosine_factor as given."""
+    from fourm_fast.train.trainer import cosine_factor
+
+    lr, lo = 1e-3, 1e-5
+
+    def rate(step, total, warmup):
+        return lr * cosine_factor(step, total, warmup, lr, lo)
+
+    assert [rate(s, 10, 4) for s in range(4)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3], rel=1e-12)
+    assert rate(4, 10, 4) == pytest.approx(lr, rel=1e-12)  # the cosine starts at lr
+    assert rate(7, 10, 4) == pytest.approx((lr + lo) / 2, rel=1e-12)  # i = 3 of n = 6: cos(pi / 2) = 0
+    n = 6
+    assert [rate(s, 10, 4) for s in range(4, 10)] == pytest.approx(
+        [lo + 0.5 * (lr - lo) * (1 + math.cos(math.pi * i / n)) for i in range(n)], rel=1e-12)
+    assert lo < rate(9, 10, 4) < lo + 0.1 * (lr - lo)  # the last step: just above min_lr
+    assert rate(10, 10, 4) == pytest.approx(lo, rel=1e-12) and rate(99, 10, 4) == pytest.approx(lo, rel=1e-12)
+    assert [rate(s, 2, 0) for s in range(2)] == pytest.approx([lr, (lr + lo) / 2], rel=1e-12)
+
+
 def test_logged_lr_is_the_rate_the_step_trained_at(tmp_path):
     from fourm_fast.train.trainer import cosine_factor
 

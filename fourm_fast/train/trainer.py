@@ -75,7 +75,9 @@ def build_model_config(cfg: dict):
 
 
 def cosine_factor(step: int, total: int, warmup: int, lr: float, min_lr: float) -> float:
-    """LR multiplier: linear warmup to lr, then cosine down to min_lr at the last step."""
+    """LR multiplier. Warmup: step s < warmup trains at lr (s + 1) / warmup (never at 0). Then 4M's
+    cosine_scheduler: step warmup + i trains at min_lr + (lr - min_lr) (1 + cos(pi i / n)) / 2 with
+    n = total - warmup, so the last step sits just above min_lr and steps past the end at it."""
     if step < warmup:
         return (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
