@@ -285,6 +285,33 @@ def test_resume_leaves_the_global_rng_as_a_straight_run_does(tmp_path):
     assert torch.equal(torch.get_rng_state(), straight)
 
 
+def test_resume_continues_the_global_rng_streams(tmp_path, monkeypatch):
+    """A step that draws from torch's and Python's global generators (dropout, an augmentation)
+    continues the straight run's streams after a resume: train() seeds both when it starts, so only
+    the states the checkpoint restores make the two runs agree (no step of ours draws today, which
+    left the restore untested; Python's was not seeded, so even straight runs differed)."""
+    import random
+
+    from fourm_fast.model import FourM
+
+    forward = FourM.forward
+
+    def drawing_forward(self, *args, **kwargs):
+        torch.rand(3)
+        random.random()
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(FourM, "forward", drawing_forward)
+    random.seed(7)  # the straight run does not depend on what the process drew before it
+    train(small_cfg(tmp_path / "a", "train.steps=4"), log=lambda m: None)
+    straight = torch.get_rng_state(), random.getstate()
+    train(small_cfg(tmp_path / "b", "train.steps=4", "train.stop_after=2"), log=lambda m: None)
+    torch.manual_seed(123)  # whatever the process did in between
+    random.seed(123)
+    train(small_cfg(tmp_path / "b", "train.steps=4"), resume=True, log=lambda m: None)
+    assert torch.equal(torch.get_rng_state(), straight[0]) and random.getstate() == straight[1]
+
+
 @pytest.mark.parametrize("setting,mode", [("true", "default"), ("reduce-overhead", "reduce-overhead"),
                                           ("max-autotune-no-cudagraphs", "max-autotune-no-cudagraphs")])
 def test_compile_setting_reaches_torch_compile(tmp_path, monkeypatch, setting, mode):

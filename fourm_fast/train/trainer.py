@@ -197,7 +197,10 @@ def train(cfg: dict, resume: bool | str = False, log=print) -> dict:
         raise ConfigError(f"train.batch_size {B} must be divisible by processes x grad_accum = {d.world * accum}")
     per_rank, micro = B // d.world, B // (d.world * accum)
 
+    # Both global generators a checkpoint restores start from the seed: a step that draws from
+    # Python's (an augmentation) repeats from run to run, not only across a resume.
     torch.manual_seed(tc["seed"])
+    random.seed(tc["seed"])
     model_cfg = build_model_config(cfg)
     inner = FourM(model_cfg).to(device)
     model = _wrap(inner, cfg["distributed"]["strategy"], device, d.world)
