@@ -40,6 +40,54 @@ def test_straight_through_and_losses():
     assert vq.codebook.grad is not None and vq.codebook.grad.abs().sum() > 0
 
 
+def test_each_loss_trains_only_its_side():
+    """VQ-VAE's split: the commitment loss moves the encoder output only, the codebook loss the
+    codebook only (each with the other side detached); their values alone cannot tell."""
+    torch.manual_seed(4)
+    vq = VectorQuantizer(16, 6)
+    z = torch.randn(40, 6, requires_grad=True)
+    out = vq(z)
+    codes = vq.codebook.detach()[out.indices]
+    out.commitment_loss.backward()
+    torch.testing.assert_close(z.grad, 2 * (z.detach() - codes) / z.numel())
+    assert vq.codebook.grad is None or not vq.codebook.grad.any()
+    z.grad = None
+    vq.zero_grad()
+    out = vq(z)
+    out.codebook_loss.backward()
+    assert z.grad is None or not z.grad.any()
+    want = torch.zeros_like(vq.codebook).index_add_(0, out.indices, 2 * (codes - z.detach()) / z.numel())
+    torch.testing.assert_close(vq.codebook.grad, want)
+
+
+def test_perplexity_counts_the_codes_in_use():
+    vq = VectorQuantizer(8, 2)
+    with torch.no_grad():
+        vq.codebook.copy_(torch.arange(8.0)[:, None].expand(8, 2) * 10)
+    z = torch.arange(8.0)[:, None].repeat(3, 2) * 10  # each of the 8 codes picked 3 times
+    torch.testing.assert_close(vq(z).perplexity, torch.tensor(8.0))
+    torch.testing.assert_close(vq(z[:6]).perplexity, torch.tensor(6.0))  # 6 codes, once each
+    torch.testing.assert_close(vq(torch.zeros(5, 2)).perplexity, torch.tensor(1.0))
+
+
+def test_one_ema_step_in_closed_form():
+    """count <- d count + (1 - d) n, sum <- d sum + (1 - d) sum(z), codebook = sum / Laplace-smoothed
+    count; decay 0.9, where decay and 1 - decay differ."""
+    d, eps = 0.9, 1e-5
+    vq = VectorQuantizer(3, 2, ema_decay=d, ema_eps=eps)
+    with torch.no_grad():
+        vq.codebook.copy_(torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]]))
+        vq.ema_sum.copy_(vq.codebook)
+    z = torch.tensor([[1.0, 0.0], [-1.0, 2.0], [9.0, 1.0]])  # codes 0, 0, 1
+    vq(z)
+    count = torch.tensor([d + (1 - d) * 2, d + (1 - d) * 1, d])
+    total = torch.tensor([[0.0, 0.0], [10.0 * d, 0.0], [0.0, 10.0 * d]]) + (1 - d) * torch.tensor([[0.0, 2.0], [9.0, 1.0], [0.0, 0.0]])
+    torch.testing.assert_close(vq.ema_count, count)
+    torch.testing.assert_close(vq.ema_sum, total)
+    n = count.sum()
+    torch.testing.assert_close(vq.codebook, total / ((count + eps) / (n + 3 * eps) * n)[:, None])
+
+
 def test_ema_moves_codes_to_cluster_means():
     torch.manual_seed(2)
     vq = VectorQuantizer(4, 2, ema_decay=0.5)
@@ -60,9 +108,14 @@ def test_dead_codes_are_restarted_from_inputs():
     vq.codebook[1:] = 1e3  # codes 1..7 far away: never used
     vq.ema_sum.copy_(vq.codebook)
     z = torch.randn(64, 3)
-    for _ in range(10):
+    for step in range(10):  # their counts decay 0.9 a step: below 0.5 at the 7th
         vq(z)
-    assert (vq.codebook.abs() < 100).all(), "unused codes were not restarted near the data"
+        if bool((vq.codebook[1:].abs() < 100).all()):
+            break
+    assert step == 6, "unused codes were not restarted near the data when their count fell below 0.5"
+    restarted = vq.codebook[1:]
+    assert torch.equal(vq.ema_count[1:], torch.ones(7)) and torch.equal(vq.ema_sum[1:], restarted)
+    assert bool((restarted[:, None, :] == z[None]).all(-1).any(1).all())  # each one an input row
 
 
 def test_eval_mode_freezes_ema():
