@@ -1,4 +1,5 @@
 """Synthetic world: reproducible, modalities agree, box codec, shards with clear errors."""
+import json
 import subprocess
 import sys
 
@@ -102,6 +103,12 @@ def test_shards_round_trip_and_name_bad_files(tmp_path):
         read_sample(tmp_path, 5)
     with pytest.raises(ShardError, match="manifest.json is missing"):
         read_manifest(tmp_path / "rgb")
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    for key in ("checksums", "extensions", "num_samples"):
+        partial = {k: v for k, v in manifest.items() if k != key}
+        (tmp_path / "manifest.json").write_text(json.dumps(partial))
+        with pytest.raises(ShardError, match=f"manifest.json: the manifest has no '{key}'"):
+            read_manifest(tmp_path)
 
 
 def test_cli_synth(tmp_path):

@@ -42,9 +42,11 @@ def test_generate_writes_grid_text_tokens_settings_and_is_reproducible(run_dir, 
     assert rgb.shape == (3, 16) and rgb.min() >= 0 and rgb.max() < 64
     settings = json.loads((tmp_path / "a" / "settings.json").read_text())
     assert [t["scheme"] for t in settings["targets"]] == ["maskgit", "roar", "autoregressive"]
+    assert settings["seed"] == 5  # what reproduces the run is written down
     assert len(json.loads((tmp_path / "a" / "text.json").read_text())["caption"]) == 3
     assert _generate(run_dir, tmp_path / "c", "--seed", "6") == 0
     assert (tmp_path / "c" / "tokens" / "rgb.npy").read_bytes() != (tmp_path / "a" / "tokens" / "rgb.npy").read_bytes()
+    assert json.loads((tmp_path / "c" / "settings.json").read_text())["seed"] == 6
 
 
 def test_generate_with_a_token_grid_condition(run_dir, tmp_path):

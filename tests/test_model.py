@@ -106,6 +106,32 @@ def test_native_path_equals_ml4m_path():
         torch.testing.assert_close(per_n[name], per_m[name], rtol=1e-6, atol=1e-6)
 
 
+def test_fresh_position_tables_equal_4m_s():
+    """A fresh model's fixed sin-cos tables are 4M's (the tiny_A checkpoint stores them: 14 x 14
+    image grids and the caption's 1D table); the parity tests load the stored ones, so a drifted
+    formula (sin/cos order, the grid's axes) would show only here."""
+    from fourm_fast.model.embeddings import sincos_1d, sincos_2d
+
+    sd = load_safetensors("fourm_tiny_A.safetensors")
+    for side in ("encoder", "decoder"):
+        for name in ("tok_rgb@224", "tok_depth@224", "tok_semseg@224"):
+            torch.testing.assert_close(sincos_2d(14, 14, 64), sd[f"{side}_embeddings.{name}.pos_emb"], rtol=0, atol=1e-6)
+        table = sd[f"{side}_embeddings.caption.pos_emb"]
+        torch.testing.assert_close(sincos_1d(table.shape[1], 64), table, rtol=0, atol=1e-6)
+
+
+def test_modality_embeddings_are_shared_by_encoder_and_decoder():
+    """4M's share_modality_embeddings: one mod_emb per modality seen by both sides (trained as one)."""
+    model = tiny_model()
+    for name in model.modalities:
+        assert model.decoder_embeddings[name].mod_emb is model.encoder_embeddings[name].mod_emb
+    names = [n for n, _ in model.named_parameters()]
+    assert not any(n.startswith("decoder_embeddings.") and n.endswith(".mod_emb") for n in names)
+    only_in = tiny_model(domains_in=("caption", "rgb"), domains_out=("depth", "rgb"))
+    assert only_in.decoder_embeddings["rgb"].mod_emb is only_in.encoder_embeddings["rgb"].mod_emb
+    assert only_in.decoder_embeddings["depth"].mod_emb is not only_in.encoder_embeddings["rgb"].mod_emb
+
+
 def test_native_token_loss_is_the_mean_over_all_targets():
     """loss_type "token" on the native path: the mean cross-entropy over every target token of every
     modality, here from each decoder slot's full logits under its own head (not modality_losses'

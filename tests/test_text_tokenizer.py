@@ -37,6 +37,8 @@ def test_captions_and_boxes_round_trip(tok, tmp_path):
         box_ids = tok.encode(s["det"], add_eos=False)
         assert len(box_ids) == 5 * len(text_to_boxes(s["det"])), "each corner and class is one token"
         assert tok.decode(box_ids) == s["det"]
+        sos = tok.tk.token_to_id("[SOS]")
+        assert tok.decode([sos] + ids + [tok.pad_id, tok.pad_id]) == s["caption"]  # [SOS], [EOS], [PAD] dropped
     tok.save(tmp_path / "text.json")
     again = TextTokenizer.load(tmp_path / "text.json")
     assert again.encode("a small red circle") == tok.encode("a small red circle")

@@ -124,6 +124,14 @@ def test_config_errors(overrides, message):
         load_config(None, overrides)
 
 
+def test_min_lr_equal_to_lr_is_a_constant_rate():
+    from fourm_fast.train.trainer import cosine_factor
+
+    cfg = load_config(None, ["train.lr=3e-4", "train.min_lr=3e-4"])  # accepted: only above lr is refused
+    t = cfg["train"]
+    assert [cosine_factor(s, 10, 0, t["lr"], t["min_lr"]) for s in range(10)] == pytest.approx([1.0] * 10, rel=1e-12)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
 def test_cuda_device_without_a_gpu_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="train.device=cuda, but no CUDA device is available"):

@@ -68,8 +68,10 @@ def test_errors_name_the_problem(shards, tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(ValueError, match="junk.safetensors is not a readable fourm_fast VQ tokenizer"):
         VQTokenizer.load(tmp_path / "junk.safetensors")
-    with pytest.raises(ValueError, match="num_codes must be in 1..32768"):  # grids are int16
-        VQConfig("depth", num_codes=40000)
+    for bad in (40000, 32769, 0):
+        with pytest.raises(ValueError, match="num_codes must be in 1..32768"):  # grids are int16
+            VQConfig("depth", num_codes=bad)
+    VQConfig("depth", num_codes=32768)  # id 32767 still fits
     write_synthetic(tmp_path / "few", 12, size=16, progress=False)
     with pytest.raises(ValueError, match="no tokenizers"):
         tokenize_shards(tmp_path / "few", log=lambda m: None)
