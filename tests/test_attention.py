@@ -207,6 +207,23 @@ def test_non_contiguous_views(cpu_gemm, cpu_isa):  # strided leading dims throug
     _check(q[:, :, :1], k, v, k_valid, {n: (t[:, :1] if n[0] == "q" else t) for n, t in meta.items()}, atol=2e-5)
 
 
+def test_one_query_whose_scores_are_all_minus_inf_outputs_zeros():
+    """A visible key set whose every score is -inf (a -inf in q): the one-query path, like the
+    tiled path and the float64 reference, outputs zeros there, not NaN."""
+    B, H, N, d = 2, 2, 9, 16
+    gen = torch.Generator().manual_seed(3)
+    k, v = torch.rand(B, H, N, d, generator=gen) + 0.5, torch.randn(B, H, N, d, generator=gen)
+    q = torch.randn(B, H, 3, d, generator=gen)
+    q[0, :, :, 0] = -math.inf  # k > 0: every score of sample 0 is -inf
+    k_valid = torch.ones(B, N, dtype=torch.bool)
+    k_valid[1, 4:] = False
+    ref = masked_attention_reference(q.double(), k.double(), v.double(), k_valid)
+    for nq in (1, 3):
+        out = masked_attention(q[:, :, :nq], k, v, k_valid)
+        assert torch.equal(out[0], torch.zeros_like(out[0])), nq
+        torch.testing.assert_close(out.double(), ref[:, :, :nq], atol=2e-5, rtol=2e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_decode_step_views_of_a_cache(dtype):
     """One or a few queries (autoregressive decoding) against the filled prefix of a larger key /

@@ -178,10 +178,12 @@ def test_determinism_and_batch_independence():
     b = sampler.sample(64, seed=5)
     c = sampler.sample(64, seed=6)
     d = sampler.sample(64, seed=5, offset=1)
+    e = sampler.sample(64, seed=5, offset=2**32)  # the offset's high bits make another stream too
     for x, y in zip(a.slots, b.slots):
         assert torch.equal(x, y)
     assert not torch.equal(a.slots.enc_index, c.slots.enc_index)
     assert not torch.equal(a.slots.enc_index, d.slots.enc_index)
+    assert not torch.equal(a.slots.enc_index, e.slots.enc_index)
     # a sample depends on its index only, not on the batch size or thread split
     small = sampler.sample(10, seed=5)
     for x, y in zip(a.slots, small.slots):

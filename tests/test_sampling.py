@@ -171,6 +171,30 @@ def test_greedy_is_first_argmax():
     assert tokens.tolist() == [1, 1, 0] and probs.tolist() == [1.0, 1.0, 1.0]
 
 
+def test_min_p_one_keeps_the_argmax_on_every_path():
+    """min_p = 1 keeps exactly the tokens at the maximum: with top_p < 1 at temperature 1 the
+    min-p test reuses top-p's exp values, a path of its own; both must keep the first argmax."""
+    logits = torch.tensor([[0.0, 3.0, 1.0, 3.0 - 1e-6], [2.0, -1.0, 2.0, 0.5], [7.0, 0.0, 0.0, 0.0]])
+    for top_p in (1.0, 0.9, 0.5):
+        for temperature in (1.0, 0.7):
+            tokens, probs = sample_tokens(logits, temperature=temperature, top_p=top_p, min_p=1.0, seed=3)
+            assert tokens.tolist()[0] == 1 and tokens.tolist()[2] == 0, (top_p, temperature)
+            assert tokens.tolist()[1] in (0, 2) and torch.isfinite(probs).all(), (top_p, temperature)
+
+
+def test_raw_op_refuses_per_row_parameters_of_another_length():
+    """The C++ check itself (the Python wrapper checks first): a (2,) temperature for 6 rows
+    would be read past its end."""
+    logits = torch.randn(6, 50)
+    ones = torch.ones(6)
+    params = dict(temperature=ones, top_k=torch.zeros(6), top_p=ones, min_p=torch.zeros(6), cfg_scale=ones)
+    for name in params:
+        bad = dict(params, **{name: params[name][:2].clone()})
+        with pytest.raises(ValueError, match=name):
+            torch.ops.fourm_fast.sample_tokens(logits, None, bad["temperature"], bad["top_k"], bad["top_p"],
+                                               bad["min_p"], bad["cfg_scale"], torch.tensor(0), torch.tensor(0))
+
+
 def test_vocab_of_one():
     tokens, probs = sample_tokens(torch.zeros(5, 1), top_k=1, top_p=0.1, seed=4)
     assert tokens.tolist() == [0] * 5 and probs.tolist() == [1.0] * 5
@@ -191,6 +215,9 @@ def test_determinism_and_streams():
     assert torch.equal(big[0], same[0]) and not torch.equal(big[0], a[0])
     edge = sample_tokens(logits, seed=2**63, offset=0)
     assert torch.equal(edge[0], sample_tokens(logits, seed=-(2**63), offset=0)[0])
+    # the offset's high 32 bits are part of the stream ((epoch << 32) | step is a distinct offset)
+    high = sample_tokens(logits, seed=11, offset=2**32)
+    assert (a[0] != high[0]).float().mean() > 0.5
 
 
 def test_per_row_parameters_equal_scalar_calls():

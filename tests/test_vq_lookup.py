@@ -91,6 +91,20 @@ def test_one_dim_cosine_ties_go_to_smallest_index(cpu_isa, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cosine_zero_and_tiny_codes_are_normalised_as_f_normalize(cpu_isa, dtype):
+    """F.normalize's c / max(|c|, eps): a zero (dead) code stays zero, at distance 1 from every row,
+    so it wins a tie at 1 as the smallest index; a code far below eps stays far from unit length."""
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, -1.0]]).to(dtype)
+    for codes, want in ((((0.0, 0.0), (-1.0, 0.0), (0.0, -1.0)), [0, 0, 1]),
+                        (((1e-20, 0.0), (-1.0, 0.0), (0.5, 0.5)), [2, 2, 1])):
+        cb = torch.tensor(codes).to(dtype)
+        idx, dist = vq_lookup(x, cb, "cosine")
+        ref_idx, ref_dist = vq_lookup_reference(x, cb, "cosine")
+        assert idx.tolist() == want and torch.equal(idx, ref_idx)
+        torch.testing.assert_close(dist, ref_dist.float(), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_all_codes_equal_picks_zero(cpu_isa, dtype):
     cb = torch.ones(1031, 5, dtype=dtype)
     idx, dist = vq_lookup(torch.randn(40, 5).to(dtype), cb)
