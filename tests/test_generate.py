@@ -479,6 +479,42 @@ def test_greedy_generation_matches_the_4m_loop(model):
     assert torch.equal(st.tokens["depth"], out["depth"]["tensor"])
 
 
+def test_4m_loop_commits_the_most_confident_samples(model, monkeypatch):
+    """The restated 4M loop (the benchmark's baseline) keeps, at each sampled MaskGIT step, the
+    step's count of decoded positions whose draws had the highest probability (4M's top-k); its
+    greedy comparison above cannot see this, every probability being 1 at temperature 0."""
+    import fourm_fast.reference.generate as ref
+
+    seen, sample, step_fn = [], ref._sample, ref._image_step
+
+    def recording_sample(logits, *args):
+        samples, probs = sample(logits, *args)
+        seen[-1]["probs"] = probs.clone()
+        return samples, probs
+
+    def recording_step(model_, mod_dict, step, *args):
+        seen.append({"before": mod_dict[step["target_domain"]]["input_mask"].clone(), "count": step["num_tokens"]})
+        out = step_fn(model_, mod_dict, step, *args)
+        seen[-1]["after"] = out[step["target_domain"]]["input_mask"].clone()
+        return out
+
+    monkeypatch.setattr(ref, "_sample", recording_sample)
+    monkeypatch.setattr(ref, "_image_step", recording_step)
+    B = 3
+    targets = [TargetSpec("depth", "maskgit", steps=4, temperature=2.0)]
+    md = {"rgb": image_input(torch.randint(0, 64, (B, 16), generator=torch.Generator().manual_seed(2))),
+          "depth": empty_target(model, "depth", B, SENTINELS)}
+    generate_4m(model, md, build_chained_schedule(["rgb"], targets, [25]), SENTINELS, seed=3)
+    assert len(seen) == 4
+    for s in seen:
+        candidates = [s["before"][b].nonzero().flatten() for b in range(B)]  # undecided, in position order
+        probs = s["probs"].reshape(B, -1)
+        for b in range(B):
+            ranked = sorted(range(len(candidates[b])), key=lambda j: -float(probs[b, j]))
+            want = sorted(candidates[b][ranked[:s["count"]]].tolist())
+            assert (s["before"][b] & ~s["after"][b]).nonzero().flatten().tolist() == want
+
+
 def test_4m_loop_runs_every_scheme(model):
     """The restated loop (the benchmark's baseline) completes sampled MaskGIT, ROAR and guided
     autoregressive targets."""

@@ -11,6 +11,7 @@ from fourm_fast.reference.sampling import (
     filtered_probs_reference,
     guided_logits_reference,
     sample_tokens_4m,
+    top_k_top_p_filtering_4m,
 )
 from parity import load_json, load_safetensors
 
@@ -28,6 +29,15 @@ def test_reference_filter_matches_4m_masks(setting):
     top_k, top_p = _ours_from_4m(setting["top_k"], setting["top_k_type"], setting["top_p"])
     mask = filter_mask_reference(PARITY[setting["input"]], top_k=top_k, top_p=top_p)
     assert torch.equal(mask, PARITY[setting["key"]])
+
+
+@pytest.mark.parametrize("setting", PARITY_META["settings"], ids=lambda s: s["key"])
+def test_4m_restatement_filter_matches_4m_masks(setting):
+    """The benchmarks' restatement of 4M's filter (4M's own conventions: top_p 0 is off, an int or
+    float top_k) keeps exactly the tokens the reference 4M kept."""
+    top_k = float(setting["top_k"]) if setting["top_k_type"] == "float" else int(setting["top_k"])
+    kept = top_k_top_p_filtering_4m(PARITY[setting["input"]], top_k=top_k, top_p=setting["top_p"]) > -math.inf
+    assert torch.equal(kept, PARITY[setting["key"]])
 
 
 @pytest.mark.parametrize("setting", PARITY_META["settings"], ids=lambda s: s["key"])
