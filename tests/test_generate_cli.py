@@ -49,6 +49,20 @@ def test_generate_writes_grid_text_tokens_settings_and_is_reproducible(run_dir, 
     assert json.loads((tmp_path / "c" / "settings.json").read_text())["seed"] == 6
 
 
+def test_a_synthetic_runs_sentinels_are_the_ones_it_trained_with(run_dir):
+    """Without a text tokenizer, generate takes the synthetic source's sentinels: [S_0] = 0, then
+    [S_1] (starts a sequence), [S_2] (ends it), ... exactly as the training batches used them."""
+    from fourm_fast.generate.cli import Assets
+    from fourm_fast.train.synthetic import SyntheticSource
+    from fourm_fast.train.trainer import build_model_config
+
+    assets = Assets(run_dir)
+    cfg = assets.train_config
+    source = SyntheticSource(build_model_config(cfg), cfg["data"], 0)
+    assert assets.sentinels and {n: ids for n, ids in assets.sentinels.items()} == \
+        {n: [0] + ids for n, ids in source.sentinel_ids.items()}
+
+
 def test_generate_with_a_token_grid_condition(run_dir, tmp_path):
     grid = tmp_path / "rgb.npy"
     np.save(grid, np.arange(16).reshape(4, 4) % 64)
