@@ -71,6 +71,24 @@ def test_caption_and_boxes_describe_the_scene():
                 assert abs(got - want) <= 0.5 / 999 + 1e-9
 
 
+def test_caption_states_where_the_nearest_object_is_and_counts_the_rest():
+    """x grows to the right and y downwards: the nearest object's place relative to the second
+    nearest along the larger offset, then how many objects are left."""
+    from fourm_fast.data.synthetic import SceneObject
+
+    def obj(cx, cy, depth, shape="circle"):
+        return SceneObject(shape, "red", "small", cx, cy, depth)
+
+    far = obj(0.5, 0.5, 6.0, "square")
+    for (cx, cy), word in (((0.2, 0.45), "left of"), ((0.8, 0.6), "right of"), ((0.45, 0.1), "above"),
+                           ((0.55, 0.9), "below")):
+        assert caption([far, obj(cx, cy, 3.0)]) == f"a small red circle {word} a small red square"
+    extra = [obj(0.1, 0.1, 8.0), obj(0.9, 0.9, 7.0), obj(0.3, 0.9, 8.5)]
+    assert caption([far, obj(0.2, 0.5, 3.0)] + extra[:1]).endswith("square and 1 other object")
+    assert caption([far, obj(0.2, 0.5, 3.0)] + extra).endswith("square and 3 other objects")
+    assert caption([obj(0.2, 0.5, 3.0)]) == "a small red circle"
+
+
 def test_box_codec_round_trip_and_errors():
     boxes = [(0.0, 0.1, 0.5, 1.0, "circle"), (0.25, 0.25, 0.75, 0.999, "square")]
     text = boxes_to_text(boxes)

@@ -28,6 +28,15 @@ def test_special_token_layout(tok):
     assert tok.tk.encode("v0=12 circle").tokens == ["v0=12", "circle"]
 
 
+def test_sentinels_match_inside_words_and_classes_do_not(tok):
+    """Span masking writes sentinels next to text (4M's "a[S_1] red"): they match anywhere, while
+    class names and coordinates match whole words only (test_special_token_layout)."""
+    s1, s2 = tok.sentinel_ids[1], tok.sentinel_ids[2]
+    ids = tok.encode("a[S_1] red[S_2]", add_eos=False)
+    assert s1 in ids and s2 in ids and 1 not in ids  # no [UNK]
+    assert tok.decode(ids).replace(" ", "") == "a[S_1]red[S_2]"
+
+
 def test_captions_and_boxes_round_trip(tok, tmp_path):
     for i in range(300, 320):
         s = make_sample(0, i, 8)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from fourm_fast.ops import vq_dequantize, vq_lookup
-from fourm_fast.reference.vq import vq_lookup_reference
+from fourm_fast.reference.vq import vq_lookup_4m, vq_lookup_cdist, vq_lookup_reference
 from vq_checks import assert_vq_matches_reference, code_rounding
 
 NS = (1, 19, 1025)
@@ -102,6 +102,21 @@ def test_cosine_zero_and_tiny_codes_are_normalised_as_f_normalize(cpu_isa, dtype
         ref_idx, ref_dist = vq_lookup_reference(x, cb, "cosine")
         assert idx.tolist() == want and torch.equal(idx, ref_idx)
         torch.testing.assert_close(dist, ref_dist.float(), rtol=0, atol=1e-6)
+
+
+def test_benchmark_baselines_pick_the_nearest_code():
+    """bench_vq's baselines (4M's expansion, cdist + argmin) answer the same question: their picks
+    equal the float64 reference's where the two nearest codes are not within float32 rounding."""
+    g = torch.Generator().manual_seed(12)
+    x, cb = torch.randn(500, 24, generator=g), torch.randn(300, 24, generator=g)
+    want, _ = vq_lookup_reference(x, cb, "l2")
+    d = torch.cdist(x.double(), cb.double()) ** 2
+    top2 = d.topk(2, dim=1, largest=False).values
+    clear = (top2[:, 1] - top2[:, 0]) > 1e-3
+    assert clear.float().mean() > 0.95
+    for baseline in (vq_lookup_4m, vq_lookup_cdist):
+        got = baseline(x, cb)
+        assert torch.equal(got[clear], want[clear]), baseline.__name__
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
