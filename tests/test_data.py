@@ -89,6 +89,31 @@ def test_caption_states_where_the_nearest_object_is_and_counts_the_rest():
     assert caption([obj(0.2, 0.5, 3.0)]) == "a small red circle"
 
 
+def test_jpeg_header_is_the_frame_not_a_huffman_table_before_it():
+    """Markers 0xC4 (DHT), 0xC8 and 0xCC (DAC) sit among the SOF codes 0xC0-0xCF but are not frames;
+    encoders may write the Huffman tables first (here moved before the frame: still a valid JPEG)."""
+    import io
+    import struct
+
+    from PIL import Image
+
+    from fourm_fast.data.validate import _image_header
+
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 24), (200, 30, 90)).save(buf, format="JPEG")
+    data = buf.getvalue()
+    segments, pos = [], 2
+    while data[pos + 1] != 0xDA:  # up to the start of scan
+        length = struct.unpack(">H", data[pos + 2:pos + 4])[0]
+        segments.append(data[pos:pos + 2 + length])
+        pos += 2 + length
+    dht = [s for s in segments if s[1] == 0xC4]
+    assert dht and segments.index(dht[0]) > [s[1] for s in segments].index(0xC0)  # PIL writes the frame first
+    moved = b"\xff\xd8" + b"".join(dht + [s for s in segments if s[1] != 0xC4]) + data[pos:]
+    assert Image.open(io.BytesIO(moved)).size == (40, 24)
+    assert _image_header(moved) == _image_header(data) == ("jpeg", 40, 24, 3, 8)
+
+
 def test_box_codec_round_trip_and_errors():
     boxes = [(0.0, 0.1, 0.5, 1.0, "circle"), (0.25, 0.25, 0.75, 0.999, "square")]
     text = boxes_to_text(boxes)
