@@ -662,6 +662,24 @@ def test_checkpoint_writer_cleans_up_after_killed_writers(tmp_path):
         train(small_cfg(fresh, "train.steps=2"), log=lambda m: None)
 
 
+def test_leftovers_of_an_earlier_process_with_this_pid_are_recovered(tmp_path):
+    """A restarted container often runs the trainer under the pid the killed one had: its leftovers
+    are an earlier process's (not this one's, which it has not made), so they are cleaned up, while
+    a live other process's are left alone."""
+    import socket
+
+    from fourm_fast.train.checkpoint import recover_leftovers
+
+    host = socket.gethostname()
+    mine = tmp_path / f".step-0000004.tmp-{host}-{os.getpid()}-0badf00d"
+    live = tmp_path / f".step-0000005.tmp-{host}-{os.getppid()}-0badf00d"
+    for d in (mine, live):
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(b"partial")
+    recover_leftovers(tmp_path)
+    assert not mine.exists() and live.is_dir()
+
+
 def test_auto_resume_starts_fresh_or_continues(tmp_path):
     first = train(small_cfg(tmp_path, "train.steps=4", "train.stop_after=2"), resume="auto", log=lambda m: None)
     assert first["steps"] == 2
