@@ -662,6 +662,23 @@ def test_checkpoint_writer_cleans_up_after_killed_writers(tmp_path):
         train(small_cfg(fresh, "train.steps=2"), log=lambda m: None)
 
 
+def test_checkpoint_files_reach_the_disk_before_the_rename(tmp_path, monkeypatch):
+    """Both files and the temporary folder are fsynced before the rename makes the checkpoint
+    visible, and the parent folder after it (a power loss must not leave a visible checkpoint of
+    empty files)."""
+    import fourm_fast.train.checkpoint as ckpt
+
+    events = []
+    fsync, replace = ckpt._fsync, os.replace
+    monkeypatch.setattr(ckpt, "_fsync", lambda p: events.append(("fsync", Path(p).name)) or fsync(p))
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append(("rename", Path(b).name)) or replace(a, b))
+    train(small_cfg(tmp_path, "train.steps=1"), log=lambda m: None)
+    at = events.index(("rename", "step-0000001"))
+    before = {name for kind, name in events[:at] if kind == "fsync"}
+    assert {ckpt.MODEL_FILE, ckpt.STATE_FILE} <= before and any(n.startswith(".step-0000001.tmp-") for n in before)
+    assert ("fsync", "checkpoints") in events[at:]
+
+
 def test_leftovers_of_an_earlier_process_with_this_pid_are_recovered(tmp_path):
     """A restarted container often runs the trainer under the pid the killed one had: its leftovers
     are an earlier process's (not this one's, which it has not made), so they are cleaned up, while
