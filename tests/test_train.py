@@ -78,6 +78,24 @@ def test_resume_after_a_crash_drops_the_lost_steps_from_metrics(tmp_path):
     assert [int(r["step"]) for r in rows(tmp_path)] == [1, 2, 3, 4, 5, 6]
 
 
+def test_resume_after_a_crash_drops_the_lost_steps_from_tensorboard(tmp_path):
+    # TensorBoard as metrics.csv: the lost steps' scalars give way to the resumed run's
+    import shutil
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    over = ["checkpoint.every=3", "checkpoint.keep=5", "log.tensorboard=true"]
+    train(small_cfg(tmp_path, "train.steps=5", *over), log=lambda m: None)
+    shutil.rmtree(tmp_path / "checkpoints" / "step-0000005")
+    train(small_cfg(tmp_path, "train.steps=6", *over), resume=True, log=lambda m: None)
+    events = EventAccumulator(str(tmp_path / "tensorboard"))  # reads as TensorBoard does
+    events.Reload()
+    scalars = events.Scalars("grad_norm")
+    assert [s.step for s in scalars] == [1, 2, 3, 4, 5, 6]
+    for s, r in zip(scalars, rows(tmp_path)):
+        assert s.value == pytest.approx(float(r["grad_norm"]), rel=1e-6), s.step
+
+
 def test_data_errors_are_config_errors(tmp_path):
     # the CLI turns ConfigError into a one-line message and exit code 2, not a traceback
     with pytest.raises(ConfigError, match="sentinels"):
