@@ -435,11 +435,15 @@ def _torchrun(out, strategy, extra=(), steps=3, resume=False):
 def test_two_processes_match_one(tmp_path, strategy):
     """2 processes x half the batch (gloo, CPU) take the steps one process takes with the whole batch."""
     single = tmp_path / "single"
-    train(small_cfg(single, "train.steps=3"), log=lambda m: None)
-    _torchrun(tmp_path / strategy, strategy)
+    train(small_cfg(single, "train.steps=3", "log.peak_tflops=2.0"), log=lambda m: None)
+    _torchrun(tmp_path / strategy, strategy, ("log.peak_tflops=2.0",))
     for ra, rb in zip(rows(single), rows(tmp_path / strategy)):
         for k in ("loss", "loss_rgb", "loss_caption", "grad_norm"):
             assert abs(float(ra[k]) - float(rb[k])) <= 1e-5 * max(1.0, abs(float(ra[k]))), (strategy, ra["step"], k)
+        # MFU = the global batch's FLOPs / step time / (peak x processes): the same FLOPs in both runs
+        flops_a = float(ra["mfu"]) * float(ra["step_time_s"]) * 2.0e12
+        flops_b = float(rb["mfu"]) * float(rb["step_time_s"]) * 2.0e12 * 2
+        assert flops_b == pytest.approx(flops_a, rel=1e-3), (strategy, ra["step"])
     assert len(rows(tmp_path / strategy)) == 3
 
 
