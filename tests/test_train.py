@@ -630,6 +630,20 @@ def test_progress_line_shows_step_loss_throughput_and_mfu(tmp_path, capsys):
     assert cut.getvalue().endswith("tok/s    \n") and cut.getvalue().count("\n") == 1
 
 
+def test_cpu_peak_probe_counts_the_flops_it_times(monkeypatch):
+    """The probe's rate is its two 1024^3 products' FLOPs (2 x 2 x 1024^3) over the best timing and
+    each product is timed: on a clock that advances 0.5 s per reading, 4.29 GFLOP in 0.5 s."""
+    import fourm_fast.train.metrics as metrics
+
+    ticks = iter(range(10**6))
+    monkeypatch.setattr(metrics.time, "perf_counter", lambda: 0.5 * next(ticks))
+    products = []
+    real_mm = torch.Tensor.__matmul__
+    monkeypatch.setattr(torch.Tensor, "__matmul__", lambda a, b: products.append(a.shape + b.shape) or real_mm(a, b))
+    assert metrics.measured_cpu_tflops() == pytest.approx(2 * 2 * 1024**3 / 0.5 / 1e12, rel=1e-12)
+    assert products == [(1024, 1024, 1024, 1024)] * 11  # one warm-up, then five timed pairs
+
+
 def test_flops_per_step_counts_what_a_step_executes():
     # The MFU numerator against torch's FLOP counter on one forward + backward, with as many
     # encoder as decoder tokens and without (the cross-attention's keys and values are projected
