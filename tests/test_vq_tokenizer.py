@@ -42,6 +42,15 @@ def test_train_tokenize_and_round_trip(shards):
     assert grid.shape == (30, 4, 4) and grid.dtype == np.int16 and 0 <= grid.min() and grid.max() < 64
     manifest = json.loads((shards / "manifest.json").read_text())
     assert manifest["tokens"]["depth"]["version"] == 1
+    # generate --cond depth=PICTURE reads a shard's PNG (millimetres) into the tokens tokenize wrote
+    from fourm_fast.generate.cli import Assets
+
+    assets = Assets.__new__(Assets)  # only its tokenizers: no checkpoint needed for this
+    assets.vq = {"depth": model}
+    for i in (5, 17):
+        picture = shards / "depth" / f"{i:06d}.{manifest['extensions']['depth']}"
+        assert assets.image_tokens("depth", str(picture)).reshape(4, 4).tolist() == grid[i].tolist()
+    assert len(np.unique(grid[5])) > 1 and not np.array_equal(grid[5], grid[17])  # the check has power
     import hashlib
 
     entry = manifest["tokens"]["depth"]
