@@ -91,7 +91,8 @@ def test_caption_states_where_the_nearest_object_is_and_counts_the_rest():
 
 def test_jpeg_header_is_the_frame_not_a_huffman_table_before_it():
     """Markers 0xC4 (DHT), 0xC8 and 0xCC (DAC) sit among the SOF codes 0xC0-0xCF but are not frames;
-    encoders may write the Huffman tables first (here moved before the frame: still a valid JPEG)."""
+    encoders may write the Huffman tables first (here DHT is moved before the frame: still a valid
+    JPEG; PIL writes no 0xC8 or 0xCC to move)."""
     import io
     import struct
 

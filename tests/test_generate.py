@@ -395,19 +395,28 @@ def test_guidance_batches_passes_into_one_forward(model, monkeypatch):
     assert torch.equal(one.tokens["depth"], cfg.tokens["depth"])
 
 
-@pytest.mark.parametrize("rows", [3, 40])  # a few rows (rows_linear) and many (the logits buffer)
-def test_guidance_in_hidden_space_equals_guidance_of_the_logits(rows):
-    """u + sum_i w_i (c_i - u) taken before the head equals it taken on the logits, for 4M's
-    bias-free head and for an affine one (the weights add up to 1, so a bias passes through)."""
+# the head's three paths: F.linear (3 rows), rows_linear (4 rows of a 4 MiB float32 weight), the
+# logits buffer (40 rows)
+@pytest.mark.parametrize("rows,vocab,path", [(3, 37, "F.linear"), (4, 16384, "rows_linear"), (40, 37, "buffer")])
+def test_guidance_in_hidden_space_equals_guidance_of_the_logits(monkeypatch, rows, vocab, path):
+    """u + sum_i w_i (c_i - u) taken before the head equals it taken on the logits (in float64
+    here), for 4M's bias-free head and for an affine one (the weights add up to 1, so a bias
+    passes through)."""
     import torch.nn as nn
+    import torch.nn.functional as F
 
+    import fourm_fast.nn.few_rows as few_rows
+
+    streamed = []
+    real = few_rows.rows_linear
+    monkeypatch.setattr(few_rows, "rows_linear", lambda x, w: streamed.append(x.shape[0]) or real(x, w))
     model = _model(seed=3)
     g = Generator(model, SENTINELS)
     gen = torch.Generator().manual_seed(6)
     weights = [2.5, -0.75]
     y = torch.randn(3 * rows, 64, generator=gen)
     for bias in (False, True):
-        head = nn.Linear(64, 37, bias=bias)
+        head = nn.Linear(64, vocab, bias=bias)
         with torch.no_grad():
             head.weight.normal_(0, 0.3, generator=gen)
             if bias:
@@ -415,10 +424,11 @@ def test_guidance_in_hidden_space_equals_guidance_of_the_logits(rows):
         model.decoder_embeddings["depth"].to_logits = head
         with torch.no_grad():
             got = g._guided_logits("depth", y, 3, weights)
-            logits = head(y.double().to(head.weight.dtype)).double()
+            logits = F.linear(y.double(), head.weight.double(), head.bias.double() if bias else None)
         u = logits[-rows:]
         want = u + sum(w * (logits[i * rows:(i + 1) * rows] - u) for i, w in enumerate(weights))
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
+    assert streamed == ([rows, rows] if path == "rows_linear" else [])
 
 
 def test_multi_condition_guidance_values(model):

@@ -182,8 +182,8 @@ def test_greedy_is_first_argmax():
 
 
 def test_min_p_one_keeps_the_argmax_on_every_path():
-    """min_p = 1 keeps exactly the tokens at the maximum: with top_p < 1 at temperature 1 the
-    min-p test reuses top-p's exp values, a path of its own; both must keep the first argmax."""
+    """min_p = 1 keeps only the tokens at the maximum: with top_p < 1 at temperature 1 the min-p
+    test reuses top-p's exp values, a path of its own; on both the draw is a maximum (row 1 has two)."""
     logits = torch.tensor([[0.0, 3.0, 1.0, 3.0 - 1e-6], [2.0, -1.0, 2.0, 0.5], [7.0, 0.0, 0.0, 0.0]])
     for top_p in (1.0, 0.9, 0.5):
         for temperature in (1.0, 0.7):

@@ -22,18 +22,19 @@ def shards(tmp_path_factory):
 
 def test_train_tokenize_and_round_trip(shards):
     # Quality on the held-out tenth (samples 27-29) against what knows nothing: the majority class
-    # for semseg (75.5% of its pixels are background), the held-out mean for depth (12.7 dB). After
-    # these short runs the tokenizers reach 81.1% and 14.5 dB here.
+    # for semseg (75.5% of its pixels are background), the held-out mean for depth (12.7 dB). Here
+    # the tokenizers reach 81.1% and 16.4 dB; a reviewer's seeds 0-3 gave semseg 80.9-84.2%, and
+    # depth at 100 steps 15.1-17.3 dB (at 40 steps one seed fell to 13.0 dB).
     manifest = read_manifest(shards)
     res = train_tokenizer(shards, "semseg", steps=60, batch_size=8, num_codes=64, log=lambda m: None)
-    assert (res["train_samples"], res["eval_samples"]) == (27, 3)  # disjoint: the last 3 are held out
+    assert (res["train_samples"], res["eval_samples"]) == (27, 3)  # 0-26 train, 27-29 held out
     classes = load_images(shards, "semseg", [27, 28, 29], manifest).argmax(1)
     majority = float((classes == classes.flatten().mode().values).float().mean())
     assert res["quality"]["pixel_accuracy"] > majority + 0.03
-    res2 = train_tokenizer(shards, "depth", steps=40, batch_size=8, num_codes=64, log=lambda m: None)
+    res2 = train_tokenizer(shards, "depth", steps=100, batch_size=8, num_codes=64, log=lambda m: None)
     depth = load_images(shards, "depth", [27, 28, 29], manifest).clamp(-1, 1)
     constant_db = 10 * math.log10(4.0 / float(((depth - depth.mean()) ** 2).mean()))
-    assert np.isfinite(res2["quality"]["psnr_db"]) and res2["quality"]["psnr_db"] > constant_db + 1.0
+    assert np.isfinite(res2["quality"]["psnr_db"]) and res2["quality"]["psnr_db"] > constant_db + 1.5
     model, meta = VQTokenizer.load(shards / "tokenizers" / "depth.safetensors")
     assert meta["quality"] == res2["quality"] and meta["config"]["modality"] == "depth"
     done = tokenize_shards(shards, log=lambda m: None)

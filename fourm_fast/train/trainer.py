@@ -77,7 +77,8 @@ def build_model_config(cfg: dict):
 def cosine_factor(step: int, total: int, warmup: int, lr: float, min_lr: float) -> float:
     """LR multiplier. Warmup: step s < warmup trains at lr (s + 1) / warmup (never at 0). Then 4M's
     cosine_scheduler: step warmup + i trains at min_lr + (lr - min_lr) (1 + cos(pi i / n)) / 2 with
-    n = total - warmup, so the last step sits just above min_lr and steps past the end at it."""
+    n = total - warmup, so the last step is above min_lr (just above in a long run) and steps past
+    the end at it."""
     if step < warmup:
         return (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
@@ -180,7 +181,12 @@ def _wrap(model, strategy: str, device: torch.device, world: int):
 
 def train(cfg: dict, resume: bool | str = False, log=print) -> dict:
     """resume: True continues from the latest checkpoint in cfg["out"] (raising when there is none),
-    False starts fresh (raising when the folder holds checkpoints), "auto" does whichever applies."""
+    False starts fresh (raising when the folder holds checkpoints), "auto" does whichever applies.
+
+    Seeds the process's global torch and Python `random` generators from train.seed (a resume then
+    sets them to the checkpoint's) and leaves them where the run ended: a caller's own state in
+    them is not restored. NumPy's global generator is neither seeded nor checkpointed. Every
+    process of a torchrun run gets the same seed."""
     d = _Distributed()
     tc = cfg["train"]
     want = tc["device"]
