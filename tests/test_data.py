@@ -2,6 +2,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -153,6 +154,19 @@ def test_shards_round_trip_and_name_bad_files(tmp_path):
         (tmp_path / "manifest.json").write_text(json.dumps(partial))
         with pytest.raises(ShardError, match=f"manifest.json: the manifest has no '{key}'"):
             read_manifest(tmp_path)
+
+
+def test_manifest_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    """The manifest goes to a temporary file renamed into place: a writer killed mid-write leaves
+    no half manifest that read_manifest would take for a shard folder."""
+    import os
+
+    renames = []
+    replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda a, b: renames.append((Path(a).name, Path(b).name)) or replace(a, b))
+    write_synthetic(tmp_path, 2, size=16, progress=False)
+    assert ("manifest.json.tmp", "manifest.json") in renames
+    assert not (tmp_path / "manifest.json.tmp").exists() and read_manifest(tmp_path)["num_samples"] == 2
 
 
 def test_cli_synth(tmp_path):

@@ -179,6 +179,16 @@ def test_nonfinite_rows_get_minus_one(cpu_isa, metric, dtype):
         vq_dequantize(idx, cb)
 
 
+def test_a_code_whose_float32_norm_overflows_is_never_chosen(cpu_isa):
+    """Finite entries, squared norm past float32 (2 x 1e40): the executors cannot score it, so it is
+    not eligible, in the op and in the float64 reference alike (which could score it: x equals it)."""
+    cb = torch.tensor([[1e20, 1e20], [0.0, 0.0], [1.0, 1.0], [1e15, 1e15]])
+    x = torch.tensor([[1e20, 1e20], [0.9, 0.9], [-0.1, 0.0]])
+    idx, _ = vq_lookup(x, cb, "l2")
+    ref_idx, _ = vq_lookup_reference(x, cb, "l2")
+    assert idx.tolist() == ref_idx.tolist() == [3, 2, 1]
+
+
 @pytest.mark.parametrize("scale", [1e19, 1e25, 1e30])
 def test_cosine_distance_of_huge_rows_does_not_overflow(cpu_isa, scale):
     # |x|^2 overflows float32 from entries of about 1.8e19; the cosine distance does not depend on
