@@ -216,6 +216,52 @@ def test_native_path_refuses_slots_it_would_misread():
             out_only(b)
 
 
+def test_image_only_decoder_matches_the_eager_4m_restatement():
+    """A decoder with no sequence modality looks up no token table (its slots all take the mask
+    token): loss and every gradient equal the eager restatement of 4M's forward."""
+    from fourm_fast.reference.fourm import forward_4m_eager
+
+    model = tiny_model(domains_out=("depth", "rgb"))
+    specs = [ModalitySpec("caption", "sequence", 12), ModalitySpec("depth", "image", 16), ModalitySpec("rgb", "image", 16)]
+    alphas_in = {"caption": [0.5], "depth": [0.5], "rgb": [0.5]}
+    layout = TokenBudgetSampler(specs, 12, 10, alphas_in, {"caption": [0.0], "depth": [0.5], "rgb": [0.5]}).sample(
+        6, seed=3, lengths={"caption": torch.tensor([2, 5, 11, 12, 7, 3])})
+    _, tokens, sentinels = sampled_batch()
+    native = batch_from_layout(layout, layout.build_buffer(tokens, sentinels, pad_id=0), model.modalities)
+    assert native.dec_counts[model.modalities.index("caption")] == 0 and sum(native.dec_counts) > 0
+    ml4m = dict(sorted(to_ml4m_batch(layout, tokens, sentinels, pad_id=0).items()))
+    grads = []
+    for run in (lambda: model(native, "mod"), lambda: forward_4m_eager(model, ml4m, 12, 10, "mod")):
+        model.zero_grad(set_to_none=True)
+        loss, _ = run()
+        loss.backward()
+        grads.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (loss_n, g_n), (loss_e, g_e) = grads
+    torch.testing.assert_close(loss_n, loss_e, rtol=1e-6, atol=1e-6)
+    assert g_n.keys() == g_e.keys() and "mask_token" in g_n
+    for name in g_n:
+        torch.testing.assert_close(g_n[name], g_e[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_a_decoder_modality_without_targets_gets_a_zero_gradient():
+    """Every parameter gets a gradient every step (DDP requires it, and AdamW skips a parameter
+    whose gradient is None): rgb, with no targets here, gets zeros on its tied head and table."""
+    model = tiny_model()
+    specs = [ModalitySpec("caption", "sequence", 12), ModalitySpec("depth", "image", 16), ModalitySpec("rgb", "image", 16)]
+    alphas = {"caption": [0.5], "depth": [0.5], "rgb": [0.5]}
+    layout = TokenBudgetSampler(specs, 12, 10, alphas, {**alphas, "rgb": [0.0]}).sample(
+        6, seed=3, lengths={"caption": torch.tensor([2, 5, 11, 12, 7, 3])})
+    _, tokens, sentinels = sampled_batch()
+    batch = batch_from_layout(layout, layout.build_buffer(tokens, sentinels), model.modalities)
+    assert batch.dec_counts[model.modalities.index("rgb")] == 0
+    loss, _ = model(batch, "mod")
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None, name
+    grad = model.decoder_embeddings["rgb"].to_logits.weight.grad
+    assert grad is model.decoder_embeddings["rgb"].token_emb.weight.grad and not grad.any()
+
+
 def test_training_step_has_gradients_everywhere_used():
     model = tiny_model()
     layout, tokens, sentinels = sampled_batch()

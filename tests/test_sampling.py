@@ -356,6 +356,22 @@ def test_backward_through_probs_raises_for_parameter_tensors(name):
         assert torch.equal(sample_tokens(logits, seed=1, **{name: p.detach()}, **extra)[0], tokens)
 
 
+def test_compiled_fullgraph_with_inputs_that_need_a_gradient():
+    """torch.compile traces probs' backward while compiling the forward: a raise in it failed the
+    compile of a call that never ran a backward. Now the forward compiles and a backward raises."""
+    torch._dynamo.reset()
+    logits = torch.randn(4, 50, requires_grad=True)
+    temperature = torch.tensor(0.8, requires_grad=True)
+    step = torch.compile(lambda lg, t: sample_tokens(lg, temperature=t, seed=5), fullgraph=True)
+    tokens, probs = step(logits, temperature)
+    with torch.no_grad():
+        want_tokens, want_probs = sample_tokens(logits, temperature=temperature, seed=5)
+    assert torch.equal(tokens, want_tokens) and torch.equal(probs.detach(), want_probs)
+    with pytest.raises(RuntimeError, match="sample_tokens is not differentiable"):
+        probs.sum().backward()
+    assert logits.grad is None and temperature.grad is None
+
+
 def test_opcheck_and_compile():
     op = torch.ops.fourm_fast.sample_tokens.default
     logits = torch.randn(9, 33)

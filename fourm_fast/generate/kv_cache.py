@@ -59,7 +59,7 @@ class CachedDecoder:
         R, dev = self.R, ids.device
         slots = Slots(dec_ids=ids[:, None], dec_modality=torch.full((R, 1), self.mod_id, device=dev),
                       dec_position=torch.full((R, 1), t, device=dev), dec_valid=torch.ones(R, 1, dtype=torch.bool, device=dev))
-        y, emb = self.model.embed_decoder(slots, check=False)  # 14 small ops a token; it cannot fail here
+        y, emb = self.model.embed_decoder(slots, check=False)  # a few small ops a token; it cannot fail here
         y = y + emb
         self_valid = torch.ones(R, t + 1, dtype=torch.bool, device=dev)
         for blk, (kc, vc), (kx, vx) in zip(self.model.decoder, self.cache, self.cross):

@@ -106,12 +106,13 @@ class FourM(nn.Module):
         rows = [embs[n].mod_emb[0, 0] if n in embs else self.mask_token.new_zeros(self.cfg.dim) for n in self.modalities]
         return F.embedding(mod, torch.stack(rows))
 
-    def _lookup(self, embs: nn.ModuleDict, ids: Tensor, mod: Tensor) -> Tensor:
+    def _lookup(self, embs: nn.ModuleDict, ids: Tensor, mod: Tensor, sequences_only: bool = False) -> Tensor | None:
         """Token embeddings of mixed-modality ids: one small lookup per modality, merged by where
-        (cheaper than concatenating the vocabulary tables every step; no data-dependent shapes)."""
+        (cheaper than concatenating the vocabulary tables every step; no data-dependent shapes).
+        sequences_only: skip image modalities (None when no modality is left)."""
         out = None
         for i, name in enumerate(self.modalities):
-            if name not in embs:
+            if name not in embs or (sequences_only and self.cfg.modalities[i].kind != "sequence"):
                 continue
             table = embs[name].token_emb.weight
             x = F.embedding(ids.clamp(0, table.shape[0] - 1), table)
@@ -144,8 +145,12 @@ class FourM(nn.Module):
         is_seq = self._is_sequence[mod]
         if check:
             self._check_slots("dec", b.dec_ids, b.dec_position, mod, b.dec_valid, is_seq)  # image slots: ids unread
-        tok = self._lookup(self.decoder_embeddings, b.dec_ids.long(), mod)
-        y = torch.where(is_seq[..., None], tok, self.mask_token.to(tok.dtype))  # images: the mask token
+        # Image slots take the mask token, so only sequence tables are looked up: a lookup of an
+        # image table was discarded by the where, yet its backward still zero-filled a V x dim
+        # gradient and added it to the tied head's.
+        tok = self._lookup(self.decoder_embeddings, b.dec_ids.long(), mod, sequences_only=True)
+        mask = self.mask_token.expand(*mod.shape, -1)
+        y = mask if tok is None else torch.where(is_seq[..., None], tok, mask.to(tok.dtype))
         emb = self._dec_pos_table[self._dec_pos_offset[mod] + b.dec_position.long()] + self._mod_emb(self.decoder_embeddings, mod)
         keep = b.dec_valid[..., None]
         return torch.where(keep, y, 0.0), torch.where(keep, emb, 0.0)
@@ -200,6 +205,11 @@ class FourM(nn.Module):
                 continue
             weight = self.decoder_embeddings[name].to_logits.weight
             total = flat.new_zeros(())
+            if n == 0 and torch.is_grad_enabled() and weight.requires_grad:
+                # No targets of this modality here: its head (an image modality's only use of the
+                # tied table) still gets a zero gradient, so DDP sees every parameter used and
+                # AdamW updates it as on any other step.
+                total = weight.sum() * 0.0
             for c in range(0, n, LOSS_CHUNK):
                 idx = rows[c:c + LOSS_CHUNK]
                 yc, tc = flat.index_select(0, idx), targets.index_select(0, idx)

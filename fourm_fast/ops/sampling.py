@@ -95,6 +95,24 @@ def sample_tokens(
     return tokens, (_SampledProbs.apply(probs, *needs_grad) if grad else probs)
 
 
+_NOT_DIFFERENTIABLE = ("sample_tokens is not differentiable: tokens are discrete draws and probs is the drawn "
+                       "token's probability with no gradient formula; for a gradient of it, gather "
+                       "log_softmax(logits / T) at the returned tokens")
+
+
+@torch.library.custom_op("fourm_fast::sample_tokens_backward", mutates_args=())
+def _sample_tokens_backward(grad: Tensor, like: Tensor) -> Tensor:
+    """The backward of sample_tokens' probs, which raises when it runs. An op rather than a raise
+    in _SampledProbs.backward: torch.compile (fullgraph too) traces a backward while compiling the
+    forward, and a raise there failed the compile of a call that never ran a backward."""
+    raise RuntimeError(_NOT_DIFFERENTIABLE)
+
+
+@_sample_tokens_backward.register_fake
+def _sample_tokens_backward_fake(grad, like):
+    return torch.empty_like(like)
+
+
 class _SampledProbs(torch.autograd.Function):
     """probs joined to the graph of the inputs that need a gradient (logits, or a parameter tensor),
     with a backward that raises: the op has no gradient, and without this a backward through probs
@@ -102,13 +120,12 @@ class _SampledProbs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, probs, *inputs):
+        ctx.save_for_backward(*inputs)
         return probs.clone()
 
     @staticmethod
-    def backward(ctx, *grads):
-        raise RuntimeError("sample_tokens is not differentiable: tokens are discrete draws and probs is the "
-                           "drawn token's probability with no gradient formula; for a gradient of it, gather "
-                           "log_softmax(logits / T) at the returned tokens")
+    def backward(ctx, grad):
+        return (None, *(torch.ops.fourm_fast.sample_tokens_backward(grad, x) for x in ctx.saved_tensors))
 
 
 @torch.library.register_fake("fourm_fast::sample_tokens")
