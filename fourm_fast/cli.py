@@ -17,7 +17,7 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
     try:
         m = write_synthetic(args.out, args.n, args.size, args.seed)
-    except ValueError as e:
+    except (ValueError, OSError) as e:  # OSError: --out is a file, unwritable, the disk is full
         print(f"fourm-fast data synth: error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {m['num_samples']} scenes ({', '.join(m['modalities'])}) at {m['size']} px to {args.out}", file=sys.stderr)
@@ -43,7 +43,7 @@ def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
         train_tokenizer(args.data, args.modality, **{k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size),
                                                                        ("num_codes", args.num_codes)) if v is not None},
                         out=args.out, log=_log)
-    except (ValueError, ShardError, FileNotFoundError) as e:
+    except (ValueError, ShardError, OSError) as e:
         print(f"fourm-fast tokenizer train: error: {e}", file=sys.stderr)
         return 2
     return 0
@@ -55,7 +55,7 @@ def _cmd_tokenize(args: argparse.Namespace) -> int:
 
     try:
         tokenize_shards(args.data, log=_log)
-    except (ValueError, ShardError, FileNotFoundError) as e:
+    except (ValueError, ShardError, OSError) as e:
         print(f"fourm-fast tokenize: error: {e}", file=sys.stderr)
         return 2
     return 0

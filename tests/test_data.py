@@ -174,3 +174,7 @@ def test_cli_synth(tmp_path):
                           "--size", "16"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert "wrote 3 scenes" in res.stderr and (tmp_path / "manifest.json").exists()
+    (tmp_path / "afile").write_text("x")  # --out a file: a NotADirectoryError traceback before
+    res = subprocess.run([sys.executable, "-m", "fourm_fast", "data", "synth", "--out", str(tmp_path / "afile"), "--n", "1",
+                          "--size", "16"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and res.stderr.startswith("fourm-fast data synth: error:") and "Traceback" not in res.stderr

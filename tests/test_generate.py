@@ -597,6 +597,28 @@ def test_guidance_on_what_cannot_guide_raises_before_anything_is_generated(model
     assert bool(st.known["depth"].all())
 
 
+def test_a_sequence_target_with_tokens_raises_before_the_chain_changes_the_state(model):
+    g = Generator(model, SENTINELS)
+    st = g.new_state(2)
+    st.set_image("rgb", torch.randint(0, 64, (2, 16)))
+    st.set_sequence("caption", [5, 6, 7])
+    before = {n: (st.tokens[n].clone(), st.known[n].clone()) for n in st.tokens}
+    # the caption used to be refused only after depth had been generated into the state
+    with pytest.raises(ValueError, match="target 'caption' already has tokens"):
+        g.generate(st, [TargetSpec("depth", "maskgit", steps=1), TargetSpec("caption", "autoregressive")])
+    assert set(st.tokens) == set(before)
+    assert all(torch.equal(st.tokens[n], t) and torch.equal(st.known[n], k) for n, (t, k) in before.items())
+
+
+def test_onex_schedules_with_numbers_4m_cannot_use_raise_in_the_spec():
+    for kind in ("onex:0.5:0.5", "onex:0:1", "onex:0.01:2", "onex:1:0.25"):  # 4M-style settings pass
+        TargetSpec("depth", temp_schedule=kind)
+    # these passed the spec and gave NaN or inf temperatures to sample_tokens in the middle of a chain
+    for kind in ("onex:-1:nan", "onex:nan:0.5", "onex:inf:0.5", "onex:-0.5:0.5", "onex:0.5:0", "onex:0.5:-1", "onex:0.5:inf"):
+        with pytest.raises(ValueError, match="MIN_T must be finite and >= 0 and POWER finite and > 0"):
+            TargetSpec("depth", temp_schedule=kind)
+
+
 def test_target_spec_checks_and_normalises_its_settings():
     t = TargetSpec("rgb", steps=np.int64(4), temperature=np.float32(0.5), top_k=np.int64(5), top_p=np.float64(0.9),
                    cfg_scale=np.float32(2.0), max_length=np.int64(3))

@@ -101,6 +101,59 @@ def test_generate_missing_checkpoint(tmp_path, capsys):
     assert "no checkpoint" in capsys.readouterr().err
 
 
+def test_generate_nonexistent_checkpoint(tmp_path, capsys):
+    # used to say "model.safetensors is missing", as if the folder existed
+    assert main(["generate", "--checkpoint", str(tmp_path / "nope"), "--target", "rgb", "--out", str(tmp_path / "x")]) == 2
+    assert f"checkpoint {tmp_path / 'nope'} does not exist" in capsys.readouterr().err
+
+
+def test_generate_unwritable_out_fails_before_generating(run_dir, tmp_path, capsys, monkeypatch):
+    from fourm_fast.generate.cli import Generator
+
+    calls = []
+    monkeypatch.setattr(Generator, "generate", lambda self, *a, **k: calls.append(1))
+    (tmp_path / "file").write_text("not a folder")
+    for out in (tmp_path / "file", tmp_path / "file" / "sub"):  # was a traceback, after the whole run
+        assert main(["generate", "--checkpoint", str(run_dir), "--target", "depth", "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"fourm-fast generate: error: --out {out}: cannot create the output folder")
+        assert err.count("\n") == 1  # one line, no traceback
+    assert calls == []
+
+
+@pytest.fixture(scope="module")
+def shards_run(tmp_path_factory):
+    """A run trained on tokenized shards: its caption tokens and sentinels are text.json's."""
+    from fourm_fast.data import write_synthetic
+    from fourm_fast.tokenizers.vq import tokenize_shards, train_text_tokenizer, train_tokenizer
+
+    root = tmp_path_factory.mktemp("shards")
+    write_synthetic(root / "data", 12, size=16, seed=2, progress=False)
+    train_tokenizer(root / "data", "depth", steps=1, batch_size=4, num_codes=32, log=lambda m: None)
+    train_text_tokenizer(root / "data", log=lambda m: None)
+    tokenize_shards(root / "data", log=lambda m: None)
+    train(load_config(None, ["data.source=shards", f"data.path={root / 'data'}", "modalities=auto",
+                             "data.num_input_tokens=8", "data.num_target_tokens=8", "train.steps=1",
+                             "model.overrides={dim: 32, encoder_depth: 1, decoder_depth: 1, num_heads: 2}",
+                             "train.batch_size=4", "log.tensorboard=false", "log.progress=false", f"out={root / 'run'}"]),
+          log=lambda m: None)
+    return root
+
+
+def test_a_shards_run_without_its_text_tokenizer_raises(shards_run, tmp_path, capsys):
+    import shutil
+
+    args = ["generate", "--checkpoint", str(shards_run / "run"), "--target", "caption", "--batch", "1"]
+    assert main([*args, "--out", str(tmp_path / "ok")]) == 0, capsys.readouterr().err
+    no_text = tmp_path / "tok"
+    shutil.copytree(shards_run / "data" / "tokenizers", no_text)
+    (no_text / "text.json").unlink()
+    capsys.readouterr()
+    # used to fall back on the synthetic source's sentinel ids, which this model never saw
+    assert main([*args, "--tokenizers", str(no_text), "--out", str(tmp_path / "bad")]) == 2
+    assert f"{no_text / 'text.json'} does not exist: checkpoint" in capsys.readouterr().err
+
+
 @pytest.fixture(scope="module")
 def rgb_tokenizer(tmp_path_factory):
     """A VQ tokenizer for the run's 4 x 4 rgb grid (32 px), trained for two steps: enough to encode."""

@@ -443,3 +443,81 @@ def test_from_ml4m_sequence_length_is_ml4ms_not_the_position_table():
     assert FourM.from_ml4m(sd, {**ml4m_config(), "max_lengths": {"caption": 40}}).cfg.modality("caption").max_length == 40
     with pytest.raises(ValueError, match="max_lengths\\['caption'\\] = 600 must be in 1..512"):
         FourM.from_ml4m(sd, {**ml4m_config(), "max_lengths": {"caption": 600}})
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(num_heads=0), ValueError, "num_heads must be >= 1, got 0"),
+    (dict(dim=-6, num_heads=2), ValueError, "dim must be >= 1, got -6"),
+    (dict(dim="abc"), TypeError, "dim must be an int, got 'abc'"),
+    (dict(dim=6, num_heads=3), ValueError, "dim 6 must be divisible by 4 for the sin-cos positions of image"),
+    (dict(encoder_depth=-1), ValueError, "encoder_depth must be >= 0, got -1"),
+    (dict(decoder_depth=2.0), TypeError, "decoder_depth must be an int, got 2.0"),
+    (dict(num_register_tokens=-1), ValueError, "num_register_tokens must be >= 0, got -1"),
+    (dict(mlp_ratio=-1.0), ValueError, "mlp_ratio must be finite .* got -1.0"),
+])
+def test_model_config_refuses_bad_numbers(kwargs, error, match):
+    # they failed later and obscurely (ZeroDivisionError, sin-cos tables) or built a model without blocks
+    mods = (ModalityConfig("rgb", "image", 64, grid=2), ModalityConfig("cap", "sequence", 50, max_length=4))
+    base = dict(dim=32, encoder_depth=1, decoder_depth=1, num_heads=4, modalities=mods, domains_in=("rgb", "cap"),
+                domains_out=("rgb", "cap"))
+    with pytest.raises(error, match=match):
+        FourMConfig(**{**base, **kwargs})
+
+
+def test_modality_config_refuses_bad_numbers():
+    for kwargs, error, match in [
+        (dict(kind="image", grid=0), ValueError, "'m': grid must be >= 1, got 0"),
+        (dict(kind="image", grid=-2), ValueError, "'m': grid must be >= 1, got -2"),
+        (dict(vocab_size="abc"), TypeError, "'m': vocab_size must be an int, got 'abc'"),
+        (dict(vocab_size=True), TypeError, "'m': vocab_size must be an int, got True"),
+        (dict(max_length=0), ValueError, "'m': max_length must be >= 1, got 0"),
+        (dict(padding_idx=10), ValueError, "'m': padding_idx 10 is outside the vocabulary of 10"),
+    ]:
+        with pytest.raises(error, match=match):
+            ModalityConfig(**{"name": "m", "kind": "sequence", "vocab_size": 10, **kwargs})
+
+
+def test_model_without_encoder_or_decoder_blocks_still_runs():
+    """Depth 0 stays allowed, as in ml-4m (its blocks are range(depth)): embeddings and norms only."""
+    from dataclasses import replace
+
+    cfg = tiny_model().cfg
+    layout, tokens, sentinels = sampled_batch()
+    for depths in (dict(encoder_depth=0), dict(decoder_depth=0)):
+        model = FourM(replace(cfg, **depths))
+        loss, _ = model(batch_from_layout(layout, layout.build_buffer(tokens, sentinels), model.modalities), "mod")
+        assert torch.isfinite(loss)
+
+
+def test_forward_ml4m_refuses_float_ids_negative_counts_and_empty_batches(tiny_a):
+    # float ids were truncated by .long(), negative counts sliced tokens off the end, and an empty
+    # batch raised a bare StopIteration
+    import copy
+
+    model, mod_dict, _ = tiny_a
+    name = next(iter(mod_dict))
+    bad = copy.deepcopy(mod_dict)
+    bad[name]["tensor"] = bad[name]["tensor"].float() + 0.4
+    with pytest.raises(ValueError, match=f"{name} holds torch.float32 token ids; they must be integers"):
+        model.forward_ml4m(bad, 128, 128)
+    with pytest.raises(ValueError, match="num_encoder_tokens must be an int >= 0, got -1"):
+        model.forward_ml4m(mod_dict, -1, 128)
+    with pytest.raises(ValueError, match="num_decoder_tokens must be an int >= 0, got -3"):
+        model.forward_ml4m(mod_dict, 128, -3)
+    with pytest.raises(ValueError, match="the batch holds no modalities"):
+        model.forward_ml4m({}, 128, 128)
+
+
+def test_from_ml4m_refuses_a_corrupt_safetensors_file(tmp_path):
+    # a .pth gave a ValueError naming the file, a .safetensors a raw SafetensorError
+    bad = tmp_path / "corrupt.safetensors"
+    bad.write_bytes((DATA / "fourm_tiny_A.safetensors").read_bytes()[:5000])
+    with pytest.raises(ValueError, match="corrupt.safetensors cannot be read as a safetensors file"):
+        FourM.from_ml4m(bad, ml4m_config())
+
+
+def test_from_ml4m_refuses_a_string_for_a_list_of_domains():
+    # ml-4m's config holds lists; a bare string was read letter by letter (KeyError for modality 'a')
+    sd = load_safetensors("fourm_tiny_A.safetensors")
+    with pytest.raises(ValueError, match="domains_in must be a list of modality names, got 'caption'"):
+        FourM.from_ml4m(sd, {**ml4m_config(), "domains_in": "caption"})

@@ -136,6 +136,14 @@ def test_data_errors_are_config_errors(tmp_path):
     (["model.overrides={dimm: 32}"], "unknown or unsupported keys \\['dimm'\\]"),
     (["train=5"], "train is a section"),
     (["train={lrr: 1}"], "unknown config key train.'lrr'"),
+    # accepted (a progress bar for 3, a string's characters for weights) or unclear before
+    (["log.progress=3"], "log.progress must be true or false, got 3"),
+    (["log.tensorboard=maybe"], "log.tensorboard must be true or false"),
+    (["data.num_sentinels=abc"], "data.num_sentinels must be an int >= 0, got 'abc'"),
+    (["data.weights=abc"], "data.weights must be a list of mixture weights or null"),
+    (["data.source=shards", "data.path=/x", "modalities=auto", "data.max_text_tokens=0"], "data.max_text_tokens must be an int >= 1"),
+    (["modalities=foo"], "modalities must be 'auto' or a list of mappings"),
+    (["modalities=[rgb, depth]"], "modalities must be 'auto' or a list of mappings"),
 ])
 def test_config_errors(overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -159,6 +167,8 @@ def test_cuda_device_without_a_gpu_is_a_config_error(tmp_path):
 def test_config_file_and_null_settings():
     with pytest.raises(ConfigError, match="does not exist"):
         load_config("/nonexistent.yaml")
+    with pytest.raises(ConfigError, match="cannot be read as text"):
+        load_config(ROOT / "configs")  # a folder: IsADirectoryError before
     assert load_config(None, ["checkpoint.every=null"])["checkpoint"]["every"] == 0  # null: off, as 0
     cfg = load_config(ROOT / "configs" / "tiny.yaml")
     assert cfg["model"]["preset"] == "tiny" and cfg["train"]["batch_size"] == 8
@@ -175,6 +185,42 @@ def test_config_file_and_null_settings():
 def test_model_and_data_errors_are_config_errors(tmp_path, overrides, message):
     with pytest.raises(ConfigError, match=message):
         train(small_cfg(tmp_path, "train.steps=1", *overrides), log=lambda m: None)
+
+
+def test_config_file_errors_are_one_line(tmp_path):
+    (tmp_path / "binary.yaml").write_bytes(b"model:\n  preset: \xd0\xff\n")
+    with pytest.raises(ConfigError, match="binary.yaml cannot be read as text"):  # UnicodeDecodeError before
+        load_config(tmp_path / "binary.yaml")
+    (tmp_path / "bad.yaml").write_text("train:\n  steps: [1\n")
+    with pytest.raises(ConfigError, match="bad.yaml is not valid YAML: expected ',' or ']'.* at line 3, column 1") as e:
+        load_config(tmp_path / "bad.yaml")
+    assert "\n" not in str(e.value)
+
+
+def test_paths_are_taken_as_written(tmp_path):
+    # YAML read "run #2" as "run" (a comment) and 2024 as a number (a TypeError in train)
+    assert load_config(None, [f"out={tmp_path}/run #2"])["out"] == f"{tmp_path}/run #2"
+    assert load_config(None, ["out=2024"])["out"] == "2024"
+    assert load_config(None, ["data.source=shards", "data.path=/data/shards 2"])["data"]["path"] == "/data/shards 2"
+    (tmp_path / "a.yaml").write_text("out: 2024\n")
+    with pytest.raises(ConfigError, match="out must be a folder path, got 2024 \\(quote it in YAML\\)"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ConfigError, match="afile exists and is not a folder"):  # FileExistsError before
+        load_config(None, [f"out={tmp_path / 'afile'}"])
+
+
+def test_auto_resume_of_a_finished_run_trains_nothing(tmp_path):
+    # a requeued job (or torchrun restart) of a run that had finished: exit cleanly, not with an error
+    train(small_cfg(tmp_path, "train.steps=2"), log=lambda m: None)
+    lines = []
+    res = train(small_cfg(tmp_path, "train.steps=2"), resume="auto", log=lines.append)
+    assert res["steps"] == 2 and res["last"] == {} and "it is complete, nothing to train" in lines[-1]
+    assert [r["step"] for r in rows(tmp_path)] == ["1", "2"]
+    with pytest.raises(CheckpointError, match="--auto-resume: the checkpoint is at step 2, the run has 1 steps"):
+        train(small_cfg(tmp_path, "train.steps=1"), resume="auto", log=lambda m: None)
+    with pytest.raises(CheckpointError, match="^--resume: the checkpoint is at step 2, the run has 2 steps"):
+        train(small_cfg(tmp_path, "train.steps=2"), resume=True, log=lambda m: None)
 
 
 def test_a_section_override_merges_and_yaml_strings_read_as_numbers(tmp_path):

@@ -34,6 +34,8 @@ class Assets:
     def __init__(self, checkpoint: str | Path, tokenizers: str | Path | None = None, device: str = "cpu"):
         from ..train.checkpoint import load_model
 
+        if not Path(checkpoint).exists():  # load_model would report a missing model.safetensors in it
+            raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
         self.model, self.train_config, self.path, trained_with = load_model(checkpoint, device)
         data = self.train_config.get("data", {})
         folder = Path(tokenizers) if tokenizers else (Path(data["path"]) / "tokenizers" if data.get("source") == "shards" else None)
@@ -56,14 +58,21 @@ class Assets:
         seqs = [m for m in cfg.modalities if m.kind == "sequence"]
         if self.text is not None:
             self.sentinels = {m.name: self.text.sentinel_ids for m in seqs}
-        else:  # the synthetic source's convention: the last num_sentinels ids, [S_1] first
+        elif data.get("source") == "synthetic" or not seqs:
+            # the synthetic source's convention: the last num_sentinels ids, [S_1] first
             ns = int(data.get("num_sentinels", 100))
             self.sentinels = {m.name: [0] + list(range(m.vocab_size - ns, m.vocab_size)) for m in seqs}
+        else:  # its sentinels are the text tokenizer's: the synthetic ones would be other ids
+            where = folder / "text.json" if folder is not None else "text.json"
+            raise FileNotFoundError(f"{where} does not exist: checkpoint {self.path} was trained on {seqs[0].name} "
+                                    f"tokens of that text tokenizer, whose sentinel ids generation needs "
+                                    f"(pass --tokenizers DIR holding it)")
 
     def _check_trained_with(self, folder: Path, trained_with: dict) -> None:
         """The tokenizers in ``folder`` must be the files the model's tokens came from: a codebook
         or WordPiece vocabulary retrained since would decode (and encode conditions) into ids the
-        model never learnt, without a word."""
+        model never learnt, without a word. A missing VQ file only leaves images undecoded (shown as
+        token ids); a missing text.json raises in __init__ (its sentinel ids are needed)."""
         for m, rec in sorted(trained_with.items()):
             path = folder / str(rec.get("file"))
             if m not in self.model.modalities or not rec.get("sha256") or not path.exists():
@@ -184,9 +193,12 @@ def run_generation(assets: Assets, conditions: dict[str, str], targets: list[Tar
     state = gen.new_state(batch)
     for name, value in conditions.items():
         assets.condition(state, name, value)
+    try:  # before generating: an unwritable --out used to fail only after the whole run
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "tokens").mkdir(exist_ok=True)
+    except OSError as e:
+        raise OSError(f"--out {out}: cannot create the output folder ({e.strerror or e})") from None
     gen.generate(state, targets, seed=seed)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "tokens").mkdir(exist_ok=True)
     columns = list(conditions) + [t.name for t in targets if t.name not in conditions]
     pictures = {n: assets.picture(state, n) for n in columns}
     rows = [[(("given " if n in conditions else "") + n, pictures[n][b]) for n in columns] for b in range(batch)]
@@ -267,7 +279,7 @@ def run(args: argparse.Namespace) -> int:
         if both:
             raise ValueError(f"{both} are both conditions and targets: a target is generated, a condition given")
         res = run_generation(assets, conditions, targets, args.batch, args.seed, Path(args.out), log=log)
-    except (ValueError, KeyError, FileNotFoundError, CheckpointError) as e:
+    except (ValueError, KeyError, OSError, CheckpointError) as e:
         print(f"fourm-fast generate: error: {e}", file=sys.stderr)
         return 2
     log(f"generate: wrote {res['samples']} and {Path(args.out) / 'settings.json'}")

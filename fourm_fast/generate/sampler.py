@@ -171,6 +171,8 @@ class Generator:
                                  f"{'autoregressive' if kind == 'sequence' else 'maskgit or roar'}, not {spec.scheme}")
             if kind == "sequence" and spec.name not in self.sentinels:
                 raise ValueError(f"target {spec.name!r}: sentinel ids are needed to start and stop a sequence")
+            if kind == "sequence" and spec.name in state.known and bool(state.known[spec.name].any()):
+                raise ValueError(f"target {spec.name!r} already has tokens; sequence targets are generated from scratch")
             named = set().union(*(set(mods) for mods, _ in spec.guidance)) if spec.guidance else set(spec.cfg_conditions or ())
             if spec.name in named:
                 raise ValueError(f"target {spec.name!r}: a target cannot guide itself")
@@ -251,8 +253,6 @@ class Generator:
     def _autoregressive(self, state: GenerationState, spec: TargetSpec, seed: int) -> None:
         name = spec.name
         m = self.model.cfg.modality(name)
-        if bool(state.known[name].any()):
-            raise ValueError(f"target {name!r} already has tokens; sequence targets are generated from scratch")
         s1, s2 = self.sentinels[name][1], self.sentinels[name][2]
         # 4M's empty target holds [S_1] as input and max_length - 1 decoder positions
         limit = m.max_length - 1 if spec.max_length is None else min(spec.max_length, m.max_length - 1)

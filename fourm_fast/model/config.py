@@ -2,7 +2,17 @@
 what the model needs)."""
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, replace
+from numbers import Integral, Real
+
+
+def _check_int(where: str, value, lo: int) -> None:
+    # bool is an int subclass: True would pass as 1
+    if isinstance(value, bool) or not isinstance(value, Integral):
+        raise TypeError(f"{where} must be an int, got {value!r}")
+    if value < lo:
+        raise ValueError(f"{where} must be >= {lo}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -25,8 +35,16 @@ class ModalityConfig:
     def __post_init__(self):
         if self.kind not in ("image", "sequence"):
             raise ValueError(f"modality {self.name!r}: kind must be 'image' or 'sequence', got {self.kind!r}")
-        if self.vocab_size < 1:
-            raise ValueError(f"modality {self.name!r}: vocab_size must be >= 1")
+        where = f"modality {self.name!r}:"
+        _check_int(f"{where} vocab_size", self.vocab_size, 1)
+        if self.kind == "image":  # the fields the kind reads; the others keep their unused defaults
+            _check_int(f"{where} grid", self.grid, 1)
+        else:
+            _check_int(f"{where} max_length", self.max_length, 1)
+            _check_int(f"{where} max_sincos_pos_emb", self.max_sincos_pos_emb, 1)
+            _check_int(f"{where} padding_idx", self.padding_idx, 0)
+            if self.padding_idx >= self.vocab_size:
+                raise ValueError(f"{where} padding_idx {self.padding_idx} is outside the vocabulary of {self.vocab_size}")
         if self.kind == "sequence" and self.max_length > self.max_sincos_pos_emb:
             raise ValueError(f"modality {self.name!r}: max_length {self.max_length} exceeds max_sincos_pos_emb {self.max_sincos_pos_emb}")
 
@@ -62,6 +80,16 @@ class FourMConfig:
     domains_out: tuple[str, ...] = ()
 
     def __post_init__(self):
+        _check_int("dim", self.dim, 1)
+        _check_int("num_heads", self.num_heads, 1)
+        # depth 0 builds and runs (as in ml-4m, whose blocks are range(depth)): embeddings only
+        _check_int("encoder_depth", self.encoder_depth, 0)
+        _check_int("decoder_depth", self.decoder_depth, 0)
+        _check_int("num_register_tokens", self.num_register_tokens, 0)
+        if isinstance(self.mlp_ratio, bool) or not isinstance(self.mlp_ratio, Real):
+            raise TypeError(f"mlp_ratio must be a number, got {self.mlp_ratio!r}")
+        if not (math.isfinite(self.mlp_ratio) and self.mlp_hidden >= 1):
+            raise ValueError(f"mlp_ratio must be finite and give an MLP of at least 1 unit, got {self.mlp_ratio!r}")
         if self.dim % self.num_heads:
             raise ValueError(f"dim {self.dim} is not divisible by num_heads {self.num_heads}")
         if self.act not in ("silu", "gelu"):
@@ -69,6 +97,10 @@ class FourMConfig:
         names = [m.name for m in self.modalities]
         if len(set(names)) != len(names):
             raise ValueError(f"duplicate modality names: {names}")
+        # the fixed sin-cos position tables: 2D (images) splits dim in 4, 1D (sequences) in 2
+        for kind, k in (("image", 4), ("sequence", 2)):
+            if self.dim % k and any(m.kind == kind for m in self.modalities):
+                raise ValueError(f"dim {self.dim} must be divisible by {k} for the sin-cos positions of {kind} modalities")
         unknown = [d for d in (*self.domains_in, *self.domains_out) if d not in names]
         if unknown:
             raise ValueError(f"domains {unknown} are not among the modalities {names}")

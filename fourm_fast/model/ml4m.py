@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import math
 import pickle
+from numbers import Integral
 from pathlib import Path
 
 import torch
@@ -36,8 +37,13 @@ def _read_state_dict(path_or_state_dict) -> dict[str, Tensor]:
         if not path.exists():
             raise FileNotFoundError(f"ml-4m checkpoint {path} does not exist")
         if path.suffix == ".safetensors":
+            from safetensors import SafetensorError
             from safetensors.torch import load_file
-            sd = load_file(str(path))
+            try:
+                sd = load_file(str(path))
+            except (SafetensorError, OSError) as e:
+                raise ValueError(f"ml-4m checkpoint {path} cannot be read as a safetensors file: "
+                                 f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
         else:
             # ml-4m's training checkpoints ({"model", "epoch", "args", ...}) hold its argparse
             # Namespace: allowed, and still no arbitrary code
@@ -84,6 +90,9 @@ def config_from_ml4m(config: dict, sd: dict[str, Tensor]) -> FourMConfig:
     missing = [k for k in ("domains_in", "domains_out", "dim", "encoder_depth", "decoder_depth", "num_heads") if k not in config]
     if missing:
         raise ValueError(f"from_ml4m: config lacks {missing}")
+    for key in ("domains_in", "domains_out"):  # a bare string was read letter by letter
+        if not isinstance(config[key], (list, tuple)):
+            raise ValueError(f"from_ml4m: {key} must be a list of modality names, got {config[key]!r}")
     dim = int(config["dim"])
     kinds = dict(config.get("modality_kinds", {}))
     lengths = dict(config.get("max_lengths", {}))
@@ -183,9 +192,15 @@ def batch_from_ml4m(model, mod_dict: dict, num_encoder_tokens: int, num_decoder_
     then padding; decoder metadata from 4M's compressed decoder_attention_mask (cumsum rule)."""
     cfg: FourMConfig = model.cfg
     index = {n: i for i, n in enumerate(model.modalities)}
+    if not mod_dict:
+        raise ValueError("forward_ml4m: the batch holds no modalities")
     unknown = [n for n in mod_dict if n not in index]
     if unknown:
         raise ValueError(f"forward_ml4m: modalities {unknown} are not in the model ({model.modalities})")
+    for what, n in (("num_encoder_tokens", num_encoder_tokens), ("num_decoder_tokens", num_decoder_tokens)):
+        # a negative count sliced tokens off the end silently
+        if isinstance(n, bool) or not isinstance(n, Integral) or n < 0:
+            raise ValueError(f"forward_ml4m: {what} must be an int >= 0, got {n!r}")
     first = next(iter(mod_dict.values()))["tensor"]
     B, device = first.shape[0], first.device
     enc = {k: [] for k in ("ids", "mask", "mod", "pos")}
@@ -194,6 +209,9 @@ def batch_from_ml4m(model, mod_dict: dict, num_encoder_tokens: int, num_decoder_
         m = cfg.modality(name)
         if d["tensor"].shape[0] != B:
             raise ValueError(f"forward_ml4m: {name} holds a batch of {d['tensor'].shape[0]}, another modality {B}")
+        if d["tensor"].is_floating_point() or d["tensor"].is_complex() or d["tensor"].dtype == torch.bool:
+            # .long() truncated float ids silently
+            raise ValueError(f"forward_ml4m: {name} holds {d['tensor'].dtype} token ids; they must be integers")
         t = d["tensor"].reshape(B, -1).long()
         L = t.shape[1]
         # ml-4m's layouts: an image's grid, a sequence of at most 2 (max_length + 1) (its span-masked

@@ -84,7 +84,7 @@ def _run(args: argparse.Namespace) -> int:
         cfg = load_config(config, overrides)
         resume = "auto" if getattr(args, "auto_resume", False) else args.resume
         result = train(cfg, resume=resume, log=lambda m: print(m, file=sys.stderr, flush=True))
-    except (ConfigError, CheckpointError, ShardError, FileNotFoundError) as e:
+    except (ConfigError, CheckpointError, ShardError, OSError) as e:  # OSError: an unwritable --out, a full disk
         print(f"fourm-fast train: error: {e}", file=sys.stderr)
         return 2
     except TrainingDiverged as e:

@@ -45,7 +45,7 @@ DEFAULTS: dict[str, Any] = {
         "stop_after": None,    # stop (with a checkpoint) after this step; the schedule still spans steps
     },
     "log": {"every": 1, "tensorboard": True, "progress": True, "peak_tflops": None},
-    "checkpoint": {"every": 50, "keep": 3},
+    "checkpoint": {"every": 50, "keep": 3},  # keep: the newest k checkpoints; 0 keeps all
     "distributed": {"strategy": "ddp"},  # ddp | fsdp2 (used under torchrun)
     "out": "runs/tiny",
 }
@@ -77,8 +77,14 @@ def _parse_value(text: str):
     return value
 
 
+# Paths are taken as written, not parsed as YAML: YAML read "my run #2" as "my run" (a comment)
+# and 2024 as a number.
+_PATH_KEYS = ("out", "data.path")
+
+
 def apply_override(cfg: dict, item: str) -> dict:
-    """``train.lr=3e-4`` style: the value is parsed as YAML."""
+    """``train.lr=3e-4`` style: the value is parsed as YAML (paths, ``out`` and ``data.path``,
+    are taken as written)."""
     if "=" not in item:
         raise ConfigError(f"override {item!r} must look like key.sub=value")
     key, value = item.split("=", 1)
@@ -91,7 +97,7 @@ def apply_override(cfg: dict, item: str) -> dict:
     last = parts[-1]
     if not isinstance(node, dict) or (last not in node and not key.startswith("model.overrides.")):
         raise ConfigError(f"override {item!r}: unknown key {key!r}")
-    parsed = _parse_value(value)
+    parsed = value if key.strip() in _PATH_KEYS else _parse_value(value)
     # a top-level section (train=..., data=...): merged, keys checked. Settings whose value may be a
     # mapping (data.alphas_in, model.overrides) are replaced whole.
     if len(parts) == 1 and isinstance(DEFAULTS.get(last), dict):
@@ -111,7 +117,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         try:
             loaded = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+            mark = getattr(e, "problem_mark", None)  # one line: the problem and where
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise ConfigError(f"config file {path} is not valid YAML: {getattr(e, 'problem', None) or e}{where}") from None
+        except (OSError, UnicodeDecodeError) as e:  # a folder, an unreadable or a binary file
+            raise ConfigError(f"config file {path} cannot be read as text: {e}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {path} must hold a mapping at the top level")
         cfg = _merge(cfg, loaded, "")
@@ -213,6 +223,25 @@ def validate(cfg: dict) -> None:
                               f"(data.source: synthetic); set data.source=shards to train on shards")
     if not cfg["modalities"]:
         raise ConfigError("modalities: at least one modality is needed")
+    mods = cfg["modalities"]
+    if mods != "auto" and (not isinstance(mods, list) or not all(isinstance(m, dict) for m in mods)):
+        raise ConfigError(f"modalities must be 'auto' or a list of mappings such as {{name: rgb, kind: image, "
+                          f"vocab_size: 1024, grid: 14}}, got {mods!r}")
+    for k in ("tensorboard", "progress"):
+        if not isinstance(cfg["log"][k], bool):
+            raise ConfigError(f"log.{k} must be true or false, got {cfg['log'][k]!r}")
+    d = cfg["data"]
+    for k, lo in (("num_sentinels", 0), ("max_text_tokens", 1)):  # token counts may be ranges: the sampler checks them
+        if isinstance(d[k], bool) or not isinstance(d[k], int) or d[k] < lo:
+            raise ConfigError(f"data.{k} must be an int >= {lo}, got {d[k]!r}")
+    if d["weights"] is not None and (not isinstance(d["weights"], list) or isinstance(d["weights"], str)):
+        raise ConfigError(f"data.weights must be a list of mixture weights or null, got {d['weights']!r}")
+    if not isinstance(cfg["out"], str) or not cfg["out"]:
+        raise ConfigError(f"out must be a folder path, got {cfg['out']!r} (quote it in YAML)")
+    if Path(cfg["out"]).exists() and not Path(cfg["out"]).is_dir():
+        raise ConfigError(f"out {cfg['out']} exists and is not a folder")
+    if d["path"] is not None and not isinstance(d["path"], str):
+        raise ConfigError(f"data.path must be a folder path or null, got {d['path']!r} (quote it in YAML)")
 
 
 def _validate_model(m: dict) -> None:

@@ -229,6 +229,7 @@ def train(cfg: dict, resume: bool | str = False, log=print) -> dict:
     model_cfg_dict = model_cfg.to_dict()
 
     start = 0
+    auto = resume == "auto"
     if writer:  # what killed writers left: half-written folders go, a moved-aside checkpoint comes back
         recover_leftovers(ckpt_root)
     if d.active:
@@ -273,8 +274,15 @@ def train(cfg: dict, resume: bool | str = False, log=print) -> dict:
             torch.cuda.set_rng_state(state["rng"]["cuda"])
         if writer:
             log(f"resumed from {path} at step {start}")
+    if auto and start == total:  # a restarted or requeued job whose run had finished: nothing to do
+        if writer:
+            log(f"--auto-resume: the checkpoint is at step {start}, the run's last: it is complete, nothing to train")
+        del model
+        d.close()
+        return {"steps": start, "out": str(out), "last": {}, "stopped_by": None, "rank": d.rank}
     if start >= total:
-        raise CheckpointError(f"--resume: the checkpoint is at step {start}, the run has {total} steps; raise --steps")
+        raise CheckpointError(f"{'--auto-resume' if auto else '--resume'}: the checkpoint is at step {start}, "
+                              f"the run has {total} steps; raise --steps")
     # Training runs to stop_after (checkpointed there), else to the end. A restart past stop_after
     # (an unchanged --stop-after under --auto-resume) trains nothing: it used to add a step per restart.
     end = total if tc["stop_after"] is None else min(total, max(tc["stop_after"], start))
