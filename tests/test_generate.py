@@ -610,6 +610,14 @@ def test_a_sequence_target_with_tokens_raises_before_the_chain_changes_the_state
     assert all(torch.equal(st.tokens[n], t) and torch.equal(st.known[n], k) for n, (t, k) in before.items())
 
 
+def test_new_state_wants_a_whole_batch_size(model):
+    g = Generator(model, SENTINELS)
+    for bad in (2.5, 0, True, "2"):  # 2.5 was accepted
+        with pytest.raises(ValueError, match="batch_size must be an int >= 1"):
+            g.new_state(bad)
+    assert g.new_state(np.int64(2)).B == 2
+
+
 def test_onex_schedules_with_numbers_4m_cannot_use_raise_in_the_spec():
     for kind in ("onex:0.5:0.5", "onex:0:1", "onex:0.01:2", "onex:1:0.25"):  # 4M-style settings pass
         TargetSpec("depth", temp_schedule=kind)

@@ -84,7 +84,18 @@ def test_generate_with_a_token_grid_condition(run_dir, tmp_path):
 ] + ([(["--target", "rgb", "--device", "cuda"], "no CUDA device is available")] if not torch.cuda.is_available() else []))
 def test_generate_bad_requests(run_dir, tmp_path, capsys, extra, message):
     assert main(["generate", "--checkpoint", str(run_dir), "--out", str(tmp_path / "x"), *extra]) == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err and err.startswith("fourm-fast generate: error: ") and '"' not in err.split(": ")[2][:1]
+
+
+def test_a_reused_out_folder_holds_only_this_runs_tokens(run_dir, tmp_path):
+    # tokens/rgb.npy of an earlier run stayed beside a settings.json that names depth alone
+    run = lambda target: main(["generate", "--checkpoint", str(run_dir), "--target", target, "--steps", "1",  # noqa: E731
+                               "--batch", "1", "--out", str(tmp_path / "o")])
+    assert run("rgb") == 0 and (tmp_path / "o" / "tokens" / "rgb.npy").exists()
+    (tmp_path / "o" / "tokens" / "notes.txt").write_text("mine")  # not a token file: left alone
+    assert run("depth") == 0
+    assert sorted(p.name for p in (tmp_path / "o" / "tokens").iterdir()) == ["depth.npy", "notes.txt"]
 
 
 def test_explicit_defaults_write_the_same_settings(run_dir, tmp_path):

@@ -331,6 +331,14 @@ def test_bad_inputs_raise_clear_errors():
         sample_tokens(x, temperature=bad_rows)
 
 
+def test_a_guidance_scale_without_unconditional_logits_raises():
+    x = torch.randn(3, 20)
+    for scale in (3.0, 0, torch.full((3,), 2.0), torch.tensor(1.0)):  # a scale was ignored without a word
+        with pytest.raises(ValueError, match="cfg_scale .* uncond_logits, which were not given"):
+            sample_tokens(x, cfg_scale=scale)
+    assert torch.equal(sample_tokens(x, cfg_scale=1.0, seed=2)[0], sample_tokens(x, seed=2)[0])
+
+
 def test_backward_through_probs_raises():
     logits = torch.randn(4, 50, requires_grad=True)
     tokens, probs = sample_tokens(logits, seed=1)

@@ -187,7 +187,8 @@ def build_targets(model, args) -> list[TargetSpec]:
 
 def run_generation(assets: Assets, conditions: dict[str, str], targets: list[TargetSpec], batch: int, seed: int,
                    out: Path, log=None) -> dict:
-    """Generate and write samples.png, text.json, tokens/*.npy and settings.json into out."""
+    """Generate and write samples.png, text.json, tokens/*.npy and settings.json into out
+    (tokens/ then holds this run's targets only)."""
     model = assets.model
     gen = Generator(model, assets.sentinels, log=log)
     state = gen.new_state(batch)
@@ -207,6 +208,9 @@ def run_generation(assets: Assets, conditions: dict[str, str], targets: list[Tar
     (out / "text.json").write_text(json.dumps(texts, indent=1, sort_keys=True))
     for t in targets:
         np.save(out / "tokens" / f"{t.name}.npy", state.tokens[t.name].cpu().numpy())
+    for old in (out / "tokens").glob("*.npy"):  # an earlier run's targets would pass for this run's
+        if old.stem not in {t.name for t in targets}:
+            old.unlink()
     settings = {"checkpoint": str(assets.path), "conditions": conditions, "targets": [asdict(t) for t in targets],
                 "batch": batch, "seed": seed}
     (out / "settings.json").write_text(json.dumps(settings, indent=1, sort_keys=True))
@@ -280,7 +284,8 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"{both} are both conditions and targets: a target is generated, a condition given")
         res = run_generation(assets, conditions, targets, args.batch, args.seed, Path(args.out), log=log)
     except (ValueError, KeyError, OSError, CheckpointError) as e:
-        print(f"fourm-fast generate: error: {e}", file=sys.stderr)
+        text = e.args[0] if isinstance(e, KeyError) and e.args else e  # str(KeyError) adds quotes
+        print(f"fourm-fast generate: error: {text}", file=sys.stderr)
         return 2
     log(f"generate: wrote {res['samples']} and {Path(args.out) / 'settings.json'}")
     return 0

@@ -8,6 +8,7 @@ The encoder sees every known token; a sequence with nothing known is shown as it
 from __future__ import annotations
 
 import itertools
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,8 +40,9 @@ class GenerationState:
     """Tokens and known masks per modality for a batch of B samples on one device."""
 
     def __init__(self, model, batch_size: int, device: torch.device | str = "cpu"):
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")  # 2.5 was taken
+        batch_size = int(batch_size)
         self.cfg = model.cfg
         self.index = {n: i for i, n in enumerate(model.modalities)}
         self.B = batch_size

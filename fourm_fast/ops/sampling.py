@@ -50,7 +50,8 @@ def sample_tokens(
         top_p: in (0, 1]; 1 is off. Keeps the highest tokens until their mass reaches p.
         min_p: in [0, 1]; keeps tokens with ``p >= min_p * p_max``; 0 is off.
         uncond_logits: ``(R, V)`` like logits; enables guidance ``u + cfg_scale (c - u)``.
-        cfg_scale: guidance scale (1 = the conditional logits).
+        cfg_scale: guidance scale (1 = the conditional logits); another value, or a tensor, without
+            uncond_logits raises (it was ignored).
         seed, offset: Philox key and stream offset (ints, or 0-d int tensors for CUDA graphs;
             one per call, never per row).
 
@@ -70,6 +71,10 @@ def sample_tokens(
     if not isinstance(logits, Tensor) or logits.dim() != 2:
         raise ValueError(f"sample_tokens: logits must be a 2-D (R, V) tensor, got {getattr(logits, 'shape', type(logits))}")
     R, dev = logits.shape[0], logits.device
+    numeric = isinstance(cfg_scale, (int, float)) and not isinstance(cfg_scale, bool)
+    if uncond_logits is None and (isinstance(cfg_scale, Tensor) or (numeric and cfg_scale != 1.0)):
+        raise ValueError(f"sample_tokens: cfg_scale {cfg_scale if not isinstance(cfg_scale, Tensor) else '(a tensor)'} "
+                         "guides towards logits and away from uncond_logits, which were not given")
     if isinstance(top_k, float) and 0.0 < top_k < 1.0:
         # 4M's fraction rule in Python's double precision: 0.01 * 1000 is 10 here, while the same
         # fraction rounded to the op's float32 parameters would give 9. At least 1: a fraction of a
