@@ -619,11 +619,11 @@ def test_new_state_wants_a_whole_batch_size(model):
 
 
 def test_onex_schedules_with_numbers_4m_cannot_use_raise_in_the_spec():
-    for kind in ("onex:0.5:0.5", "onex:0:1", "onex:0.01:2", "onex:1:0.25"):  # 4M-style settings pass
+    for kind in ("onex:0.5:0.5", "onex:0:1", "onex:0.01:2", "onex:1:0.25", "onex:0.5:-1"):  # settings 4M computes pass
         TargetSpec("depth", temp_schedule=kind)
     # these passed the spec and gave NaN or inf temperatures to sample_tokens in the middle of a chain
-    for kind in ("onex:-1:nan", "onex:nan:0.5", "onex:inf:0.5", "onex:-0.5:0.5", "onex:0.5:0", "onex:0.5:-1", "onex:0.5:inf"):
-        with pytest.raises(ValueError, match="MIN_T must be finite and >= 0 and POWER finite and > 0"):
+    for kind in ("onex:-1:nan", "onex:nan:0.5", "onex:inf:0.5", "onex:-0.5:0.5", "onex:0.5:0", "onex:0.5:inf"):
+        with pytest.raises(ValueError, match="MIN_T must be finite and >= 0 and POWER finite and not 0"):
             TargetSpec("depth", temp_schedule=kind)
 
 

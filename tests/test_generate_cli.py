@@ -85,17 +85,18 @@ def test_generate_with_a_token_grid_condition(run_dir, tmp_path):
 def test_generate_bad_requests(run_dir, tmp_path, capsys, extra, message):
     assert main(["generate", "--checkpoint", str(run_dir), "--out", str(tmp_path / "x"), *extra]) == 2
     err = capsys.readouterr().err
-    assert message in err and err.startswith("fourm-fast generate: error: ") and '"' not in err.split(": ")[2][:1]
+    assert message in err and err.startswith("fourm-fast generate: error: ") and err.split(": ", 2)[2][:1] not in "'\""
 
 
-def test_a_reused_out_folder_holds_only_this_runs_tokens(run_dir, tmp_path):
-    # tokens/rgb.npy of an earlier run stayed beside a settings.json that names depth alone
-    run = lambda target: main(["generate", "--checkpoint", str(run_dir), "--target", target, "--steps", "1",  # noqa: E731
-                               "--batch", "1", "--out", str(tmp_path / "o")])
-    assert run("rgb") == 0 and (tmp_path / "o" / "tokens" / "rgb.npy").exists()
-    (tmp_path / "o" / "tokens" / "notes.txt").write_text("mine")  # not a token file: left alone
-    assert run("depth") == 0
-    assert sorted(p.name for p in (tmp_path / "o" / "tokens").iterdir()) == ["depth.npy", "notes.txt"]
+def test_a_reused_out_folder_keeps_a_condition_taken_from_it(run_dir, tmp_path):
+    # chaining runs through one --out: the first run's tokens are the second's condition
+    run = lambda *extra: main(["generate", "--checkpoint", str(run_dir), "--steps", "1", "--batch", "1",  # noqa: E731
+                               "--out", str(tmp_path / "o"), *extra])
+    assert run("--target", "rgb") == 0
+    rgb = (tmp_path / "o" / "tokens" / "rgb.npy").read_bytes()
+    assert run("--cond", f"rgb={tmp_path / 'o' / 'tokens' / 'rgb.npy'}", "--target", "depth") == 0
+    assert (tmp_path / "o" / "tokens" / "rgb.npy").read_bytes() == rgb
+    assert (tmp_path / "o" / "tokens" / "depth.npy").exists()
 
 
 def test_explicit_defaults_write_the_same_settings(run_dir, tmp_path):
@@ -163,6 +164,9 @@ def test_a_shards_run_without_its_text_tokenizer_raises(shards_run, tmp_path, ca
     # used to fall back on the synthetic source's sentinel ids, which this model never saw
     assert main([*args, "--tokenizers", str(no_text), "--out", str(tmp_path / "bad")]) == 2
     assert f"{no_text / 'text.json'} does not exist: checkpoint" in capsys.readouterr().err
+    # images need no sentinel: they still generate without text.json
+    images = ["generate", "--checkpoint", str(shards_run / "run"), "--target", "depth", "--steps", "1", "--batch", "1"]
+    assert main([*images, "--tokenizers", str(no_text), "--out", str(tmp_path / "img")]) == 0, capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")

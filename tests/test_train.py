@@ -201,6 +201,8 @@ def test_paths_are_taken_as_written(tmp_path):
     # YAML read "run #2" as "run" (a comment) and 2024 as a number (a TypeError in train)
     assert load_config(None, [f"out={tmp_path}/run #2"])["out"] == f"{tmp_path}/run #2"
     assert load_config(None, ["out=2024"])["out"] == "2024"
+    assert load_config(None, ["out='runs/my run'"])["out"] == "runs/my run"  # quotes around it dropped
+    assert load_config(None, ["data.path=/x", "data.path=null"])["data"]["path"] is None  # null: no path
     assert load_config(None, ["data.source=shards", "data.path=/data/shards 2"])["data"]["path"] == "/data/shards 2"
     (tmp_path / "a.yaml").write_text("out: 2024\n")
     with pytest.raises(ConfigError, match="out must be a folder path, got 2024 \\(quote it in YAML\\)"):

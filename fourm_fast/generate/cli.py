@@ -29,7 +29,9 @@ from .state import GenerationState
 
 
 class Assets:
-    """A checkpoint's model with the tokenizers its data used (when they exist)."""
+    """A checkpoint's model with the tokenizers its data used (when they exist). A model trained
+    on a text tokenizer's tokens needs that tokenizer's sentinel ids to generate a sequence: without
+    text.json, ``sentinels`` is empty and ``missing_text`` says why (images still generate)."""
 
     def __init__(self, checkpoint: str | Path, tokenizers: str | Path | None = None, device: str = "cpu"):
         from ..train.checkpoint import load_model
@@ -56,6 +58,7 @@ class Assets:
             self._check_trained_with(folder, trained_with)
         cfg = self.model.cfg
         seqs = [m for m in cfg.modalities if m.kind == "sequence"]
+        self.missing_text = None
         if self.text is not None:
             self.sentinels = {m.name: self.text.sentinel_ids for m in seqs}
         elif data.get("source") == "synthetic" or not seqs:
@@ -64,15 +67,16 @@ class Assets:
             self.sentinels = {m.name: [0] + list(range(m.vocab_size - ns, m.vocab_size)) for m in seqs}
         else:  # its sentinels are the text tokenizer's: the synthetic ones would be other ids
             where = folder / "text.json" if folder is not None else "text.json"
-            raise FileNotFoundError(f"{where} does not exist: checkpoint {self.path} was trained on {seqs[0].name} "
-                                    f"tokens of that text tokenizer, whose sentinel ids generation needs "
-                                    f"(pass --tokenizers DIR holding it)")
+            self.sentinels = {}
+            self.missing_text = (f"{where} does not exist: checkpoint {self.path} was trained on {seqs[0].name} "
+                                 f"tokens of that text tokenizer, whose sentinel ids generating a sequence needs "
+                                 f"(pass --tokenizers DIR holding it)")
 
     def _check_trained_with(self, folder: Path, trained_with: dict) -> None:
         """The tokenizers in ``folder`` must be the files the model's tokens came from: a codebook
         or WordPiece vocabulary retrained since would decode (and encode conditions) into ids the
         model never learnt, without a word. A missing VQ file only leaves images undecoded (shown as
-        token ids); a missing text.json raises in __init__ (its sentinel ids are needed)."""
+        token ids); without text.json no sequence can be generated (see missing_text)."""
         for m, rec in sorted(trained_with.items()):
             path = folder / str(rec.get("file"))
             if m not in self.model.modalities or not rec.get("sha256") or not path.exists():
@@ -187,9 +191,12 @@ def build_targets(model, args) -> list[TargetSpec]:
 
 def run_generation(assets: Assets, conditions: dict[str, str], targets: list[TargetSpec], batch: int, seed: int,
                    out: Path, log=None) -> dict:
-    """Generate and write samples.png, text.json, tokens/*.npy and settings.json into out
-    (tokens/ then holds this run's targets only)."""
+    """Generate and write samples.png, text.json, tokens/<target>.npy and settings.json into out
+    (other files there are left as they are: settings.json names this run's targets)."""
     model = assets.model
+    seq_targets = [t.name for t in targets if model.cfg.modality(t.name).kind == "sequence"]
+    if assets.missing_text and seq_targets:
+        raise FileNotFoundError(assets.missing_text)
     gen = Generator(model, assets.sentinels, log=log)
     state = gen.new_state(batch)
     for name, value in conditions.items():
@@ -208,9 +215,6 @@ def run_generation(assets: Assets, conditions: dict[str, str], targets: list[Tar
     (out / "text.json").write_text(json.dumps(texts, indent=1, sort_keys=True))
     for t in targets:
         np.save(out / "tokens" / f"{t.name}.npy", state.tokens[t.name].cpu().numpy())
-    for old in (out / "tokens").glob("*.npy"):  # an earlier run's targets would pass for this run's
-        if old.stem not in {t.name for t in targets}:
-            old.unlink()
     settings = {"checkpoint": str(assets.path), "conditions": conditions, "targets": [asdict(t) for t in targets],
                 "batch": batch, "seed": seed}
     (out / "settings.json").write_text(json.dumps(settings, indent=1, sort_keys=True))

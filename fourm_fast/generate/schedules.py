@@ -101,9 +101,10 @@ def _onex_params(kind: str) -> tuple[float, float]:
         min_t, power = (float(p) for p in parts[1:])
     except ValueError:
         raise ValueError(f"temperature schedule {kind!r}: write onex:MIN_T:POWER, e.g. onex:0.5:0.5") from None
-    # a NaN, inf or negative MIN_T gives no temperature; POWER <= 0 is no 1/x^POWER decay (0 divides 0 by 0)
-    if not (math.isfinite(min_t) and min_t >= 0 and math.isfinite(power) and power > 0):
-        raise ValueError(f"temperature schedule {kind!r}: MIN_T must be finite and >= 0 and POWER finite and > 0, "
+    # a NaN, inf or negative MIN_T is no temperature; POWER 0 makes the curve flat, and 4M's
+    # normalisation then divides 0 by 0 (a negative POWER is a rising curve 4M also computes)
+    if not (math.isfinite(min_t) and min_t >= 0 and math.isfinite(power) and power != 0):
+        raise ValueError(f"temperature schedule {kind!r}: MIN_T must be finite and >= 0 and POWER finite and not 0, "
                          f"e.g. onex:0.5:0.5")
     return min_t, power
 

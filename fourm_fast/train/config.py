@@ -82,6 +82,15 @@ def _parse_value(text: str):
 _PATH_KEYS = ("out", "data.path")
 
 
+def _parse_path(text: str) -> str | None:
+    """A path as written; quotes around all of it are dropped, and null (or ~) is no path."""
+    if text.strip() in ("null", "~"):
+        return None
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+        return text[1:-1]
+    return text
+
+
 def apply_override(cfg: dict, item: str) -> dict:
     """``train.lr=3e-4`` style: the value is parsed as YAML (paths, ``out`` and ``data.path``,
     are taken as written)."""
@@ -97,7 +106,7 @@ def apply_override(cfg: dict, item: str) -> dict:
     last = parts[-1]
     if not isinstance(node, dict) or (last not in node and not key.startswith("model.overrides.")):
         raise ConfigError(f"override {item!r}: unknown key {key!r}")
-    parsed = value if key.strip() in _PATH_KEYS else _parse_value(value)
+    parsed = _parse_path(value) if key.strip() in _PATH_KEYS else _parse_value(value)
     # a top-level section (train=..., data=...): merged, keys checked. Settings whose value may be a
     # mapping (data.alphas_in, model.overrides) are replaced whole.
     if len(parts) == 1 and isinstance(DEFAULTS.get(last), dict):
