@@ -16,15 +16,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from bench.bench_attention import decoder_layout  # noqa: E402
+from bench.utils import positive_int  # noqa: E402
 from fourm_fast.ops import masked_attention  # noqa: E402
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pattern", default="encoder", choices=["unmasked", "encoder", "decoder"])
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--tokens", type=int, default=256)
-    ap.add_argument("--calls", type=int, default=2)
+    ap.add_argument("--batch", type=positive_int, default=64)
+    ap.add_argument("--tokens", type=positive_int, default=256)
+    ap.add_argument("--calls", type=positive_int, default=2)
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         ap.error("needs a GPU")

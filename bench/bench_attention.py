@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from bench.utils import append_results, environment, peak_memory_mib, set_threads, time_cpu_interleaved, time_fn, timing_dict  # noqa: E402
+from bench.utils import append_results, environment, peak_memory_mib, positive_int, set_threads, time_cpu_interleaved, time_fn, timing_dict  # noqa: E402
 from fourm_fast.ops import masked_attention  # noqa: E402
 from fourm_fast.reference.attention import attention_4m_dense, visible_mask  # noqa: E402
 
@@ -57,11 +57,12 @@ def sdpa_flash(q, k, v, scale):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--dtype", default=None, help="default float32 on CPU, bfloat16 on CUDA")
-    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                    help="default float32 on CPU, bfloat16 on CUDA")
+    ap.add_argument("--batch", type=positive_int, default=8)
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--repeats", type=int, default=None)
-    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--repeats", type=positive_int, default=None)
+    ap.add_argument("--threads", type=positive_int, default=None)
     ap.add_argument("--no-save", action="store_true")
     args = ap.parse_args(argv)
     set_threads(args.threads)
@@ -146,6 +147,10 @@ def main(argv=None) -> int:
                     # device time (kernels queued behind a spin, so launch overhead is out) and, apart,
                     # the time with launches in it, as a caller without graphs sees it
                     times = {name: time_fn(run, device, repeats=repeats, warmup=2, backlog=True) for name, run in runs.items()}
+                if "fourm_fast" in failed:  # the op under test: its error, not a KeyError, ends the run
+                    exc = failed["fourm_fast"]
+                    raise SystemExit(f"bench_attention: fourm_fast failed on {pattern} N={N} {pas}: "
+                                     f"{type(exc).__name__}: {exc}")
                 ours = times["fourm_fast"].median_ms
                 for name in methods:
                     if name in failed:

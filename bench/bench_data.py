@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from bench.utils import append_results, environment, set_threads, time_cpu, timing_dict  # noqa: E402
+from bench.utils import append_results, environment, fraction, positive_int, positive_int_list, set_threads, time_cpu, timing_dict  # noqa: E402
 from fourm_fast.data import build_loader, read_manifest, write_synthetic  # noqa: E402
 from fourm_fast.data.validate import IMAGE_SPECS, scan_images  # noqa: E402
 
@@ -49,28 +49,26 @@ def consume(loader, device: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", default="64,224", help="image sides of the synthetic shards")
-    ap.add_argument("--n", type=int, default=256, help="samples per shard folder (one epoch)")
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--workers", type=int, default=2, help="DALI threads = DataLoader worker processes")
-    ap.add_argument("--crop", type=float, default=0.875, help="crop side as a fraction of the image side")
-    ap.add_argument("--flip", type=float, default=0.5, help="flip probability")
-    ap.add_argument("--repeats", type=int, default=3, help="timed epochs per method")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads in this process")
+    ap.add_argument("--sizes", type=positive_int_list, default=[64, 224], help="image sides of the synthetic shards, e.g. 64,224")
+    ap.add_argument("--n", type=positive_int, default=256, help="samples per shard folder (one epoch)")
+    ap.add_argument("--batch", type=positive_int, default=32)
+    ap.add_argument("--workers", type=positive_int, default=2, help="DALI threads = DataLoader worker processes")
+    ap.add_argument("--crop", type=fraction(low_open=True), default=0.875, help="crop side as a fraction of the image side")
+    ap.add_argument("--flip", type=fraction(low_open=False), default=0.5, help="flip probability")
+    ap.add_argument("--repeats", type=positive_int, default=3, help="timed epochs per method")
+    ap.add_argument("--threads", type=positive_int, default=None, help="torch threads in this process")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--data", default=None, help="keep the shards here (default: a temporary folder)")
     ap.add_argument("--no-save", action="store_true")
     args = ap.parse_args(argv)
     if args.n < args.batch:
         ap.error(f"--n {args.n} < --batch {args.batch}: an epoch would hold no batch")
-    if not 0 < args.crop <= 1:
-        ap.error("--crop is a fraction in (0, 1]")
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no GPU is visible")
 
     set_threads(args.threads)
     env = environment(args.device)
-    sizes = [int(s) for s in args.sizes.split(",")]
+    sizes = args.sizes
     device_id = 0 if args.device == "cuda" else None
     print(f"# shard loading on {env['device_name']}, {args.workers} DALI threads vs {args.workers} DataLoader "
           f"workers, batch {args.batch}, {args.n} samples/epoch, sha {env['git_sha']}")

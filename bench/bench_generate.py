@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from bench.flops import count_flops  # noqa: E402
-from bench.utils import append_results, environment, set_threads, time_cpu_interleaved, time_fn, timing_dict  # noqa: E402
+from bench.utils import append_results, environment, positive_int, set_threads, time_cpu_interleaved, time_fn, timing_dict  # noqa: E402
 from fourm_fast.generate import Generator, TargetSpec, build_chained_schedule  # noqa: E402
 from fourm_fast.model import FourM, ModalityConfig, preset  # noqa: E402
 from fourm_fast.reference.generate import empty_target, generate_4m, image_input, sequence_input  # noqa: E402
@@ -88,9 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                     help="the model's weights for every method (bfloat16: both run bf16 GEMMs, AMX on CPUs with it)")
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--batch", type=positive_int, default=4)
+    ap.add_argument("--repeats", type=positive_int, default=3)
+    ap.add_argument("--threads", type=positive_int, default=None)
     ap.add_argument("--quick", action="store_true", help="two cases, batch 2, one repeat")
     ap.add_argument("--cases", nargs="+", default=None, metavar="SUBSTR",
                     help="only the cases whose name contains one of these (e.g. ar32 chain)")

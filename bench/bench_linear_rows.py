@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from bench.utils import append_results, environment, set_threads  # noqa: E402
+from bench.utils import append_results, environment, positive_int, set_threads  # noqa: E402
 from fourm_fast.nn.few_rows import (FEW_ROWS_MAX, FEW_ROWS_MAX_HALF, FEW_ROWS_MIN, HALF_ROWS_MAX_K,  # noqa: E402
                                     HALF_ROWS_MIN_BYTES, ROWS_LINEAR_MIN_BYTES)
 from fourm_fast.ops import rows_linear  # noqa: E402
@@ -87,9 +87,9 @@ def median_cold_ms(fn, x, pool: ColdPool, calls: int) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--calls", type=int, default=40, help="timed calls per method and cell")
-    ap.add_argument("--pool-mib", type=int, default=1024,
+    ap.add_argument("--threads", type=positive_int, default=None)
+    ap.add_argument("--calls", type=positive_int, default=40, help="timed calls per method and cell")
+    ap.add_argument("--pool-mib", type=positive_int, default=1024,
                     help="weight copies per shape fill this much memory (more than the last-level cache)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--rows", type=int, nargs="+", default=ROWS)

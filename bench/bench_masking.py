@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from bench.utils import append_results, environment, set_threads, time_fn, timing_dict  # noqa: E402
+from bench.utils import append_results, environment, positive_int, positive_int_list, set_threads, time_fn, timing_dict  # noqa: E402
 from fourm_fast.masking import FOURM7_ALPHAS_IN, FOURM7_ALPHAS_TG, fourm7_sampler, fourm7_specs, to_ml4m_batch  # noqa: E402
 from fourm_fast.ops.masking import token_layout  # noqa: E402
 from fourm_fast.reference.masking import mask_sample_4m  # noqa: E402
@@ -59,10 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--quick", action="store_true", help="batch 256 at 128/128 only")
-    ap.add_argument("--batches", default="256,4096")
-    ap.add_argument("--tokens", default="128,256")
-    ap.add_argument("--repeats", type=int, default=None)
-    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--batches", type=positive_int_list, default=[256, 4096])
+    ap.add_argument("--tokens", type=positive_int_list, default=[128, 256])
+    ap.add_argument("--repeats", type=positive_int, default=None)
+    ap.add_argument("--threads", type=positive_int, default=None)
     ap.add_argument("--no-reference", action="store_true")
     ap.add_argument("--reference-max-seconds", type=float, default=30.0, help="stop repeating the slow baseline after this")
     ap.add_argument("--no-save", action="store_true")
@@ -72,8 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     device = args.device
     if device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no GPU is visible")
-    batches = [256] if args.quick else [int(x) for x in args.batches.split(",")]
-    token_counts = [128] if args.quick else [int(x) for x in args.tokens.split(",")]
+    batches = [256] if args.quick else args.batches
+    token_counts = [128] if args.quick else args.tokens
     if device == "cuda" and not args.quick:
         batches = sorted(set(batches + [8192]))
     repeats = args.repeats or (20 if device == "cuda" else 5)

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from bench.utils import append_results, environment, set_threads, time_fn, timing_dict  # noqa: E402
+from bench.utils import append_results, environment, positive_int, set_threads, time_fn, timing_dict  # noqa: E402
 from fourm_fast.ops import sample_tokens  # noqa: E402
 from fourm_fast.reference.sampling import sample_tokens_4m  # noqa: E402
 
@@ -43,8 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="two small shapes, fp32, no CFG variant")
     ap.add_argument("--top-p", type=float, default=0.9)
     ap.add_argument("--temperature", type=float, default=1.0)
-    ap.add_argument("--repeats", type=int, default=None)
-    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--repeats", type=positive_int, default=None)
+    ap.add_argument("--threads", type=positive_int, default=None)
     ap.add_argument("--compile", action="store_true", help="also time torch.compile of 4M's path")
     ap.add_argument("--reference-max-seconds", type=float, default=60.0, help="stop repeating a slow baseline after this")
     ap.add_argument("--no-save", action="store_true")

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from bench.utils import append_results, environment, set_threads, time_cpu_interleaved, time_fn, timing_dict  # noqa: E402
+from bench.utils import append_results, environment, positive_int, set_threads, time_cpu_interleaved, time_fn, timing_dict  # noqa: E402
 from fourm_fast.masking import to_ml4m_batch  # noqa: E402
 from fourm_fast.model import FourM, ModalityConfig, preset  # noqa: E402
 from fourm_fast.reference.fourm import forward_4m_eager  # noqa: E402
@@ -51,10 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--preset", default="tiny")
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--tokens", type=int, default=128, help="input = target tokens per sample")
-    ap.add_argument("--repeats", type=int, default=None)
-    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--batch", type=positive_int, default=8)
+    ap.add_argument("--tokens", type=positive_int, default=128, help="input = target tokens per sample")
+    ap.add_argument("--repeats", type=positive_int, default=None)
+    ap.add_argument("--threads", type=positive_int, default=None)
     ap.add_argument("--quick", action="store_true", help="a reduced model (dim 192, 2 + 2 blocks) for a smoke run")
     ap.add_argument("--no-save", action="store_true")
     ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],

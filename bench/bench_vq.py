@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from bench.utils import append_results, environment, peak_memory_mib, set_threads, time_fn, timing_dict  # noqa: E402
+from bench.utils import append_results, environment, peak_memory_mib, positive_int, set_threads, time_fn, timing_dict  # noqa: E402
 from fourm_fast.ops import vq_lookup  # noqa: E402
 from fourm_fast.reference.vq import vq_lookup_4m, vq_lookup_cdist  # noqa: E402
 
@@ -54,8 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rows", type=lambda s: tuple(int(v) for v in s.split(",")), default=None, help="e.g. 16384,65536")
     ap.add_argument("--shapes", type=_parse_shapes, default=None, help="KxD list, e.g. 1024x32,16384x256")
     ap.add_argument("--quick", action="store_true", help="N=16384, K x D in {1024x32, 8192x32}")
-    ap.add_argument("--repeats", type=int, default=None, help="timed runs per method (default 5 CPU, 20 CUDA)")
-    ap.add_argument("--threads", type=int, default=None, help="CPU threads for every method")
+    ap.add_argument("--repeats", type=positive_int, default=None, help="timed runs per method (default 5 CPU, 20 CUDA)")
+    ap.add_argument("--threads", type=positive_int, default=None, help="CPU threads for every method")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile of 4M's expansion")
     ap.add_argument("--max-baseline-gib", type=float, default=8.0, help="skip baselines whose N x K temporaries exceed this")
     ap.add_argument("--no-save", action="store_true", help="do not append to bench/results/vq.jsonl")

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from bench.utils import append_results, environment  # noqa: E402
+from bench.utils import append_results, environment, positive_int  # noqa: E402
 from fourm_fast.train.config import load_config  # noqa: E402
 from fourm_fast.train.trainer import train  # noqa: E402
 
@@ -40,8 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--preset", default="tiny")
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--batch", type=positive_int, default=8)
+    ap.add_argument("--steps", type=positive_int, default=20)
     ap.add_argument("--quick", action="store_true", help="a 2-block dim-64 model, 6 steps")
     ap.add_argument("--no-save", action="store_true")
     args = ap.parse_args(argv)

@@ -8,6 +8,7 @@ lines to bench/results/<name>.jsonl with the machine, device, git sha, versions 
 """
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import json
 import os
@@ -23,6 +24,36 @@ import torch
 
 # FOURM_FAST_RESULTS_DIR redirects the JSONL files (bench/device_check.sh points it at its staging folder).
 RESULTS_DIR = Path(os.environ.get("FOURM_FAST_RESULTS_DIR") or Path(__file__).resolve().parent / "results")
+
+
+def positive_int(text: str) -> int:
+    """argparse type for counts (--repeats, --batch, --threads...): 0 or less gave empty timings,
+    or a library traceback, instead of a usage error."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def positive_int_list(text: str) -> list[int]:
+    """argparse type for comma-separated positive integers, e.g. --sizes 64,224."""
+    return [positive_int(part) for part in text.split(",")]
+
+
+def fraction(low_open: bool):
+    """argparse type for a number in [0, 1], or (0, 1] when low_open."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not ((0 < value if low_open else 0 <= value) and value <= 1):
+            raise argparse.ArgumentTypeError(f"expected a number in {'(0' if low_open else '[0'}, 1], got {value}")
+        return value
+    return parse
 
 
 @dataclass

@@ -178,3 +178,64 @@ def test_cli_synth(tmp_path):
     res = subprocess.run([sys.executable, "-m", "fourm_fast", "data", "synth", "--out", str(tmp_path / "afile"), "--n", "1",
                           "--size", "16"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and res.stderr.startswith("fourm-fast data synth: error:") and "Traceback" not in res.stderr
+
+
+def _replace_png(root, rel, arr):
+    """Write arr as root/rel (a PNG) and record its checksum, as a deliberate edit would."""
+    import hashlib
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    (root / rel).write_bytes(buf.getvalue())
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["checksums"][rel] = hashlib.sha256(buf.getvalue()).hexdigest()
+    (root / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("rel, arr, message", [
+    # PIL decodes all of these; an 8-bit depth would read 40x too small, the others broke torch.stack
+    ("depth/000001.png", np.full((16, 16), 200, np.uint8), "1 channel\\(s\\) of 8 bits, depth needs 1 of 16"),
+    ("rgb/000001.png", np.zeros((32, 32, 3), np.uint8), "32x32 pixels, the manifest says 16x16"),
+    ("rgb/000001.png", np.zeros((16, 16, 4), np.uint8), "4 channel\\(s\\) of 8 bits, rgb needs 3 of 8"),
+    ("rgb/000001.png", np.zeros((16, 16), np.uint8), "1 channel\\(s\\) of 8 bits, rgb needs 3 of 8"),
+])
+def test_read_sample_applies_the_loaders_image_rule(tmp_path, rel, arr, message):
+    write_synthetic(tmp_path, 3, size=16, progress=False)
+    _replace_png(tmp_path, rel, arr)
+    m = rel.split("/")[0]
+    with pytest.raises(ShardError, match=f"{rel}: {message}.*{m} needs 16x16 pixels"):
+        read_sample(tmp_path, 1, modalities=[m])
+    assert read_sample(tmp_path, 0, modalities=[m])[m].shape[:2] == (16, 16)  # the good files still read
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: 5, "holds 5, not a JSON object"),
+    (lambda m: {**m, "num_samples": "3"}, "'num_samples' is \"3\", expected an integer"),
+    (lambda m: {**m, "num_samples": 3.0}, "'num_samples' is 3.0, expected an integer"),
+    (lambda m: {**m, "checksums": None}, "'checksums' is null, expected an object"),
+    (lambda m: {k: v for k, v in m.items() if k != "size"}, "the manifest has no 'size'"),
+    (lambda m: {**m, "size": "16"}, "'size' is \"16\", expected an integer"),
+    (lambda m: {**m, "modalities": "rgb"}, "'modalities' is \"rgb\", expected a list"),
+    (lambda m: {**m, "tokens": ["rgb"]}, "'tokens' is \\[\"rgb\"\\], expected an object"),
+    (lambda m: {**m, "tokens": {"rgb": {"shape": None, "num_codes": 8}}}, "'tokens.rgb.shape' is null"),
+    (lambda m: {**m, "tokens": {"rgb": {"shape": [3, 2, 2]}}}, "tokens.rgb has no 'num_codes'"),
+])
+def test_manifest_types_are_checked_when_it_is_read(tmp_path, edit, message):
+    write_synthetic(tmp_path, 3, size=16, progress=False)
+    path = tmp_path / "manifest.json"
+    path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+    with pytest.raises(ShardError, match=f"manifest.json: {message}"):
+        read_sample(tmp_path, 0, modalities=["rgb"])
+
+
+def test_build_loader_says_when_nothing_was_requested(tmp_path):
+    from fourm_fast.data import build_loader
+
+    write_synthetic(tmp_path, 3, size=16, progress=False)
+    with pytest.raises(ValueError, match="nothing to load: images=\\[\\] and tokens=\\[\\] request no modality"):
+        build_loader(tmp_path, 1, images=[], tokens=[], num_workers=0)
+    with pytest.raises(ValueError, match="images must be a list of modality names, got the string 'rgb'"):
+        build_loader(tmp_path, 1, images="rgb", tokens=[], num_workers=0)

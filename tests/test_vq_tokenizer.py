@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from fourm_fast.data import write_synthetic
+from fourm_fast.data import ShardError, write_synthetic
 from fourm_fast.data.shards import read_manifest
 from fourm_fast.tokenizers.vq import VQConfig, VQTokenizer, load_images, to_input, tokenize_shards, train_tokenizer
 
@@ -206,3 +206,68 @@ def test_cli(shards, tmp_path, capfd):
     assert "--num-codes: VQ tokenizer settings; the text tokenizer takes --out only" in capfd.readouterr().err
     assert main(["tokenizer", "train", "--data", str(shards), "--modality", "depth", "--batch-size", "0"]) == 2
     assert "batch_size must be an integer >= 1, got 0" in capfd.readouterr().err
+
+
+def test_tokenize_refuses_a_tokenizer_of_another_image_size(tmp_path):
+    # data synth --size 32, tokenizer train, data synth --size 16 into the same folder: tokenize
+    # used to write 2 x 2 grids from the 32 px tokenizer without a word
+    root = tmp_path / "shards"
+    write_synthetic(root, 12, size=32, seed=0, progress=False)
+    train_tokenizer(root, "depth", steps=1, batch_size=2, num_codes=8, log=lambda m: None)
+    write_synthetic(root, 12, size=16, seed=0, progress=False)
+    with pytest.raises(ValueError, match=r"depth.safetensors: the depth tokenizer takes 32 x 32 px images, "
+                                         r"the images in .* are 16 x 16"):
+        tokenize_shards(root, log=lambda m: None)
+    assert not (root / "tokens").exists()
+
+
+def test_tokenize_refuses_two_tokenizers_for_one_modality(tmp_path):
+    root = tmp_path / "shards"
+    write_synthetic(root, 12, size=16, seed=0, progress=False)
+    quiet = dict(steps=1, batch_size=2, num_codes=8, log=lambda m: None)
+    train_tokenizer(root, "depth", **quiet)
+    train_tokenizer(root, "depth", out=root / "tokenizers" / "depth_v2.safetensors", **quiet)
+    with pytest.raises(ValueError, match="two depth tokenizers, depth.safetensors and depth_v2.safetensors"):
+        tokenize_shards(root, log=lambda m: None)  # the last in sort order used to win silently
+    assert not (root / "tokens").exists()
+
+
+def test_text_tokenizer_refuses_shards_without_texts(tmp_path):
+    from fourm_fast.tokenizers.vq import train_text_tokenizer
+
+    root = tmp_path / "shards"
+    write_synthetic(root, 12, size=16, seed=0, progress=False)
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["modalities"] = ["rgb", "depth"]
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    out = tmp_path / "text.json"
+    with pytest.raises(ValueError, match=r"no texts .* caption and det .* \['rgb', 'depth'\]"):
+        train_text_tokenizer(root, out=out, log=lambda m: None)  # used to save a tokenizer with no learned words
+    assert not out.exists()
+    manifest["modalities"] = "rgb"  # a string: "rgb" in "rgb" held, "caption" in "rgb" did not
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ShardError, match="modalities"):
+        train_text_tokenizer(root, out=out, log=lambda m: None)
+    with pytest.raises(ShardError, match="modalities"):
+        train_tokenizer(root, "rgb", steps=1, batch_size=2, num_codes=8, out=tmp_path / "rgb.safetensors",
+                        log=lambda m: None)
+
+
+def test_unwritable_out_is_refused_before_training(shards, tmp_path, capfd):
+    from fourm_fast.cli import main
+    from fourm_fast.tokenizers.vq import train_text_tokenizer
+
+    (tmp_path / "a_file").write_text("x")
+    for out, match in ((tmp_path, "is a directory"), (tmp_path / "a_file" / "t.out", "a_file is a file, not a directory")):
+        logs = []
+        with pytest.raises(ValueError, match=match):
+            train_tokenizer(shards, "depth", steps=1, batch_size=2, num_codes=8, out=out, log=logs.append)
+        with pytest.raises(ValueError, match=match):
+            train_text_tokenizer(shards, out=out, log=logs.append)
+        assert logs == []  # refused before any training step
+    # the CLI: one line, not a SafetensorError traceback or a bare "Exception: Is a directory"
+    for modality in ("rgb", "text"):
+        args = ["--steps", "1", "--batch-size", "2"] if modality == "rgb" else []
+        assert main(["tokenizer", "train", "--data", str(shards), "--modality", modality, "--out", str(tmp_path), *args]) == 2
+        err = capfd.readouterr().err
+        assert f"fourm-fast tokenizer train: error: {tmp_path} is a directory" in err and "Traceback" not in err

@@ -132,6 +132,10 @@ class ShardBatches:
         self.num_workers = _check_int("num_workers", num_workers, 0)
         if not isinstance(flip_prob, (int, float)) or isinstance(flip_prob, bool) or not 0.0 <= flip_prob <= 1.0:
             raise ValueError(f"flip_prob must be a probability in [0, 1], got {flip_prob!r}")
+        for name, value in (("images", images), ("tokens", tokens)):
+            if isinstance(value, str):  # list("rgb") would be 'r', 'g', 'b'
+                raise ValueError(f"{name} must be a list of modality names, got the string {value!r} "
+                                 f"(write {name}=[{value!r}])")
         self.manifest = read_manifest(self.root)
         listed = self.manifest["modalities"]
         have_images = [m for m in listed if m in IMAGE_SPECS]
@@ -158,7 +162,10 @@ class ShardBatches:
         tokenized = list(self.manifest.get("tokens") or {})
         self.token_names = list(tokenized if tokens is None else tokens)
         if not self.images and not self.token_names:
-            raise ValueError(f"nothing to load: no image modalities requested and {self.root} has no tokens "
+            which = "images=[]" if images is not None else f"{self.root} has no image modalities"
+            if tokens is not None:  # the caller asked for no tokens: tokenizing would not help
+                raise ValueError(f"nothing to load: {which} and tokens=[] request no modality")
+            raise ValueError(f"nothing to load: {which} and {self.root} has no tokens "
                              f"(run fourm-fast tokenize {self.root})")
         tok = load_tokens(self.root, self.manifest, self.token_names)
         self.token_arrays, self.token_lengths, self.token_kinds = tok.arrays, tok.lengths, tok.kinds

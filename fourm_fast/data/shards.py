@@ -49,12 +49,19 @@ def _encode(name: str, value) -> bytes:
     return buf.getvalue()
 
 
-def _decode(name: str, data: bytes, path: Path):
+def _decode(name: str, data: bytes, path: Path, size: int):
     if name in ("caption", "det"):
         try:
             return data.decode("utf-8")
         except UnicodeDecodeError as e:
             raise ShardError(f"{path}: not UTF-8 text ({e})") from None
+    # the batch loader's header rule: PIL decodes an 8-bit depth, RGBA or a wrong size without complaint
+    from .validate import IMAGE_SPECS, _check_image_file  # here: validate imports this module
+
+    reason = _check_image_file(name, path.name, data, {}, size, verify=False) if name in IMAGE_SPECS else None
+    if reason:
+        channels, bits, _ = IMAGE_SPECS[name]
+        raise ShardError(f"{path}: {reason}; {name} needs {size}x{size} pixels, {channels} channel(s) of {bits} bits")
     try:
         arr = np.asarray(Image.open(io.BytesIO(data)))
     except Exception as e:  # noqa: BLE001 - PIL raises many types for bad images
@@ -102,12 +109,45 @@ def read_manifest(root: str | Path) -> dict:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ShardError(f"{path} is not valid JSON: {e}") from None
-    for key in ("format", "modalities", "num_samples", "extensions", "checksums"):
+    if not isinstance(manifest, dict):
+        raise ShardError(f"{path}: holds {json.dumps(manifest)[:60]}, not a JSON object")
+    for key in ("format", "modalities", "num_samples", "extensions", "checksums", "size"):
         if key not in manifest:
             raise ShardError(f"{path}: the manifest has no {key!r}")
     if manifest["format"] != FORMAT:
         raise ShardError(f"{path}: format {manifest['format']!r}, expected {FORMAT!r}")
+    # types too, so that a hand-edited manifest fails here and not as a TypeError deep in a reader
+    _check_value(path, "num_samples", manifest["num_samples"], _is_int, "an integer >= 1")
+    _check_value(path, "size", manifest["size"], _is_int, "an integer >= 1")
+    _check_value(path, "modalities", manifest["modalities"],
+                 lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "a list of names")
+    for key in ("extensions", "checksums"):
+        _check_value(path, key, manifest[key],
+                     lambda v: isinstance(v, dict) and all(isinstance(x, str) for x in v.values()), "an object of strings")
+    tokens = manifest.get("tokens")
+    if tokens is not None:  # written by fourm-fast tokenize
+        _check_value(path, "tokens", tokens, lambda v: isinstance(v, dict), "an object")
+        for m, entry in tokens.items():
+            key = f"tokens.{m}"
+            _check_value(path, key, entry, lambda v: isinstance(v, dict), "an object")
+            for k in ("shape", "num_codes"):
+                if k not in entry:
+                    raise ShardError(f"{path}: {key} has no {k!r}")
+            _check_value(path, f"{key}.shape", entry["shape"],
+                         lambda v: isinstance(v, list) and len(v) in (2, 3) and all(_is_int(x, 0) for x in v),
+                         "a list of 2 or 3 integers")
+            _check_value(path, f"{key}.num_codes", entry["num_codes"], _is_int, "an integer >= 1")
+            _check_value(path, f"{key}.sha256", entry.get("sha256", {}), lambda v: isinstance(v, dict), "an object")
     return manifest
+
+
+def _is_int(value, lo: int = 1) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= lo
+
+
+def _check_value(path: Path, key: str, value, ok, want: str) -> None:
+    if not ok(value):
+        raise ShardError(f"{path}: {key!r} is {json.dumps(value)[:60]}, expected {want}")
 
 
 def read_sample(root: str | Path, index: int, manifest: dict | None = None, verify: bool = True,
@@ -129,5 +169,5 @@ def read_sample(root: str | Path, index: int, manifest: dict | None = None, veri
         data = path.read_bytes()
         if verify and hashlib.sha256(data).hexdigest() != manifest["checksums"].get(rel):
             raise ShardError(f"{path}: checksum does not match the manifest (truncated or modified)")
-        out[m] = _decode(m, data, path)
+        out[m] = _decode(m, data, path, manifest["size"])
     return out

@@ -177,6 +177,17 @@ def load_images(root: Path, modality: str, indices: list[int], manifest: dict) -
     return torch.stack(out)
 
 
+def _check_out(path: Path) -> None:
+    """Refuse an output path that cannot be written before training, not after it."""
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory; the tokenizer is saved to a file (give a file path)")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"{path}: {parent} is a file, not a directory")
+            break
+
+
 def train_tokenizer(data: str | Path, modality: str, steps: int = 300, batch_size: int = 32, lr: float = 2e-3,
                     num_codes: int = 256, seed: int = 0, out: str | Path | None = None, log=print) -> dict:
     """Train on the shards' first 90 % of samples, measure on the last 10 %; save under
@@ -191,6 +202,8 @@ def train_tokenizer(data: str | Path, modality: str, steps: int = 300, batch_siz
     n = manifest["num_samples"]
     if n < 10:
         raise ValueError(f"{root}: {n} samples are too few to train and evaluate a tokenizer (need >= 10)")
+    path = Path(out) if out else root / "tokenizers" / f"{modality}.safetensors"
+    _check_out(path)
     torch.manual_seed(seed)
     cfg = VQConfig(modality, image_size=manifest["size"], num_codes=num_codes)
     model = VQTokenizer(cfg)
@@ -219,7 +232,6 @@ def train_tokenizer(data: str | Path, modality: str, steps: int = 300, batch_siz
         raise ValueError(f"tokenizer {modality}: training diverged (NaN or inf in {', '.join(bad[:3])} after "
                          f"{steps} steps, lr {lr}); nothing was saved")
     quality = model.quality(held_out)
-    path = Path(out) if out else root / "tokenizers" / f"{modality}.safetensors"
     meta = {"quality": quality, "steps": steps, "train_samples": len(train_idx), "eval_samples": n_eval,
             "seconds": round(time.perf_counter() - t0, 1)}
     model.save(path, meta)
@@ -234,11 +246,15 @@ def train_text_tokenizer(data: str | Path, vocab_size: int = 500, out: str | Pat
 
     root = Path(data)
     manifest = read_manifest(root)
+    path = Path(out) if out else root / "tokenizers" / "text.json"
+    _check_out(path)
     texts = [read_sample(root, i, manifest, modalities=[m])[m] for m in ("caption", "det") if m in manifest["modalities"]
              for i in range(manifest["num_samples"])]
+    if not any(t.strip() for t in texts):  # WordPiece would learn no words and save a useless text.json
+        raise ValueError(f"{root}: no texts to train the text tokenizer on (looked for the caption and det "
+                         f"modalities; the manifest has {manifest['modalities']})")
     # vocab_size counts the learned word pieces, on top of 4M's special tokens
     tok = train_wordpiece(texts, vocab_size=len(special_tokens(200, SHAPES)) + vocab_size, class_names=SHAPES)
-    path = Path(out) if out else root / "tokenizers" / "text.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     tok.save(path)
     log(f"tokenizer text: {tok.vocab_size} tokens from {len(texts)} texts -> {path}")
@@ -265,9 +281,18 @@ def tokenize_shards(data: str | Path, log=print) -> dict:
     manifest = read_manifest(root)
     tok_dir = root / "tokenizers"
     done = {}
+    vq = {}  # modality -> (path, model, meta); all checked before any token file is written
     for path in sorted(tok_dir.glob("*.safetensors")) if tok_dir.exists() else []:
         model, meta = VQTokenizer.load(path)
         m = meta["config"]["modality"]
+        if m in vq:
+            raise ValueError(f"{tok_dir}: two {m} tokenizers, {vq[m][0].name} and {path.name}; keep one of them")
+        size = model.cfg.image_size
+        if size != manifest["size"]:  # the convolutions would encode any size: a wrong grid without a word
+            raise ValueError(f"{path}: the {m} tokenizer takes {size} x {size} px images, the images in {root} are "
+                             f"{manifest['size']} x {manifest['size']}; retrain it with fourm-fast tokenizer train")
+        vq[m] = (path, model, meta)
+    for m, (path, model, meta) in vq.items():
         grids = []
         for start in range(0, manifest["num_samples"], 64):
             idx = list(range(start, min(start + 64, manifest["num_samples"])))
