@@ -243,7 +243,7 @@ def validate(cfg: dict) -> None:
     for k, lo in (("num_sentinels", 0), ("max_text_tokens", 1)):  # token counts may be ranges: the sampler checks them
         if isinstance(d[k], bool) or not isinstance(d[k], int) or d[k] < lo:
             raise ConfigError(f"data.{k} must be an int >= {lo}, got {d[k]!r}")
-    if d["weights"] is not None and (not isinstance(d["weights"], list) or isinstance(d["weights"], str)):
+    if d["weights"] is not None and not isinstance(d["weights"], list):
         raise ConfigError(f"data.weights must be a list of mixture weights or null, got {d['weights']!r}")
     if not isinstance(cfg["out"], str) or not cfg["out"]:
         raise ConfigError(f"out must be a folder path, got {cfg['out']!r} (quote it in YAML)")
