@@ -194,8 +194,7 @@ def run_generation(assets: Assets, conditions: dict[str, str], targets: list[Tar
     """Generate and write samples.png, text.json, tokens/<target>.npy and settings.json into out
     (other files there are left as they are: settings.json names this run's targets)."""
     model = assets.model
-    seq_targets = [t.name for t in targets if model.cfg.modality(t.name).kind == "sequence"]
-    if assets.missing_text and seq_targets:
+    if assets.missing_text and any(model.cfg.modality(t.name).kind == "sequence" for t in targets):
         raise FileNotFoundError(assets.missing_text)
     gen = Generator(model, assets.sentinels, log=log)
     state = gen.new_state(batch)
