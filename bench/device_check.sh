@@ -115,6 +115,7 @@ if [ "$gpu" = 1 ]; then
   run_stage bench_vq_f32 60 $PY bench/bench_vq.py --device cuda --dtype float32 --max-baseline-gib 24
   run_stage bench_vq_bf16 60 $PY bench/bench_vq.py --device cuda --dtype bfloat16 --max-baseline-gib 24
   run_stage bench_sampling 60 $PY bench/bench_sampling.py --device cuda
+  run_stage bench_swiglu 45 $PY bench/bench_swiglu.py --device cuda --compile
   run_stage bench_masking 45 $PY bench/bench_masking.py --device cuda
   if $PY -c 'import nvidia.dali' 2>/dev/null; then
     run_stage bench_data 60 $PY bench/bench_data.py --device cuda --sizes 224 --n 128 --repeats 2

@@ -50,6 +50,8 @@ TORCH_LIBRARY(fourm_fast, m) {
       "int modality, int seed, int offset) -> (Tensor source, Tensor num_input, Tensor num_target, "
       "Tensor top_sentinel)");
   m.def("rows_linear(Tensor x, Tensor weight) -> Tensor");
+  m.def("swiglu(Tensor gate, Tensor up) -> Tensor");
+  m.def("swiglu_backward(Tensor grad, Tensor gate, Tensor up) -> (Tensor grad_gate, Tensor grad_up)");
 }
 
 namespace {
@@ -87,6 +89,8 @@ TORCH_LIBRARY_IMPL(fourm_fast, CUDA, m) {
   m.impl("sample_budgets", torch::CppFunction::makeFromBoxedFunction<&cuda_kernels_missing>());
   m.impl("token_layout", torch::CppFunction::makeFromBoxedFunction<&cuda_kernels_missing>());
   m.impl("span_mask", torch::CppFunction::makeFromBoxedFunction<&cuda_kernels_missing>());
+  m.impl("swiglu", torch::CppFunction::makeFromBoxedFunction<&cuda_kernels_missing>());
+  m.impl("swiglu_backward", torch::CppFunction::makeFromBoxedFunction<&cuda_kernels_missing>());
 }
 #endif
 

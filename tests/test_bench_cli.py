@@ -24,6 +24,8 @@ def test_each_script_starts(script):
     ("bench_data.py", ["--workers", "0"], "argument --workers: expected a positive integer, got 0"),
     ("bench_masking.py", ["--batches", "0"], "argument --batches: expected a positive integer, got 0"),
     ("bench_attention.py", ["--dtype", "float64"], "argument --dtype: invalid choice: 'float64'"),
+    ("bench_swiglu.py", ["--dtypes", "float32,float64"], "--dtypes: 'float64' is not one of float32, bfloat16, float16"),
+    ("bench_swiglu.py", ["--repeats", "0"], "argument --repeats: expected a positive integer, got 0"),
 ])
 def test_bad_arguments_are_usage_errors(script, args, message):
     res = subprocess.run([sys.executable, str(ROOT / "bench" / script), *args], capture_output=True, text=True, timeout=120)

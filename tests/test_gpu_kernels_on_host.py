@@ -1,4 +1,4 @@
-"""The CUDA kernels of masked_attention, vq_lookup and sample_tokens, run without a GPU.
+"""The CUDA kernels of masked_attention, vq_lookup, sample_tokens and swiglu, run without a GPU.
 
 csrc/cuda/*_kernels.cuh (the exact device code the extension compiles) are built as host C++ on tests/cuda_emulation/cuda_emu.h: a std::thread per GPU thread, barriers
 for __syncthreads, the PTX ISA's fragment layouts for ldmatrix / mma, cp.async copies that poison
@@ -25,7 +25,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 EMU = ROOT / "tests" / "cuda_emulation"
-KERNEL_HEADERS = ("attention_kernels.cuh", "attention_tiles.cuh", "vq_kernels.cuh", "sampling_kernels.cuh")
+KERNEL_HEADERS = ("attention_kernels.cuh", "attention_tiles.cuh", "vq_kernels.cuh", "sampling_kernels.cuh",
+                  "swiglu_kernels.cuh")
 CPU_HEADERS = ("sampling_cpu_rows.h", "threshold_select.h")  # the sampling oracle
 SANITIZERS = {
     "memory": ["-O1", "-g", "-fsanitize=address,undefined", "-fno-sanitize-recover=all"],
@@ -194,3 +195,27 @@ def test_the_race_check_catches_a_missing_sampling_barrier(tmp_path):
                                                     ""))
     done = _run(_build(root, "sampling_harness", "thread"), "race")
     assert "ThreadSanitizer: data race" in done.stderr, (done.returncode, done.stderr[-2000:])
+
+
+# ---- swiglu --------------------------------------------------------------------------------
+
+def test_swiglu_kernels_match_the_math_bit_for_bit(staged):
+    # every dtype, grids smaller than n (threads loop), n = 0 and 1, +-inf / NaN / +-0 inputs,
+    # the elements past n untouched
+    _assert_clean(_run(_build(staged, "swiglu_harness", "memory"), "fixed"))
+
+
+def test_swiglu_kernels_have_no_races(staged):
+    _assert_clean(_run(_build(staged, "swiglu_harness", "thread"), "race"))
+
+
+def test_the_swiglu_check_catches_a_grid_stride_that_skips_blocks(tmp_path):
+    # a step of one block instead of the whole grid: each element is still written, by several
+    # blocks; leaving out the block offset is what loses elements, and the check must see that
+    root = _stage(tmp_path, lambda r: _replace_once(
+        r, "swiglu_kernels.cuh",
+        "  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += step) {\n"
+        "    out[i]",
+        "  for (int64_t i = threadIdx.x; i < n; i += step) {\n    out[i]"))
+    done = _run(_build(root, "swiglu_harness", None), "fixed")
+    assert done.returncode == 1 and "FAIL" in done.stdout, done.stdout[-2000:]

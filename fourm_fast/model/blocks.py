@@ -5,6 +5,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..nn import Attention, CrossAttention, LayerNorm
+from ..ops.swiglu import swiglu
 from .config import FourMConfig
 
 
@@ -21,9 +22,18 @@ class Mlp(nn.Module):
         if self.gated:
             self.fc3 = nn.Linear(cfg.dim, h, bias=cfg.mlp_bias)
 
+    def hidden(self, a: Tensor, b: Tensor | None) -> Tensor:
+        """The input of fc2 from a = fc1 x and (gated) b = fc3 x. SwiGLU runs as the fused
+        swiglu op; every caller (forward, the KV cache's few-row path) goes through here, so
+        they compute the same bits."""
+        if not self.gated:
+            return self.act(a)
+        if self.act is F.silu:
+            return swiglu(a, b)
+        return self.act(a) * b
+
     def forward(self, x: Tensor) -> Tensor:
-        h = self.act(self.fc1(x))
-        return self.fc2(h * self.fc3(x) if self.gated else h)
+        return self.fc2(self.hidden(self.fc1(x), self.fc3(x) if self.gated else None))
 
 
 def _norm(cfg: FourMConfig) -> LayerNorm:

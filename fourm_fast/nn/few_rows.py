@@ -105,7 +105,5 @@ def few_rows_layer(layer: nn.Linear, x: Tensor) -> Tensor:
 
 def few_rows_mlp(mlp: nn.Module, x: Tensor) -> Tensor:
     """A fourm_fast.model.blocks.Mlp applied with few_rows_linear (same algebra as Mlp.forward)."""
-    h = mlp.act(few_rows_layer(mlp.fc1, x))
-    if mlp.gated:
-        h = h * few_rows_layer(mlp.fc3, x)
+    h = mlp.hidden(few_rows_layer(mlp.fc1, x), few_rows_layer(mlp.fc3, x) if mlp.gated else None)
     return few_rows_layer(mlp.fc2, h)

@@ -44,6 +44,12 @@ def _cross_attn(mod, x: Tensor, context: Tensor, mask: Tensor | None) -> Tensor:
     return mod.proj(_attention(q, k, v, mask).transpose(1, 2).reshape(B, N, C))
 
 
+def _mlp(mod, x: Tensor) -> Tensor:
+    """ml-4m's Mlp / gated Mlp (SwiGLU with SiLU): fc2(act(fc1 x) [* fc3 x]), elementwise ops eager."""
+    h = mod.act(mod.fc1(x))
+    return mod.fc2(h * mod.fc3(x) if mod.gated else h)
+
+
 def _select(tensors: list[Tensor], mask: Tensor, n: int) -> list[Tensor]:
     """4M's selection: argsort(mask + arange * 1e-6), keep the first n."""
     order = torch.argsort(mask.float() + torch.arange(mask.shape[1], device=mask.device) * 1e-6, dim=1)[:, :n]
@@ -54,7 +60,7 @@ def encoder_4m(model, x: Tensor, enc_mask: Tensor) -> Tensor:
     """Encoder blocks, encoder_norm and decoder_proj_context (the caller adds the embeddings)."""
     for blk in model.encoder:
         x = x + _self_attn(blk.attn, _layer_norm(blk.norm1, x), enc_mask)
-        x = x + blk.mlp(_layer_norm(blk.norm2, x))
+        x = x + _mlp(blk.mlp, _layer_norm(blk.norm2, x))
     return model.decoder_proj_context(_layer_norm(model.encoder_norm, x))
 
 
@@ -63,7 +69,7 @@ def decoder_4m(model, y: Tensor, context: Tensor, enc_mask: Tensor, self_mask: T
     for blk in model.decoder:
         y = y + _self_attn(blk.self_attn, _layer_norm(blk.norm1, y), self_mask)
         y = y + _cross_attn(blk.cross_attn, _layer_norm(blk.query_norm, y), _layer_norm(blk.context_norm, context), enc_mask)
-        y = y + blk.mlp(_layer_norm(blk.norm2, y))
+        y = y + _mlp(blk.mlp, _layer_norm(blk.norm2, y))
     return _layer_norm(model.decoder_norm, y)
 
 

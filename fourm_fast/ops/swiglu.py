@@ -1,0 +1,79 @@
+"""``silu(gate) * up`` in one pass each way: the gate of 4M's SwiGLU MLP.
+
+fourm_fast.model's Mlp (``fc2(silu(fc1 x) * fc3 x)``) runs it. Eagerly the product is two
+elementwise passes forward and three backward, and autograd keeps ``silu(gate)`` for the
+product's backward; the op reads its inputs once per pass and saves only gate and up.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_ATEN_NAMES = {torch.float32: "Float", torch.float64: "Double", torch.bfloat16: "BFloat16", torch.float16: "Half",
+               torch.int8: "Char", torch.uint8: "Byte", torch.int16: "Short", torch.int32: "Int",
+               torch.int64: "Long", torch.bool: "Bool"}
+
+
+def swiglu(gate: Tensor, up: Tensor) -> Tensor:
+    """``F.silu(gate) * up``, elementwise.
+
+    Args:
+        gate: any shape, float32, bfloat16 or float16, on the CPU or a GPU (``fc1 x`` in 4M's MLP).
+        up: gate's shape, dtype and device (``fc3 x``). Any strides (non-contiguous inputs are
+            copied first).
+
+    Returns:
+        gate's shape and dtype, contiguous. Each element is computed in float32 from IEEE-exact
+        operations (csrc/kernels/swiglu_math.h) and rounded once to the dtype, so CPU and CUDA
+        return the same bits (a NaN stays NaN; its payload may differ). Within a few float32 ulp of the float64 value (2 roundings fewer
+        than eager ``F.silu(gate) * up`` in 16-bit dtypes). ``silu(-inf)`` is NaN, as PyTorch's.
+        Differentiable in both inputs; the backward is one pass too (``swiglu_backward``).
+    """
+    return torch.ops.fourm_fast.swiglu.default(gate, up)
+
+
+def _aten_name(dtype: torch.dtype) -> str:
+    # The C++ checks print ATen's scalar type names; the fake impls print the same.
+    return _ATEN_NAMES.get(dtype, str(dtype))
+
+
+def _check_tensors(op: str, named: list[tuple[str, Tensor]]) -> None:
+    # Mirrors csrc/swiglu_checks.h so traced/compiled code raises the same errors as eager.
+    name0, t0 = named[0]
+    torch._check_type(t0.dtype in _DTYPES,
+                      lambda: f"{op}: {name0} must be float32, bfloat16 or float16, got {_aten_name(t0.dtype)}")
+    for name, t in named:
+        torch._check_type(t.dtype == t0.dtype, lambda: f"{op}: {name} must have {name0}'s dtype "
+                                                       f"{_aten_name(t0.dtype)}, got {_aten_name(t.dtype)}")
+        torch._check_value(t.device == t0.device, lambda: f"{op}: {name} is on {t.device} but {name0} is on {t0.device}")
+        torch._check_value(t.shape == t0.shape, lambda: f"{op}: {name} has shape {list(t.shape)} but {name0} has "
+                                                        f"shape {list(t0.shape)}")
+
+
+@torch.library.register_fake("fourm_fast::swiglu")
+def _swiglu_fake(gate: Tensor, up: Tensor) -> Tensor:
+    _check_tensors("swiglu", [("gate", gate), ("up", up)])
+    return torch.empty_like(gate, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("fourm_fast::swiglu_backward")
+def _swiglu_backward_fake(grad: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
+    _check_tensors("swiglu_backward", [("grad", grad), ("gate", gate), ("up", up)])
+    return (torch.empty_like(gate, memory_format=torch.contiguous_format),
+            torch.empty_like(up, memory_format=torch.contiguous_format))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+def _backward(ctx, grad):
+    gate, up = ctx.saved_tensors
+    if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
+        return None, None
+    grad_gate, grad_up = torch.ops.fourm_fast.swiglu_backward.default(grad, gate, up)
+    return (grad_gate if ctx.needs_input_grad[0] else None), (grad_up if ctx.needs_input_grad[1] else None)
+
+
+torch.library.register_autograd("fourm_fast::swiglu", _backward, setup_context=_setup_context)
