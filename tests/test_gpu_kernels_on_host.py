@@ -210,8 +210,8 @@ def test_swiglu_kernels_have_no_races(staged):
 
 
 def test_the_swiglu_check_catches_a_grid_stride_that_skips_blocks(tmp_path):
-    # a step of one block instead of the whole grid: each element is still written, by several
-    # blocks; leaving out the block offset is what loses elements, and the check must see that
+    # without the block offset every block starts at element threadIdx.x and strides by the whole
+    # grid, so the elements of every block but the first are never written
     root = _stage(tmp_path, lambda r: _replace_once(
         r, "swiglu_kernels.cuh",
         "  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += step) {\n"

@@ -30,6 +30,15 @@ def _operands(shape, dtype, seed=0, scale=4.0):
     return a, b
 
 
+def _assert_same_bits(x: torch.Tensor, y: torch.Tensor) -> None:
+    """Bit for bit (-0 is not +0), except that any NaN matches any NaN."""
+    assert x.dtype == y.dtype and x.shape == y.shape
+    nan = torch.isnan(y)
+    assert torch.equal(torch.isnan(x), nan)
+    ints = torch.int32 if x.dtype == torch.float32 else torch.int16
+    assert torch.equal(x[~nan].view(ints), y[~nan].view(ints))
+
+
 def _rel(dtype) -> float:
     # float32: silu's exp (2 ulp), add, divide, then the product: 8 ulp covers it
     return 8 * 2.0**-24 if dtype == torch.float32 else 2.0 ** -_BITS[dtype]
@@ -97,8 +106,7 @@ def test_every_cpu_copy_and_thread_count_gives_the_same_bits(dtype):
         torch.set_num_threads(threads)
     for r in results[1:]:
         for x, y in zip(r, results[0]):
-            assert torch.equal(x.view(torch.int16 if dtype != torch.float32 else torch.int32),
-                               y.view(torch.int16 if dtype != torch.float32 else torch.int32))
+            _assert_same_bits(x, y)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -107,11 +115,11 @@ def test_strided_inputs_give_the_contiguous_bits(dtype):
     g = torch.randn(61, 37).to(dtype)
     at, bt = a.t(), b.t()  # transposed views
     assert not at.is_contiguous()
-    torch.testing.assert_close(swiglu(at, bt), swiglu(at.contiguous(), bt.contiguous()), rtol=0, atol=0)
+    _assert_same_bits(swiglu(at, bt), swiglu(at.contiguous(), bt.contiguous()))
     for x, y in zip(op_bwd(g.t().contiguous().t(), at, bt), op_bwd(g, at.contiguous(), bt.contiguous())):
-        torch.testing.assert_close(x, y, rtol=0, atol=0)
+        _assert_same_bits(x, y)
     sl = a[:, ::3]  # a strided slice
-    torch.testing.assert_close(swiglu(sl, b[:, ::3]), swiglu(sl.contiguous(), b[:, ::3].contiguous()), rtol=0, atol=0)
+    _assert_same_bits(swiglu(sl, b[:, ::3]), swiglu(sl.contiguous(), b[:, ::3].contiguous()))
 
 
 def test_non_finite_values_follow_pytorchs_silu():
@@ -169,8 +177,8 @@ def test_torch_compile_fullgraph_forward_and_backward():
     f(ar, br).backward()
     ae, be = a.clone().requires_grad_(), b.clone().requires_grad_()
     (swiglu(ae, be) * 2).sum().backward()
-    torch.testing.assert_close(ar.grad, ae.grad, rtol=0, atol=0)
-    torch.testing.assert_close(br.grad, be.grad, rtol=0, atol=0)
+    _assert_same_bits(ar.grad, ae.grad)
+    _assert_same_bits(br.grad, be.grad)
 
 
 def test_autograd_keeps_only_the_two_inputs():
@@ -189,11 +197,34 @@ def test_autograd_keeps_only_the_two_inputs():
     assert len(saved(swiglu_eager)) == 3
 
 
-def test_no_gradient_asked_returns_none():
+def test_one_input_requiring_grad_gets_its_gradient_alone():
     a, b = _operands((3, 4), torch.float32)
-    a.requires_grad_()
-    (ga,) = torch.autograd.grad(swiglu(a, b).sum(), (a,))
-    assert ga.shape == a.shape and b.grad is None
+    b.requires_grad_()
+    swiglu(a, b).sum().backward()
+    assert a.grad is None
+    torch.testing.assert_close(b.grad, F.silu(a), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_second_order_gradients_match_float64(dtype):
+    # create_graph backward: the gradient of the gradients (swiglu_backward's own autograd)
+    a, b = _operands((5, 41), dtype, seed=12, scale=3.0)
+    g = torch.randn(a.shape, generator=torch.Generator().manual_seed(13)).to(dtype)
+    u, w = torch.randn(a.shape).to(dtype), torch.randn(a.shape).to(dtype)
+
+    def second(fn, a, b, g):
+        a, b, g = a.clone().requires_grad_(), b.clone().requires_grad_(), g.clone().requires_grad_()
+        ga, gb = torch.autograd.grad(fn(a, b), (a, b), g, create_graph=True)
+        return torch.autograd.grad((ga * u.to(ga.dtype) + gb * w.to(gb.dtype)).sum(), (a, b, g))
+
+    got = second(swiglu, a, b, g)
+    want = second(swiglu_reference, a.double(), b.double(), g.double())
+    scale = (g.double().abs() + 1) * (b.double().abs() + 1) * (u.double().abs() + w.double().abs())
+    for x, y in zip(got, want):
+        assert x.dtype == dtype
+        err = (x.double() - y).abs()
+        tol = (1e-5 if dtype == torch.float32 else 2.0 ** -_BITS[dtype]) * scale + _tiny(dtype)
+        assert bool((err <= tol).all()), f"max error {err.max().item():.3g}"
 
 
 def _mlp(act: str, gated: bool) -> Mlp:
@@ -201,6 +232,24 @@ def _mlp(act: str, gated: bool) -> Mlp:
     cfg = preset("tiny", mods, dim=48, num_heads=3, encoder_depth=1, decoder_depth=1, act=act, gated_mlp=gated)
     torch.manual_seed(0)
     return FourM(cfg).encoder[0].mlp
+
+
+def test_model_mlp_runs_the_op_only_where_it_has_a_kernel():
+    mlp = _mlp("silu", True)
+    x = torch.randn(2, 7, 48)
+    calls = []
+    real = torch.ops.fourm_fast.swiglu.default
+    try:
+        import fourm_fast.model.blocks as blocks
+        blocks.swiglu = lambda a, b: calls.append(a.dtype) or real(a, b)
+        mlp(x)
+        y64 = mlp.double()(x.double())  # float64: no kernel, the two ops run
+        assert y64.dtype == torch.float64
+        torch._dynamo.reset()
+        torch.compile(mlp.float(), fullgraph=True)(x)  # compiled: Inductor fuses silu * mul itself
+    finally:
+        blocks.swiglu = swiglu
+    assert calls == [torch.float32]
 
 
 @pytest.mark.parametrize("act, gated", [("silu", True), ("gelu", True), ("silu", False), ("gelu", False)])
@@ -221,10 +270,23 @@ def test_cuda_gives_the_cpu_bits(dtype):
     cpu = (swiglu(a, b), *op_bwd(g, a, b))
     gpu = (swiglu(a.cuda(), b.cuda()), *op_bwd(g.cuda(), a.cuda(), b.cuda()))
     for x, y in zip(gpu, cpu):
-        assert x.device.type == "cuda" and x.dtype == dtype
-        nan = torch.isnan(y)
-        assert torch.equal(torch.isnan(x.cpu()), nan)
-        torch.testing.assert_close(x.cpu()[~nan], y[~nan], rtol=0, atol=0)
+        assert x.device.type == "cuda"
+        _assert_same_bits(x.cpu(), y)
+
+
+@requires_cuda
+def test_cuda_grid_stride_strided_empty_and_autograd():
+    n = 3_000_001  # past one pass of the grid (sms * 32 blocks of 256 threads)
+    a, b = _operands((n,), torch.bfloat16, seed=14)
+    _assert_same_bits(swiglu(a.cuda(), b.cuda()).cpu(), swiglu(a, b))
+    a2, b2 = _operands((61, 37), torch.float32, seed=15)
+    _assert_same_bits(swiglu(a2.cuda().t(), b2.cuda().t()).cpu(), swiglu(a2.t(), b2.t()))
+    assert swiglu(torch.empty(0, 5, device="cuda"), torch.empty(0, 5, device="cuda")).shape == (0, 5)
+    ac, bc = a2.cuda().requires_grad_(), b2.cuda().requires_grad_()
+    g = torch.randn(a2.shape)
+    swiglu(ac, bc).backward(g.cuda())
+    for x, y in zip((ac.grad, bc.grad), op_bwd(g, a2, b2)):
+        _assert_same_bits(x.cpu(), y)
 
 
 @requires_cuda
@@ -246,7 +308,4 @@ def test_16_bit_results_are_the_float32_results_rounded_once(cpu_isa, dtype):
     got = (swiglu(a, b), *op_bwd(g, a, b))
     want = (swiglu(a.float(), b.float()), *op_bwd(g.float(), a.float(), b.float()))
     for x, w in zip(got, want):
-        w = w.to(dtype)
-        nan = torch.isnan(w)
-        assert torch.equal(torch.isnan(x), nan)
-        assert torch.equal(x[~nan].view(torch.int16), w[~nan].view(torch.int16))
+        _assert_same_bits(x, w.to(dtype))

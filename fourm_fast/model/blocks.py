@@ -1,11 +1,19 @@
 """Pre-norm encoder and decoder blocks with 4M's structure and parameter names."""
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..nn import Attention, CrossAttention, LayerNorm
-from ..ops.swiglu import swiglu
+from .._extension import extension
+from ..ops.swiglu import SWIGLU_DTYPES, swiglu
+
+
+def _has_swiglu_kernel(a: Tensor, b: Tensor) -> bool:
+    if a.dtype not in SWIGLU_DTYPES or b.dtype != a.dtype:
+        return False
+    return a.device.type == "cpu" or (a.device.type == "cuda" and extension().build_info()["cuda_compiled"])
 from .config import FourMConfig
 
 
@@ -24,11 +32,14 @@ class Mlp(nn.Module):
 
     def hidden(self, a: Tensor, b: Tensor | None) -> Tensor:
         """The input of fc2 from a = fc1 x and (gated) b = fc3 x. SwiGLU runs as the fused
-        swiglu op; every caller (forward, the KV cache's few-row path) goes through here, so
-        they compute the same bits."""
+        swiglu op where it has a kernel (float32/bfloat16/float16 on the CPU, and on CUDA in a
+        build with CUDA kernels); a float64 model, other devices, and code under torch.compile
+        (whose Inductor fuses silu * mul itself, and with its neighbours) run the two ops. Every
+        caller (forward, the KV cache's few-row path) goes through here, so they compute the
+        same bits."""
         if not self.gated:
             return self.act(a)
-        if self.act is F.silu:
+        if self.act is F.silu and _has_swiglu_kernel(a, b) and not torch.compiler.is_compiling():
             return swiglu(a, b)
         return self.act(a) * b
 
