@@ -32,18 +32,6 @@ const SwigluTypedLoops<T>& typed(const SwigluLoops& l) {
   }
 }
 
-template <class F>
-void dispatch_dtype(at::ScalarType st, const F& f) {
-  switch (st) {
-    case at::kFloat:
-      return f(float());
-    case at::kBFloat16:
-      return f(c10::BFloat16());
-    default:
-      return f(c10::Half());  // the checks admit nothing else
-  }
-}
-
 at::Tensor swiglu_cpu(const at::Tensor& gate_in, const at::Tensor& up_in) {
   check_swiglu_tensors("swiglu", {{"gate", &gate_in}, {"up", &up_in}});
   const at::Tensor gate = gate_in.contiguous(), up = up_in.contiguous();
@@ -51,7 +39,7 @@ at::Tensor swiglu_cpu(const at::Tensor& gate_in, const at::Tensor& up_in) {
   const int64_t n = gate.numel();
   if (n == 0) return out;
   const SwigluLoops loops = swiglu_loops();
-  dispatch_dtype(gate.scalar_type(), [&](auto tag) {
+  swiglu_dtype_switch(gate.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     const auto fwd = typed<T>(loops).fwd;
     const T *a = gate.const_data_ptr<T>(), *b = up.const_data_ptr<T>();
@@ -70,7 +58,7 @@ std::tuple<at::Tensor, at::Tensor> swiglu_backward_cpu(const at::Tensor& grad_in
   const int64_t n = gate.numel();
   if (n == 0) return {grad_gate, grad_up};
   const SwigluLoops loops = swiglu_loops();
-  dispatch_dtype(gate.scalar_type(), [&](auto tag) {
+  swiglu_dtype_switch(gate.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     const auto bwd = typed<T>(loops).bwd;
     const T *g = grad.const_data_ptr<T>(), *a = gate.const_data_ptr<T>(), *b = up.const_data_ptr<T>();

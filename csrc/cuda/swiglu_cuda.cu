@@ -28,18 +28,6 @@ unsigned int grid_for(int64_t n) {
   return static_cast<unsigned int>(std::max<int64_t>(blocks, 1));
 }
 
-template <class F>
-void dispatch_dtype(at::ScalarType st, const F& f) {
-  switch (st) {
-    case at::kFloat:
-      return f(float());
-    case at::kBFloat16:
-      return f(c10::BFloat16());
-    default:
-      return f(c10::Half());  // the checks admit nothing else
-  }
-}
-
 at::Tensor swiglu_cuda(const at::Tensor& gate_in, const at::Tensor& up_in) {
   check_swiglu_tensors("swiglu", {{"gate", &gate_in}, {"up", &up_in}});
   const c10::cuda::CUDAGuard guard(gate_in.device());
@@ -48,7 +36,7 @@ at::Tensor swiglu_cuda(const at::Tensor& gate_in, const at::Tensor& up_in) {
   const int64_t n = gate.numel();
   if (n == 0) return out;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  dispatch_dtype(gate.scalar_type(), [&](auto tag) {
+  swiglu_dtype_switch(gate.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     swiglu_fwd_kernel<T><<<grid_for(n), kThreads, 0, stream>>>(gate.const_data_ptr<T>(), up.const_data_ptr<T>(),
                                                                 out.data_ptr<T>(), n);
@@ -67,7 +55,7 @@ std::tuple<at::Tensor, at::Tensor> swiglu_backward_cuda(const at::Tensor& grad_i
   const int64_t n = gate.numel();
   if (n == 0) return {grad_gate, grad_up};
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  dispatch_dtype(gate.scalar_type(), [&](auto tag) {
+  swiglu_dtype_switch(gate.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     swiglu_bwd_kernel<T><<<grid_for(n), kThreads, 0, stream>>>(grad.const_data_ptr<T>(), gate.const_data_ptr<T>(),
                                                                 up.const_data_ptr<T>(), grad_gate.data_ptr<T>(),
