@@ -1,6 +1,7 @@
 """sample_tokens / select_positions on the CPU: 4M parity, exact distribution, determinism, errors."""
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -324,6 +325,18 @@ def test_bad_inputs_raise_clear_errors():
         sample_tokens(x, temperature=torch.ones(3))
     with pytest.raises(TypeError, match="seed"):
         sample_tokens(x, seed=1.5)
+    # a bool tensor and a 1-element tensor were taken as seeds; the docs ask for a 0-d integer tensor
+    for bad_seed in (torch.tensor(True), torch.tensor([3]), torch.tensor(3 + 0j)):
+        with pytest.raises(TypeError, match="seed must be an integer scalar or a 0-d integer tensor"):
+            sample_tokens(x, seed=bad_seed)
+    # a complex temperature lost its imaginary part (with only torch's cast warning)
+    with pytest.raises(TypeError, match="temperature must hold real numbers"):
+        sample_tokens(x, temperature=torch.tensor(1 + 1j))
+    with pytest.raises(TypeError, match="top_p must be a number or a tensor, got str"):
+        sample_tokens(x, top_p="0.9")
+    # numpy scalars are numbers (np.float32 was refused while numpy integer seeds were taken)
+    assert torch.equal(sample_tokens(x, temperature=np.float32(0.5), seed=np.int64(4))[0],
+                       sample_tokens(x, temperature=0.5, seed=4)[0])
     with pytest.raises(ValueError, match="empty"):
         sample_tokens(torch.randn(3, 0))
     bad_rows = torch.tensor([1.0, -1.0, 1.0, 1.0])

@@ -390,3 +390,14 @@ def test_torch_compile_fullgraph():
     idx, dist = vq_lookup(z, cb)
     torch.testing.assert_close(q, cb[idx])
     torch.testing.assert_close(loss, dist.mean())
+
+
+def test_dequantize_and_select_positions_infer_shapes_on_meta_tensors():
+    # their eager value checks called .item() on meta tensors ("cannot be called on meta tensors")
+    from fourm_fast.ops import select_positions
+
+    codes = vq_dequantize(torch.zeros(3, 4, dtype=torch.long, device="meta"), torch.randn(7, 5, device="meta"))
+    assert codes.shape == (3, 4, 5) and codes.is_meta
+    chosen = select_positions(torch.randn(3, 10, device="meta"), torch.ones(3, 10, dtype=torch.bool, device="meta"),
+                              torch.tensor([1, 2, 3], device="meta"))
+    assert chosen.shape == (3, 10) and chosen.dtype == torch.bool and chosen.is_meta

@@ -24,6 +24,16 @@ class LayerNorm(nn.Module):
         return torch.nn.functional.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
 
 
+def _check_heads(name: str, dim: int, num_heads: int) -> None:
+    if num_heads < 1 or dim < 1 or dim % num_heads != 0:
+        raise ValueError(f"{name}: dim {dim} must be a positive multiple of num_heads {num_heads} (>= 1)")
+
+
+def _check_input(name: str, x: Tensor, dim: int) -> None:
+    if x.dim() != 3 or x.shape[-1] != dim:
+        raise ValueError(f"{name}: expected a (B, N, {dim}) tensor, got shape {tuple(x.shape)}")
+
+
 def _head_norm(head_dim: int) -> LayerNorm:
     return LayerNorm(head_dim, eps=1e-6, bias=False)
 
@@ -43,8 +53,7 @@ class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, proj_bias: bool = False,
                  backend: str | None = None, qk_norm: bool = False):
         super().__init__()
-        if dim % num_heads != 0:
-            raise ValueError(f"Attention: dim {dim} is not divisible by num_heads {num_heads}")
+        _check_heads("Attention", dim, num_heads)
         self.num_heads = num_heads
         self.backend = backend
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
@@ -55,6 +64,7 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, k_valid: Tensor | None = None, segment: Tensor | None = None,
                 limit: Tensor | None = None, rank: Tensor | None = None) -> Tensor:
+        _check_input("Attention", x, self.qkv.in_features)
         B, N, C = x.shape
         # unbind, not qkv[0], qkv[1], qkv[2]: its backward stacks the three gradients in one op, where
         # three selects each zero-fill a full-size gradient and autograd then adds them
@@ -78,8 +88,7 @@ class CrossAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, proj_bias: bool = False,
                  backend: str | None = None, qk_norm: bool = False):
         super().__init__()
-        if dim % num_heads != 0:
-            raise ValueError(f"CrossAttention: dim {dim} is not divisible by num_heads {num_heads}")
+        _check_heads("CrossAttention", dim, num_heads)
         self.num_heads = num_heads
         self.backend = backend
         self.q = nn.Linear(dim, dim, bias=qkv_bias)
@@ -89,6 +98,10 @@ class CrossAttention(nn.Module):
         self.k_norm = _head_norm(dim // num_heads) if qk_norm else None
 
     def forward(self, x: Tensor, context: Tensor, context_valid: Tensor | None = None) -> Tensor:
+        _check_input("CrossAttention", x, self.q.in_features)
+        _check_input("CrossAttention", context, self.kv.in_features)
+        if context.shape[0] != x.shape[0]:
+            raise ValueError(f"CrossAttention: x has batch {x.shape[0]} but context has batch {context.shape[0]}")
         B, Nq, C = x.shape
         Nk = context.shape[1]
         h = self.num_heads

@@ -12,6 +12,7 @@ under torch.compile when it is traced: compiled code keeps the backend it was tr
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import warnings
 from dataclasses import dataclass
@@ -21,6 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..reference.attention import visible_mask
+
+_FLOAT32_MAX = torch.finfo(torch.float32).max
 
 _SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -257,9 +260,15 @@ def masked_attention(q: Tensor, k: Tensor, v: Tensor, k_valid: Tensor, q_segment
         if isinstance(scale, Tensor) and scale.requires_grad and torch.is_grad_enabled():
             raise TypeError("masked_attention: scale is a number; a tensor that requires grad would get no "
                             "gradient (scale q instead: masked_attention(q * s, k, v, ..., scale=1.0))")
+        if isinstance(scale, (bool, str)) or not isinstance(scale, (numbers.Real, Tensor)):
+            raise TypeError(f"masked_attention: scale must be a real number, got {type(scale).__name__}")
+        if isinstance(scale, Tensor) and (scale.numel() != 1 or scale.dtype.is_complex or scale.dtype == torch.bool):
+            raise TypeError(f"masked_attention: scale must be a real number or a one-element real tensor, got a "
+                            f"{scale.dtype} tensor of shape {tuple(scale.shape)}")
         scale = float(scale)
-        if not math.isfinite(scale):
-            raise ValueError(f"masked_attention: scale must be finite, got {scale}")
+        # the kernels take it as a float32: a double beyond float32's range would become inf there
+        if not math.isfinite(scale) or abs(scale) > _FLOAT32_MAX:
+            raise ValueError(f"masked_attention: scale must be finite in float32 (|scale| <= {_FLOAT32_MAX:.4g}), got {scale}")
     a = AttentionInputs(q, k, v, k_valid, q_segment, k_segment, q_limit, k_rank, scale)
     chosen = select_backend(a, backend)
     if chosen.name != "fourm_fast":

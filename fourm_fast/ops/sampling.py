@@ -1,6 +1,8 @@
 """Token sampling for generation steps: CFG, top-k / top-p / min-p, temperature, Philox draws."""
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch import Tensor
 
@@ -12,19 +14,23 @@ ParamLike = float | int | Tensor
 
 def _param(value: ParamLike, name: str, R: int, device: torch.device) -> Tensor:
     if isinstance(value, Tensor):
+        if value.dtype.is_complex or value.dtype == torch.bool:
+            raise TypeError(f"sample_tokens: {name} must hold real numbers, got a {value.dtype} tensor")
         if value.dim() not in (0, 1) or (value.dim() == 1 and value.shape[0] != R):
             raise ValueError(f"sample_tokens: {name} must be a scalar or have one value per row ({R}), got shape {tuple(value.shape)}")
         return value.detach().to(device=device, dtype=torch.float32)  # a gradient is refused by the caller
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    # numbers.Real takes numpy scalars too; bool is an int to Python but never a setting here
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"sample_tokens: {name} must be a number or a tensor, got {type(value).__name__}")
     return torch.full((), float(value), dtype=torch.float32, device=device)
 
 
 def _counter(value: int | Tensor, name: str, device: torch.device) -> Tensor:
     if isinstance(value, Tensor):
-        if value.numel() != 1 or value.dtype.is_floating_point:
-            raise TypeError(f"sample_tokens: {name} must be an integer scalar or a 0-d integer tensor")
-        return value.to(device=device, dtype=torch.int64).reshape(())
+        if value.dim() != 0 or value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool:
+            raise TypeError(f"sample_tokens: {name} must be an integer scalar or a 0-d integer tensor, got a "
+                            f"{value.dtype} tensor of shape {tuple(value.shape)}")
+        return value.to(device=device, dtype=torch.int64)
     return torch.full((), int64_counter(value, name, "sample_tokens"), dtype=torch.int64, device=device)
 
 
@@ -43,7 +49,10 @@ def sample_tokens(
     """Draw one token per row (4M's sampling step, fused).
 
     Args:
-        logits: ``(R, V)`` float32 / bfloat16 / float16; finite or -inf (masked).
+        logits: ``(R, V)`` float32 / bfloat16 / float16; finite or -inf (masked). ``g - max`` is
+            formed in float32 before the temperature divides it, so a row whose finite logits
+            span more than float32's range (~3.4e38) gives the low ones weight 0 at any
+            temperature.
         temperature: ``>= 0``; 0 means argmax with probability 1.
         top_k: 0 (off), a count ``>= 1``, or a fraction of V in (0, 1) as in 4M, at least one token
             (a Python float fraction is resolved in double precision like 4M; a tensor fraction in float32).
@@ -170,7 +179,7 @@ def select_positions(confidence: Tensor, candidates: Tensor, num_select: Tensor)
         num_select = num_select.expand(confidence.shape[0])
     if num_select.shape != (confidence.shape[0],) or num_select.dtype.is_floating_point or num_select.dtype == torch.bool:
         raise ValueError(f"select_positions: num_select must be integer counts of shape ({confidence.shape[0]},), got {num_select.dtype} {tuple(num_select.shape)}")
-    if not torch.compiler.is_compiling():
+    if not torch.compiler.is_compiling() and not confidence.is_meta:  # meta tensors hold no values
         if bool((num_select < 0).any()):
             raise ValueError("select_positions: num_select must be >= 0")
         if bool((torch.isnan(confidence) & candidates).any()):

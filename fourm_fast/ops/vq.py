@@ -133,7 +133,8 @@ def vq_dequantize(indices: Tensor, codebook: Tensor, *, validate: bool = True) -
         raise ValueError(
             f"vq_dequantize: indices and codebook must be on the same device, got {indices.device} and {codebook.device}"
         )
-    if validate and indices.numel() > 0 and not torch.compiler.is_compiling():
+    # meta tensors hold no values to check (shape inference)
+    if validate and indices.numel() > 0 and not torch.compiler.is_compiling() and not indices.is_meta:
         lo, hi = (int(v) for v in torch.aminmax(indices))
         K = codebook.shape[0]
         if lo < 0 or hi >= K:
