@@ -345,7 +345,7 @@ def test_bad_inputs_raise_clear_errors():
         masked_attention(q, q, q, kv, q_segment=seg.to("meta"), k_segment=seg)
     with pytest.raises(ValueError, match="head dim must be positive"):
         masked_attention(q[..., :0], q[..., :0], q[..., :0], kv)
-    for bad_scale in (math.nan, math.inf, 1e39, -3.5e38):  # finite doubles past float32 gave all-NaN outputs
+    for bad_scale in (math.nan, math.inf, 1e39, -3.5e38, 10**400):  # finite doubles past float32 gave all-NaN outputs
         with pytest.raises(ValueError, match="scale must be finite in float32"):
             masked_attention(q, q, q, kv, scale=bad_scale)
     for bad_scale in ("0.3", True, torch.ones(2), torch.tensor(1 + 1j)):  # a string and a bool were taken as numbers
@@ -353,6 +353,10 @@ def test_bad_inputs_raise_clear_errors():
             masked_attention(q, q, q, kv, scale=bad_scale)
     torch.testing.assert_close(masked_attention(q, q, q, kv, scale=np.float32(0.5)),
                                masked_attention(q, q, q, kv, scale=0.5))
+    # a scale made of a symbolic shape while tracing (the type check refused SymFloat)
+    from torch.fx.experimental.proxy_tensor import make_fx
+    traced = make_fx(lambda q, kv: masked_attention(q, q, q, kv, scale=q.shape[-1] ** -0.5), tracing_mode="symbolic")(q, kv)
+    torch.testing.assert_close(traced(q, kv), masked_attention(q, q, q, kv))
     with pytest.raises(ValueError, match="head counts differ"):
         masked_attention(q, torch.randn(2, 4, 5, 8), torch.randn(2, 4, 5, 8), kv)
     with pytest.raises(ValueError, match="batch sizes differ"):
@@ -696,7 +700,7 @@ def test_attention_modules_refuse_bad_shapes_with_clear_errors():
 
     for cls in (Attention, CrossAttention):
         for dim, heads in ((24, 0), (24, 5), (0, 1)):
-            with pytest.raises(ValueError, match=f"{cls.__name__}: dim {dim} must be a positive multiple of num_heads {heads}"):
+            with pytest.raises(ValueError, match=f"{cls.__name__}: num_heads must be >= 1 and divide dim >= 1; got dim {dim}, num_heads {heads}"):
                 cls(dim, heads)
     attn, cross = Attention(24, 3), CrossAttention(24, 3)
     with pytest.raises(ValueError, match=r"Attention: expected a \(B, N, 24\) tensor, got shape \(7, 24\)"):
@@ -705,5 +709,5 @@ def test_attention_modules_refuse_bad_shapes_with_clear_errors():
         attn(torch.randn(2, 7, 25))
     with pytest.raises(ValueError, match="CrossAttention: x has batch 2 but context has batch 3"):
         cross(torch.randn(2, 7, 24), torch.randn(3, 5, 24))
-    with pytest.raises(ValueError, match=r"CrossAttention: expected a \(B, N, 24\) tensor, got shape \(3, 5, 8\)"):
+    with pytest.raises(ValueError, match=r"CrossAttention context: expected a \(B, N, 24\) tensor, got shape \(3, 5, 8\)"):
         cross(torch.randn(3, 7, 24), torch.randn(3, 5, 8))

@@ -334,6 +334,11 @@ def test_bad_inputs_raise_clear_errors():
         sample_tokens(x, temperature=torch.tensor(1 + 1j))
     with pytest.raises(TypeError, match="top_p must be a number or a tensor, got str"):
         sample_tokens(x, top_p="0.9")
+    # a numpy guidance scale without uncond_logits is refused like a Python one (numpy floats
+    # became numbers here, and the guidance check still knew only int and float)
+    for scale in (np.float32(2.0), np.int64(2)):
+        with pytest.raises(ValueError, match="guides towards logits"):
+            sample_tokens(x, cfg_scale=scale)
     # numpy scalars are numbers (np.float32 was refused while numpy integer seeds were taken)
     assert torch.equal(sample_tokens(x, temperature=np.float32(0.5), seed=np.int64(4))[0],
                        sample_tokens(x, temperature=0.5, seed=4)[0])

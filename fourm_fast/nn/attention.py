@@ -26,7 +26,7 @@ class LayerNorm(nn.Module):
 
 def _check_heads(name: str, dim: int, num_heads: int) -> None:
     if num_heads < 1 or dim < 1 or dim % num_heads != 0:
-        raise ValueError(f"{name}: dim {dim} must be a positive multiple of num_heads {num_heads} (>= 1)")
+        raise ValueError(f"{name}: num_heads must be >= 1 and divide dim >= 1; got dim {dim}, num_heads {num_heads}")
 
 
 def _check_input(name: str, x: Tensor, dim: int) -> None:
@@ -98,8 +98,8 @@ class CrossAttention(nn.Module):
         self.k_norm = _head_norm(dim // num_heads) if qk_norm else None
 
     def forward(self, x: Tensor, context: Tensor, context_valid: Tensor | None = None) -> Tensor:
-        _check_input("CrossAttention", x, self.q.in_features)
-        _check_input("CrossAttention", context, self.kv.in_features)
+        _check_input("CrossAttention x", x, self.q.in_features)
+        _check_input("CrossAttention context", context, self.kv.in_features)
         if context.shape[0] != x.shape[0]:
             raise ValueError(f"CrossAttention: x has batch {x.shape[0]} but context has batch {context.shape[0]}")
         B, Nq, C = x.shape

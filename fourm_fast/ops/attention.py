@@ -221,7 +221,7 @@ def masked_attention(q: Tensor, k: Tensor, v: Tensor, k_valid: Tensor, q_segment
         k_valid: ``(B, Nk)`` bool, False for padding keys.
         q_segment, k_segment: ``(B, Nq)``, ``(B, Nk)`` int32 or None: attend within a segment only.
         q_limit, k_rank: ``(B, Nq)``, ``(B, Nk)`` int32 or None: key j visible iff k_rank[j] <= q_limit[i].
-        scale: score scale, default ``d ** -0.5``.
+        scale: score scale, default ``d ** -0.5``; a real number within float32's range.
         backend: "fourm_fast", "flash_attn", "sdpa_dense" or None (first that fits).
 
     Under autocast, q, k and v run in the autocast dtype (as SDPA does); float64 is left alone.
@@ -260,13 +260,18 @@ def masked_attention(q: Tensor, k: Tensor, v: Tensor, k_valid: Tensor, q_segment
         if isinstance(scale, Tensor) and scale.requires_grad and torch.is_grad_enabled():
             raise TypeError("masked_attention: scale is a number; a tensor that requires grad would get no "
                             "gradient (scale q instead: masked_attention(q * s, k, v, ..., scale=1.0))")
-        if isinstance(scale, (bool, str)) or not isinstance(scale, (numbers.Real, Tensor)):
+        # SymFloat / SymInt: a scale made of a symbolic shape while tracing (make_fx, export)
+        if isinstance(scale, (bool, str)) or not isinstance(scale, (numbers.Real, Tensor, torch.SymFloat, torch.SymInt)):
             raise TypeError(f"masked_attention: scale must be a real number, got {type(scale).__name__}")
         if isinstance(scale, Tensor) and (scale.numel() != 1 or scale.dtype.is_complex or scale.dtype == torch.bool):
             raise TypeError(f"masked_attention: scale must be a real number or a one-element real tensor, got a "
                             f"{scale.dtype} tensor of shape {tuple(scale.shape)}")
-        scale = float(scale)
+        try:
+            scale = float(scale)
+        except OverflowError:  # an int beyond a double
+            scale = math.inf
         # the kernels take it as a float32: a double beyond float32's range would become inf there
+        # (scores times a finite scale can still overflow: values are not checked, see above)
         if not math.isfinite(scale) or abs(scale) > _FLOAT32_MAX:
             raise ValueError(f"masked_attention: scale must be finite in float32 (|scale| <= {_FLOAT32_MAX:.4g}), got {scale}")
     a = AttentionInputs(q, k, v, k_valid, q_segment, k_segment, q_limit, k_rank, scale)

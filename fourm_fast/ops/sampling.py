@@ -80,11 +80,11 @@ def sample_tokens(
     if not isinstance(logits, Tensor) or logits.dim() != 2:
         raise ValueError(f"sample_tokens: logits must be a 2-D (R, V) tensor, got {getattr(logits, 'shape', type(logits))}")
     R, dev = logits.shape[0], logits.device
-    numeric = isinstance(cfg_scale, (int, float)) and not isinstance(cfg_scale, bool)
+    numeric = isinstance(cfg_scale, numbers.Real) and not isinstance(cfg_scale, bool)
     if uncond_logits is None and (isinstance(cfg_scale, Tensor) or (numeric and cfg_scale != 1.0)):
         raise ValueError(f"sample_tokens: cfg_scale {cfg_scale if not isinstance(cfg_scale, Tensor) else '(a tensor)'} "
                          "guides towards logits and away from uncond_logits, which were not given")
-    if isinstance(top_k, float) and 0.0 < top_k < 1.0:
+    if isinstance(top_k, numbers.Real) and not isinstance(top_k, numbers.Integral) and 0.0 < top_k < 1.0:
         # 4M's fraction rule in Python's double precision: 0.01 * 1000 is 10 here, while the same
         # fraction rounded to the op's float32 parameters would give 9. At least 1: a fraction of a
         # small vocabulary rounding to 0 turned filtering off (0 means "no top-k").
