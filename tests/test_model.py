@@ -521,3 +521,38 @@ def test_from_ml4m_refuses_a_string_for_a_list_of_domains():
     sd = load_safetensors("fourm_tiny_A.safetensors")
     with pytest.raises(ValueError, match="domains_in must be a list of modality names, got 'caption'"):
         FourM.from_ml4m(sd, {**ml4m_config(), "domains_in": "caption"})
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_tied_table_gradients_meet_in_place_and_match_autograds_product(precision, monkeypatch):
+    # The head's product returns a fresh (V, dim) weight gradient, so the caption table's two
+    # gradients (head, decoder lookup) are summed in place; autograd's own y @ W.T returned a
+    # transposed view, and the sum was a third V x dim tensor. Same gradients either way.
+    import fourm_fast.model.fourm as fm
+    from torch.profiler import ProfilerActivity, profile
+
+    layout, tokens, sentinels = sampled_batch()
+    model = tiny_model()
+    native = batch_from_layout(layout, layout.build_buffer(tokens, sentinels, pad_id=0), model.modalities)
+    ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "bf16" else (lambda: torch.autocast("cpu", enabled=False))
+
+    def grads():
+        model.zero_grad(set_to_none=True)
+        with ctx():
+            loss, _ = model(native, "mod")
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            loss.backward()
+        table = model.decoder_embeddings["caption"].token_emb.weight
+        v_by_d = [list(table.shape)] * 2
+        copies = sum(e.count for e in prof.key_averages(group_by_input_shape=True)
+                     if e.key == "aten::add" and e.input_shapes[:2] == v_by_d)
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, copies
+
+    new, new_copies = grads()
+    monkeypatch.setattr(fm, "_chunk_ce_sum", lambda y, w, t: torch.nn.functional.cross_entropy(y @ w.t(), t, reduction="sum"))
+    old, old_copies = grads()
+    assert (new_copies, old_copies) == (0, 1)
+    assert new.keys() == old.keys()
+    tol = dict(rtol=1e-5, atol=1e-6) if precision == "fp32" else dict(rtol=2e-2, atol=2e-3)
+    for name in new:
+        torch.testing.assert_close(new[name], old[name], **tol, msg=name)

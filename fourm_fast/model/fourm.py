@@ -28,8 +28,35 @@ LOSS_CHUNK = 8192  # decoder rows per logits chunk in the loss
 RECOMPUTE_ELEMENTS = 1 << 24  # chunks with more logits than this are recomputed in backward, not stored
 
 
+class _HeadLogits(torch.autograd.Function):
+    """``y @ weight.T`` whose weight gradient is a fresh contiguous ``(V, dim)`` tensor.
+
+    Autograd's own product returns that gradient as the transpose of a ``(dim, V)`` product, a
+    view it cannot add into in place. A sequence modality's table is both the head and the
+    decoder's token lookup, so its two gradients meet, and the sum was a third V x dim tensor
+    each step (30000 x 384 float32: allocated, page-faulted and written, ~12 ms a CPU step of
+    bench_train's case). Under autocast the product runs in the autocast dtype as before, and
+    the backward products take that dtype too (the engine casts the gradients to the inputs').
+    """
+
+    @staticmethod
+    def forward(y: Tensor, weight: Tensor) -> Tensor:
+        return y @ weight.t()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        y, weight = ctx.saved_tensors
+        grad_y = g @ weight.to(g.dtype) if ctx.needs_input_grad[0] else None
+        grad_w = g.t() @ y.to(g.dtype) if ctx.needs_input_grad[1] else None
+        return grad_y, grad_w
+
+
 def _chunk_ce_sum(y: Tensor, weight: Tensor, targets: Tensor) -> Tensor:
-    return F.cross_entropy(y @ weight.t(), targets, reduction="sum")
+    return F.cross_entropy(_HeadLogits.apply(y, weight), targets, reduction="sum")
 
 
 class FourM(nn.Module):
