@@ -703,3 +703,23 @@ def test_one_generator_many_states_matches_fresh_generators(model):
         st = fresh.new_state(2)
         st.set_image("rgb", torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(i)))
         assert torch.equal(fresh.generate(st, [TargetSpec("depth", "maskgit", steps=2)], seed=0).tokens["depth"], outs[i])
+
+
+def test_onex_steps_past_the_token_count_keep_its_coolest_temperature():
+    # 4M's onex gives one temperature per token; the steps past them committed tokens at
+    # spec.temperature, the hottest value of the schedule
+    table = per_sample_table(TargetSpec("rgb", steps=32, temp_schedule="onex:0.1:0.5", temperature=3.0), [16])
+    committing = table.temps[table.counts[:, 0] > 0, 0]
+    assert table.counts[:, 0].sum() == 16
+    assert np.all(np.diff(committing) <= 1e-12), committing
+    assert committing[-1] == pytest.approx(0.1)
+
+
+def test_a_bad_seed_leaves_the_state_as_it_was(model):
+    g = Generator(model, SENTINELS)
+    st = g.new_state(2)
+    st.set_image("rgb", torch.randint(0, 64, (2, 16)))
+    before = set(st.tokens)
+    with pytest.raises(ValueError, match="seed must fit in 64 bits"):
+        g.generate(st, [TargetSpec("caption", "autoregressive"), TargetSpec("depth")], seed=2**64)
+    assert set(st.tokens) == before  # the targets' empty entries were added before the seed was checked

@@ -556,3 +556,87 @@ def test_tied_table_gradients_meet_in_place_and_match_autograds_product(precisio
     tol = dict(rtol=1e-5, atol=1e-6) if precision == "fp32" else dict(rtol=2e-2, atol=2e-3)
     for name in new:
         torch.testing.assert_close(new[name], old[name], **tol, msg=name)
+
+
+# ---- malformed batches (a hostile-input review: each ran and returned a loss before) ----------
+
+def _native(model):
+    layout, tokens, sentinels = sampled_batch()
+    return batch_from_layout(layout, layout.build_buffer(tokens, sentinels, pad_id=0), model.modalities)
+
+
+@pytest.mark.parametrize("flags", [dict(decoder_sep_mask=False), dict(decoder_causal_mask=True)])
+def test_a_native_batch_refuses_a_model_with_another_decoder_mask(flags):
+    # batch_from_layout's metadata is 4M's default rule; the flags were silently ignored
+    model = tiny_model(**flags)
+    with pytest.raises(ValueError, match=r"decoder_sep_mask, decoder_causal_mask\) = \(True, False\), but this model has"):
+        model(_native(model))
+    with pytest.raises(ValueError, match="but this model has"):
+        model.logits(_native(model))
+
+
+def test_inconsistent_decoder_counts_and_shapes_are_refused():
+    import dataclasses
+
+    model = tiny_model()
+    b = _native(model)
+    n = b.dec_order.numel()
+    with pytest.raises(ValueError, match=f"dec_counts \\[1, 1, 1\\] add up to 3, but dec_order lists {n} slots"):
+        model(dataclasses.replace(b, dec_counts=[1, 1, 1]))
+    with pytest.raises(ValueError, match="dec_counts must hold 3 ints >= 0"):
+        model(dataclasses.replace(b, dec_counts=[-1, n + 1, 0]))
+    with pytest.raises(ValueError, match="counts must hold 3 ints >= 0"):  # was IndexError
+        model(b, counts=[n])
+    wide = torch.zeros(b.dec_targets.shape[0], b.dec_targets.shape[1] + 5, dtype=b.dec_targets.dtype)
+    with pytest.raises(ValueError, match="the dec_\\* slot tensors must share one \\(B, N\\) shape"):
+        model(dataclasses.replace(b, dec_targets=wide))
+    with pytest.raises(ValueError, match="the enc_\\* slot tensors must share one"):
+        model(dataclasses.replace(b, enc_position=b.enc_position[:, :-1]))
+
+
+def test_a_target_of_minus_100_raises_like_any_id_outside_the_vocabulary():
+    # cross_entropy skipped it (its default ignore_index) while the mean still counted it
+    import dataclasses
+
+    model = tiny_model()
+    b = _native(model)
+    t = b.dec_targets.clone()
+    t.view(-1)[b.dec_order[0]] = -100
+    with pytest.raises((IndexError, RuntimeError), match="out of bounds"):
+        model(dataclasses.replace(b, dec_targets=t))
+
+
+def test_padding_slots_may_hold_anything_and_a_bad_valid_modality_gets_the_models_message():
+    import dataclasses
+
+    model = tiny_model().eval()
+    b = _native(model)
+    with torch.no_grad():
+        clean, _ = model(b)
+        wild = dataclasses.replace(
+            b, enc_position=torch.where(b.enc_valid, b.enc_position, 10**6),
+            enc_modality=torch.where(b.enc_valid, b.enc_modality, 99),
+            dec_position=torch.where(b.dec_valid, b.dec_position, -(10**6)),
+            dec_modality=torch.where(b.dec_valid, b.dec_modality, -7))
+        assert not bool(b.enc_valid.all()) and not bool(b.dec_valid.all())
+        torch.testing.assert_close(model(wild)[0], clean, rtol=0, atol=0)  # was IndexError
+        bad = b.enc_modality.clone()
+        bad[b.enc_valid] = 7
+        with pytest.raises(RuntimeError, match="FourM: a valid enc_\\* slot has a modality the encoder does not embed"):
+            model(dataclasses.replace(b, enc_modality=bad))
+
+
+def test_ml4m_masks_of_another_size_than_the_tensor_are_refused(tiny_a):
+    model, mod_dict, _ = tiny_a
+    name = next(iter(mod_dict))
+    for key in ("input_mask", "target_mask", "decoder_attention_mask"):
+        broken = {n: dict(d) for n, d in mod_dict.items()}
+        broken[name][key] = broken[name][key][:, :-3]
+        with pytest.raises(ValueError, match=f"forward_ml4m: {name}'s {key} has shape"):
+            model.forward_ml4m(broken, 128, 128)
+
+
+def test_from_ml4m_refuses_flags_that_are_not_booleans():
+    sd = load_safetensors("fourm_tiny_A.safetensors")
+    with pytest.raises(ValueError, match="from_ml4m: decoder_sep_mask must be true or false, got 'false'"):
+        FourM.from_ml4m(sd, {**ml4m_config(), "decoder_sep_mask": "false"})  # bool("false") was True

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from ..nn.few_rows import FEW_ROWS_MAX, few_rows_layer
+from ..ops.masking import int64_counter
 from ..ops.sampling import sample_tokens, select_positions
 from .kv_cache import CachedDecoder, UncachedDecoder
 from .schedules import TargetSpec, per_sample_table
@@ -156,6 +157,8 @@ class Generator:
     def generate(self, state: GenerationState, targets: list[TargetSpec], seed: int = 0) -> GenerationState:
         """Generate each target in turn; later targets see earlier ones. Modifies and returns state.
         Every target is checked before any is generated (a bad last target leaves the state as it was)."""
+        # the seed too: sample_tokens checked it only after the targets' empty entries were added
+        int64_counter(seed, "seed", "generate")
         names = [spec.name for spec in targets]
         twice = sorted({n for n in names if names.count(n) > 1})
         if twice:

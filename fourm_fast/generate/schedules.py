@@ -213,8 +213,11 @@ def build_chained_schedule(cond_domains: list[str], targets: list[TargetSpec], t
                            cfg_grow_conditioning: bool = False) -> list[dict]:
     """The flat per-step schedule 4M's build_chained_generation_schedules returns, from our specs:
     one dict per step with target_domain, scheme, num_tokens (None for autoregressive),
-    temperature, cfg_scale, cfg_cond_domains. The generator computes the same tables per sample;
-    this function states the batch-level schedule for comparison with the reference."""
+    temperature, cfg_scale, cfg_cond_domains. The generator computes the same tables per sample
+    (per_sample_table), except where 4M's onex gives fewer temperatures than there are steps
+    (more steps than tokens): 4M's zip drops the steps past them, the generator keeps them at
+    onex's last temperature. This function states the batch-level schedule for comparison with
+    the reference."""
     if len(targets) != len(tokens_per_target):
         raise ValueError("build_chained_schedule: one token count per target")
     cond = list(cond_domains)
@@ -259,6 +262,11 @@ def per_sample_table(spec: TargetSpec, unknown: list[int]) -> StepTable:
         tok, temp = cache[n]
         counts[: len(tok), b] = _feasible(tok, n)
         temps[: len(temp), b] = temp[: len(tok)]
+        if 0 < len(temp) < len(tok):
+            # 4M's onex gives one temperature per token; with more steps than tokens the steps past
+            # them (4M's zip drops them) still commit tokens here, at its last, coolest value (they
+            # took spec.temperature, the hottest)
+            temps[len(temp): len(tok), b] = temp[-1]
     return StepTable(counts, temps)
 
 

@@ -17,7 +17,9 @@ class FourMBatch:
     token as target. dec_segment / dec_rank / dec_limit are masked_attention metadata (segments
     None when the decoder attends across modalities). ``dec_order`` lists the valid decoder
     slots (flattened b * N + j) grouped by modality, with ``dec_counts[m]`` slots for modality m:
-    host-side ints so the loss slices without a device sync.
+    host-side ints so the loss slices without a device sync. ``decoder_mask``: the decoder
+    masking rule the metadata encodes, ``(sep, causal)`` as FourMConfig's decoder_sep_mask and
+    decoder_causal_mask (None: not stated); FourM refuses a batch whose rule is not its own.
     """
 
     enc_ids: Tensor
@@ -34,6 +36,7 @@ class FourMBatch:
     dec_limit: Tensor | None
     dec_order: Tensor
     dec_counts: list[int]
+    decoder_mask: tuple[bool, bool] | None = None
 
     def to(self, device, non_blocking: bool = False) -> "FourMBatch":
         out = {}
@@ -91,5 +94,7 @@ def batch_from_layout(layout, buffer: Tensor, model_modalities: list[str]) -> Fo
     limit = torch.where(dec_valid, s.dec_limit, torch.full_like(s.dec_limit, -1))
     dec_mod = remap[s.dec_modality.long()]
     order, counts = decoder_order(dec_mod, dec_valid, len(model_modalities))
+    # the sampler's metadata is 4M's default rule: attention within a modality, causal inside a
+    # sequence (FourMConfig's decoder_sep_mask=True, decoder_causal_mask=False)
     return FourMBatch(enc_ids, enc_mod, enc_pos, s.enc_valid, dec_ids, dec_targets, dec_mod, dec_pos, dec_valid,
-                      s.dec_segment, s.dec_rank, limit, order, counts)
+                      s.dec_segment, s.dec_rank, limit, order, counts, decoder_mask=(True, False))

@@ -55,8 +55,14 @@ class _HeadLogits(torch.autograd.Function):
         return grad_y, grad_w
 
 
+# cross_entropy skips targets equal to its ignore_index (-100 by default) while the loss still
+# divides by the count: no target id may be skipped, so the index is one no int64 id equals
+# except its minimum, and -100 now raises as any other id outside the vocabulary does.
+_NO_IGNORED_TARGET = -(2**63)
+
+
 def _chunk_ce_sum(y: Tensor, weight: Tensor, targets: Tensor) -> Tensor:
-    return F.cross_entropy(_HeadLogits.apply(y, weight), targets, reduction="sum")
+    return F.cross_entropy(_HeadLogits.apply(y, weight), targets, reduction="sum", ignore_index=_NO_IGNORED_TARGET)
 
 
 class FourM(nn.Module):
@@ -146,39 +152,47 @@ class FourM(nn.Module):
             out = x if out is None else torch.where((mod == i)[..., None], x, out)
         return out
 
-    def _check_slots(self, side: str, ids: Tensor, pos: Tensor, mod: Tensor, valid: Tensor, ids_used: Tensor | bool) -> None:
-        """Valid slots must name a modality this side embeds, a position it has and (where the id
-        is embedded) an id in its vocabulary. The lookups clamp ids and index one concatenated
-        position table, so a bad slot read a neighbour's row silently. The check stays on the
-        device (no host sync): an assert raises on the CPU, a device-side assert on CUDA."""
+    def _checked_slots(self, side: str, ids: Tensor, pos: Tensor, mod: Tensor, valid: Tensor,
+                       sequence_ids_only: bool) -> tuple[Tensor, Tensor]:
+        """(modality, position) safe to index with, after checking the slots.
+
+        Valid slots must name a modality of the model that this side embeds, a position it has
+        and (where the id is embedded) an id in its vocabulary. The lookups clamp ids and index
+        one concatenated position table, so a bad slot read a neighbour's row silently. The check
+        stays on the device (no host sync): an assert raises on the CPU, a device-side assert on
+        CUDA. Invalid (padding) slots are unused, whatever they hold: their modality and position
+        are clamped into range so that no lookup indexes outside a table."""
+        mod_ok = (mod >= 0) & (mod < len(self.modalities))
+        mod = mod.clamp(0, len(self.modalities) - 1)
         npos, nvocab = getattr(self, f"_{side}_pos_count")[mod], getattr(self, f"_{side}_vocab_size")[mod]
-        bad = valid & ((pos < 0) | (pos >= npos) | (ids_used & ((ids < 0) | (ids >= nvocab))))
+        ids_used = self._is_sequence[mod] if sequence_ids_only else True
+        bad = valid & (~mod_ok | (pos < 0) | (pos >= npos) | (ids_used & ((ids < 0) | (ids >= nvocab))))
         torch._assert_async(~bad.any(), f"FourM: a valid {side}_* slot has a modality the "
                             f"{'encoder' if side == 'enc' else 'decoder'} does not embed, a position beyond its "
                             "modality's or a token id outside its vocabulary")
+        return mod, torch.minimum(pos.clamp(min=0), (npos - 1).clamp(min=0))
 
     def embed_encoder(self, b: FourMBatch) -> tuple[Tensor, Tensor]:
-        mod = b.enc_modality.long()
-        self._check_slots("enc", b.enc_ids, b.enc_position, mod, b.enc_valid, True)
+        mod, pos = self._checked_slots("enc", b.enc_ids, b.enc_position.long(), b.enc_modality.long(), b.enc_valid, False)
         x = self._lookup(self.encoder_embeddings, b.enc_ids.long(), mod)
-        emb = self._enc_pos_table[self._enc_pos_offset[mod] + b.enc_position.long()] + self._mod_emb(self.encoder_embeddings, mod)
+        emb = self._enc_pos_table[self._enc_pos_offset[mod] + pos] + self._mod_emb(self.encoder_embeddings, mod)
         keep = b.enc_valid[..., None]
         return torch.where(keep, x, 0.0), torch.where(keep, emb, 0.0)
 
     def embed_decoder(self, b: FourMBatch, check: bool = True) -> tuple[Tensor, Tensor]:
         """check=False: the caller vouches for the slots (the KV cache's step, whose ids are the
         start sentinel or tokens sampled from the head's own vocabulary, at a position it bounds)."""
-        mod = b.dec_modality.long()
+        mod, pos = b.dec_modality.long(), b.dec_position.long()
+        if check:  # image slots: ids unread
+            mod, pos = self._checked_slots("dec", b.dec_ids, pos, mod, b.dec_valid, True)
         is_seq = self._is_sequence[mod]
-        if check:
-            self._check_slots("dec", b.dec_ids, b.dec_position, mod, b.dec_valid, is_seq)  # image slots: ids unread
         # Image slots take the mask token, so only sequence tables are looked up: a lookup of an
         # image table was discarded by the where, yet its backward still zero-filled a V x dim
         # gradient and added it to the tied head's.
         tok = self._lookup(self.decoder_embeddings, b.dec_ids.long(), mod, sequences_only=True)
         mask = self.mask_token.expand(*mod.shape, -1)
         y = mask if tok is None else torch.where(is_seq[..., None], tok, mask.to(tok.dtype))
-        emb = self._dec_pos_table[self._dec_pos_offset[mod] + b.dec_position.long()] + self._mod_emb(self.decoder_embeddings, mod)
+        emb = self._dec_pos_table[self._dec_pos_offset[mod] + pos] + self._mod_emb(self.decoder_embeddings, mod)
         keep = b.dec_valid[..., None]
         return torch.where(keep, y, 0.0), torch.where(keep, emb, 0.0)
 
@@ -210,6 +224,35 @@ class FourM(nn.Module):
         for blk in self.decoder:
             y = blk(y, context, b.dec_valid, b.dec_segment, b.dec_limit, b.dec_rank, context_valid)
         return self.decoder_norm(y)
+
+    def check_batch(self, b: FourMBatch, counts: list[int] | None = None) -> None:
+        """Host-side checks of a batch's structure (no device sync): slot tensors of one shape per
+        side, decoder counts that add up to dec_order, and the decoder masking rule of the model.
+        Values (ids, positions) are checked on the device by the embeddings."""
+        enc = {k: getattr(b, k) for k in ("enc_ids", "enc_modality", "enc_position", "enc_valid")}
+        dec = {k: getattr(b, k) for k in ("dec_ids", "dec_targets", "dec_modality", "dec_position", "dec_valid",
+                                          "dec_segment", "dec_rank", "dec_limit") if getattr(b, k) is not None}
+        for side, fields in (("enc", enc), ("dec", dec)):
+            shapes = {k: tuple(v.shape) for k, v in fields.items()}
+            first = next(iter(shapes.values()))
+            if len(first) != 2 or any(s != first for s in shapes.values()):
+                raise ValueError(f"FourM: the {side}_* slot tensors must share one (B, N) shape, got {shapes}")
+        if b.enc_ids.shape[0] != b.dec_ids.shape[0]:
+            raise ValueError(f"FourM: encoder and decoder slots have batch sizes {b.enc_ids.shape[0]} and {b.dec_ids.shape[0]}")
+        M = len(self.modalities)
+        for name, c in (("dec_counts", b.dec_counts), ("counts", counts)):
+            if c is None:
+                continue
+            if len(c) != M or any(isinstance(n, bool) or not isinstance(n, int) or n < 0 for n in c):
+                raise ValueError(f"FourM: {name} must hold {M} ints >= 0 (one per modality of the model), got {c!r}")
+        if sum(b.dec_counts) != b.dec_order.numel():
+            raise ValueError(f"FourM: dec_counts {b.dec_counts} add up to {sum(b.dec_counts)}, but dec_order lists "
+                             f"{b.dec_order.numel()} slots")
+        want = (self.cfg.decoder_sep_mask, self.cfg.decoder_causal_mask)
+        if b.decoder_mask is not None and tuple(b.decoder_mask) != want:
+            raise ValueError(f"FourM: the batch's decoder metadata follows (decoder_sep_mask, decoder_causal_mask) = "
+                             f"{tuple(b.decoder_mask)}, but this model has {want}; batch_from_layout builds 4M's default "
+                             "rule (True, False) only: use forward_ml4m, whose batches follow the model's flags")
 
     def forward_hidden(self, b: FourMBatch) -> Tensor:
         """Decoder output after decoder_norm, [B, Nd, dim]."""
@@ -258,6 +301,7 @@ class FourM(nn.Module):
         """
         if loss_type not in ("mod", "token"):
             raise ValueError(f"loss_type must be 'mod' or 'token', got {loss_type!r}")
+        self.check_batch(b, counts)
         counts = b.dec_counts if counts is None else counts
         y = self.forward_hidden(b)
         parts = self.modality_losses(b, y)
@@ -276,6 +320,7 @@ class FourM(nn.Module):
 
     def logits(self, b: FourMBatch, y: Tensor | None = None) -> dict[str, Tensor]:
         """[B, Nd, V] logits of every decoder slot under each output head (4M's return_logits)."""
+        self.check_batch(b)
         y = self.forward_hidden(b) if y is None else y
         return {n: e.to_logits(y) for n, e in self.decoder_embeddings.items()}
 

@@ -73,7 +73,7 @@ def _fill_tied(sd: dict[str, Tensor], config: dict) -> None:
     token_emb, decoder_ before encoder_). Fill whichever is missing from the other."""
     pairs = [(f"decoder_embeddings.{n}.to_logits.weight", f"decoder_embeddings.{n}.token_emb.weight")
              for n in config.get("domains_out", ())]
-    if bool(config.get("share_modality_embeddings", True)):
+    if _flag(config, "share_modality_embeddings", True):
         pairs += [(f"decoder_embeddings.{n}.mod_emb", f"encoder_embeddings.{n}.mod_emb")
                   for n in set(config.get("domains_in", ())) & set(config.get("domains_out", ()))]
     for a, b in pairs:
@@ -81,6 +81,14 @@ def _fill_tied(sd: dict[str, Tensor], config: dict) -> None:
             sd[b] = sd[a]
         elif b in sd and a not in sd:
             sd[a] = sd[b]
+
+
+def _flag(config: dict, key: str, default: bool) -> bool:
+    """A boolean setting; bool() of the string "false" was True."""
+    v = config.get(key, default)
+    if not isinstance(v, bool):
+        raise ValueError(f"from_ml4m: {key} must be true or false, got {v!r}")
+    return v
 
 
 def config_from_ml4m(config: dict, sd: dict[str, Tensor]) -> FourMConfig:
@@ -137,18 +145,18 @@ def config_from_ml4m(config: dict, sd: dict[str, Tensor]) -> FourMConfig:
     return FourMConfig(
         dim=dim, encoder_depth=int(config["encoder_depth"]), decoder_depth=int(config["decoder_depth"]),
         num_heads=int(config["num_heads"]), mlp_ratio=float(config.get("mlp_ratio", 4.0)),
-        qkv_bias=bool(config.get("qkv_bias", False)), proj_bias=bool(config.get("proj_bias", False)),
-        mlp_bias=bool(config.get("mlp_bias", False)), norm_bias=bool(config.get("norm_bias", False)),
-        gated_mlp=bool(config.get("gated_mlp", True)), act=_ACTS[act], qk_norm=bool(config.get("qk_norm", False)),
-        decoder_causal_mask=bool(config.get("decoder_causal_mask", False)),
-        decoder_sep_mask=bool(config.get("decoder_sep_mask", True)),
+        qkv_bias=_flag(config, "qkv_bias", False), proj_bias=_flag(config, "proj_bias", False),
+        mlp_bias=_flag(config, "mlp_bias", False), norm_bias=_flag(config, "norm_bias", False),
+        gated_mlp=_flag(config, "gated_mlp", True), act=_ACTS[act], qk_norm=_flag(config, "qk_norm", False),
+        decoder_causal_mask=_flag(config, "decoder_causal_mask", False),
+        decoder_sep_mask=_flag(config, "decoder_sep_mask", True),
         num_register_tokens=int(config.get("num_register_tokens", 0)), modalities=tuple(mods),
         domains_in=tuple(config["domains_in"]), domains_out=tuple(config["domains_out"]))
 
 
 def load_ml4m(cls, path_or_state_dict, config: dict):
     sd = _read_state_dict(path_or_state_dict)
-    share = bool(config.get("share_modality_embeddings", True))
+    share = _flag(config, "share_modality_embeddings", True)
     for n in set(config.get("domains_in", ())) & set(config.get("domains_out", ())) if share else ():
         enc, dec = sd.get(f"encoder_embeddings.{n}.mod_emb"), sd.get(f"decoder_embeddings.{n}.mod_emb")
         if enc is not None and dec is not None and not torch.equal(enc, dec):
@@ -223,6 +231,11 @@ def batch_from_ml4m(model, mod_dict: dict, num_encoder_tokens: int, num_decoder_
         if L and bool(((t < 0) | (t >= m.vocab_size)).any()):  # a host sync per modality; ml-4m's embedding raises too
             raise ValueError(f"forward_ml4m: {name} token ids outside [0, {m.vocab_size})")
         mod_col = torch.full((B, L), index[name], dtype=torch.long, device=device)
+        # masks of another size than the tensor were reshaped to (B, -1) and misaligned the ids
+        for key in ("input_mask", "target_mask", "decoder_attention_mask"):
+            if key in d and d[key].numel() != B * L:
+                raise ValueError(f"forward_ml4m: {name}'s {key} has shape {tuple(d[key].shape)}, but its tensor "
+                                 f"{tuple(d['tensor'].shape)} holds {B} x {L} tokens")
         if name in model.encoder_embeddings:
             im = d["input_mask"].reshape(B, -1).bool()
             pos = torch.arange(L, device=device).expand(B, L) if m.kind == "image" else ((~im).long().cumsum(1) - 1).clamp(min=0)
@@ -258,7 +271,8 @@ def batch_from_ml4m(model, mod_dict: dict, num_encoder_tokens: int, num_decoder_
     segment = dd["mod"].to(torch.int32) if cfg.decoder_sep_mask else None
     dec_order, counts = decoder_order(dd["mod"], valid, len(model.modalities))
     return FourMBatch(e["ids"], e["mod"], e["pos"], ~e["mask"], dd["ids"], dd["tgt"], dd["mod"], dd["pos"], valid,
-                      segment, position.contiguous(), limit.contiguous(), dec_order, counts)
+                      segment, position.contiguous(), limit.contiguous(), dec_order, counts,
+                      decoder_mask=(cfg.decoder_sep_mask, cfg.decoder_causal_mask))
 
 
 def ml4m_losses(model, b: FourMBatch, y: Tensor, mods: list[str], loss_type: str):
