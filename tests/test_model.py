@@ -587,6 +587,10 @@ def test_inconsistent_decoder_counts_and_shapes_are_refused():
         model(dataclasses.replace(b, dec_counts=[-1, n + 1, 0]))
     with pytest.raises(ValueError, match="counts must hold 3 ints >= 0"):  # was IndexError
         model(b, counts=[n])
+    # the whole batch's counts are never below a slice's own (a 0 inflated that modality's mean)
+    with pytest.raises(ValueError, match="are below this batch's own dec_counts"):
+        model(b, counts=[0 if c else 1 for c in b.dec_counts])
+    model(b, counts=[int(c) * 2 for c in b.dec_counts])  # a whole batch's (larger) counts are fine
     wide = torch.zeros(b.dec_targets.shape[0], b.dec_targets.shape[1] + 5, dtype=b.dec_targets.dtype)
     with pytest.raises(ValueError, match="the dec_\\* slot tensors must share one \\(B, N\\) shape"):
         model(dataclasses.replace(b, dec_targets=wide))
@@ -617,7 +621,8 @@ def test_padding_slots_may_hold_anything_and_a_bad_valid_modality_gets_the_model
             b, enc_position=torch.where(b.enc_valid, b.enc_position, 10**6),
             enc_modality=torch.where(b.enc_valid, b.enc_modality, 99),
             dec_position=torch.where(b.dec_valid, b.dec_position, -(10**6)),
-            dec_modality=torch.where(b.dec_valid, b.dec_modality, -7))
+            dec_modality=torch.where(b.dec_valid, b.dec_modality, -7),
+            enc_ids=torch.where(b.enc_valid, b.enc_ids, 10**9), dec_ids=torch.where(b.dec_valid, b.dec_ids, -5))
         assert not bool(b.enc_valid.all()) and not bool(b.dec_valid.all())
         torch.testing.assert_close(model(wild)[0], clean, rtol=0, atol=0)  # was IndexError
         bad = b.enc_modality.clone()
@@ -640,3 +645,4 @@ def test_from_ml4m_refuses_flags_that_are_not_booleans():
     sd = load_safetensors("fourm_tiny_A.safetensors")
     with pytest.raises(ValueError, match="from_ml4m: decoder_sep_mask must be true or false, got 'false'"):
         FourM.from_ml4m(sd, {**ml4m_config(), "decoder_sep_mask": "false"})  # bool("false") was True
+    assert FourM.from_ml4m(sd, {**ml4m_config(), "decoder_sep_mask": 1}).cfg.decoder_sep_mask is True  # 0/1 as ml-4m

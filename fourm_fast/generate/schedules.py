@@ -264,8 +264,8 @@ def per_sample_table(spec: TargetSpec, unknown: list[int]) -> StepTable:
         temps[: len(temp), b] = temp[: len(tok)]
         if 0 < len(temp) < len(tok):
             # 4M's onex gives one temperature per token; with more steps than tokens the steps past
-            # them (4M's zip drops them) still commit tokens here, at its last, coolest value (they
-            # took spec.temperature, the hottest)
+            # them (4M's zip drops them) still commit tokens here, at the curve's last value (the
+            # coolest for a positive POWER); they took spec.temperature, the curve's start
             temps[len(temp): len(tok), b] = temp[-1]
     return StepTable(counts, temps)
 

@@ -13,6 +13,7 @@ host-known counts and computes logits chunk by chunk (no B x N x V tensor, no ho
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import torch.nn.functional as F
@@ -243,8 +244,13 @@ class FourM(nn.Module):
         for name, c in (("dec_counts", b.dec_counts), ("counts", counts)):
             if c is None:
                 continue
-            if len(c) != M or any(isinstance(n, bool) or not isinstance(n, int) or n < 0 for n in c):
+            if len(c) != M or any(isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0 for n in c):
                 raise ValueError(f"FourM: {name} must hold {M} ints >= 0 (one per modality of the model), got {c!r}")
+        # counts= are the whole batch's when b is a slice of it: never fewer than the slice's own
+        # (a 0 there divided the slice's sum by 1 and inflated the loss)
+        if counts is not None and any(c < d for c, d in zip(counts, b.dec_counts)):
+            raise ValueError(f"FourM: counts {list(counts)} (the whole batch's) are below this batch's own "
+                             f"dec_counts {b.dec_counts}")
         if sum(b.dec_counts) != b.dec_order.numel():
             raise ValueError(f"FourM: dec_counts {b.dec_counts} add up to {sum(b.dec_counts)}, but dec_order lists "
                              f"{b.dec_order.numel()} slots")
@@ -320,8 +326,9 @@ class FourM(nn.Module):
 
     def logits(self, b: FourMBatch, y: Tensor | None = None) -> dict[str, Tensor]:
         """[B, Nd, V] logits of every decoder slot under each output head (4M's return_logits)."""
-        self.check_batch(b)
-        y = self.forward_hidden(b) if y is None else y
+        if y is None:
+            self.check_batch(b)
+            y = self.forward_hidden(b)
         return {n: e.to_logits(y) for n, e in self.decoder_embeddings.items()}
 
     # ---- ml-4m compatibility -----------------------------------------------------------------

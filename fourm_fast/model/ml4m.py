@@ -7,6 +7,7 @@ import pickle
 from numbers import Integral
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -84,11 +85,12 @@ def _fill_tied(sd: dict[str, Tensor], config: dict) -> None:
 
 
 def _flag(config: dict, key: str, default: bool) -> bool:
-    """A boolean setting; bool() of the string "false" was True."""
+    """A boolean setting (true/false, or 0/1 as ml-4m's truthiness takes them); bool() of the
+    string "false" was True."""
     v = config.get(key, default)
-    if not isinstance(v, bool):
-        raise ValueError(f"from_ml4m: {key} must be true or false, got {v!r}")
-    return v
+    if isinstance(v, (bool, np.bool_)) or (isinstance(v, Integral) and v in (0, 1)):
+        return bool(v)
+    raise ValueError(f"from_ml4m: {key} must be true or false, got {v!r}")
 
 
 def config_from_ml4m(config: dict, sd: dict[str, Tensor]) -> FourMConfig:
