@@ -1,6 +1,8 @@
 """Pre-norm encoder and decoder blocks with 4M's structure and parameter names."""
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -10,10 +12,15 @@ from .._extension import extension
 from ..ops.swiglu import SWIGLU_DTYPES, swiglu
 
 
+@functools.cache
+def _cuda_kernels_built() -> bool:
+    return bool(extension().build_info()["cuda_compiled"])  # a build fact: read once, not per MLP call
+
+
 def _has_swiglu_kernel(a: Tensor, b: Tensor) -> bool:
     if a.dtype not in SWIGLU_DTYPES or b.dtype != a.dtype:
         return False
-    return a.device.type == "cpu" or (a.device.type == "cuda" and extension().build_info()["cuda_compiled"])
+    return a.device.type == "cpu" or (a.device.type == "cuda" and _cuda_kernels_built())
 from .config import FourMConfig
 
 
@@ -39,7 +46,7 @@ class Mlp(nn.Module):
         same bits."""
         if not self.gated:
             return self.act(a)
-        if self.act is F.silu and _has_swiglu_kernel(a, b) and not torch.compiler.is_compiling():
+        if not torch.compiler.is_compiling() and self.act is F.silu and _has_swiglu_kernel(a, b):
             return swiglu(a, b)
         return self.act(a) * b
 
