@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ._dtype_names import aten_name
+
 
 def rows_linear(x: Tensor, weight: Tensor) -> Tensor:
     """``x @ weight.T`` without bias.
@@ -33,16 +35,6 @@ def rows_linear(x: Tensor, weight: Tensor) -> Tensor:
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-_ATEN_NAMES = {torch.float32: "Float", torch.float64: "Double", torch.bfloat16: "BFloat16", torch.float16: "Half",
-               torch.int8: "Char", torch.uint8: "Byte", torch.int16: "Short", torch.int32: "Int",
-               torch.int64: "Long", torch.bool: "Bool"}
-
-
-def _aten_name(dtype: torch.dtype) -> str:
-    # The C++ check prints ATen's scalar type names; the fake impl prints the same.
-    return _ATEN_NAMES.get(dtype, str(dtype))
-
-
 def _check_inputs(x: Tensor, weight: Tensor) -> None:
     # Mirrors csrc/rows_linear_checks.h so traced/compiled code raises the same errors as eager.
     torch._check_value(x.dim() == 2, lambda: f"rows_linear: x must be 2-D (R, K), got shape {tuple(x.shape)}")
@@ -51,7 +43,7 @@ def _check_inputs(x: Tensor, weight: Tensor) -> None:
                        lambda: f"rows_linear: x has K = {x.shape[1]} but weight has K = {weight.shape[1]}")
     torch._check_type(x.dtype in _DTYPES and weight.dtype == x.dtype,
                       lambda: "rows_linear: x and weight must both be float32, bfloat16 or float16, got x "
-                              f"{_aten_name(x.dtype)} and weight {_aten_name(weight.dtype)}")
+                              f"{aten_name(x.dtype)} and weight {aten_name(weight.dtype)}")
     torch._check_value(x.device == weight.device,
                        lambda: f"rows_linear: x and weight must be on the same device, got {x.device} and {weight.device}")
 

@@ -9,10 +9,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ._dtype_names import aten_name
+
 SWIGLU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_ATEN_NAMES = {torch.float32: "Float", torch.float64: "Double", torch.bfloat16: "BFloat16", torch.float16: "Half",
-               torch.int8: "Char", torch.uint8: "Byte", torch.int16: "Short", torch.int32: "Int",
-               torch.int64: "Long", torch.bool: "Bool"}
 
 
 def swiglu(gate: Tensor, up: Tensor) -> Tensor:
@@ -37,19 +36,14 @@ def swiglu(gate: Tensor, up: Tensor) -> Tensor:
     return torch.ops.fourm_fast.swiglu.default(gate, up)
 
 
-def _aten_name(dtype: torch.dtype) -> str:
-    # The C++ checks print ATen's scalar type names; the fake impls print the same.
-    return _ATEN_NAMES.get(dtype, str(dtype))
-
-
 def _check_tensors(op: str, named: list[tuple[str, Tensor]]) -> None:
     # Mirrors csrc/swiglu_checks.h so traced/compiled code raises the same errors as eager.
     name0, t0 = named[0]
     torch._check_type(t0.dtype in SWIGLU_DTYPES,
-                      lambda: f"{op}: {name0} must be float32, bfloat16 or float16, got {_aten_name(t0.dtype)}")
+                      lambda: f"{op}: {name0} must be float32, bfloat16 or float16, got {aten_name(t0.dtype)}")
     for name, t in named:
         torch._check_type(t.dtype == t0.dtype, lambda: f"{op}: {name} must have {name0}'s dtype "
-                                                       f"{_aten_name(t0.dtype)}, got {_aten_name(t.dtype)}")
+                                                       f"{aten_name(t0.dtype)}, got {aten_name(t.dtype)}")
         torch._check_value(t.device == t0.device, lambda: f"{op}: {name} is on {t.device} but {name0} is on {t0.device}")
         torch._check_value(t.shape == t0.shape, lambda: f"{op}: {name} has shape {list(t.shape)} but {name0} has "
                                                         f"shape {list(t0.shape)}")
